@@ -1,0 +1,1 @@
+"""Input side: sources, tokenizer, sequence building and grain pipelines."""

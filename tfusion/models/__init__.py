@@ -1,0 +1,1 @@
+"""Flax Linen modules: transformer, patch encoders/decoders, the Transfusion model."""
