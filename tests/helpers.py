@@ -1,0 +1,26 @@
+"""Small builders shared by the tests."""
+import numpy as np
+
+from tfusion.data import sequence
+
+SPECIAL = sequence.SpecialIds(pad=0, bos=2, eos=3, boi=4, eoi=5)
+
+
+def packed_rows(layout: sequence.RowLayout, documents_per_row: list[list[list]], num_timesteps=1000) -> dict:
+  """Stack rows built from lists of documents into a batch dict of numpy arrays."""
+  rows = []
+  for documents in documents_per_row:
+    row = sequence.RowBuilder(layout, SPECIAL, num_timesteps)
+    for pieces in documents:
+      row.add(pieces)
+    rows.append(row.arrays())
+  return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+def image_doc(layout, caption=(10, 11, 12), caption_first=True, seed=0):
+  latents = np.random.default_rng(seed).standard_normal(layout.latent_shape).astype(np.float32)
+  return sequence.image_caption_document(list(caption), latents, caption_first, SPECIAL, 1000, 500)
+
+
+def text_doc(length, start=20):
+  return [sequence.TextPiece(np.arange(start, start + length, dtype=np.int32))]

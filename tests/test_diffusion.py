@@ -1,0 +1,66 @@
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tfusion import diffusion
+
+
+def test_cosine_alpha_bar_matches_closed_form():
+  ab = diffusion.cosine_alpha_bar(1000)
+  f = lambda t: math.cos((t / 1000 + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+  assert ab.shape == (1001,) and ab[0] == 1.0
+  for t in (1, 10, 250, 500, 750, 900):
+    assert ab[t] == pytest.approx(f(t) / f(0), rel=1e-9)
+  assert ab[500] == pytest.approx(0.49384, abs=1e-5)  # hand-computed anchor
+  # Near the end the 0.999 clip on beta takes over from the closed form.
+  assert 0 < ab[1000] < 1e-4 and np.all(np.diff(ab) < 0)
+
+
+def test_linear_alpha_bar():
+  ab = diffusion.linear_alpha_bar(1000)
+  assert ab[1] == pytest.approx(1 - 1e-4)
+  assert ab[1000] == pytest.approx(np.prod(1 - np.linspace(1e-4, 0.02, 1000)))
+
+
+def test_sample_timesteps_respects_caps_and_is_uniform():
+  t_max = jnp.array([1000, 500, 1] * 20000).reshape(-1, 3)
+  t = np.asarray(diffusion.sample_timesteps(jax.random.key(0), t_max))
+  assert t.min() >= 1 and (t <= np.asarray(t_max)).all()
+  assert t[:, 1].max() == 500 and (t[:, 2] == 1).all()
+  assert abs(t[:, 0].mean() - 500.5) < 5 and abs(t[:, 1].mean() - 250.5) < 3
+
+
+def test_q_sample():
+  x0, eps = jnp.ones((2, 3, 3)), jnp.full((2, 3, 3), 2.0)
+  out = diffusion.q_sample(x0, eps, jnp.array([1.0, 0.25]))
+  np.testing.assert_allclose(out[0], 1.0)
+  np.testing.assert_allclose(out[1], 0.5 + math.sqrt(0.75) * 2, rtol=1e-6)
+
+
+def test_respaced_timesteps():
+  np.testing.assert_array_equal(diffusion.respaced_timesteps(1000, 4), [1000, 667, 334, 1, 0])
+  ts = diffusion.respaced_timesteps(1000, 250)
+  assert len(ts) == 251 and ts[0] == 1000 and ts[-2] == 1 and np.all(np.diff(ts) < 0)
+  with pytest.raises(ValueError, match="sampling steps"):
+    diffusion.respaced_timesteps(1000, 0)
+
+
+def test_ddpm_step_matches_posterior_formula():
+  """Compare against q(x_{t-1} | x_t, x0) of Ho et al. eqs. 6-7, written out with betas."""
+  ab = diffusion.cosine_alpha_bar(1000)
+  rng = np.random.default_rng(0)
+  x_t, eps_hat, noise = rng.standard_normal((3, 5))
+  t = 400
+  beta_t = 1 - ab[t] / ab[t - 1]
+  x0 = (x_t - np.sqrt(1 - ab[t]) * eps_hat) / np.sqrt(ab[t])
+  mean = np.sqrt(ab[t - 1]) * beta_t / (1 - ab[t]) * x0 + np.sqrt(1 - beta_t) * (1 - ab[t - 1]) / (1 - ab[t]) * x_t
+  var = (1 - ab[t - 1]) / (1 - ab[t]) * beta_t
+  out = diffusion.ddpm_step(x_t, eps_hat, ab[t], ab[t - 1], noise)
+  np.testing.assert_allclose(out, mean + np.sqrt(var) * noise, rtol=1e-5)
+  # The last step returns the x0 estimate, with no noise.
+  np.testing.assert_allclose(diffusion.ddpm_step(x_t, eps_hat, ab[t], 1.0, noise), x0, rtol=1e-5)
+  np.testing.assert_allclose(diffusion.ddpm_step(x_t, eps_hat, ab[t], 1.0, noise, clip_x0=0.5),
+                             np.clip(x0, -0.5, 0.5), rtol=1e-5)

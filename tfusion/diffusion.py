@@ -1,0 +1,77 @@
+"""DDPM pieces: noise schedules, forward noising, timestep sampling and the ancestral reverse step.
+
+Timestep convention: integer t in [0, T]. t = 0 is the clean image (alpha_bar = 1); training draws
+t uniformly in [1, t_max] per image; t = T is (almost) pure noise. `alpha_bar` arrays therefore have
+T + 1 entries and are indexed directly by t.
+"""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SCHEDULES = ("cosine", "linear")
+
+
+def cosine_alpha_bar(num_timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> np.ndarray:
+  """IDDPM cosine schedule (Nichol & Dhariwal 2021): alpha_bar(t) = f(t) / f(0), betas clipped.
+
+  Returns: [T + 1] float64, alpha_bar[0] = 1.
+  """
+  def f(t):
+    return math.cos((t / num_timesteps + s) / (1 + s) * math.pi / 2) ** 2
+
+  betas = np.array([min(1 - f(t) / f(t - 1), max_beta) for t in range(1, num_timesteps + 1)])
+  return np.concatenate([[1.0], np.cumprod(1 - betas)])
+
+
+def linear_alpha_bar(num_timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> np.ndarray:
+  """DDPM linear-beta schedule (Ho et al. 2020), for ablations. Returns: [T + 1] float64."""
+  betas = np.linspace(beta_start, beta_end, num_timesteps)
+  return np.concatenate([[1.0], np.cumprod(1 - betas)])
+
+
+def make_alpha_bar(schedule: str, num_timesteps: int) -> np.ndarray:
+  """alpha_bar [T + 1] for a schedule named in SCHEDULES."""
+  if schedule == "cosine":
+    return cosine_alpha_bar(num_timesteps)
+  if schedule == "linear":
+    return linear_alpha_bar(num_timesteps)
+  raise ValueError(f"diffusion.schedule must be one of {SCHEDULES}, got {schedule!r}")
+
+
+def sample_timesteps(key: jax.Array, t_max: jax.Array) -> jax.Array:
+  """One timestep per image, uniform on {1, ..., t_max}.  t_max: [...] int -> [...] int32."""
+  u = jax.random.uniform(key, t_max.shape)
+  return jnp.minimum(jnp.floor(u * t_max).astype(jnp.int32) + 1, t_max)
+
+
+def q_sample(x0: jax.Array, eps: jax.Array, alpha_bar_t: jax.Array) -> jax.Array:
+  """x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps.  x0, eps: [N, ...]; alpha_bar_t: [N]."""
+  a = alpha_bar_t.reshape(alpha_bar_t.shape + (1,) * (x0.ndim - alpha_bar_t.ndim)).astype(x0.dtype)
+  return jnp.sqrt(a) * x0 + jnp.sqrt(1 - a) * eps
+
+
+def respaced_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
+  """Evenly spaced sampling timesteps T = t_1 > ... > t_K >= 1, followed by 0.  Returns [K + 1] int32."""
+  if not 1 <= num_steps <= num_timesteps:
+    raise ValueError(f"number of sampling steps must be in [1, {num_timesteps}], got {num_steps}")
+  ts = np.round(np.linspace(num_timesteps, 1, num_steps)).astype(np.int32)
+  return np.concatenate([ts, [0]]).astype(np.int32)
+
+
+def ddpm_step(x_t, eps_hat, alpha_bar_t, alpha_bar_prev, noise, clip_x0: float | None = None):
+  """One ancestral DDPM step from t to an earlier t_prev (respaced): sample of q(x_prev | x_t, x0_hat).
+
+  With respacing the effective beta is 1 - alpha_bar_t / alpha_bar_prev; the variance is the
+  posterior one (beta_tilde). When t_prev = 0 (alpha_bar_prev = 1) the variance is 0 and the
+  result is x0_hat. x_t, eps_hat, noise: [N, ...]; alpha_bar_*: scalars.
+  """
+  x0_hat = (x_t - jnp.sqrt(1 - alpha_bar_t) * eps_hat) / jnp.sqrt(alpha_bar_t)
+  if clip_x0 is not None:
+    x0_hat = jnp.clip(x0_hat, -clip_x0, clip_x0)
+  beta = 1 - alpha_bar_t / alpha_bar_prev
+  mean = (jnp.sqrt(alpha_bar_prev) * beta / (1 - alpha_bar_t)) * x0_hat + (
+      jnp.sqrt(1 - beta) * (1 - alpha_bar_prev) / (1 - alpha_bar_t)) * x_t
+  var = beta * (1 - alpha_bar_prev) / (1 - alpha_bar_t)
+  return mean + jnp.sqrt(var) * noise
