@@ -1,0 +1,129 @@
+"""Row building, packing, caption/image ordering and noise caps."""
+import numpy as np
+import pytest
+
+from tfusion.data import pipeline, sequence
+from tests.helpers import SPECIAL, image_doc, packed_rows, text_doc
+
+LAYOUT = sequence.RowLayout(seq_len=48, latent_shape=(4, 4, 3), patch_size=2)   # 4 patches, 6 elements/image
+
+
+def test_row_arrays_for_one_caption_first_document():
+  batch = packed_rows(LAYOUT, [[image_doc(LAYOUT, caption=(10, 11), caption_first=True), text_doc(3, start=30)]])
+  row = {k: v[0] for k, v in batch.items()}
+  n = 10  # BOS c c BOI p p p p EOI EOS
+  np.testing.assert_array_equal(row["tokens"][:n + 3], [2, 10, 11, 4, 0, 0, 0, 0, 5, 3, 30, 31, 32])
+  np.testing.assert_array_equal(row["segment_ids"][:n + 3], [1] * n + [2] * 3)
+  assert (row["segment_ids"][n + 3:] == 0).all()
+  np.testing.assert_array_equal(row["positions"][:n + 3], list(range(n)) + [0, 1, 2])
+  np.testing.assert_array_equal(row["image_ids"][:n], [0, 0, 0, 0, 1, 1, 1, 1, 0, 0])
+  # Targets: BOS->c, c->c, c->BOI; not BOI->patch, not patch->EOI; EOI->EOS; not across documents.
+  np.testing.assert_array_equal(np.nonzero(row["text_loss_mask"])[0], [0, 1, 2, 8, 10, 11])
+  np.testing.assert_array_equal(row["image_valid"], [True] + [False] * (LAYOUT.max_images - 1))
+  np.testing.assert_array_equal(row["t_max"], [1000] * LAYOUT.max_images)
+
+
+def test_image_first_document_gets_noise_cap():
+  batch = packed_rows(LAYOUT, [[image_doc(LAYOUT, caption=(10, 11), caption_first=False)]])
+  np.testing.assert_array_equal(batch["tokens"][0, :10], [2, 4, 0, 0, 0, 0, 5, 10, 11, 3])
+  assert batch["t_max"][0, 0] == 500
+  # BOS->BOI is a target (the model learns to open images); EOI->c, c->c, c->EOS.
+  np.testing.assert_array_equal(np.nonzero(batch["text_loss_mask"][0])[0], [0, 6, 7, 8])
+
+
+def test_builder_refuses_documents_that_do_not_fit():
+  row = sequence.RowBuilder(LAYOUT, SPECIAL, 1000)
+  row.add(text_doc(40))
+  assert not row.fits(image_doc(LAYOUT))
+  with pytest.raises(ValueError, match="does not fit"):
+    row.add(image_doc(LAYOUT))
+
+
+# ---- The packer over a stream of documents. -------------------------------------------------------
+def make_stream(text_fraction=0.5, caption_first_prob=0.8, seq_len=64, text_lengths=(5, 30, 90), seed=0):
+  layout = sequence.RowLayout(seq_len, (4, 4, 3), 2)
+  rng = np.random.default_rng(1)
+  texts = [np.array([2, *range(100, 100 + n), 3], np.int32) for n in text_lengths * 10]
+  images = [dict(caption=rng.integers(40, 60, size=int(rng.integers(2, 6))).tolist(), index=i) for i in range(50)]
+
+  def prepare(example):
+    return example["caption"], np.full((4, 4, 3), example["index"], np.float32)
+
+  mix = pipeline.MixOptions(text_fraction, caption_first_prob, 1000, 500, seed)
+  return pipeline.train_batches(texts, images, prepare, layout, SPECIAL, mix, rows_per_process=4)
+
+
+def image_spans(tokens, image_ids):
+  """(BOI index, EOI index, image id) of every image in a row."""
+  spans = []
+  for k in range(1, image_ids.max() + 1):
+    where = np.nonzero(image_ids == k)[0]
+    spans.append((where[0] - 1, where[-1] + 1, k))
+  return spans
+
+
+def test_packing_keeps_images_whole_and_orders_captions_80_20():
+  it = iter(make_stream())
+  caption_first = image_first = 0
+  text_elements = image_elements = total = 0
+  for _ in range(60):
+    batch = next(it)
+    for b in range(4):
+      tokens, seg, img = batch["tokens"][b], batch["segment_ids"][b], batch["image_ids"][b]
+      total += (seg > 0).sum()
+      assert batch["image_valid"][b].sum() == img.max()
+      for boi, eoi, k in image_spans(tokens, img):
+        assert tokens[boi] == SPECIAL.boi and tokens[eoi] == SPECIAL.eoi
+        assert eoi - boi - 1 == LAYOUT.patches_per_image and seg[boi] == seg[eoi] != 0
+        doc = seg == seg[boi]
+        first = np.nonzero(doc)[0][0]
+        is_caption_first = boi - first > 1             # more than BOS before BOI
+        caption_first += is_caption_first
+        image_first += not is_caption_first
+        assert batch["t_max"][b, k - 1] == (1000 if is_caption_first else 500)
+      for s in np.unique(seg[seg > 0]):
+        if (img[seg == s] > 0).any():
+          image_elements += (seg == s).sum()
+        else:
+          text_elements += (seg == s).sum()
+  rate = caption_first / (caption_first + image_first)
+  assert caption_first + image_first > 300 and 0.74 < rate < 0.86
+  assert text_elements + image_elements == total
+  assert abs(text_elements / total - 0.5) < 0.03
+  assert total / (60 * 4 * 64) > 0.99         # text fills what images leave free
+
+
+def test_text_only_and_image_only_streams():
+  text_only = next(iter(make_stream(text_fraction=1.0)))
+  assert text_only["image_valid"].sum() == 0 and (text_only["segment_ids"] > 0).all()
+  image_only = next(iter(make_stream(text_fraction=0.0)))
+  assert (image_only["tokens"] < 100).all() and image_only["image_valid"].sum() >= 4
+
+
+def test_iterator_state_restores_exact_continuation():
+  it = iter(make_stream())
+  for _ in range(7):
+    next(it)
+  state = it.get_state()
+  expected = [next(it) for _ in range(3)]
+  fresh = iter(make_stream())
+  fresh.set_state(state)
+  for want in expected:
+    got = next(fresh)
+    for k in want:
+      np.testing.assert_array_equal(got[k], want[k])
+
+
+def test_oversized_image_document_names_the_example():
+  it = iter(make_stream(seq_len=8, text_fraction=0.0))
+  with pytest.raises(ValueError, match="image-caption example 0 .* seq_len = 8"):
+    next(it)
+
+
+def test_processes_read_disjoint_shares():
+  source = list(range(10))
+  shares = [pipeline.shard_and_shuffle(source, 0, p, 2) for p in range(2)]
+  seen = [sorted(share[i] for i in range(len(share))) for share in shares]
+  assert set(seen[0]).isdisjoint(seen[1]) and sorted(seen[0] + seen[1]) == source
+  # The next epoch is reshuffled but covers the same share.
+  assert sorted(shares[0][i] for i in range(5, 10)) == seen[0]

@@ -1,0 +1,135 @@
+"""Documents -> fixed-shape packed rows (the batch format of the train step).
+
+A document is a list of pieces: text ids, or an image (clean latents + its largest allowed
+diffusion timestep). An image piece occupies BOI, n patch slots (raster order), EOI. Rows are
+packed to `seq_len` with one segment id per document and positions restarting at 0, and nothing
+is cut mid-image.
+
+Row arrays (all numpy, fixed shapes):
+  tokens          [L] int32   text ids, BOI/EOI ids; PAD at patch slots and padding
+  segment_ids     [L] int32   document index within the row, 1-based; 0 = padding
+  positions       [L] int32   RoPE positions, restarting at 0 in every segment
+  image_ids       [L] int32   k >= 1 on the patch slots of the row's k-th image, else 0
+  text_loss_mask  [L] bool    position l predicts tokens[l + 1] (both text, same segment)
+  latents         [M, h, w, c] float32  clean latents of the row's images, zeros in unused slots
+  image_valid     [M] bool
+  t_max           [M] int32   largest timestep for that image (noise limiting), T in unused slots
+"""
+import dataclasses
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class SpecialIds:
+  pad: int
+  bos: int
+  eos: int
+  boi: int
+  eoi: int
+
+
+@dataclasses.dataclass(frozen=True)
+class TextPiece:
+  ids: np.ndarray                 # [n] int32
+
+
+@dataclasses.dataclass(frozen=True)
+class ImagePiece:
+  latents: np.ndarray             # [h, w, c] float32
+  t_max: int
+
+
+@dataclasses.dataclass(frozen=True)
+class RowLayout:
+  seq_len: int
+  latent_shape: tuple[int, int, int]
+  patch_size: int
+
+  @property
+  def patches_per_image(self) -> int:
+    h, w, _ = self.latent_shape
+    return (h // self.patch_size) * (w // self.patch_size)
+
+  @property
+  def max_images(self) -> int:
+    """Most images a row can hold: each needs BOI + n patches + EOI."""
+    return self.seq_len // (self.patches_per_image + 2)
+
+  def piece_length(self, piece) -> int:
+    return len(piece.ids) if isinstance(piece, TextPiece) else self.patches_per_image + 2
+
+  def document_length(self, pieces) -> int:
+    return sum(self.piece_length(p) for p in pieces)
+
+
+def image_caption_document(caption_ids, latents, caption_first: bool, special: SpecialIds,
+                           num_timesteps: int, image_first_max_t: int) -> list:
+  """[BOS caption (image) EOS] or [BOS (image) caption EOS]; image-first pairs get the noise cap."""
+  caption = np.asarray(caption_ids, np.int32)
+  if caption_first:
+    return [TextPiece(np.concatenate([[special.bos], caption]).astype(np.int32)),
+            ImagePiece(latents, num_timesteps), TextPiece(np.array([special.eos], np.int32))]
+  return [TextPiece(np.array([special.bos], np.int32)), ImagePiece(latents, image_first_max_t),
+          TextPiece(np.concatenate([caption, [special.eos]]).astype(np.int32))]
+
+
+class RowBuilder:
+  """Appends whole documents to one row until it is full, then emits the row arrays."""
+
+  def __init__(self, layout: RowLayout, special: SpecialIds, num_timesteps: int):
+    self.layout, self.special = layout, special
+    n = layout.seq_len
+    self.tokens = np.full(n, special.pad, np.int32)
+    self.segment_ids = np.zeros(n, np.int32)
+    self.positions = np.zeros(n, np.int32)
+    self.image_ids = np.zeros(n, np.int32)
+    self.latents = np.zeros((layout.max_images, *layout.latent_shape), np.float32)
+    self.image_valid = np.zeros(layout.max_images, bool)
+    self.t_max = np.full(layout.max_images, num_timesteps, np.int32)
+    self.length = 0
+    self.num_documents = 0
+    self.num_images = 0
+
+  @property
+  def room(self) -> int:
+    return self.layout.seq_len - self.length
+
+  def fits(self, pieces) -> bool:
+    images = sum(isinstance(p, ImagePiece) for p in pieces)
+    return (self.layout.document_length(pieces) <= self.room
+            and self.num_images + images <= self.layout.max_images)
+
+  def add(self, pieces) -> None:
+    """Append one document as a new segment. The caller checks `fits` first."""
+    if not self.fits(pieces):
+      raise ValueError(f"document of {self.layout.document_length(pieces)} elements does not fit "
+                       f"the {self.room} free elements of the row")
+    self.num_documents += 1
+    start = self.length
+    for piece in pieces:
+      at = self.length
+      if isinstance(piece, TextPiece):
+        self.tokens[at:at + len(piece.ids)] = piece.ids
+        self.length += len(piece.ids)
+      else:
+        n = self.layout.patches_per_image
+        self.tokens[at] = self.special.boi
+        self.tokens[at + n + 1] = self.special.eoi
+        self.image_ids[at + 1:at + n + 1] = self.num_images + 1
+        self.latents[self.num_images] = piece.latents
+        self.image_valid[self.num_images] = True
+        self.t_max[self.num_images] = piece.t_max
+        self.num_images += 1
+        self.length += n + 2
+    self.segment_ids[start:self.length] = self.num_documents
+    self.positions[start:self.length] = np.arange(self.length - start)
+
+  def arrays(self) -> dict:
+    """The row in the batch format described in the module docstring."""
+    is_text = (self.segment_ids > 0) & (self.image_ids == 0)
+    mask = np.zeros(self.layout.seq_len, bool)
+    mask[:-1] = is_text[:-1] & is_text[1:] & (self.segment_ids[:-1] == self.segment_ids[1:])
+    return dict(tokens=self.tokens, segment_ids=self.segment_ids, positions=self.positions,
+                image_ids=self.image_ids, text_loss_mask=mask, latents=self.latents,
+                image_valid=self.image_valid, t_max=self.t_max)
