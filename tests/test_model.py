@@ -1,0 +1,125 @@
+"""The Transfusion model and train step on tiny configs."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tfusion import config as config_lib, diffusion, sharding
+from tfusion.data import sequence
+from tfusion.models import patching, transfusion
+from tfusion.training import optim, state as state_lib, step as step_lib
+from tests.helpers import image_doc, packed_rows, text_doc
+
+LATENT = (8, 8, 3)
+LAYOUT = sequence.RowLayout(seq_len=64, latent_shape=LATENT, patch_size=2)   # 16 patches per image
+VOCAB = 64
+
+
+def tiny_config(**overrides):
+  c = config_lib.default_config()
+  c.model.num_layers, c.model.d_model, c.model.num_heads, c.model.mlp_dim, c.model.patch_size = 2, 32, 4, 64, 2
+  c.optim.lr, c.optim.warmup_steps = 3e-3, 5
+  for k, v in overrides.items():
+    c.model[k] = v
+  return c
+
+
+def tiny_batch():
+  return packed_rows(LAYOUT, [
+      [image_doc(LAYOUT, caption=(10, 11, 12), seed=0), text_doc(20, start=30)],
+      [text_doc(5, start=40), image_doc(LAYOUT, caption=(13, 14), caption_first=False, seed=1),
+       image_doc(LAYOUT, caption=(15,), seed=2)],
+  ])
+
+
+def make_model(config):
+  return transfusion.Transfusion(transfusion.config_from(config, VOCAB, LATENT))
+
+
+def init_state(config, mesh, total_steps=100):
+  model = make_model(config)
+  tx, schedule = optim.make_optimizer(config.optim, total_steps)
+  init = state_lib.dummy_batch(1, LAYOUT.seq_len, LAYOUT.max_images, LATENT)
+  state, shardings = state_lib.create_train_state(model, tx, init, jax.random.key(0), mesh)
+  step = step_lib.jit_train_step(mesh, shardings, model=model, tx=tx, schedule=schedule,
+                                 alpha_bar=diffusion.cosine_alpha_bar(1000), loss_weight=5.0,
+                                 train_key=jax.random.key(1))
+  return model, state, step
+
+
+def run_steps(mesh, state, step, batch, n):
+  history = []
+  for _ in range(n):
+    with jax.set_mesh(mesh):
+      state, metrics = step(state, batch)
+    history.append(jax.device_get(metrics))
+  return state, history
+
+
+def test_patchify_is_raster_order_and_inverts():
+  x = jnp.arange(4 * 4 * 2, dtype=jnp.float32).reshape(1, 4, 4, 2)
+  p = patching.patchify(x, 2)
+  assert p.shape == (1, 4, 8)
+  np.testing.assert_array_equal(p[0, 1], x[0, 0:2, 2:4].reshape(-1))       # 2nd patch: top right
+  np.testing.assert_array_equal(p[0, 2], x[0, 2:4, 0:2].reshape(-1))       # 3rd patch: bottom left
+  for k in (1, 2, 4):
+    np.testing.assert_array_equal(patching.unpatchify(patching.patchify(x, k), k, 4, 4), x)
+
+
+def test_output_shapes_and_attention_structure():
+  model = make_model(tiny_config())
+  batch = tiny_batch()
+  inputs = state_lib.model_inputs(batch)
+  params = model.init(jax.random.key(0), *inputs)["params"]
+  # The decoder is zero-initialised; randomise it so eps_hat depends on the sequence.
+  params["patch_decoder"]["proj"]["kernel"] = jax.random.normal(jax.random.key(3), (32, 12))
+  logits, eps = model.apply({"params": params}, *inputs)
+  assert logits.shape == (2, 64, VOCAB) and logits.dtype == jnp.float32
+  assert eps.shape == (2, LAYOUT.max_images, *LATENT)
+
+  # Row 0 is [BOS c c c BOI p*16 EOI EOS | text]: change the text after the image ...
+  tokens = batch["tokens"].copy()
+  tokens[0, 23:] = 50
+  logits2, eps2 = model.apply({"params": params}, tokens, *inputs[1:])
+  np.testing.assert_allclose(eps2[0, 0], eps[0, 0], atol=1e-6)              # image never sees later text
+  np.testing.assert_allclose(logits2[0, :23], logits[0, :23], atol=1e-5)
+  # ... and the last patch: every patch of the image changes (bidirectional), earlier text does not.
+  latents = batch["latents"].copy()
+  latents[0, 0, -2:, -2:] += 1.0
+  logits3, eps3 = model.apply({"params": params}, *inputs[:4], latents, inputs[5])
+  changed = np.abs(patching.patchify(eps3[0, 0] - eps[0, 0], 2)).max(axis=-1) > 1e-6
+  assert changed.all()
+  np.testing.assert_allclose(logits3[0, :5], logits[0, :5], atol=1e-5)
+  assert np.abs(logits3[0, 21] - logits[0, 21]).max() > 1e-4                 # EOI sees the image
+
+
+def test_tiny_model_overfits_one_batch():
+  mesh = sharding.make_mesh(config_lib.default_config().mesh, jax.devices()[:1])
+  config = tiny_config()
+  config.optim.lr = 1e-2
+  _, state, step = init_state(config, mesh, total_steps=300)
+  _, history = run_steps(mesh, state, step, tiny_batch(), 300)
+  first, last = history[0], np.mean([h["image_loss"] for h in history[-20:]])
+  assert first["text_loss"] > 3.5 and history[-1]["text_loss"] < 0.1 * first["text_loss"]
+  assert first["image_loss"] > 0.9 and last < 0.45 * first["image_loss"]
+  # Row 0: 5 (caption-first doc) + 19 (text); row 1: 4 (text) + 4 (image-first doc) + 3.
+  assert first["text_targets"] == 5 + 19 + 4 + 4 + 3 and first["images"] == 3
+
+
+@pytest.mark.parametrize("axes", [dict(ici_data_parallelism=8, ici_fsdp_parallelism=1, ici_tensor_parallelism=1),
+                                  dict(ici_data_parallelism=2, ici_fsdp_parallelism=2, ici_tensor_parallelism=2)])
+def test_sharded_step_equals_single_device(axes):
+  config = tiny_config()
+  batch = {k: np.concatenate([v] * 4) for k, v in tiny_batch().items()}       # 8 rows
+  single = sharding.make_mesh(config.mesh, jax.devices()[:1])
+  _, s1, step1 = init_state(config, single)
+  s1, h1 = run_steps(single, s1, step1, batch, 3)
+  config.mesh.update(axes)
+  mesh = sharding.make_mesh(config.mesh)
+  _, s8, step8 = init_state(config, mesh)
+  assert len(jax.tree.leaves(s8.params)[0].sharding.device_set) == 8
+  s8, h8 = run_steps(mesh, s8, step8, batch, 3)
+  for a, b in zip(h1, h8):
+    np.testing.assert_allclose(a["loss"], b["loss"], rtol=2e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5), jax.device_get(s1.params),
+               jax.device_get(s8.params))

@@ -1,0 +1,145 @@
+"""The default experiment config and its validation.
+
+Experiment files in `experiments/` start from `default_config()` and change what they need. The
+fields users turn most are top level; the rest is grouped (`model`, `diffusion`, `data`, `optim`,
+`sample`, `mesh`). `validate(config)` runs before any compute and names the field at fault.
+"""
+import ml_collections
+
+from tfusion import diffusion
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Every field tfusion reads, with the paper's values where the paper gives one."""
+  c = ml_collections.ConfigDict()
+  c.total_steps = 1000
+  c.batch_size = 8               # global rows per step
+  c.seq_len = 512                # elements per row (text tokens + image patches)
+  c.seed = 0
+  c.log_every = 10
+  c.ckpt_every = 200
+  c.sample_every = 500
+  c.max_to_keep = 3
+
+  c.model = ml_collections.ConfigDict()
+  c.model.num_layers = 4
+  c.model.d_model = 256
+  c.model.num_heads = 4
+  c.model.mlp_dim = 768          # SwiGLU hidden width
+  c.model.patch_size = 2         # k: a k x k window of latent pixels is one transformer element
+  c.model.rope_theta = 10_000.0
+  c.model.norm_eps = 1e-5
+  c.model.dtype = "float32"      # compute dtype
+  c.model.param_dtype = "float32"
+  c.model.remat_policy = "none"  # none | full | dots_saveable (on the scanned layers)
+
+  c.diffusion = ml_collections.ConfigDict()
+  c.diffusion.num_timesteps = 1000
+  c.diffusion.schedule = "cosine"
+  c.diffusion.loss_weight = 5.0          # lambda in L = L_LM + lambda * L_DDPM
+  c.diffusion.image_first_max_t = 500    # noise limiting cap for image-before-caption pairs
+
+  c.data = ml_collections.ConfigDict()
+  c.data.data_dir = "~/tensorflow_datasets"
+  c.data.image_size = 32
+  c.data.codec = "identity"              # latent codec: identity (pixels in [-1, 1])
+  c.data.text_source = "pydoc"           # "pydoc" (ships with Python) or a .jsonl of {"text": ...}
+  c.data.text_fraction = 0.5             # share of elements from the text-only stream (paper: 1:1)
+  c.data.caption_first_prob = 0.8
+  c.data.vocab_size = 1024
+  c.data.text_test_fraction = 0.1        # documents held out from the text stream
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 3e-4
+  c.optim.warmup_steps = 4000
+  c.optim.final_lr_fraction = 0.05       # cosine decays to this fraction of lr (paper: 1.5e-5 / 3e-4)
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.95
+  c.optim.eps = 1e-8
+  c.optim.weight_decay = 0.1
+  c.optim.grad_clip = 1.0
+
+  c.sample = ml_collections.ConfigDict()
+  c.sample.num_images = 8                # fixed test captions turned into images at each sample point
+  c.sample.num_captions = 8              # fixed test images captioned at each sample point
+  c.sample.diffusion_steps = 250
+  c.sample.max_caption_tokens = 32
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.ici_data_parallelism = -1       # -1: all devices not used by the other axes
+  c.mesh.ici_fsdp_parallelism = 1
+  c.mesh.ici_tensor_parallelism = 1
+  return c
+
+
+_POSITIVE_INTS = ("total_steps", "batch_size", "seq_len", "log_every", "ckpt_every", "sample_every",
+                  "max_to_keep", "model.num_layers", "model.d_model", "model.num_heads", "model.mlp_dim",
+                  "model.patch_size", "diffusion.num_timesteps", "data.image_size", "data.vocab_size",
+                  "optim.warmup_steps", "sample.num_images", "sample.num_captions",
+                  "sample.diffusion_steps", "sample.max_caption_tokens")
+_FRACTIONS = ("data.text_fraction", "data.caption_first_prob", "data.text_test_fraction",
+              "optim.final_lr_fraction")
+_CHOICES = {
+    "model.dtype": ("float32", "bfloat16"),
+    "model.param_dtype": ("float32", "bfloat16"),
+    "model.remat_policy": ("none", "full", "dots_saveable"),
+    "diffusion.schedule": diffusion.SCHEDULES,
+    "data.codec": ("identity",),
+}
+
+
+class ConfigError(ValueError):
+  """A config field has an invalid value; the message names the field."""
+
+
+def _get(config, dotted):
+  value = config
+  for part in dotted.split("."):
+    value = value[part]
+  return value
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raise ConfigError naming the first invalid field. Cheap: runs before any compute."""
+  unknown = set(config.keys()) ^ set(default_config().keys())
+  if unknown:
+    raise ConfigError(f"config has unknown or missing top-level fields: {sorted(unknown)}")
+  for group, defaults in default_config().items():
+    if isinstance(defaults, ml_collections.ConfigDict):
+      diff = set(config[group].keys()) ^ set(defaults.keys())
+      if diff:
+        raise ConfigError(f"config.{group} has unknown or missing fields: {sorted(diff)}")
+
+  def fail(field, why):
+    raise ConfigError(f"config.{field} = {_get(config, field)!r}: {why}")
+
+  for field in _POSITIVE_INTS:
+    value = _get(config, field)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+      fail(field, "must be a positive integer")
+  for field in _FRACTIONS:
+    if not 0.0 <= _get(config, field) <= 1.0:
+      fail(field, "must be in [0, 1]")
+  for field, choices in _CHOICES.items():
+    if _get(config, field) not in choices:
+      fail(field, f"must be one of {choices}")
+  if config.diffusion.loss_weight < 0:
+    fail("diffusion.loss_weight", "must be >= 0")
+  if not 1 <= config.diffusion.image_first_max_t <= config.diffusion.num_timesteps:
+    fail("diffusion.image_first_max_t", "must be in [1, diffusion.num_timesteps]")
+  if config.sample.diffusion_steps > config.diffusion.num_timesteps:
+    fail("sample.diffusion_steps", "must be <= diffusion.num_timesteps")
+  if config.model.d_model % config.model.num_heads:
+    fail("model.d_model", f"must be divisible by model.num_heads = {config.model.num_heads}")
+  if (config.model.d_model // config.model.num_heads) % 2:
+    fail("model.num_heads", "head dim (d_model / num_heads) must be even for RoPE")
+  if config.data.image_size % config.model.patch_size:
+    fail("model.patch_size", f"must divide the latent size {config.data.image_size}")
+  patches = (config.data.image_size // config.model.patch_size) ** 2
+  if config.seq_len < patches + 4:
+    fail("seq_len", f"must hold one image ({patches} patches + BOS, BOI, EOI, EOS)")
+  if config.optim.lr <= 0:
+    fail("optim.lr", "must be > 0")
+  for axis in ("ici_data_parallelism", "ici_fsdp_parallelism", "ici_tensor_parallelism"):
+    if config.mesh[axis] == 0 or config.mesh[axis] < -1:
+      fail(f"mesh.{axis}", "must be a positive integer or -1")

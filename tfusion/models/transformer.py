@@ -1,0 +1,153 @@
+"""Llama-style decoder stack: RMSNorm, RoPE, SwiGLU, pre-norm residual blocks, scanned layers.
+
+Parameters carry logical axis names (embed, heads, kv, mlp, layers) and key activations are
+constrained to (batch, length, act_*) names; `tfusion.sharding` maps both to the device mesh.
+"""
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+  num_layers: int
+  d_model: int
+  num_heads: int
+  mlp_dim: int
+  rope_theta: float = 10_000.0
+  norm_eps: float = 1e-5
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+  remat_policy: str = "none"
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.num_heads
+
+
+class Projection(nn.Module):
+  """A bias-free linear map with an explicit multi-axis kernel: einsum(x, kernel).
+
+  `spec` is the einsum of input and kernel, e.g. "bld,dhk->blhk"; `shape` the kernel shape and
+  `axes` its logical axis names; `fan_in_axes` the kernel axes summed over (for the init scale).
+  """
+  spec: str
+  shape: tuple[int, ...]
+  axes: tuple[str, ...]
+  fan_in_axes: tuple[int, ...]
+  dtype: jnp.dtype
+  param_dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x):
+    fan_out = tuple(i for i in range(len(self.shape)) if i not in self.fan_in_axes)
+    init = nn.initializers.lecun_normal(in_axis=self.fan_in_axes, out_axis=fan_out)
+    kernel = self.param("kernel", nn.with_logical_partitioning(init, self.axes), self.shape, self.param_dtype)
+    return jnp.einsum(self.spec, x.astype(self.dtype), kernel.astype(self.dtype))
+
+
+def _projection(cfg, name, spec, shape, axes, fan_in_axes=(0,)):
+  return Projection(spec, shape, axes, fan_in_axes, cfg.dtype, cfg.param_dtype, name=name)
+
+
+class RMSNorm(nn.Module):
+  """x / rms(x) * scale.  x: [..., D]; computed in float32."""
+  eps: float
+  dtype: jnp.dtype
+  param_dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                       (x.shape[-1],), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (y * scale.astype(jnp.float32)).astype(self.dtype)
+
+
+def apply_rope(x, positions, theta):
+  """Rotary embedding on the last axis (split halves).  x: [B, L, H, Dh]; positions: [B, L] int."""
+  half = x.shape[-1] // 2
+  freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angles = positions[..., None].astype(jnp.float32) * freqs          # [B, L, half]
+  sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
+  x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+class Attention(nn.Module):
+  """Multi-head self-attention under an explicit boolean mask.  x: [B, L, D] -> [B, L, D]."""
+  cfg: TransformerConfig
+
+  @nn.compact
+  def __call__(self, x, mask, positions):
+    cfg = self.cfg
+    qkv_shape, qkv_axes = (cfg.d_model, cfg.num_heads, cfg.head_dim), ("embed", "heads", "kv")
+    q = _projection(cfg, "query", "bld,dhk->blhk", qkv_shape, qkv_axes)(x)
+    k = _projection(cfg, "key", "bld,dhk->blhk", qkv_shape, qkv_axes)(x)
+    v = _projection(cfg, "value", "bld,dhk->blhk", qkv_shape, qkv_axes)(x)
+    q = apply_rope(q, positions, cfg.rope_theta)
+    k = apply_rope(k, positions, cfg.rope_theta)
+    q = nn.with_logical_constraint(q, ("batch", "length", "act_heads", "kv"))
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+    logits = logits / jnp.sqrt(cfg.head_dim).astype(jnp.float32)
+    logits = jnp.where(mask[:, None, :, :], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(cfg.dtype)
+    out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+    out = nn.with_logical_constraint(out, ("batch", "length", "act_heads", "kv"))
+    return _projection(cfg, "out", "blhk,hkd->bld", (cfg.num_heads, cfg.head_dim, cfg.d_model),
+                       ("heads", "kv", "embed"), fan_in_axes=(0, 1))(out)
+
+
+class SwiGLU(nn.Module):
+  """down(silu(gate(x)) * up(x)).  x: [B, L, D] -> [B, L, D]."""
+  cfg: TransformerConfig
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.cfg
+    gate = _projection(cfg, "gate", "bld,dm->blm", (cfg.d_model, cfg.mlp_dim), ("embed", "mlp"))(x)
+    up = _projection(cfg, "up", "bld,dm->blm", (cfg.d_model, cfg.mlp_dim), ("embed", "mlp"))(x)
+    h = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "length", "act_mlp"))
+    return _projection(cfg, "down", "blm,md->bld", (cfg.mlp_dim, cfg.d_model), ("mlp", "embed"))(h)
+
+
+class Block(nn.Module):
+  """Pre-norm residual block; signature fits nn.scan: (x, mask, positions) -> (x, None)."""
+  cfg: TransformerConfig
+
+  @nn.compact
+  def __call__(self, x, mask, positions):
+    cfg = self.cfg
+    norm = lambda name: RMSNorm(cfg.norm_eps, cfg.dtype, cfg.param_dtype, name=name)  # noqa: E731
+    x = x + Attention(cfg, name="attention")(norm("attention_norm")(x), mask, positions)
+    x = x + SwiGLU(cfg, name="mlp")(norm("mlp_norm")(x))
+    return nn.with_logical_constraint(x, ("batch", "length", "act_embed")), None
+
+
+REMAT_POLICIES = {
+    "full": None,  # save nothing: recompute the whole block in the backward pass
+    "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Transformer(nn.Module):
+  """num_layers Blocks scanned over a leading `layers` axis, then a final RMSNorm.
+
+  x: [B, L, D]; mask: [B, L, L] bool; positions: [B, L] int -> [B, L, D].
+  """
+  cfg: TransformerConfig
+
+  @nn.compact
+  def __call__(self, x, mask, positions):
+    cfg = self.cfg
+    block = Block
+    if cfg.remat_policy != "none":
+      block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
+    layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                     in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
+                     metadata_params={nn.PARTITION_NAME: "layers"})
+    x, _ = layers(cfg, name="layers")(x, mask, positions)
+    return RMSNorm(cfg.norm_eps, cfg.dtype, cfg.param_dtype, name="final_norm")(x)

@@ -1,0 +1,44 @@
+"""Orbax checkpoints of the train state together with the grain data iterator state."""
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+  """<workdir>/checkpoints/<step>/{state, data}: params, optimizer state, step, and input position."""
+
+  def __init__(self, directory: str, max_to_keep: int):
+    self.directory = directory
+    self.manager = ocp.CheckpointManager(
+        directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                                        enable_async_checkpointing=True))
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state, data_iterator) -> None:
+    """Starts an asynchronous save; the state arrays are copied before this returns."""
+    self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator)), force=True)
+
+  def restore(self, step: int, abstract_state, data_iterator):
+    """Restore into the shardings of `abstract_state`; sets `data_iterator` to the saved position."""
+    try:
+      restored = self.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state), data=grain.checkpoint.CheckpointRestore(data_iterator)))
+    except Exception as e:  # orbax raises many types for unreadable or mismatched files
+      raise RuntimeError(
+          f"checkpoint {self.directory}/{step} could not be restored ({type(e).__name__}: {e}). "
+          f"It was left untouched; move it away to resume from an earlier step.") from e
+    return restored.state
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.close()
+
+
+def abstract_like(state, shardings):
+  """ShapeDtypeStructs with shardings, the restore target for a state tree."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)

@@ -1,0 +1,53 @@
+"""The train state and its sharded initialisation."""
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from tfusion import sharding
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+
+
+def model_inputs(batch: dict) -> tuple:
+  """The positional model inputs for a batch dict (clean latents stand in for noisy ones)."""
+  return (batch["tokens"], batch["segment_ids"], batch["positions"], batch["image_ids"],
+          batch["latents"], batch["t_max"])
+
+
+def dummy_batch(rows: int, seq_len: int, max_images: int, latent_shape) -> dict:
+  """Zero arrays with the batch format's shapes, for initialisation and abstract compilation."""
+  z = lambda *s, dtype=jnp.int32: jnp.zeros(s, dtype)  # noqa: E731
+  return dict(tokens=z(rows, seq_len), segment_ids=z(rows, seq_len), positions=z(rows, seq_len),
+              image_ids=z(rows, seq_len), text_loss_mask=z(rows, seq_len, dtype=bool),
+              latents=z(rows, max_images, *latent_shape, dtype=jnp.float32),
+              image_valid=z(rows, max_images, dtype=bool), t_max=z(rows, max_images))
+
+
+def create_train_state(model: nn.Module, tx: optax.GradientTransformation, init_batch: dict, key: jax.Array,
+                       mesh) -> tuple[TrainState, Any]:
+  """Initialise params and optimizer state directly into their shardings on `mesh`.
+
+  Returns (state, state_shardings); the shardings come from the logical axis names of the params.
+  """
+  def init(key):
+    params = model.init(key, *model_inputs(init_batch))["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
+    abstract = jax.eval_shape(init, key)
+    shardings = sharding.logical_shardings(mesh, abstract)
+    state = jax.jit(lambda k: nn.meta.unbox(init(k)), out_shardings=shardings)(key)
+  return state, shardings
+
+
+def count_params(params) -> int:
+  return sum(x.size for x in jax.tree.leaves(params))
