@@ -1,9 +1,16 @@
-"""Test set-up: 8 fake CPU devices (before jax is imported) and parsed absl flags."""
+"""Test set-up: 8 fake CPU devices (before jax is imported), parsed absl flags, a compile cache."""
 import os
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 from absl import flags  # noqa: E402
+import jax  # noqa: E402
 
 # grain worker processes read absl flags; outside absl.app.run they must be marked parsed.
 flags.FLAGS.mark_as_parsed()
+
+# Many tests compile the same programs (e.g. a run and its resumed twin): share compilations
+# across tests and xdist workers through JAX's persistent cache.
+jax.config.update("jax_compilation_cache_dir", os.path.join(tempfile.gettempdir(), "tfusion_test_jax_cache"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

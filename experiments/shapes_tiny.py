@@ -1,0 +1,29 @@
+r"""The embedded default: a small Transfusion on procedurally generated coloured shapes + pydoc text.
+
+  python -m tfusion.train --config experiments/shapes_tiny.py --workdir /tmp/tfusion_shapes
+
+Pixel space (identity codec), 32x32 images, 4x4 patches (64 elements per image). Finishes in
+minutes on 2 CPU cores.
+"""
+from tfusion.config import default_config
+
+
+def get_config(arg=None):
+  del arg
+  c = default_config()
+  c.total_steps = 500
+  c.batch_size = 8
+  c.seq_len = 256
+  c.log_every = 10
+  c.ckpt_every = 200
+  c.sample_every = 250
+  c.model.num_layers = 4
+  c.model.d_model = 192
+  c.model.num_heads = 4
+  c.model.mlp_dim = 512
+  c.model.patch_size = 4
+  c.data.vocab_size = 512
+  c.optim.lr = 1e-3
+  c.optim.warmup_steps = 50
+  c.sample.diffusion_steps = 250
+  return c

@@ -1,0 +1,206 @@
+r"""Train Transfusion: python -m tfusion.train --config experiments/shapes_tiny.py --workdir DIR.
+
+Running the same command again in the same workdir resumes from the latest checkpoint. Overrides:
+--config.total_steps=2000 --config.model.num_layers=8 ...; `--config experiments/x.py:arg` passes
+`arg` to the experiment's get_config.
+"""
+import functools
+import json
+import os
+import time
+
+from absl import app, flags, logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+from ml_collections import config_flags
+import tqdm
+
+from tfusion import codecs, config as config_lib, diffusion, sampling, sharding, visualize
+from tfusion.data import pipeline, sequence, shapes, text_corpus, tokenizer as tokenizer_lib
+from tfusion.metrics import MetricWriter
+from tfusion.models import transfusion
+from tfusion.training import checkpoint, optim, state as state_lib, step as step_lib
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
+
+TOKENIZER_FILE = "tokenizer.model"
+TOKENIZER_SAMPLE_CAPTIONS = 5000
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: tokenizer, text stream, image-caption examples.
+# ----------------------------------------------------------------------------------------------
+def special_ids(tok) -> sequence.SpecialIds:
+  return sequence.SpecialIds(pad=tok.pad_id, bos=tok.bos_id, eos=tok.eos_id, boi=tok.boi_id, eoi=tok.eoi_id)
+
+
+def decode_caption(example) -> str:
+  return example["caption"].decode("utf-8")
+
+
+def load_data(config, workdir):
+  """Returns (tokenizer, text docs [BOS ids EOS] of the train split, train and test image sources)."""
+  data_dir = os.path.expanduser(config.data.data_dir)
+  train_images = shapes.load_shapes(data_dir, "train", config.data.image_size)
+  test_images = shapes.load_shapes(data_dir, "test", config.data.image_size)
+  documents = text_corpus.load_text_documents(config.data.text_source)
+  train_docs, _ = text_corpus.split_documents(documents, config.data.text_test_fraction, config.seed)
+
+  def tokenizer_texts():
+    sample = range(min(TOKENIZER_SAMPLE_CAPTIONS, len(train_images)))
+    return [decode_caption(e) for e in train_images.__getitems__(list(sample))] + train_docs
+
+  tok = tokenizer_lib.load_or_train_tokenizer(os.path.join(workdir, TOKENIZER_FILE), tokenizer_texts,
+                                              config.data.vocab_size)
+  text_ids = [np.array([tok.bos_id, *tok.encode(d), tok.eos_id], np.int32) for d in train_docs]
+  return tok, text_ids, train_images, test_images
+
+
+# ----------------------------------------------------------------------------------------------
+# Samples: images from fixed test captions, captions for fixed test images.
+# ----------------------------------------------------------------------------------------------
+def write_samples(step, state, model, tok, codec, test_images, alpha_bar, config, workdir):
+  out = os.path.join(workdir, "samples", f"step_{step}")
+  os.makedirs(out, exist_ok=True)
+  special = special_ids(tok)
+  n = max(config.sample.num_images, config.sample.num_captions)
+  examples = test_images.__getitems__(list(range(n)))
+
+  prompts = [decode_caption(e) for e in examples[:config.sample.num_images]]
+  key = jax.random.fold_in(jax.random.key(config.seed), 1_000_000 + step)
+  latents = sampling.generate_images(model, state.params, [tok.encode(p) for p in prompts], special, alpha_bar,
+                                     config.sample.diffusion_steps, key, codec.value_range)
+  visualize.save_image_grid(os.path.join(out, "images.png"), codec.decode(latents), prompts)
+
+  shown = examples[:config.sample.num_captions]
+  clean = codec.encode(np.stack([e["image"] for e in shown]))
+  captions = sampling.generate_captions(model, state.params, clean, special, config.sample.max_caption_tokens)
+  visualize.save_image_grid(os.path.join(out, "captioned.png"), np.stack([e["image"] for e in shown]),
+                            [tok.decode(c) for c in captions])
+  with open(os.path.join(out, "captions.txt"), "w") as f:
+    for e, c in zip(shown, captions):
+      f.write(f"truth: {decode_caption(e)}\nmodel: {tok.decode(c)}\n\n")
+
+
+# ----------------------------------------------------------------------------------------------
+# The run.
+# ----------------------------------------------------------------------------------------------
+def train_and_evaluate(config, workdir: str) -> None:
+  """Train (or resume) the run in `workdir` to config.total_steps."""
+  # --- Setup: validate before any compute, record the config. ---------------------------------
+  config_lib.validate(config)
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort(indent=2))
+
+  # --- Mesh. ------------------------------------------------------------------------------------
+  mesh = sharding.make_mesh(config.mesh)
+  data_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  if config.batch_size % data_shards or config.batch_size % jax.process_count():
+    raise config_lib.ConfigError(
+        f"config.batch_size = {config.batch_size}: must be divisible by the {data_shards} data shards "
+        f"and the {jax.process_count()} processes")
+  logging.info("mesh %s over %d devices, %d processes", dict(mesh.shape), jax.device_count(), jax.process_count())
+
+  # --- Data. ------------------------------------------------------------------------------------
+  codec = codecs.make_codec(config.data.codec)
+  latent_shape = codec.latent_shape(config.data.image_size)
+  tok, text_ids, train_images, test_images = load_data(config, workdir)
+  special = special_ids(tok)
+  layout = sequence.RowLayout(config.seq_len, latent_shape, config.model.patch_size)
+  mix = pipeline.MixOptions(text_fraction=config.data.text_fraction,
+                            caption_first_prob=config.data.caption_first_prob,
+                            num_timesteps=config.diffusion.num_timesteps,
+                            image_first_max_t=config.diffusion.image_first_max_t, seed=config.seed)
+
+  def prepare_image(example):
+    return tok.encode(decode_caption(example)), codec.encode(example["image"])
+
+  rows_per_process = config.batch_size // jax.process_count()
+  dataset = pipeline.train_batches(text_ids, train_images, prepare_image, layout, special, mix, rows_per_process,
+                                   jax.process_index(), jax.process_count())
+  data_iterator = iter(dataset)
+
+  # --- Model, optimizer and state. ------------------------------------------------------------
+  model = transfusion.Transfusion(transfusion.config_from(config, tok.vocab_size, latent_shape))
+  tx, schedule = optim.make_optimizer(config.optim, config.total_steps)
+  init_key, train_key = jax.random.split(jax.random.key(config.seed))
+  init_batch = state_lib.dummy_batch(1, config.seq_len, layout.max_images, latent_shape)
+  state, state_shardings = state_lib.create_train_state(model, tx, init_batch, init_key, mesh)
+  logging.info("parameters: %d", state_lib.count_params(state.params))
+
+  # --- Restore. ---------------------------------------------------------------------------------
+  ckpt = checkpoint.Checkpointer(os.path.join(os.path.abspath(workdir), "checkpoints"), config.max_to_keep)
+  start_step = ckpt.latest_step() or 0
+  if start_step:
+    logging.info("resuming from step %d", start_step)
+    state = ckpt.restore(start_step, checkpoint.abstract_like(state, state_shardings), data_iterator)
+  writer = MetricWriter(workdir, start_step)
+
+  alpha_bar = diffusion.make_alpha_bar(config.diffusion.schedule, config.diffusion.num_timesteps)
+  train_step = step_lib.jit_train_step(mesh, state_shardings, model=model, tx=tx, schedule=schedule,
+                                       alpha_bar=alpha_bar, loss_weight=config.diffusion.loss_weight,
+                                       train_key=train_key)
+  batch_sharding = sharding.batch_sharding(mesh)
+  samples = functools.partial(write_samples, model=model, tok=tok, codec=codec, test_images=test_images,
+                              alpha_bar=alpha_bar, config=config, workdir=workdir)
+
+  # --- Train loop. ------------------------------------------------------------------------------
+  progress = tqdm.tqdm(total=config.total_steps, initial=start_step, unit="step", dynamic_ncols=True,
+                       disable=jax.process_index() != 0)
+  elements, last_time = 0, time.time()
+  try:
+    for step in range(start_step + 1, config.total_steps + 1):
+      local = next(data_iterator)
+      batch = jax.tree.map(lambda x: jax.make_array_from_process_local_data(batch_sharding, x), local)
+      with jax.set_mesh(mesh):
+        state, metrics = train_step(state, batch)
+      progress.update(1)
+      elements += int(local["segment_ids"].astype(bool).sum()) * jax.process_count()
+      is_last = step == config.total_steps
+      log, save = step % config.log_every == 0 or is_last, step % config.ckpt_every == 0 or is_last
+      if log or save:
+        metrics = jax.device_get(metrics)
+        if not np.isfinite(metrics["loss"]):
+          raise FloatingPointError(
+              f"loss is {metrics['loss']} at step {step} (text_loss {metrics['text_loss']}, image_loss "
+              f"{metrics['image_loss']}); stopped without saving, last checkpoint: step {ckpt.latest_step()}")
+      if log:
+        now = time.time()
+        metrics["elements_per_sec"] = elements / (now - last_time)
+        elements, last_time = 0, now
+        writer.write(step, {k: v for k, v in metrics.items() if k != "elements"})
+        progress.set_postfix(loss=f"{metrics['loss']:.3f}", text=f"{metrics['text_loss']:.3f}",
+                             image=f"{metrics['image_loss']:.3f}")
+      if save:
+        ckpt.save(step, state, data_iterator)
+      if step % config.sample_every == 0 or is_last:
+        samples(step, state)
+  finally:  # also on errors and interrupts: finish writing the checkpoints already started
+    progress.close()
+    ckpt.wait()
+    ckpt.close()
+    writer.close()
+
+
+def _quiet_library_info_logs() -> None:
+  """Orbax logs every checkpoint step at INFO; keep its warnings, drop the chatter."""
+  def keep(record):
+    return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
+  logging.get_absl_logger().addFilter(keep)
+
+
+def main(argv):
+  _quiet_library_info_logs()
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if _WORKDIR.value is None or _CONFIG.value is None:
+    raise app.UsageError("--config and --workdir are required")
+  jax.config.update("jax_compilation_cache_dir", os.path.join(_WORKDIR.value, "jax_cache"))
+  train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main)
