@@ -64,3 +64,16 @@ def test_ddpm_step_matches_posterior_formula():
   np.testing.assert_allclose(diffusion.ddpm_step(x_t, eps_hat, ab[t], 1.0, noise), x0, rtol=1e-5)
   np.testing.assert_allclose(diffusion.ddpm_step(x_t, eps_hat, ab[t], 1.0, noise, clip_x0=0.5),
                              np.clip(x0, -0.5, 0.5), rtol=1e-5)
+
+
+def test_respaced_ddpm_chain_with_exact_eps_recovers_x0():
+  """With the true noise as prediction, 50 respaced ancestral steps land on x0."""
+  ab = diffusion.cosine_alpha_bar(1000)
+  rng = np.random.default_rng(0)
+  x0 = rng.uniform(-1, 1, (4, 4))
+  x = rng.standard_normal((4, 4))
+  ts = diffusion.respaced_timesteps(1000, 50)
+  for i in range(len(ts) - 1):
+    eps = (x - np.sqrt(ab[ts[i]]) * x0) / np.sqrt(1 - ab[ts[i]])
+    x = np.asarray(diffusion.ddpm_step(x, eps, ab[ts[i]], ab[ts[i + 1]], rng.standard_normal((4, 4)), 1.0))
+  np.testing.assert_allclose(x, x0, atol=1e-5)

@@ -1,0 +1,45 @@
+import glob
+import os
+
+import pytest
+import importlib.util
+
+from tfusion import config as config_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "experiments", "*.py"))))
+def test_every_experiment_file_loads_and_validates(path):
+  spec = importlib.util.spec_from_file_location("experiment", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  config_lib.validate(config)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("batch_size", 0, "config.batch_size = 0: must be a positive integer"),
+    ("optim.warmup_steps", -1, "config.optim.warmup_steps = -1: must be a positive integer"),
+    ("model.d_model", 102, "config.model.d_model = 102: must be divisible by model.num_heads"),
+    ("model.patch_size", 5, "config.model.patch_size = 5: must divide the latent size 32"),
+    ("seq_len", 100, "config.seq_len = 100: must hold one image (256 patches"),
+    ("diffusion.image_first_max_t", 2000, "config.diffusion.image_first_max_t = 2000"),
+    ("data.codec", "vae", "config.data.codec = 'vae': must be one of"),
+    ("mesh.ici_fsdp_parallelism", 0, "config.mesh.ici_fsdp_parallelism = 0"),
+])
+def test_invalid_values_name_the_field(field, value, message):
+  config = config_lib.default_config()
+  group, _, name = field.rpartition(".")
+  (config[group] if group else config)[name] = value
+  with pytest.raises(config_lib.ConfigError) as error:
+    config_lib.validate(config)
+  assert message in str(error.value)
+
+
+def test_unknown_field_is_rejected():
+  config = config_lib.default_config()
+  config.model.unlock()
+  config.model.depth = 3
+  with pytest.raises(config_lib.ConfigError, match=r"config.model has unknown or missing fields: \['depth'\]"):
+    config_lib.validate(config)
