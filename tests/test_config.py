@@ -1,8 +1,8 @@
 import glob
+import importlib.util
 import os
 
 import pytest
-import importlib.util
 
 from tfusion import config as config_lib
 
@@ -11,10 +11,20 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "experiments", "*.py"))))
 def test_every_experiment_file_loads_and_validates(path):
+  config_lib.validate(load_experiment(path).get_config())
+
+
+def load_experiment(path):
   spec = importlib.util.spec_from_file_location("experiment", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  config = module.get_config()
+  return module
+
+
+def test_experiment_argument_sets_the_image_size():
+  config = load_experiment(os.path.join(REPO, "experiments", "shapes_tiny.py")).get_config("64")
+  assert config.data.image_size == 64
+  config_lib.validate(config)
   config_lib.validate(config)
 
 

@@ -85,14 +85,3 @@ def test_split_keeps_one_document_in_each_side():
   assert tc.split_documents([], 0.5, seed=0) == ([], [])
   with pytest.raises(ValueError, match="test_fraction"):
     tc.split_documents(docs, 1.5, seed=0)
-
-
-def test_chunk_tokens():
-  assert tc.chunk_tokens([1, 2, 3, 4, 5, 6, 7], 3) == [[1, 2, 3], [4, 5, 6], [7]]
-  assert tc.chunk_tokens([1, 2, 3, 4, 5, 6], 3) == [[1, 2, 3], [4, 5, 6]]
-  assert tc.chunk_tokens([1, 2], 5) == [[1, 2]]
-  assert tc.chunk_tokens([9, 8, 7], 1) == [[9], [8], [7]]
-  assert tc.chunk_tokens([], 4) == []
-  for bad in (0, -1, 2.5):
-    with pytest.raises(ValueError, match="max_len"):
-      tc.chunk_tokens([1, 2, 3], bad)

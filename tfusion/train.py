@@ -189,7 +189,7 @@ def _quiet_library_info_logs() -> None:
   """Orbax logs every checkpoint step at INFO; keep its warnings, drop the chatter."""
   def keep(record):
     return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
-  logging.get_absl_logger().addFilter(keep)
+  logging.get_absl_handler().python_handler.addFilter(keep)
 
 
 def main(argv):

@@ -69,11 +69,3 @@ def split_documents(docs: list[str], test_fraction: float, seed: int) -> tuple[l
   train = [d for i, d in enumerate(docs) if i not in test_idx]
   test = [d for i, d in enumerate(docs) if i in test_idx]
   return train, test
-
-
-def chunk_tokens(ids: list[int], max_len: int) -> list[list[int]]:
-  """Consecutive pieces of at most `max_len` ids (the last may be shorter); [] for no ids."""
-  if isinstance(max_len, bool) or not isinstance(max_len, (int, np.integer)) or max_len < 1:
-    raise ValueError(f"max_len must be an integer >= 1, got {max_len!r}")
-  ids = list(ids)
-  return [ids[i:i + max_len] for i in range(0, len(ids), max_len)]
