@@ -13,19 +13,19 @@ def get_config(arg=None):
   """arg: optional image size in pixels (default 32); patches grow with it (8 x 8 per image)."""
   c = default_config()
   c.data.image_size = int(arg) if arg else 32
-  c.total_steps = 500
+  c.total_steps = 1000
   c.batch_size = 8
   c.seq_len = 256
   c.log_every = 10
-  c.ckpt_every = 200
-  c.sample_every = 250
+  c.ckpt_every = 250
+  c.sample_every = 500
   c.model.num_layers = 4
-  c.model.d_model = 192
+  c.model.d_model = 128
   c.model.num_heads = 4
-  c.model.mlp_dim = 512
+  c.model.mlp_dim = 384
   c.model.patch_size = c.data.image_size // 8
   c.data.vocab_size = 512
-  c.optim.lr = 1e-3
+  c.optim.lr = 2e-3
   c.optim.warmup_steps = 50
   c.sample.diffusion_steps = 250
   return c

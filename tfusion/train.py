@@ -5,13 +5,11 @@ Running the same command again in the same workdir resumes from the latest check
 `arg` to the experiment's get_config.
 """
 import functools
-import json
 import os
 import time
 
 from absl import app, flags, logging
 import jax
-import jax.numpy as jnp
 import numpy as np
 from ml_collections import config_flags
 import tqdm
