@@ -51,7 +51,7 @@ def train_step(state: TrainState, batch: dict, *, model, tx, schedule, alpha_bar
   (_, metrics), grads = grad_fn(state.params, batch, key)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics = dict(metrics, grad_norm=optax.global_norm(grads), lr=schedule(state.step),
+  metrics = dict(metrics, grad_norm=optax.tree.norm(grads), lr=schedule(state.step),
                  elements=(batch["segment_ids"] > 0).sum())
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
