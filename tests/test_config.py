@@ -35,7 +35,7 @@ def test_experiment_argument_sets_the_image_size():
     ("model.patch_size", 5, "config.model.patch_size = 5: must divide the latent size 32"),
     ("seq_len", 100, "config.seq_len = 100: must hold one image (256 patches"),
     ("diffusion.image_first_max_t", 2000, "config.diffusion.image_first_max_t = 2000"),
-    ("data.codec", "vae", "config.data.codec = 'vae': must be one of"),
+    ("data.codec", "vqgan", "config.data.codec = 'vqgan': must be one of"),
     ("mesh.ici_fsdp_parallelism", 0, "config.mesh.ici_fsdp_parallelism = 0"),
 ])
 def test_invalid_values_name_the_field(field, value, message):

@@ -36,14 +36,14 @@ def make_model(config):
   return transfusion.Transfusion(transfusion.config_from(config, VOCAB, LATENT))
 
 
-def init_state(config, mesh, total_steps=100):
+def init_state(config, mesh, total_steps=100, microbatches=1):
   model = make_model(config)
   tx, schedule = optim.make_optimizer(config.optim, total_steps)
   init = state_lib.dummy_batch(1, LAYOUT.seq_len, LAYOUT.max_images, LATENT)
   state, shardings = state_lib.create_train_state(model, tx, init, jax.random.key(0), mesh)
   step = step_lib.jit_train_step(mesh, shardings, model=model, tx=tx, schedule=schedule,
                                  alpha_bar=diffusion.cosine_alpha_bar(1000), loss_weight=5.0,
-                                 train_key=jax.random.key(1))
+                                 train_key=jax.random.key(1), microbatches=microbatches)
   return model, state, step
 
 

@@ -40,7 +40,8 @@ def test_builder_refuses_documents_that_do_not_fit():
 
 
 # ---- The packer over a stream of documents. -------------------------------------------------------
-def make_stream(text_fraction=0.5, caption_first_prob=0.8, seq_len=64, text_lengths=(5, 30, 90), seed=0):
+def make_stream(text_fraction=0.5, caption_first_prob=0.8, seq_len=64, text_lengths=(5, 30, 90), seed=0,
+                process_index=0, process_count=1):
   layout = sequence.RowLayout(seq_len, (4, 4, 3), 2)
   rng = np.random.default_rng(1)
   texts = [np.array([2, *range(100, 100 + n), 3], np.int32) for n in text_lengths * 10]
@@ -50,7 +51,8 @@ def make_stream(text_fraction=0.5, caption_first_prob=0.8, seq_len=64, text_leng
     return example["caption"], np.full((4, 4, 3), example["index"], np.float32)
 
   mix = pipeline.MixOptions(text_fraction, caption_first_prob, 1000, 500, seed)
-  return pipeline.train_batches(texts, images, prepare, layout, SPECIAL, mix, rows_per_process=4)
+  return pipeline.train_batches(texts, images, prepare, layout, SPECIAL, mix, global_rows=4,
+                               process_index=process_index, process_count=process_count)
 
 
 def image_spans(tokens, image_ids):
@@ -127,3 +129,21 @@ def test_processes_read_disjoint_shares():
   assert set(seen[0]).isdisjoint(seen[1]) and sorted(seen[0] + seen[1]) == source
   # The next epoch is reshuffled but covers the same share.
   assert sorted(shares[0][i] for i in range(5, 10)) == seen[0]
+
+
+def test_global_batch_is_the_same_for_any_number_of_processes():
+  it = iter(make_stream())
+  shares = [iter(make_stream(process_index=p, process_count=2)) for p in range(2)]
+  for _ in range(3):
+    whole, halves = next(it), [next(share) for share in shares]
+    assert halves[0]["tokens"].shape == (2, 64)
+    for k in whole:
+      np.testing.assert_array_equal(np.concatenate([h[k] for h in halves]), whole[k])
+
+
+def test_data_state_of_other_rows_is_refused():
+  first = iter(make_stream(process_index=0, process_count=2))
+  next(first)
+  second = iter(make_stream(process_index=1, process_count=2))
+  with pytest.raises(ValueError, match=r"saved for row streams \[0, 1\].*reads row streams \[2, 3\]"):
+    second.set_state(first.get_state())

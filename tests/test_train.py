@@ -13,7 +13,8 @@ from tfusion.metrics import read_metrics
 from tfusion.training import step as step_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LOGGED = {"step", "loss", "text_loss", "image_loss", "lr", "grad_norm", "elements_per_sec", "text_targets", "images"}
+LOGGED = {"step", "loss", "text_loss", "image_loss", "lr", "grad_norm", "elements_per_sec", "text_targets", "images",
+          "tflops_per_device", "mfu"}
 
 
 @pytest.fixture(scope="session")
@@ -41,6 +42,7 @@ def test_run_leaves_checkpoints_logs_and_samples(tmp_path, data_dir):
   metrics = read_metrics(workdir)
   assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5, 6] and set(metrics[0]) == LOGGED
   assert metrics[0]["lr"] == 0.0 and metrics[2]["lr"] > 0 and all(m["elements_per_sec"] > 0 for m in metrics)
+  assert all(0 < m["mfu"] < 1 and m["tflops_per_device"] > 0 for m in metrics)
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(workdir, "tensorboard")))
   samples = os.path.join(workdir, "samples", "step_6")
   grid = Image.open(os.path.join(samples, "images.png"))
@@ -71,7 +73,8 @@ def test_killed_and_resumed_run_reproduces_uninterrupted_run(tmp_path, data_dir,
   monkeypatch.setattr(step_lib, "jit_train_step", real)
   train.train_and_evaluate(config, str(tmp_path / "resumed"))
 
-  drop = lambda ms: [{k: v for k, v in m.items() if k != "elements_per_sec"} for m in ms]  # noqa: E731
+  timing = {"elements_per_sec", "tflops_per_device", "mfu"}
+  drop = lambda ms: [{k: v for k, v in m.items() if k not in timing} for m in ms]  # noqa: E731
   assert drop(read_metrics(str(tmp_path / "resumed"))) == drop(read_metrics(str(tmp_path / "straight")))
   assert len(read_metrics(str(tmp_path / "resumed"))) == 6
 

@@ -15,9 +15,6 @@ class IdentityCodec:
   name: str = "identity"
   value_range: float | None = 1.0
 
-  def latent_shape(self, image_size: int) -> tuple[int, int, int]:
-    return (image_size, image_size, 3)
-
   def encode(self, images: np.ndarray) -> np.ndarray:
     """uint8 [..., S, S, 3] -> float32 [..., S, S, 3] in [-1, 1]."""
     return np.asarray(images, np.float32) / 127.5 - 1.0
@@ -27,8 +24,20 @@ class IdentityCodec:
     return np.clip(np.round((np.asarray(latents, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
-def make_codec(name: str):
+def latent_shape(data_config) -> tuple[int, int, int]:
+  """(h, w, c) of one image's latent under config.data's codec."""
+  size = data_config.image_size
+  if data_config.codec == "vae":
+    return (size // data_config.latent_downsample, size // data_config.latent_downsample,
+            data_config.latent_channels)
+  return (size, size, 3)
+
+
+def make_codec(data_config):
   """The codec named by config.data.codec."""
-  if name == "identity":
+  if data_config.codec == "identity":
     return IdentityCodec()
-  raise ValueError(f"config.data.codec = {name!r}: unknown codec (available: identity)")
+  if data_config.codec == "vae":
+    raise ValueError("config.data.codec = 'vae': VAE weights cannot be loaded yet; the vae codec only sizes "
+                     "models (tfusion.params, tfusion.aot). Train with codec 'identity'.")
+  raise ValueError(f"config.data.codec = {data_config.codec!r}: unknown codec (available: identity, vae)")

@@ -14,12 +14,14 @@ def default_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.total_steps = 1000
   c.batch_size = 8               # global rows per step
+  c.microbatches = 1             # gradient accumulation: the batch runs as this many sequential slices
   c.seq_len = 512                # elements per row (text tokens + image patches)
   c.seed = 0
   c.log_every = 10
   c.ckpt_every = 200
   c.sample_every = 500
   c.max_to_keep = 3
+  c.peak_tflops_per_device = 0.0  # MFU denominator; 0 = known peak of the device kind (CPU: measured)
 
   c.model = ml_collections.ConfigDict()
   c.model.num_layers = 4
@@ -32,6 +34,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.dtype = "float32"      # compute dtype
   c.model.param_dtype = "float32"
   c.model.remat_policy = "none"  # none | full | dots_saveable (on the scanned layers)
+  c.model.attention = "dense"     # dense (einsum + mask) | chunked (query blocks) | dot_product (jax.nn)
+  c.model.attention_chunk = 512   # query block length of the chunked attention
+  c.model.patch_encoder = "linear"  # linear | unet
+  c.model.unet_channels = (256, 512)  # U-Net width per resolution level (log2(patch_size) + 1 levels)
+  c.model.unet_res_blocks = 2
 
   c.diffusion = ml_collections.ConfigDict()
   c.diffusion.num_timesteps = 1000
@@ -42,7 +49,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.data_dir = "~/tensorflow_datasets"
   c.data.image_size = 32
-  c.data.codec = "identity"              # latent codec: identity (pixels in [-1, 1])
+  c.data.codec = "identity"              # latent codec: identity (pixels in [-1, 1]) | vae
+  c.data.latent_channels = 8             # vae codec: latent channels c
+  c.data.latent_downsample = 8           # vae codec: image size / latent size f
   c.data.text_source = "pydoc"           # "pydoc" (ships with Python) or a .jsonl of {"text": ...}
   c.data.text_fraction = 0.5             # share of elements from the text-only stream (paper: 1:1)
   c.data.caption_first_prob = 0.8
@@ -69,12 +78,16 @@ def default_config() -> ml_collections.ConfigDict:
   c.mesh.ici_data_parallelism = -1       # -1: all devices not used by the other axes
   c.mesh.ici_fsdp_parallelism = 1
   c.mesh.ici_tensor_parallelism = 1
+  c.mesh.dcn_data_parallelism = 1        # across slices (multi-slice TPU / nodes); -1: the rest
+  c.mesh.dcn_fsdp_parallelism = 1
+  c.mesh.dcn_tensor_parallelism = 1
   return c
 
 
-_POSITIVE_INTS = ("total_steps", "batch_size", "seq_len", "log_every", "ckpt_every", "sample_every",
+_POSITIVE_INTS = ("total_steps", "batch_size", "microbatches", "seq_len", "log_every", "ckpt_every", "sample_every",
                   "max_to_keep", "model.num_layers", "model.d_model", "model.num_heads", "model.mlp_dim",
-                  "model.patch_size", "diffusion.num_timesteps", "data.image_size", "data.vocab_size",
+                  "model.patch_size", "model.attention_chunk", "model.unet_res_blocks",
+                  "data.latent_channels", "data.latent_downsample", "diffusion.num_timesteps", "data.image_size", "data.vocab_size",
                   "optim.warmup_steps", "sample.num_images", "sample.num_captions",
                   "sample.diffusion_steps", "sample.max_caption_tokens")
 _FRACTIONS = ("data.text_fraction", "data.caption_first_prob", "data.text_test_fraction",
@@ -83,8 +96,10 @@ _CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
     "model.param_dtype": ("float32", "bfloat16"),
     "model.remat_policy": ("none", "full", "dots_saveable"),
+    "model.attention": ("dense", "chunked", "dot_product"),
+    "model.patch_encoder": ("linear", "unet"),
     "diffusion.schedule": diffusion.SCHEDULES,
-    "data.codec": ("identity",),
+    "data.codec": ("identity", "vae"),
 }
 
 
@@ -133,13 +148,30 @@ def validate(config: ml_collections.ConfigDict) -> None:
     fail("model.d_model", f"must be divisible by model.num_heads = {config.model.num_heads}")
   if (config.model.d_model // config.model.num_heads) % 2:
     fail("model.num_heads", "head dim (d_model / num_heads) must be even for RoPE")
-  if config.data.image_size % config.model.patch_size:
-    fail("model.patch_size", f"must divide the latent size {config.data.image_size}")
-  patches = (config.data.image_size // config.model.patch_size) ** 2
+  if config.batch_size % config.microbatches:
+    fail("microbatches", f"must divide batch_size = {config.batch_size}")
+  if config.model.attention == "chunked" and config.seq_len % config.model.attention_chunk:
+    fail("model.attention_chunk", f"must divide seq_len = {config.seq_len} for chunked attention")
+  if config.peak_tflops_per_device < 0:
+    fail("peak_tflops_per_device", "must be >= 0 (0 = look up / measure)")
+  latent_size = config.data.image_size
+  if config.data.codec == "vae":
+    if config.data.image_size % config.data.latent_downsample:
+      fail("data.latent_downsample", f"must divide data.image_size = {config.data.image_size}")
+    latent_size //= config.data.latent_downsample
+  if latent_size % config.model.patch_size:
+    fail("model.patch_size", f"must divide the latent size {latent_size}")
+  if config.model.patch_encoder == "unet":
+    k = config.model.patch_size
+    if k & (k - 1):
+      fail("model.patch_size", "must be a power of 2 with the unet patch encoder")
+    if len(config.model.unet_channels) != k.bit_length():
+      fail("model.unet_channels", f"needs log2(patch_size) + 1 = {k.bit_length()} widths")
+  patches = (latent_size // config.model.patch_size) ** 2
   if config.seq_len < patches + 4:
     fail("seq_len", f"must hold one image ({patches} patches + BOS, BOI, EOI, EOS)")
   if config.optim.lr <= 0:
     fail("optim.lr", "must be > 0")
-  for axis in ("ici_data_parallelism", "ici_fsdp_parallelism", "ici_tensor_parallelism"):
+  for axis in config.mesh:
     if config.mesh[axis] == 0 or config.mesh[axis] < -1:
       fail(f"mesh.{axis}", "must be a positive integer or -1")

@@ -2,19 +2,27 @@
 
 allow(i, j) = seg[i] == seg[j] != 0 and (j <= i or img[i] == img[j] != 0)
 
-Built inside the jitted step from the batch's per-position arrays; it is never materialised on the host.
+Built inside the jitted step from the batch's per-position arrays, whole or one block of queries at
+a time; it is never materialised on the host.
 """
 import jax.numpy as jnp
 
 
-def transfusion_mask(segment_ids, image_ids):
-  """segment_ids, image_ids: [B, L] int (0 = padding / not an image) -> [B, L, L] bool (query, key).
+def mask_block(q_segment, q_image, q_index, k_segment, k_image, k_index):
+  """Mask entries for a block of queries against a block of keys -> [B, Q, K] bool.
 
+  q_segment, q_image: [B, Q] int and k_segment, k_image: [B, K] int (0 = padding / not an image);
+  q_index: [Q], k_index: [K] int positions of those queries and keys in the row.
   Padding queries attend to themselves only, so every softmax row has at least one entry.
   """
-  length = segment_ids.shape[-1]
-  causal = jnp.tril(jnp.ones((length, length), dtype=bool))
-  same_segment = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, :, None] != 0)
-  same_image = (image_ids[:, :, None] == image_ids[:, None, :]) & (image_ids[:, :, None] != 0)
-  padding_self = (segment_ids[:, :, None] == 0) & jnp.eye(length, dtype=bool)
+  causal = q_index[:, None] >= k_index[None, :]
+  same_segment = (q_segment[:, :, None] == k_segment[:, None, :]) & (q_segment[:, :, None] != 0)
+  same_image = (q_image[:, :, None] == k_image[:, None, :]) & (q_image[:, :, None] != 0)
+  padding_self = (q_segment[:, :, None] == 0) & (q_index[:, None] == k_index[None, :])
   return (same_segment & (causal | same_image)) | padding_self
+
+
+def transfusion_mask(segment_ids, image_ids):
+  """segment_ids, image_ids: [B, L] int -> [B, L, L] bool (query, key)."""
+  index = jnp.arange(segment_ids.shape[-1])
+  return mask_block(segment_ids, image_ids, index, segment_ids, image_ids, index)

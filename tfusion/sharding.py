@@ -8,7 +8,7 @@ import math
 
 import flax.linen as nn
 import jax
-import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -32,33 +32,77 @@ RULES = (
     ("patch", None),
     ("time", None),
     ("time_hidden", None),
+    ("conv_height", None),
+    ("conv_width", None),
+    ("unet_in", None),
+    ("unet_out", "fsdp"),
 )
 
 
-def mesh_shape(mesh_config, num_devices: int) -> tuple[int, int, int]:
-  """Resolve the ici_* sizes (one may be -1 = the rest) into a (data, fsdp, tensor) shape."""
-  sizes = [mesh_config[f"ici_{axis}_parallelism"] for axis in MESH_AXES]
+_UNITS = {"ici": "devices per slice", "dcn": "slices (TPU slices, or processes elsewhere)"}
+
+
+def _resolve(sizes: list[int], total: int, kind: str) -> tuple[int, ...]:
+  """Replace one -1 in `sizes` with what remains of `total`; check the product."""
   if sizes.count(-1) > 1:
-    raise ValueError(f"at most one of config.mesh.ici_*_parallelism may be -1, got {sizes}")
+    raise ValueError(f"at most one of config.mesh.{kind}_*_parallelism may be -1, got {sizes}")
   known = math.prod(s for s in sizes if s != -1)
-  if num_devices % known:
-    raise ValueError(f"config.mesh sizes {sizes} do not divide the {num_devices} devices")
-  sizes = [num_devices // known if s == -1 else s for s in sizes]
-  if math.prod(sizes) != num_devices:
-    raise ValueError(f"config.mesh sizes {sizes} use {math.prod(sizes)} devices, but {num_devices} exist")
+  if total % known:
+    raise ValueError(f"config.mesh.{kind}_* sizes {sizes} do not divide the {total} {_UNITS[kind]}")
+  sizes = [total // known if s == -1 else s for s in sizes]
+  if math.prod(sizes) != total:
+    raise ValueError(f"config.mesh.{kind}_* sizes {sizes} use {math.prod(sizes)}, but there are {total} "
+                     f"{_UNITS[kind]}")
   return tuple(sizes)
 
 
+def mesh_shape(mesh_config, num_devices: int, num_slices: int = 1) -> tuple[tuple[int, ...], tuple[int, ...]]:
+  """(ici_shape, dcn_shape) over (data, fsdp, tensor): ici within a slice, dcn across slices.
+
+  A slice is a TPU slice, or a host on GPU/CPU clusters; the full mesh is their elementwise product.
+  """
+  dcn = _resolve([mesh_config[f"dcn_{a}_parallelism"] for a in MESH_AXES], num_slices, "dcn")
+  ici = _resolve([mesh_config[f"ici_{a}_parallelism"] for a in MESH_AXES], num_devices // num_slices, "ici")
+  return ici, dcn
+
+
 def make_mesh(mesh_config, devices=None) -> Mesh:
-  """A (data, fsdp, tensor) mesh over `devices` (default: all)."""
+  """A (data, fsdp, tensor) mesh over `devices` (default: all), laid out for the interconnect.
+
+  Within a slice, mesh_utils orders devices along the physical torus/NVLink domains; across slices
+  (config dcn_* > 1) the slow axis is split over TPU slices, or over processes elsewhere.
+  """
   devices = jax.devices() if devices is None else devices
-  shape = mesh_shape(mesh_config, len(devices))
-  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+  multi_slice = any(mesh_config[f"dcn_{a}_parallelism"] != 1 for a in MESH_AXES)
+  by_slice = hasattr(devices[0], "slice_index")
+  num_slices = 1
+  if multi_slice:
+    num_slices = len({d.slice_index if by_slice else d.process_index for d in devices})
+  ici, dcn = mesh_shape(mesh_config, len(devices), num_slices)
+  if multi_slice:
+    grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=not by_slice)
+  else:
+    grid = mesh_utils.create_device_mesh(ici, devices, contiguous_submeshes=False)
+  return Mesh(grid, MESH_AXES)
 
 
 def logical_shardings(mesh: Mesh, tree):
-  """NamedShardings for a tree of logically-partitioned abstract values (from jax.eval_shape)."""
-  return nn.logical_to_mesh_sharding(nn.get_partition_spec(tree), mesh, RULES)
+  """NamedShardings for a tree of logically-partitioned abstract values (from jax.eval_shape).
+
+  A dimension the rules would split unevenly (e.g. 3 latent channels over 8 devices) stays whole.
+  """
+  shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(tree), mesh, RULES)
+  values = jax.tree.map(lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.meta.AxisMetadata) else x,
+                        tree, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+  return jax.tree.map(_drop_uneven_splits, values, shardings)
+
+
+def _drop_uneven_splits(value, named: NamedSharding) -> NamedSharding:
+  spec = []
+  for size, axes in zip(value.shape, tuple(named.spec) + (None,) * (len(value.shape) - len(named.spec))):
+    names = (axes,) if isinstance(axes, str) else (axes or ())
+    spec.append(axes if size % math.prod(named.mesh.shape[a] for a in names) == 0 else None)
+  return NamedSharding(named.mesh, P(*spec))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -14,7 +14,7 @@ import numpy as np
 from ml_collections import config_flags
 import tqdm
 
-from tfusion import codecs, config as config_lib, diffusion, sampling, sharding, visualize
+from tfusion import codecs, config as config_lib, diffusion, distributed, flops, sampling, sharding, visualize
 from tfusion.data import pipeline, sequence, shapes, text_corpus, tokenizer as tokenizer_lib
 from tfusion.metrics import MetricWriter
 from tfusion.models import transfusion
@@ -22,6 +22,12 @@ from tfusion.training import checkpoint, optim, state as state_lib, step as step
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
+_DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", distributed.MODES,
+                                 "Join JAX's multi-process runtime: auto (when the flags below are given or a "
+                                 "SLURM / multi-host Cloud TPU job is detected), on (always), off.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-process runs.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-process run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
 
 TOKENIZER_FILE = "tokenizer.model"
 TOKENIZER_SAMPLE_CAPTIONS = 5000
@@ -96,15 +102,16 @@ def train_and_evaluate(config, workdir: str) -> None:
   # --- Mesh. ------------------------------------------------------------------------------------
   mesh = sharding.make_mesh(config.mesh)
   data_shards = mesh.shape["data"] * mesh.shape["fsdp"]
-  if config.batch_size % data_shards or config.batch_size % jax.process_count():
+  microbatch_rows = config.batch_size // config.microbatches
+  if microbatch_rows % data_shards or config.batch_size % jax.process_count():
     raise config_lib.ConfigError(
-        f"config.batch_size = {config.batch_size}: must be divisible by the {data_shards} data shards "
-        f"and the {jax.process_count()} processes")
+        f"config.batch_size = {config.batch_size}: batch_size / microbatches must be divisible by the "
+        f"{data_shards} data shards (mesh data x fsdp), and batch_size by the {jax.process_count()} processes")
   logging.info("mesh %s over %d devices, %d processes", dict(mesh.shape), jax.device_count(), jax.process_count())
 
   # --- Data. ------------------------------------------------------------------------------------
-  codec = codecs.make_codec(config.data.codec)
-  latent_shape = codec.latent_shape(config.data.image_size)
+  codec = codecs.make_codec(config.data)
+  latent_shape = codecs.latent_shape(config.data)
   tok, text_ids, train_images, test_images = load_data(config, workdir)
   special = special_ids(tok)
   layout = sequence.RowLayout(config.seq_len, latent_shape, config.model.patch_size)
@@ -116,8 +123,7 @@ def train_and_evaluate(config, workdir: str) -> None:
   def prepare_image(example):
     return tok.encode(decode_caption(example)), codec.encode(example["image"])
 
-  rows_per_process = config.batch_size // jax.process_count()
-  dataset = pipeline.train_batches(text_ids, train_images, prepare_image, layout, special, mix, rows_per_process,
+  dataset = pipeline.train_batches(text_ids, train_images, prepare_image, layout, special, mix, config.batch_size,
                                    jax.process_index(), jax.process_count())
   data_iterator = iter(dataset)
 
@@ -128,6 +134,12 @@ def train_and_evaluate(config, workdir: str) -> None:
   init_batch = state_lib.dummy_batch(1, config.seq_len, layout.max_images, latent_shape)
   state, state_shardings = state_lib.create_train_state(model, tx, init_batch, init_key, mesh)
   logging.info("parameters: %d", state_lib.count_params(state.params))
+  global_batch = jax.eval_shape(
+      lambda: state_lib.dummy_batch(config.batch_size, config.seq_len, layout.max_images, latent_shape))
+  step_flops = flops.train_flops(model, state.params, state_lib.model_inputs(global_batch))
+  peak, peak_source = flops.peak_tflops_per_device(config.peak_tflops_per_device, config.model.dtype)
+  logging.info("model TFLOPs per step %.3f; MFU peak %.1f TFLOP/s per device (%s)", step_flops / 1e12, peak,
+               peak_source)
 
   # --- Restore. ---------------------------------------------------------------------------------
   ckpt = checkpoint.Checkpointer(os.path.join(os.path.abspath(workdir), "checkpoints"), config.max_to_keep)
@@ -140,7 +152,7 @@ def train_and_evaluate(config, workdir: str) -> None:
   alpha_bar = diffusion.make_alpha_bar(config.diffusion.schedule, config.diffusion.num_timesteps)
   train_step = step_lib.jit_train_step(mesh, state_shardings, model=model, tx=tx, schedule=schedule,
                                        alpha_bar=alpha_bar, loss_weight=config.diffusion.loss_weight,
-                                       train_key=train_key)
+                                       train_key=train_key, microbatches=config.microbatches)
   batch_sharding = sharding.batch_sharding(mesh)
   samples = functools.partial(write_samples, model=model, tok=tok, codec=codec, test_images=test_images,
                               alpha_bar=alpha_bar, config=config, workdir=workdir)
@@ -148,7 +160,7 @@ def train_and_evaluate(config, workdir: str) -> None:
   # --- Train loop. ------------------------------------------------------------------------------
   progress = tqdm.tqdm(total=config.total_steps, initial=start_step, unit="step", dynamic_ncols=True,
                        disable=jax.process_index() != 0)
-  elements, last_time = 0, time.time()
+  elements, steps_timed, last_time = 0, 0, time.time()
   try:
     for step in range(start_step + 1, config.total_steps + 1):
       local = next(data_iterator)
@@ -156,6 +168,7 @@ def train_and_evaluate(config, workdir: str) -> None:
       with jax.set_mesh(mesh):
         state, metrics = train_step(state, batch)
       progress.update(1)
+      steps_timed += 1
       elements += int(local["segment_ids"].astype(bool).sum()) * jax.process_count()
       is_last = step == config.total_steps
       log, save = step % config.log_every == 0 or is_last, step % config.ckpt_every == 0 or is_last
@@ -168,7 +181,9 @@ def train_and_evaluate(config, workdir: str) -> None:
       if log:
         now = time.time()
         metrics["elements_per_sec"] = elements / (now - last_time)
-        elements, last_time = 0, now
+        metrics["tflops_per_device"] = step_flops * steps_timed / (now - last_time) / jax.device_count() / 1e12
+        metrics["mfu"] = metrics["tflops_per_device"] / peak
+        elements, steps_timed, last_time = 0, 0, now
         writer.write(step, {k: v for k, v in metrics.items() if k != "elements"})
         progress.set_postfix(loss=f"{metrics['loss']:.3f}", text=f"{metrics['text_loss']:.3f}",
                              image=f"{metrics['image_loss']:.3f}")
@@ -196,6 +211,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if _WORKDIR.value is None or _CONFIG.value is None:
     raise app.UsageError("--config and --workdir are required")
+  distributed.initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   jax.config.update("jax_compilation_cache_dir", os.path.join(_WORKDIR.value, "jax_cache"))
   train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 

@@ -1,8 +1,10 @@
 """grain pipeline: mix the text stream and image-caption examples by element count, pack rows, batch.
 
-Each JAX process reads a disjoint share of every source (sharded before shuffling), reshuffled each
-epoch. The packer is a grain iterator whose whole state is a few integers, so the orbax checkpoint
-holds it and a restored run continues with exactly the next batch.
+Row r of every global batch comes from its own stream: a packer over the r-th of batch_size
+disjoint shares of each source (sharded before shuffling, reshuffled each epoch). A JAX process
+runs the streams of its rows only, so each host reads only its share, and the global batch is the
+same for any number of processes. A packer's state is a few integers, so the orbax checkpoint holds
+every stream's position and a restored run continues with exactly the next batch.
 """
 import dataclasses
 from typing import Callable, Sequence
@@ -22,12 +24,13 @@ class MixOptions:
   seed: int
 
 
-def shard_and_shuffle(source, seed: int, process_index: int, process_count: int) -> grain.MapDataset:
-  """This process's share of a random-access source; index i >= len continues into reshuffled epochs."""
-  ds = grain.MapDataset.source(source)[process_index::process_count]
+def shard_and_shuffle(source, seed: int, shard: int, num_shards: int) -> grain.MapDataset:
+  """Share `shard` of `num_shards` of a random-access source; index i >= len continues into reshuffled
+  epochs."""
+  ds = grain.MapDataset.source(source)[shard::num_shards]
   if len(ds) == 0:
-    raise ValueError(f"a source of {len(source)} examples has no examples for process {process_index} "
-                     f"of {process_count}")
+    raise ValueError(f"a source of {len(source)} examples has none for row stream {shard} of {num_shards} "
+                     f"(every row of the global batch needs its own share: use a smaller batch_size or more data)")
   return ds.shuffle(seed=seed)
 
 
@@ -39,10 +42,10 @@ class PackedRows(grain.IterDataset):
   """
 
   def __init__(self, text_docs: grain.MapDataset, image_examples: grain.MapDataset,
-               layout: sequence.RowLayout, special: sequence.SpecialIds, mix: MixOptions):
+               layout: sequence.RowLayout, special: sequence.SpecialIds, mix: MixOptions, stream: int = 0):
     super().__init__()
     self.text_docs, self.image_examples = text_docs, image_examples
-    self.layout, self.special, self.mix = layout, special, mix
+    self.layout, self.special, self.mix, self.stream = layout, special, mix, stream
 
   def __iter__(self):
     return _PackedRowIterator(self)
@@ -68,7 +71,7 @@ class _PackedRowIterator(grain.DatasetIterator):
   def _image_document(self):
     mix, index = self.ds.mix, self.state["image_index"]
     caption_ids, latents = self.ds.image_examples[index]
-    caption_first = np.random.default_rng((mix.seed, index)).random() < mix.caption_first_prob
+    caption_first = np.random.default_rng((mix.seed, self.ds.stream, index)).random() < mix.caption_first_prob
     return sequence.image_caption_document(caption_ids, latents, caption_first, self.ds.special,
                                            mix.num_timesteps, mix.image_first_max_t)
 
@@ -107,15 +110,50 @@ class _PackedRowIterator(grain.DatasetIterator):
     return row.arrays()
 
 
+class StackedRows(grain.IterDataset):
+  """Batches whose row r is the next row of streams[r]: dicts of [len(streams), ...] numpy arrays."""
+
+  def __init__(self, streams: Sequence[PackedRows]):
+    super().__init__()
+    self.streams = list(streams)
+
+  def __iter__(self):
+    return _StackedRowIterator(self)
+
+
+class _StackedRowIterator(grain.DatasetIterator):
+
+  def __init__(self, ds: StackedRows):
+    super().__init__()
+    self.ids = [s.stream for s in ds.streams]
+    self.iterators = [iter(s) for s in ds.streams]
+
+  def get_state(self) -> dict:
+    return dict(streams=self.ids, positions=[it.get_state() for it in self.iterators])
+
+  def set_state(self, state: dict) -> None:
+    if list(state["streams"]) != self.ids:
+      raise ValueError(f"the data state was saved for row streams {list(state['streams'])}, but this process "
+                       f"reads row streams {self.ids}: resume with the same batch_size and number of processes")
+    for it, position in zip(self.iterators, state["positions"]):
+      it.set_state(position)
+
+  def __next__(self) -> dict:
+    rows = [next(it) for it in self.iterators]
+    return {k: np.stack([row[k] for row in rows]) for k in rows[0]}
+
+
 def train_batches(text_docs: Sequence[np.ndarray], image_source, prepare_image: Callable,
                   layout: sequence.RowLayout, special: sequence.SpecialIds, mix: MixOptions,
-                  rows_per_process: int, process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
-  """Batches of packed rows for this process: dicts of [rows_per_process, ...] numpy arrays.
+                  global_rows: int, process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+  """This process's rows of each global batch: dicts of [global_rows / process_count, ...] numpy arrays.
 
   prepare_image(example) -> (caption_ids, latents [h, w, c]) turns a source example into model inputs.
   """
-  texts = shard_and_shuffle(text_docs, mix.seed, process_index, process_count)
-  images = shard_and_shuffle(image_source, mix.seed + 1, process_index, process_count).map(prepare_image)
-  rows = PackedRows(texts, images, layout, special, mix)
-  return grain.experimental.ThreadPrefetchIterDataset(rows.batch(rows_per_process, drop_remainder=True),
-                                                      prefetch_buffer_size=2)
+  rows_per_process = global_rows // process_count
+  streams = []
+  for row in range(process_index * rows_per_process, (process_index + 1) * rows_per_process):
+    texts = shard_and_shuffle(text_docs, mix.seed, row, global_rows)
+    images = shard_and_shuffle(image_source, mix.seed + 1, row, global_rows).map(prepare_image)
+    streams.append(PackedRows(texts, images, layout, special, mix, stream=row))
+  return grain.experimental.ThreadPrefetchIterDataset(StackedRows(streams), prefetch_buffer_size=2)

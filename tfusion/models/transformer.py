@@ -9,6 +9,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from tfusion import masks
+
 
 @dataclasses.dataclass(frozen=True)
 class TransformerConfig:
@@ -21,6 +23,8 @@ class TransformerConfig:
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
   remat_policy: str = "none"
+  attention: str = "dense"       # dense | chunked | dot_product
+  attention_chunk: int = 512     # query block length for chunked attention
 
   @property
   def head_dim(self) -> int:
@@ -77,12 +81,52 @@ def apply_rope(x, positions, theta):
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
+def dense_attention(q, k, v, q_ids, k_ids):
+  """Softmax attention under the Transfusion mask, logits and softmax in float32.
+
+  q: [B, Q, H, Dh]; k, v: [B, K, H, Dh]; q_ids, k_ids: (segment_ids, image_ids, index) of the
+  queries ([B, Q], [B, Q], [Q]) and keys ([B, K], [B, K], [K]) -> [B, Q, H, Dh].
+  """
+  mask = masks.mask_block(*q_ids, *k_ids)
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+  logits = logits / jnp.sqrt(q.shape[-1]).astype(jnp.float32)
+  logits = jnp.where(mask[:, None, :, :], logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
+def chunked_attention(q, k, v, ids, chunk):
+  """dense_attention one block of `chunk` queries at a time, each block rematerialised in the
+  backward pass: logits memory is [B, H, chunk, L] instead of [B, H, L, L]. Same result."""
+  batch, length, heads, head_dim = q.shape
+  blocks = length // chunk
+  split = lambda a: jnp.moveaxis(a.reshape(batch, blocks, chunk, *a.shape[2:]), 1, 0)  # noqa: E731
+  segment_ids, image_ids, index = ids
+
+  @jax.checkpoint
+  def block(args):
+    q_block, q_segment, q_image, q_index = args
+    return dense_attention(q_block, k, v, (q_segment, q_image, q_index), ids)
+
+  out = jax.lax.map(block, (split(q), split(segment_ids), split(image_ids), index.reshape(blocks, chunk)))
+  return jnp.moveaxis(out, 0, 1).reshape(batch, length, heads, head_dim)
+
+
+def dot_product_attention(q, k, v, ids):
+  """jax.nn.dot_product_attention with the mask (cuDNN flash attention on GPUs that support it)."""
+  mask = masks.mask_block(*ids, *ids)
+  return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None])
+
+
 class Attention(nn.Module):
-  """Multi-head self-attention under an explicit boolean mask.  x: [B, L, D] -> [B, L, D]."""
+  """Multi-head self-attention under the Transfusion mask.  x: [B, L, D] -> [B, L, D].
+
+  segment_ids, image_ids, positions: [B, L] int (the batch arrays the mask is built from).
+  """
   cfg: TransformerConfig
 
   @nn.compact
-  def __call__(self, x, mask, positions):
+  def __call__(self, x, segment_ids, image_ids, positions):
     cfg = self.cfg
     qkv_shape, qkv_axes = (cfg.d_model, cfg.num_heads, cfg.head_dim), ("embed", "heads", "kv")
     q = _projection(cfg, "query", "bld,dhk->blhk", qkv_shape, qkv_axes)(x)
@@ -90,12 +134,14 @@ class Attention(nn.Module):
     v = _projection(cfg, "value", "bld,dhk->blhk", qkv_shape, qkv_axes)(x)
     q = apply_rope(q, positions, cfg.rope_theta)
     k = apply_rope(k, positions, cfg.rope_theta)
-    q = nn.with_logical_constraint(q, ("batch", "length", "act_heads", "kv"))
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-    logits = logits / jnp.sqrt(cfg.head_dim).astype(jnp.float32)
-    logits = jnp.where(mask[:, None, :, :], logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(cfg.dtype)
-    out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+    q, k, v = (nn.with_logical_constraint(a, ("batch", "length", "act_heads", "kv")) for a in (q, k, v))
+    ids = (segment_ids, image_ids, jnp.arange(x.shape[1]))
+    if cfg.attention == "chunked":
+      out = chunked_attention(q, k, v, ids, min(cfg.attention_chunk, x.shape[1]))
+    elif cfg.attention == "dot_product":
+      out = dot_product_attention(q, k, v, ids)
+    else:
+      out = dense_attention(q, k, v, ids, ids)
     out = nn.with_logical_constraint(out, ("batch", "length", "act_heads", "kv"))
     return _projection(cfg, "out", "blhk,hkd->bld", (cfg.num_heads, cfg.head_dim, cfg.d_model),
                        ("heads", "kv", "embed"), fan_in_axes=(0, 1))(out)
@@ -115,14 +161,14 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-  """Pre-norm residual block; signature fits nn.scan: (x, mask, positions) -> (x, None)."""
+  """Pre-norm residual block; fits nn.scan: (x, segment_ids, image_ids, positions) -> (x, None)."""
   cfg: TransformerConfig
 
   @nn.compact
-  def __call__(self, x, mask, positions):
+  def __call__(self, x, segment_ids, image_ids, positions):
     cfg = self.cfg
     norm = lambda name: RMSNorm(cfg.norm_eps, cfg.dtype, cfg.param_dtype, name=name)  # noqa: E731
-    x = x + Attention(cfg, name="attention")(norm("attention_norm")(x), mask, positions)
+    x = x + Attention(cfg, name="attention")(norm("attention_norm")(x), segment_ids, image_ids, positions)
     x = x + SwiGLU(cfg, name="mlp")(norm("mlp_norm")(x))
     return nn.with_logical_constraint(x, ("batch", "length", "act_embed")), None
 
@@ -136,18 +182,18 @@ REMAT_POLICIES = {
 class Transformer(nn.Module):
   """num_layers Blocks scanned over a leading `layers` axis, then a final RMSNorm.
 
-  x: [B, L, D]; mask: [B, L, L] bool; positions: [B, L] int -> [B, L, D].
+  x: [B, L, D]; segment_ids, image_ids, positions: [B, L] int -> [B, L, D].
   """
   cfg: TransformerConfig
 
   @nn.compact
-  def __call__(self, x, mask, positions):
+  def __call__(self, x, segment_ids, image_ids, positions):
     cfg = self.cfg
     block = Block
     if cfg.remat_policy != "none":
       block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
     layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                     in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
+                     in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
                      metadata_params={nn.PARTITION_NAME: "layers"})
-    x, _ = layers(cfg, name="layers")(x, mask, positions)
+    x, _ = layers(cfg, name="layers")(x, segment_ids, image_ids, positions)
     return RMSNorm(cfg.norm_eps, cfg.dtype, cfg.param_dtype, name="final_norm")(x)

@@ -10,7 +10,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from tfusion import masks
 from tfusion.models import patching
 from tfusion.models.transformer import Projection, Transformer, TransformerConfig
 
@@ -39,7 +38,8 @@ def config_from(config, vocab_size: int, latent_shape) -> TransfusionConfig:
       transformer=TransformerConfig(
           num_layers=m.num_layers, d_model=m.d_model, num_heads=m.num_heads, mlp_dim=m.mlp_dim,
           rope_theta=m.rope_theta, norm_eps=m.norm_eps, dtype=jnp.dtype(m.dtype),
-          param_dtype=jnp.dtype(m.param_dtype), remat_policy=m.remat_policy),
+          param_dtype=jnp.dtype(m.param_dtype), remat_policy=m.remat_policy, attention=m.attention,
+          attention_chunk=m.attention_chunk),
       vocab_size=vocab_size, latent_shape=tuple(latent_shape), patch_size=m.patch_size)
 
 
@@ -77,8 +77,7 @@ class Transfusion(nn.Module):
     x = jnp.where(is_patch[..., None], x_img, x_text)
     x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
 
-    mask = masks.transfusion_mask(segment_ids, image_ids)
-    h = Transformer(tcfg, name="transformer")(x, mask, positions)
+    h = Transformer(tcfg, name="transformer")(x, segment_ids, image_ids, positions)
 
     logits = Projection("bld,dv->blv", (tcfg.d_model, cfg.vocab_size), ("embed", "vocab"), (0,),
                         tcfg.dtype, tcfg.param_dtype, name="lm_head")(h)

@@ -1,6 +1,8 @@
 """The loss and the train step: L = mean CE over text targets + lambda * mean per-image eps MSE.
 
-One jax.jit covers noising, the forward pass, both losses, gradients and the optimizer update.
+One jax.jit covers noising, the forward pass, both losses, gradients and the optimizer update. With
+gradient accumulation the batch runs as sequential microbatches whose summed losses are divided by
+the whole batch's text-target and image counts, so the update equals the one-batch update.
 """
 import functools
 
@@ -18,37 +20,71 @@ def text_targets(tokens):
   return jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1)
 
 
-def loss_fn(params, batch, key, *, model, alpha_bar, loss_weight):
-  """Returns (loss, metrics). One timestep per image, uniform in [1, t_max]; noise on the whole latent."""
+def draw_noise(key, batch):
+  """One timestep per image, uniform in [1, t_max], and Gaussian noise on the whole latent.
+
+  -> (t [B, M] int32, eps [B, M, h, w, c] float32).
+  """
   t_key, eps_key = jax.random.split(key)
-  x0 = batch["latents"]                                            # [B, M, h, w, c]
-  t = diffusion.sample_timesteps(t_key, batch["t_max"])             # [B, M]
-  eps = jax.random.normal(eps_key, x0.shape, jnp.float32)
-  x_t = diffusion.q_sample(x0, eps, alpha_bar[t])
+  return (diffusion.sample_timesteps(t_key, batch["t_max"]),
+          jax.random.normal(eps_key, batch["latents"].shape, jnp.float32))
+
+
+def loss_sums(params, batch, t, eps, *, model, alpha_bar):
+  """(summed CE over text targets, summed per-image eps MSE over real images) for a batch."""
+  x_t = diffusion.q_sample(batch["latents"], eps, alpha_bar[t])
   logits, eps_hat = model.apply({"params": params}, batch["tokens"], batch["segment_ids"],
                                 batch["positions"], batch["image_ids"], x_t, t)
-
-  text_mask = batch["text_loss_mask"].astype(jnp.float32)
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, text_targets(batch["tokens"]))
-  num_targets = text_mask.sum()
-  text_loss = (ce * text_mask).sum() / jnp.maximum(num_targets, 1.0)
-
-  image_valid = batch["image_valid"].astype(jnp.float32)
+  text_sum = (ce * batch["text_loss_mask"]).sum()
   per_image = jnp.mean(jnp.square(eps_hat - eps), axis=(2, 3, 4))   # [B, M]
-  num_images = image_valid.sum()
-  image_loss = (per_image * image_valid).sum() / jnp.maximum(num_images, 1.0)
-
-  loss = text_loss + loss_weight * image_loss
-  return loss, dict(loss=loss, text_loss=text_loss, image_loss=image_loss,
-                    text_targets=num_targets, images=num_images)
+  image_sum = (per_image * batch["image_valid"]).sum()
+  return text_sum, image_sum
 
 
-def train_step(state: TrainState, batch: dict, *, model, tx, schedule, alpha_bar, loss_weight, train_key):
+def microbatch_slices(tree, k):
+  """[B, ...] -> [k, B / k, ...] where slice j holds rows j, j + k, ...: every device keeps its own
+  rows (rows are split over devices in contiguous blocks), so slicing moves no data."""
+  def split(x):
+    x = jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
+    return nn.with_logical_constraint(x, (None, "batch"))
+  return jax.tree.map(split, tree)
+
+
+def loss_and_grads(params, batch, key, *, model, alpha_bar, loss_weight, microbatches=1):
+  """Returns (metrics, grads) of L = text_sum / num_targets + lambda * image_sum / num_images."""
+  t, eps = draw_noise(key, batch)
+  num_targets = batch["text_loss_mask"].sum().astype(jnp.float32)
+  num_images = batch["image_valid"].sum().astype(jnp.float32)
+  text_scale, image_scale = 1.0 / jnp.maximum(num_targets, 1.0), loss_weight / jnp.maximum(num_images, 1.0)
+
+  def scaled_loss(params, inputs):
+    text_sum, image_sum = loss_sums(params, *inputs, model=model, alpha_bar=alpha_bar)
+    return text_sum * text_scale + image_sum * image_scale, (text_sum, image_sum)
+
+  grad_fn = jax.value_and_grad(scaled_loss, has_aux=True)
+  if microbatches == 1:
+    (loss, (text_sum, image_sum)), grads = grad_fn(params, (batch, t, eps))
+  else:
+    def accumulate(carry, inputs):
+      (loss, sums), grads = grad_fn(params, inputs)
+      return jax.tree.map(jnp.add, carry, (loss, sums, grads)), None
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    init = (jnp.zeros(()), (jnp.zeros(()), jnp.zeros(())), zeros)
+    (loss, (text_sum, image_sum), grads), _ = jax.lax.scan(
+        accumulate, init, microbatch_slices((batch, t, eps), microbatches))
+  metrics = dict(loss=loss, text_loss=text_sum / jnp.maximum(num_targets, 1.0),
+                 image_loss=image_sum / jnp.maximum(num_images, 1.0), text_targets=num_targets, images=num_images)
+  return metrics, grads
+
+
+def train_step(state: TrainState, batch: dict, *, model, tx, schedule, alpha_bar, loss_weight, train_key,
+               microbatches=1):
   """One optimizer step. The step's randomness is fold_in(train_key, step): resumable exactly."""
   key = jax.random.fold_in(train_key, state.step)
-  grad_fn = jax.value_and_grad(
-      functools.partial(loss_fn, model=model, alpha_bar=alpha_bar, loss_weight=loss_weight), has_aux=True)
-  (_, metrics), grads = grad_fn(state.params, batch, key)
+  metrics, grads = loss_and_grads(state.params, batch, key, model=model, alpha_bar=alpha_bar,
+                                  loss_weight=loss_weight, microbatches=microbatches)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics = dict(metrics, grad_norm=optax.tree.norm(grads), lr=schedule(state.step),
@@ -56,11 +92,12 @@ def train_step(state: TrainState, batch: dict, *, model, tx, schedule, alpha_bar
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def jit_train_step(mesh, state_shardings, *, model, tx, schedule, alpha_bar, loss_weight, train_key):
+def jit_train_step(mesh, state_shardings, *, model, tx, schedule, alpha_bar, loss_weight, train_key,
+                   microbatches=1):
   """train_step jitted with explicit shardings: batch rows over (data, fsdp), state donated."""
   step = functools.partial(train_step, model=model, tx=tx, schedule=schedule,
                            alpha_bar=jnp.asarray(alpha_bar, jnp.float32), loss_weight=loss_weight,
-                           train_key=train_key)
+                           train_key=train_key, microbatches=microbatches)
 
   def run(state, batch):
     with nn.logical_axis_rules(sharding.RULES):
