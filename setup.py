@@ -25,5 +25,7 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=9.2,<10", "pytest-xdist>=3.8,<4", "scipy>=1.17,<2"],
+        # TPU runtime; on a machine without TPUs it still compiles for TPU topologies (tfusion.aot).
+        "tpu": ["jax[tpu]>=0.10,<0.11"],
     },
 )

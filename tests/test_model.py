@@ -123,3 +123,36 @@ def test_sharded_step_equals_single_device(axes):
     np.testing.assert_allclose(a["loss"], b["loss"], rtol=2e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5), jax.device_get(s1.params),
                jax.device_get(s8.params))
+
+
+def test_unet_patch_encoder_under_the_transfusion_mask_and_sharded():
+  config = tiny_config(patch_encoder="unet", unet_channels=(8, 16), unet_res_blocks=1)
+  model = make_model(config)
+  batch = tiny_batch()
+  inputs = state_lib.model_inputs(batch)
+  params = model.init(jax.random.key(0), *inputs)["params"]
+  assert {"conv_in", "proj_out"} <= set(params["patch_encoder"]) and "conv_out" in params["patch_decoder"]
+  params["patch_decoder"]["conv_out"]["kernel"] = jax.random.normal(jax.random.key(3), (3, 3, 8, 3))
+  logits, eps = model.apply({"params": params}, *inputs)
+  assert eps.shape == (2, LAYOUT.max_images, *LATENT)
+  tokens = batch["tokens"].copy()
+  tokens[0, 23:] = 50                                             # text after row 0's image
+  _, eps2 = model.apply({"params": params}, tokens, *inputs[1:])
+  np.testing.assert_allclose(eps2[0, 0], eps[0, 0], atol=1e-6)
+  latents = batch["latents"].copy()
+  latents[0, 0, 0, 0] += 1.0                                      # one latent pixel of the image
+  logits3, _ = model.apply({"params": params}, *inputs[:4], latents, inputs[5])
+  np.testing.assert_allclose(logits3[0, :5], logits[0, :5], atol=1e-5)
+  assert np.abs(logits3[0, 21] - logits[0, 21]).max() > 1e-5      # EOI sees the image
+
+  batch8 = {k: np.concatenate([v] * 4) for k, v in batch.items()}
+  single = sharding.make_mesh(config.mesh, jax.devices()[:1])
+  _, s1, step1 = init_state(config, single)
+  _, h1 = run_steps(single, s1, step1, batch8, 2)
+  config.mesh.ici_data_parallelism, config.mesh.ici_fsdp_parallelism = 2, 4
+  mesh = sharding.make_mesh(config.mesh)
+  _, s8, step8 = init_state(config, mesh)
+  assert s8.params["patch_encoder"]["conv_in"]["kernel"].sharding.spec[-1] == "fsdp"
+  _, h8 = run_steps(mesh, s8, step8, batch8, 2)
+  for a, b in zip(h1, h8):
+    np.testing.assert_allclose(b["loss"], a["loss"], rtol=2e-5)

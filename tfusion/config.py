@@ -84,6 +84,53 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
+# Paper Table 2: layers, d_model, heads. SwiGLU width 8/3 d rounded up to a multiple of 256 (Llama).
+PAPER_SIZES = {
+    "160m": (16, 768, 12),
+    "370m": (24, 1024, 16),
+    "760m": (24, 1536, 24),
+    "1.4b": (24, 2048, 16),
+    "7b": (32, 4096, 32),
+}
+
+
+def swiglu_width(d_model: int) -> int:
+  return -(-8 * d_model // 3 // 256) * 256
+
+
+def paper_config(size: str, patch_encoder: str = "linear") -> ml_collections.ConfigDict:
+  """A paper-size Transfusion (§4.1): 256 px images as 32x32x8 VAE latents in 2x2 patches, seq 4096,
+  2M elements per batch, 32K vocab, AdamW (0.9, 0.95) lr 3e-4, 4000 warmup, cosine to 1.5e-5, 250k steps."""
+  if size not in PAPER_SIZES:
+    raise ValueError(f"unknown paper size {size!r}: one of {sorted(PAPER_SIZES)}")
+  c = default_config()
+  c.total_steps = 250_000
+  c.seq_len = 4096
+  c.batch_size = 512                     # 512 x 4096 = 2M elements
+  c.log_every, c.ckpt_every, c.sample_every = 50, 2000, 10_000
+  layers, d_model, heads = PAPER_SIZES[size]
+  c.model.num_layers, c.model.d_model, c.model.num_heads = layers, d_model, heads
+  c.model.mlp_dim = swiglu_width(d_model)
+  c.model.patch_size = 2
+  c.model.patch_encoder = patch_encoder
+  c.model.unet_channels = (512, 1024)    # ~0.27B encoder + decoder, as the paper's U-Net
+  c.model.unet_res_blocks = 3
+  c.model.dtype = "bfloat16"
+  c.model.remat_policy = "full"
+  c.model.attention = "chunked"
+  c.model.attention_chunk = 1024
+  c.data.codec = "vae"
+  c.data.image_size = 256
+  c.data.latent_channels, c.data.latent_downsample = 8, 8
+  c.data.vocab_size = 32_000
+  c.optim.lr = 3e-4
+  c.optim.warmup_steps = 4000
+  c.optim.final_lr_fraction = 1.5e-5 / 3e-4
+  c.mesh.ici_data_parallelism = 1
+  c.mesh.ici_fsdp_parallelism = -1      # fully sharded data parallel over every chip of a slice
+  return c
+
+
 _POSITIVE_INTS = ("total_steps", "batch_size", "microbatches", "seq_len", "log_every", "ckpt_every", "sample_every",
                   "max_to_keep", "model.num_layers", "model.d_model", "model.num_heads", "model.mlp_dim",
                   "model.patch_size", "model.attention_chunk", "model.unet_res_blocks",

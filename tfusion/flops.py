@@ -32,6 +32,8 @@ PEAK_TFLOPS = {
 
 
 def _lowered_flops(fn, *args) -> float:
+  """XLA's FLOP count of fn on unsharded shapes (lowered for the host, whatever devices args live on)."""
+  args = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), args)
   return float(jax.jit(fn).lower(*args).cost_analysis()["flops"])
 
 

@@ -17,17 +17,7 @@ import tqdm
 from tfusion import codecs, config as config_lib, diffusion, distributed, flops, sampling, sharding, visualize
 from tfusion.data import pipeline, sequence, shapes, text_corpus, tokenizer as tokenizer_lib
 from tfusion.metrics import MetricWriter
-from tfusion.models import transfusion
 from tfusion.training import checkpoint, optim, state as state_lib, step as step_lib
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
-_DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", distributed.MODES,
-                                 "Join JAX's multi-process runtime: auto (when the flags below are given or a "
-                                 "SLURM / multi-host Cloud TPU job is detected), on (always), off.")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-process runs.")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-process run.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
 
 TOKENIZER_FILE = "tokenizer.model"
 TOKENIZER_SAMPLE_CAPTIONS = 5000
@@ -114,7 +104,7 @@ def train_and_evaluate(config, workdir: str) -> None:
   latent_shape = codecs.latent_shape(config.data)
   tok, text_ids, train_images, test_images = load_data(config, workdir)
   special = special_ids(tok)
-  layout = sequence.RowLayout(config.seq_len, latent_shape, config.model.patch_size)
+  model, layout = state_lib.model_and_layout(config, tok.vocab_size)
   mix = pipeline.MixOptions(text_fraction=config.data.text_fraction,
                             caption_first_prob=config.data.caption_first_prob,
                             num_timesteps=config.diffusion.num_timesteps,
@@ -128,7 +118,6 @@ def train_and_evaluate(config, workdir: str) -> None:
   data_iterator = iter(dataset)
 
   # --- Model, optimizer and state. ------------------------------------------------------------
-  model = transfusion.Transfusion(transfusion.config_from(config, tok.vocab_size, latent_shape))
   tx, schedule = optim.make_optimizer(config.optim, config.total_steps)
   init_key, train_key = jax.random.split(jax.random.key(config.seed))
   init_batch = state_lib.dummy_batch(1, config.seq_len, layout.max_images, latent_shape)
@@ -209,12 +198,26 @@ def main(argv):
   _quiet_library_info_logs()
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if _WORKDIR.value is None or _CONFIG.value is None:
+  args = flags.FLAGS
+  if args.workdir is None or args.config is None:
     raise app.UsageError("--config and --workdir are required")
-  distributed.initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  jax.config.update("jax_compilation_cache_dir", os.path.join(_WORKDIR.value, "jax_cache"))
-  train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  distributed.initialize(args.distributed, args.coordinator_address, args.num_processes, args.process_id)
+  jax.config.update("jax_compilation_cache_dir", os.path.join(args.workdir, "jax_cache"))
+  train_and_evaluate(args.config, args.workdir)
+
+
+def define_flags():
+  """Command-line flags, defined only when this module is the program (so libraries can import it)."""
+  config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+  flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
+  flags.DEFINE_enum("distributed", "auto", distributed.MODES,
+                    "Join JAX's multi-process runtime: auto (when the flags below are given or a SLURM / "
+                    "multi-host Cloud TPU job is detected), on (always), off.")
+  flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-process runs.")
+  flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-process run.")
+  flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -1,8 +1,9 @@
 """The Transfusion model: one transformer over text tokens and image patches, with two heads.
 
-Text tokens are embedded; each noised image is patchified and linearly encoded (with its timestep);
-the patch vectors take the image slots of the sequence; the transformer runs under the Transfusion
-mask; the LM head gives next-token logits and the patch decoder gives the epsilon prediction.
+Text tokens are embedded; each noised image is encoded (with its timestep) into patch vectors by a
+linear layer over k x k patches or by U-Net down blocks; the patch vectors take the image slots of the
+sequence; the transformer runs under the Transfusion mask; the LM head gives next-token logits and the
+patch decoder (linear, or U-Net up blocks with skips from the encoder) gives the epsilon prediction.
 """
 import dataclasses
 
@@ -10,7 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from tfusion.models import patching
+from tfusion.models import patching, unet
 from tfusion.models.transformer import Projection, Transformer, TransformerConfig
 
 
@@ -20,6 +21,9 @@ class TransfusionConfig:
   vocab_size: int
   latent_shape: tuple[int, int, int]   # (h, w, c) of one image latent
   patch_size: int
+  patch_encoder: str = "linear"                 # linear | unet
+  unet_channels: tuple[int, ...] = (256, 512)
+  unet_res_blocks: int = 2
 
   @property
   def patches_per_image(self) -> int:
@@ -40,7 +44,8 @@ def config_from(config, vocab_size: int, latent_shape) -> TransfusionConfig:
           rope_theta=m.rope_theta, norm_eps=m.norm_eps, dtype=jnp.dtype(m.dtype),
           param_dtype=jnp.dtype(m.param_dtype), remat_policy=m.remat_policy, attention=m.attention,
           attention_chunk=m.attention_chunk),
-      vocab_size=vocab_size, latent_shape=tuple(latent_shape), patch_size=m.patch_size)
+      vocab_size=vocab_size, latent_shape=tuple(latent_shape), patch_size=m.patch_size,
+      patch_encoder=m.patch_encoder, unet_channels=tuple(m.unet_channels), unet_res_blocks=m.unet_res_blocks)
 
 
 def patch_slot_positions(image_ids, num_slots):
@@ -67,9 +72,14 @@ class Transfusion(nn.Module):
                      name="token_embedding")
     x_text = embed(tokens)
 
-    patches = patching.patchify(noisy_latents, cfg.patch_size)                  # [B, M, n, p]
-    x_patch = patching.LinearPatchEncoder(tcfg.d_model, tcfg.dtype, tcfg.param_dtype, name="patch_encoder")(
-        patches, timesteps).reshape(batch, num_slots, tcfg.d_model)
+    dtypes = dict(dtype=tcfg.dtype, param_dtype=tcfg.param_dtype)
+    if cfg.patch_encoder == "unet":
+      x_patch, skips = unet.UNetPatchEncoder(tcfg.d_model, cfg.patch_size, cfg.unet_channels, cfg.unet_res_blocks,
+                                             name="patch_encoder", **dtypes)(noisy_latents, timesteps)
+    else:
+      patches = patching.patchify(noisy_latents, cfg.patch_size)                # [B, M, n, p]
+      x_patch = patching.LinearPatchEncoder(tcfg.d_model, name="patch_encoder", **dtypes)(patches, timesteps)
+    x_patch = x_patch.reshape(batch, num_slots, tcfg.d_model)
     # The k-th patch slot of a row holds the k-th patch of the row's images, in order.
     is_patch = image_ids > 0
     slot = jnp.maximum(jnp.cumsum(is_patch, axis=1) - 1, 0)
@@ -84,7 +94,11 @@ class Transfusion(nn.Module):
     logits = nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "act_vocab"))
 
     h_patch = jnp.take_along_axis(h, patch_slot_positions(image_ids, num_slots)[..., None], axis=1)
-    eps = patching.LinearPatchDecoder(cfg.patch_dim, tcfg.dtype, tcfg.param_dtype, name="patch_decoder")(h_patch)
-    eps = eps.reshape(batch, num_images, cfg.patches_per_image, cfg.patch_dim).astype(jnp.float32)
-    h_lat, w_lat, _ = cfg.latent_shape
-    return logits, patching.unpatchify(eps, cfg.patch_size, h_lat, w_lat)
+    h_patch = h_patch.reshape(batch, num_images, cfg.patches_per_image, tcfg.d_model)
+    if cfg.patch_encoder == "unet":
+      eps = unet.UNetPatchDecoder(cfg.patch_size, cfg.latent_shape[2], cfg.unet_channels, cfg.unet_res_blocks,
+                                  name="patch_decoder", **dtypes)(h_patch, timesteps, skips)
+    else:
+      eps = patching.LinearPatchDecoder(cfg.patch_dim, name="patch_decoder", **dtypes)(h_patch)
+      eps = patching.unpatchify(eps, cfg.patch_size, *cfg.latent_shape[:2])
+    return logits, eps.astype(jnp.float32)

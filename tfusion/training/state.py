@@ -7,7 +7,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from tfusion import sharding
+from tfusion import codecs, sharding
+from tfusion.data import sequence
+from tfusion.models import transfusion
 
 
 @flax.struct.dataclass
@@ -15,6 +17,13 @@ class TrainState:
   step: jax.Array
   params: Any
   opt_state: Any
+
+
+def model_and_layout(config, vocab_size: int) -> tuple[transfusion.Transfusion, sequence.RowLayout]:
+  """The Transfusion model of an experiment config and the row layout its batches follow."""
+  latent_shape = codecs.latent_shape(config.data)
+  model = transfusion.Transfusion(transfusion.config_from(config, vocab_size, latent_shape))
+  return model, sequence.RowLayout(config.seq_len, latent_shape, config.model.patch_size)
 
 
 def model_inputs(batch: dict) -> tuple:
@@ -32,19 +41,36 @@ def dummy_batch(rows: int, seq_len: int, max_images: int, latent_shape) -> dict:
               image_valid=z(rows, max_images, dtype=bool), t_max=z(rows, max_images))
 
 
+def _init_fn(model: nn.Module, tx: optax.GradientTransformation, init_batch: dict):
+  def init(key):
+    params = model.init(key, *model_inputs(init_batch))["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+  return init
+
+
+def abstract_train_state(model: nn.Module, tx: optax.GradientTransformation, init_batch: dict, mesh):
+  """(state of ShapeDtypeStructs carrying their shardings, state_shardings); nothing is allocated.
+
+  init_batch may hold abstract values; the shardings come from the params' logical axis names.
+  """
+  key = jax.random.key(0)   # made outside the mesh context: the mesh may be of devices we cannot run on
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
+    boxed = jax.eval_shape(_init_fn(model, tx, init_batch), key)
+    shardings = sharding.logical_shardings(mesh, boxed)
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          nn.meta.unbox(boxed), shardings)
+  return abstract, shardings
+
+
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation, init_batch: dict, key: jax.Array,
                        mesh) -> tuple[TrainState, Any]:
   """Initialise params and optimizer state directly into their shardings on `mesh`.
 
   Returns (state, state_shardings); the shardings come from the logical axis names of the params.
   """
-  def init(key):
-    params = model.init(key, *model_inputs(init_batch))["params"]
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
-
+  _, shardings = abstract_train_state(model, tx, init_batch, mesh)
+  init = _init_fn(model, tx, init_batch)
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
-    abstract = jax.eval_shape(init, key)
-    shardings = sharding.logical_shardings(mesh, abstract)
     state = jax.jit(lambda k: nn.meta.unbox(init(k)), out_shardings=shardings)(key)
   return state, shardings
 
