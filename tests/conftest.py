@@ -14,3 +14,7 @@ flags.FLAGS.mark_as_parsed()
 # across tests and xdist workers through JAX's persistent cache.
 jax.config.update("jax_compilation_cache_dir", os.path.join(tempfile.gettempdir(), "tfusion_test_jax_cache"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def pytest_configure(config):
+  config.addinivalue_line("markers", "slow: takes a minute or more; part of the CI suite (-m 'not slow' skips it)")

@@ -9,13 +9,16 @@ class MetricWriter:
   """Writes scalars to <workdir>/metrics.jsonl and <workdir>/tensorboard.
 
   On resume from step S, logged entries after S (written before a crash, past the last
-  checkpoint) are dropped so the files describe exactly one run history.
+  checkpoint) are dropped so the files describe exactly one run history. In a multi-process run
+  only one process writes (active=True); the others' writers do nothing.
   """
 
-  def __init__(self, workdir: str, resume_step: int = 0):
+  def __init__(self, workdir: str, resume_step: int = 0, active: bool = True):
     self.path = os.path.join(workdir, "metrics.jsonl")
-    self._truncate_after(resume_step)
-    self.tb = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=resume_step + 1)
+    self.tb = None
+    if active:
+      self._truncate_after(resume_step)
+      self.tb = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=resume_step + 1)
 
   def _truncate_after(self, step: int) -> None:
     if not os.path.exists(self.path):
@@ -28,6 +31,8 @@ class MetricWriter:
     os.replace(tmp, self.path)
 
   def write(self, step: int, scalars: dict) -> None:
+    if self.tb is None:
+      return
     scalars = {k: float(v) for k, v in scalars.items()}
     with open(self.path, "a") as f:
       f.write(json.dumps({"step": step, **scalars}) + "\n")
@@ -36,7 +41,8 @@ class MetricWriter:
     self.tb.flush()
 
   def close(self) -> None:
-    self.tb.close()
+    if self.tb is not None:
+      self.tb.close()
 
 
 def read_metrics(workdir: str) -> list[dict]:

@@ -7,6 +7,7 @@ caption is decoded greedily after [BOS BOI (n clean patches, t = 0) EOI].
 import functools
 
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 
@@ -59,7 +60,7 @@ def generate_images(model, params, captions: list[list[int]], special: sequence.
   timesteps = diffusion.respaced_timesteps(num_timesteps, num_steps)
   latents = _denoise(model, params, rows, x_start, jnp.asarray(timesteps), jnp.asarray(alpha_bar, jnp.float32),
                      jax.random.fold_in(key, 1), clip_x0)
-  return np.asarray(latents[:, 0])
+  return multihost_utils.process_allgather(latents[:, 0], tiled=True)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "num_tokens"))
@@ -94,6 +95,6 @@ def generate_captions(model, params, latents: np.ndarray, special: sequence.Spec
   tokens = _greedy_decode(model, params, {k: rows[k] for k in ("tokens", "segment_ids", "positions", "image_ids")},
                           jnp.asarray(rows["latents"]), prefix, max_tokens)
   captions = []
-  for ids in np.asarray(tokens[:, prefix:]).tolist():
+  for ids in multihost_utils.process_allgather(tokens[:, prefix:], tiled=True).tolist():
     captions.append(ids[:ids.index(special.eos)] if special.eos in ids else ids)
   return captions

@@ -74,10 +74,11 @@ def make_mesh(mesh_config, devices=None) -> Mesh:
   """
   devices = jax.devices() if devices is None else devices
   multi_slice = any(mesh_config[f"dcn_{a}_parallelism"] != 1 for a in MESH_AXES)
-  by_slice = hasattr(devices[0], "slice_index")
+  slices = {getattr(d, "slice_index", 0) for d in devices}
+  by_slice = len(slices) > 1              # TPU multi-slice; otherwise processes are the slow granule
   num_slices = 1
   if multi_slice:
-    num_slices = len({d.slice_index if by_slice else d.process_index for d in devices})
+    num_slices = len(slices) if by_slice else len({d.process_index for d in devices})
   ici, dcn = mesh_shape(mesh_config, len(devices), num_slices)
   if multi_slice:
     grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=not by_slice)

@@ -10,6 +10,7 @@ import time
 
 from absl import app, flags, logging
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 from ml_collections import config_flags
 import tqdm
@@ -34,11 +35,27 @@ def decode_caption(example) -> str:
   return example["caption"].decode("utf-8")
 
 
+def is_chief() -> bool:
+  return jax.process_index() == 0
+
+
+def chief_first(name: str, fn):
+  """fn() on process 0, then (after all processes meet) on the others: files fn writes on first use
+  (a built dataset, a trained tokenizer) are written once and read by everyone else."""
+  if is_chief():
+    result = fn()
+  multihost_utils.sync_global_devices(name)
+  if not is_chief():
+    result = fn()
+  return result
+
+
 def load_data(config, workdir):
   """Returns (tokenizer, text docs [BOS ids EOS] of the train split, train and test image sources)."""
   data_dir = os.path.expanduser(config.data.data_dir)
-  train_images = shapes.load_shapes(data_dir, "train", config.data.image_size)
-  test_images = shapes.load_shapes(data_dir, "test", config.data.image_size)
+  train_images, test_images = chief_first("build shapes", lambda: (
+      shapes.load_shapes(data_dir, "train", config.data.image_size),
+      shapes.load_shapes(data_dir, "test", config.data.image_size)))
   documents = text_corpus.load_text_documents(config.data.text_source)
   train_docs, _ = text_corpus.split_documents(documents, config.data.text_test_fraction, config.seed)
 
@@ -46,8 +63,8 @@ def load_data(config, workdir):
     sample = range(min(TOKENIZER_SAMPLE_CAPTIONS, len(train_images)))
     return [decode_caption(e) for e in train_images.__getitems__(list(sample))] + train_docs
 
-  tok = tokenizer_lib.load_or_train_tokenizer(os.path.join(workdir, TOKENIZER_FILE), tokenizer_texts,
-                                              config.data.vocab_size)
+  tok = chief_first("tokenizer", lambda: tokenizer_lib.load_or_train_tokenizer(
+      os.path.join(workdir, TOKENIZER_FILE), tokenizer_texts, config.data.vocab_size))
   text_ids = [np.array([tok.bos_id, *tok.encode(d), tok.eos_id], np.int32) for d in train_docs]
   return tok, text_ids, train_images, test_images
 
@@ -56,8 +73,7 @@ def load_data(config, workdir):
 # Samples: images from fixed test captions, captions for fixed test images.
 # ----------------------------------------------------------------------------------------------
 def write_samples(step, state, model, tok, codec, test_images, alpha_bar, config, workdir):
-  out = os.path.join(workdir, "samples", f"step_{step}")
-  os.makedirs(out, exist_ok=True)
+  """Every process samples (the params are spread over all of them); process 0 writes the files."""
   special = special_ids(tok)
   n = max(config.sample.num_images, config.sample.num_captions)
   examples = test_images.__getitems__(list(range(n)))
@@ -66,11 +82,14 @@ def write_samples(step, state, model, tok, codec, test_images, alpha_bar, config
   key = jax.random.fold_in(jax.random.key(config.seed), 1_000_000 + step)
   latents = sampling.generate_images(model, state.params, [tok.encode(p) for p in prompts], special, alpha_bar,
                                      config.sample.diffusion_steps, key, codec.value_range)
-  visualize.save_image_grid(os.path.join(out, "images.png"), codec.decode(latents), prompts)
-
   shown = examples[:config.sample.num_captions]
   clean = codec.encode(np.stack([e["image"] for e in shown]))
   captions = sampling.generate_captions(model, state.params, clean, special, config.sample.max_caption_tokens)
+  if not is_chief():
+    return
+  out = os.path.join(workdir, "samples", f"step_{step}")
+  os.makedirs(out, exist_ok=True)
+  visualize.save_image_grid(os.path.join(out, "images.png"), codec.decode(latents), prompts)
   visualize.save_image_grid(os.path.join(out, "captioned.png"), np.stack([e["image"] for e in shown]),
                             [tok.decode(c) for c in captions])
   with open(os.path.join(out, "captions.txt"), "w") as f:
@@ -86,8 +105,9 @@ def train_and_evaluate(config, workdir: str) -> None:
   # --- Setup: validate before any compute, record the config. ---------------------------------
   config_lib.validate(config)
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
+  if is_chief():
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
 
   # --- Mesh. ------------------------------------------------------------------------------------
   mesh = sharding.make_mesh(config.mesh)
@@ -136,7 +156,7 @@ def train_and_evaluate(config, workdir: str) -> None:
   if start_step:
     logging.info("resuming from step %d", start_step)
     state = ckpt.restore(start_step, checkpoint.abstract_like(state, state_shardings), data_iterator)
-  writer = MetricWriter(workdir, start_step)
+  writer = MetricWriter(workdir, start_step, active=is_chief())
 
   alpha_bar = diffusion.make_alpha_bar(config.diffusion.schedule, config.diffusion.num_timesteps)
   train_step = step_lib.jit_train_step(mesh, state_shardings, model=model, tx=tx, schedule=schedule,
@@ -160,7 +180,11 @@ def train_and_evaluate(config, workdir: str) -> None:
       steps_timed += 1
       elements += int(local["segment_ids"].astype(bool).sum()) * jax.process_count()
       is_last = step == config.total_steps
-      log, save = step % config.log_every == 0 or is_last, step % config.ckpt_every == 0 or is_last
+      # A multi-process run that receives SIGTERM (e.g. a TPU maintenance event) saves and stops at a
+      # step all processes agree on.
+      preempted = jax.process_count() > 1 and multihost_utils.reached_preemption_sync_point(step)
+      log = step % config.log_every == 0 or is_last
+      save = step % config.ckpt_every == 0 or is_last or preempted
       if log or save:
         metrics = jax.device_get(metrics)
         if not np.isfinite(metrics["loss"]):
@@ -178,6 +202,9 @@ def train_and_evaluate(config, workdir: str) -> None:
                              image=f"{metrics['image_loss']:.3f}")
       if save:
         ckpt.save(step, state, data_iterator)
+      if preempted:
+        logging.warning("preempted: saved step %d; run the same command to resume", step)
+        break
       if step % config.sample_every == 0 or is_last:
         samples(step, state)
   finally:  # also on errors and interrupts: finish writing the checkpoints already started
