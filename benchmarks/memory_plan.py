@@ -15,7 +15,7 @@ import tempfile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# (label, experiment[:arg], topology, config overrides)
+# (label, experiment[:arg], topology, tfusion.aot flags and config overrides)
 PLANS = [
     ("7b linear, remat full, chunked attn", "transfusion_7b.py", "v5p:4x4x8", []),
     ("7b linear, remat dots_saveable", "transfusion_7b.py", "v5p:4x4x8", ["--config.model.remat_policy=dots_saveable"]),
@@ -23,9 +23,12 @@ PLANS = [
     ("7b linear, dense attn", "transfusion_7b.py", "v5p:4x4x8", ["--config.model.attention=dense"]),
     ("7b unet, remat full", "transfusion_7b.py:unet", "v5p:4x4x8", []),
     ("7b linear on v4-256", "transfusion_7b.py", "v4:4x4x8", []),
+    ("7b linear, 2 slices v5p-128 (dcn data 2)", "transfusion_7b.py", "v5p:4x4x4",
+     ["--num_slices=2", "--config.mesh.dcn_data_parallelism=2"]),
     ("7b linear on v5p-16, 8 microbatches", "transfusion_7b.py", "v5p:2x2x2", ["--config.microbatches=8"]),
     ("1.4b linear", "transfusion_1_4b.py", "v5p:2x2x2", ["--config.microbatches=4"]),
-    ("0.16b linear", "transfusion_160m.py", "v5p:2x2x2", ["--config.model.remat_policy=none"]),
+    ("0.16b linear, no remat, 8 microbatches", "transfusion_160m.py", "v5p:2x2x2",
+     ["--config.model.remat_policy=none", "--config.microbatches=8"]),
 ]
 
 
@@ -44,13 +47,13 @@ def run(label, experiment, topology, overrides):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--only", default="", help="run the rows whose label contains this")
+  parser.add_argument("--only", nargs="*", default=[], help="run only the rows whose label contains one of these")
   parser.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "memory_plan.json"))
   args = parser.parse_args()
   rows = []
   print(f"{'plan':<40}{'topology':<12}{'GiB/dev peak':>13}{'args+temp':>11}{'params':>8}{'opt':>7}{'TFLOP/dev':>10}")
   for plan in PLANS:
-    if args.only not in plan[0]:
+    if args.only and not any(part in plan[0] for part in args.only):
       continue
     row = run(*plan)
     rows.append(row)
@@ -60,9 +63,13 @@ def main():
     gib = lambda k: row[k] / 2**30  # noqa: E731
     print(f"{row['label']:<40}{row['topology']:<12}{gib('peak_bytes'):>13.2f}{gib('live_bound_bytes'):>11.2f}"
           f"{gib('params_bytes'):>8.2f}{gib('optimizer_bytes'):>7.2f}{row['model_tflops_per_device']:>10.1f}")
+  # Rows of earlier runs (e.g. with --only) are kept unless measured again; the table's order is PLANS'.
+  previous = json.load(open(args.out)) if os.path.exists(args.out) else []
+  labels = [plan[0] for plan in PLANS]
+  merged = {row["label"]: row for row in previous + rows if row["label"] in labels}
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
   with open(args.out, "w") as f:
-    json.dump(rows, f, indent=2)
+    json.dump(sorted(merged.values(), key=lambda row: labels.index(row["label"])), f, indent=2)
 
 
 if __name__ == "__main__":

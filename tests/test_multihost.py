@@ -1,5 +1,6 @@
 """Two local processes (4 CPU devices each, JAX's gloo collectives) train exactly like one process
-with 8 devices, write one set of logs, and save and restore checkpoints together."""
+with 8 devices, write one set of logs, and save and restore checkpoints together, also onto a
+hybrid (dcn x ici) mesh."""
 import os
 import socket
 import subprocess
@@ -47,10 +48,10 @@ def free_port():
     return s.getsockname()[1]
 
 
-def two_processes(workdir, data_dir, total_steps):
+def two_processes(workdir, data_dir, total_steps, extra=()):
   port = free_port()
   return wait([launch(workdir, data_dir, total_steps, 4, [f"--coordinator_address=127.0.0.1:{port}",
-                                                          "--num_processes=2", f"--process_id={i}"])
+                                                          "--num_processes=2", f"--process_id={i}", *extra])
                for i in range(2)])
 
 
@@ -68,7 +69,10 @@ def test_two_processes_match_one_process_and_resume_together(tmp_path):
   assert [f for f in data_states if f.startswith("process_")] == ["process_0-of-2.json", "process_1-of-2.json"]
   assert os.path.exists(os.path.join(two, "samples", "step_4", "images.png"))
 
-  outputs = two_processes(two, data_dir, 6)                                 # resume from step 4
+  # Resume from step 4 on a hybrid mesh: data parallel across the processes (dcn), fsdp x tensor within
+  # each; the same (2, 2, 2) shape with another device order, so the restore re-lays out the state.
+  outputs = two_processes(two, data_dir, 6, ["--config.mesh.ici_data_parallelism=1",
+                                             "--config.mesh.dcn_data_parallelism=2"])
   assert any("resuming from step 4" in out for out in outputs)
   resumed = read_metrics(two)
   assert [m["step"] for m in resumed] == [1, 2, 3, 4, 5, 6]

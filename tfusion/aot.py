@@ -32,7 +32,10 @@ def topology_devices(topology: str, num_slices: int = 1) -> list:
     return jax.devices("cpu")[:count]
   from jax.experimental import topologies
   try:
-    return topologies.get_topology_desc(topology_name=topology, platform="tpu", num_slices=num_slices).devices
+    # v4 exposes two cores per chip unless they are fused into one device ("megacore"), as trained.
+    extra = {"chip_config_name": "megacore"} if topology.startswith("v4:") else {}
+    return topologies.get_topology_desc(topology_name=topology, platform="tpu", num_slices=num_slices,
+                                        **extra).devices
   except Exception as e:  # libtpu missing or an unknown name: both are user errors here
     raise ValueError(f"--topology {topology}: cannot describe this TPU topology ({type(e).__name__}: {e}). "
                      "Install the TPU compiler with `pip install -e .[tpu]`; names look like v5p:4x4x8.") from e

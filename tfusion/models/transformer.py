@@ -49,7 +49,9 @@ class Projection(nn.Module):
     fan_out = tuple(i for i in range(len(self.shape)) if i not in self.fan_in_axes)
     init = nn.initializers.lecun_normal(in_axis=self.fan_in_axes, out_axis=fan_out)
     kernel = self.param("kernel", nn.with_logical_partitioning(init, self.axes), self.shape, self.param_dtype)
-    return jnp.einsum(self.spec, x.astype(self.dtype), kernel.astype(self.dtype))
+    # Accumulate in float32 whatever the compute dtype (free on TPU/GPU; 2x faster bf16 on CPU).
+    y = jnp.einsum(self.spec, x.astype(self.dtype), kernel.astype(self.dtype), preferred_element_type=jnp.float32)
+    return y.astype(self.dtype)
 
 
 def _projection(cfg, name, spec, shape, axes, fan_in_axes=(0,)):
@@ -92,7 +94,7 @@ def dense_attention(q, k, v, q_ids, k_ids):
   logits = logits / jnp.sqrt(q.shape[-1]).astype(jnp.float32)
   logits = jnp.where(mask[:, None, :, :], logits, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+  return jnp.einsum("bhqk,bkhd->bqhd", probs, v, preferred_element_type=jnp.float32).astype(v.dtype)
 
 
 def chunked_attention(q, k, v, ids, chunk):

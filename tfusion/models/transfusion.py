@@ -56,6 +56,23 @@ def patch_slot_positions(image_ids, num_slots):
   return jax.vmap(lambda row: jnp.nonzero(row > 0, size=num_slots, fill_value=0)[0])(image_ids)
 
 
+class TokenEmbedding(nn.Module):
+  """tokens [B, L] int -> [B, L, D]. The table is stored split like every matrix (vocab, embed) but
+  gathered whole along d_model before the lookup, so the looked-up rows come out split by batch
+  only (a lookup in the stored layout would split d_model and force a full reshard)."""
+  vocab_size: int
+  d_model: int
+  dtype: jnp.dtype
+  param_dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, tokens):
+    init = nn.with_logical_partitioning(nn.initializers.normal(1.0), ("vocab", "embed"))
+    table = self.param("embedding", init, (self.vocab_size, self.d_model), self.param_dtype)
+    table = nn.with_logical_constraint(table.astype(self.dtype), ("vocab", None))
+    return jnp.take(table, tokens, axis=0)
+
+
 class Transfusion(nn.Module):
   """tokens, segment_ids, positions, image_ids: [B, L] int; noisy_latents: [B, M, h, w, c];
   timesteps: [B, M] int  ->  (logits [B, L, V] float32, eps_hat [B, M, h, w, c] float32)."""
@@ -67,10 +84,7 @@ class Transfusion(nn.Module):
     batch, num_images = noisy_latents.shape[:2]
     num_slots = num_images * cfg.patches_per_image
 
-    embed = nn.Embed(cfg.vocab_size, tcfg.d_model, dtype=tcfg.dtype, param_dtype=tcfg.param_dtype,
-                     embedding_init=nn.with_logical_partitioning(nn.initializers.normal(1.0), ("vocab", "embed")),
-                     name="token_embedding")
-    x_text = embed(tokens)
+    x_text = TokenEmbedding(cfg.vocab_size, tcfg.d_model, tcfg.dtype, tcfg.param_dtype, name="token_embedding")(tokens)
 
     dtypes = dict(dtype=tcfg.dtype, param_dtype=tcfg.param_dtype)
     if cfg.patch_encoder == "unet":
