@@ -130,18 +130,19 @@ def test_unet_patch_encoder_under_the_transfusion_mask_and_sharded():
   model = make_model(config)
   batch = tiny_batch()
   inputs = state_lib.model_inputs(batch)
-  params = model.init(jax.random.key(0), *inputs)["params"]
+  params = jax.jit(model.init)(jax.random.key(0), *inputs)["params"]
   assert {"conv_in", "proj_out"} <= set(params["patch_encoder"]) and "conv_out" in params["patch_decoder"]
   params["patch_decoder"]["conv_out"]["kernel"] = jax.random.normal(jax.random.key(3), (3, 3, 8, 3))
-  logits, eps = model.apply({"params": params}, *inputs)
+  apply = jax.jit(lambda p, *x: model.apply({"params": p}, *x))
+  logits, eps = apply(params, *inputs)
   assert eps.shape == (2, LAYOUT.max_images, *LATENT)
   tokens = batch["tokens"].copy()
   tokens[0, 23:] = 50                                             # text after row 0's image
-  _, eps2 = model.apply({"params": params}, tokens, *inputs[1:])
+  _, eps2 = apply(params, tokens, *inputs[1:])
   np.testing.assert_allclose(eps2[0, 0], eps[0, 0], atol=1e-6)
   latents = batch["latents"].copy()
   latents[0, 0, 0, 0] += 1.0                                      # one latent pixel of the image
-  logits3, _ = model.apply({"params": params}, *inputs[:4], latents, inputs[5])
+  logits3, _ = apply(params, *inputs[:4], latents, inputs[5])
   np.testing.assert_allclose(logits3[0, :5], logits[0, :5], atol=1e-5)
   assert np.abs(logits3[0, 21] - logits[0, 21]).max() > 1e-5      # EOI sees the image
 
