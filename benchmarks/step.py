@@ -18,12 +18,9 @@ import time
 import jax
 import numpy as np
 
-from tfusion import config as config_lib
-from tfusion import diffusion, flops, sharding
+from tfusion import config as config_lib, diffusion, flops, sharding
 from tfusion.data import sequence
-from tfusion.training import optim
-from tfusion.training import state as state_lib
-from tfusion.training import step as step_lib
+from tfusion.training import optim, state as state_lib, step as step_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPECIAL = sequence.SpecialIds(pad=0, bos=2, eos=3, boi=4, eoi=5)

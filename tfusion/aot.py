@@ -10,15 +10,12 @@ Nothing is allocated: the state and batch are abstract values with their shardin
 import json
 import math
 
-import jax
 from absl import app, flags
+import jax
 from ml_collections import config_flags
 
-from tfusion import config as config_lib
-from tfusion import diffusion, flops, sharding
-from tfusion.training import optim
-from tfusion.training import state as state_lib
-from tfusion.training import step as step_lib
+from tfusion import config as config_lib, diffusion, flops, sharding
+from tfusion.training import optim, state as state_lib, step as step_lib
 
 # Memory per device in GiB (HBM per chip on TPU), for the fits / does-not-fit line.
 DEVICE_MEMORY_GIB = {"TPU v4": 32.0, "TPU v5 lite": 16.0, "TPU v5e": 16.0, "TPU v5": 95.74 * 1e9 / 2**30,
