@@ -3,9 +3,10 @@ r"""Parameter counts by component: python -m tfusion.params --config experiments
 Nothing is allocated (shapes only), so any size runs on a laptop. The transformer (with its text
 embedding and LM head) is compared with the paper's Table 2 sizes.
 """
+import math
+
 from absl import app, flags
 import jax
-import math
 from ml_collections import config_flags
 
 from tfusion import config as config_lib
