@@ -2,6 +2,7 @@ r"""Train-step throughput and MFU of a 0.16B-shaped Transfusion on this machine,
 run's measured matmul peak, with a profile of where the step's time goes.
 
   python benchmarks/step.py [--seq_len 1024] [--rows 2] [--steps 3] [--dtypes float32,bfloat16]
+      [--attention chunked|dense|dot_product] [--remat dots_saveable|none|full]
 
 Runs on one device (XLA uses every core); prints a table and writes benchmarks/results/step.json.
 """
@@ -120,8 +121,8 @@ def main():
   parser.add_argument("--rows", type=int, default=2)
   parser.add_argument("--steps", type=int, default=3)
   parser.add_argument("--dtypes", default="float32,bfloat16")
-  parser.add_argument("--attention", default="dense", choices=("dense", "chunked", "dot_product"))
-  parser.add_argument("--remat", default="none", choices=("none", "full", "dots_saveable"))
+  parser.add_argument("--attention", default="chunked", choices=("dense", "chunked", "dot_product"))
+  parser.add_argument("--remat", default="dots_saveable", choices=("none", "full", "dots_saveable"))
   parser.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "step.json"))
   args = parser.parse_args()
 
