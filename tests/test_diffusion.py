@@ -77,3 +77,35 @@ def test_respaced_ddpm_chain_with_exact_eps_recovers_x0():
     eps = (x - np.sqrt(ab[ts[i]]) * x0) / np.sqrt(1 - ab[ts[i]])
     x = np.asarray(diffusion.ddpm_step(x, eps, ab[ts[i]], ab[ts[i + 1]], rng.standard_normal((4, 4)), 1.0))
   np.testing.assert_allclose(x, x0, atol=1e-5)
+
+
+def random_step_inputs(seed=0):
+  rng = np.random.default_rng(seed)
+  x_t, eps_hat, noise = (jnp.asarray(rng.standard_normal((3, 4, 4, 2)), jnp.float32) for _ in range(3))
+  alpha_bar = diffusion.cosine_alpha_bar(1000)
+  return x_t, eps_hat, noise, jnp.float32(alpha_bar[600]), jnp.float32(alpha_bar[400])
+
+
+def test_ddim_with_eta_1_is_the_ddpm_step():
+  x_t, eps_hat, noise, a_t, a_prev = random_step_inputs()
+  np.testing.assert_allclose(diffusion.ddim_step(x_t, eps_hat, a_t, a_prev, noise, eta=1.0),
+                             diffusion.ddpm_step(x_t, eps_hat, a_t, a_prev, noise), atol=1e-5)
+
+
+def test_ddim_with_eta_0_is_deterministic_and_keeps_x0_and_eps():
+  x_t, eps_hat, noise, a_t, a_prev = random_step_inputs()
+  x_prev = diffusion.ddim_step(x_t, eps_hat, a_t, a_prev, noise, eta=0.0)
+  np.testing.assert_array_equal(x_prev, diffusion.ddim_step(x_t, eps_hat, a_t, a_prev, 5 * noise, eta=0.0))
+  # Song et al. eq. 12 with sigma = 0: same x0 estimate and same noise direction at t_prev.
+  x0 = (x_t - jnp.sqrt(1 - a_t) * eps_hat) / jnp.sqrt(a_t)
+  np.testing.assert_allclose(x_prev, jnp.sqrt(a_prev) * x0 + jnp.sqrt(1 - a_prev) * eps_hat, atol=1e-5)
+  # To t_prev = 0 it returns the x0 estimate.
+  np.testing.assert_allclose(diffusion.ddim_step(x_t, eps_hat, a_t, jnp.float32(1.0), noise, eta=0.0), x0,
+                             atol=1e-5)
+
+
+def test_classifier_free_guidance():
+  cond, uncond = jnp.array([1.0, 2.0]), jnp.array([0.5, -1.0])
+  np.testing.assert_array_equal(diffusion.guide(cond, uncond, 1.0), cond)
+  np.testing.assert_array_equal(diffusion.guide(cond, uncond, 0.0), uncond)
+  np.testing.assert_allclose(diffusion.guide(cond, uncond, 3.0), [2.0, 8.0])

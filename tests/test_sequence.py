@@ -41,7 +41,7 @@ def test_builder_refuses_documents_that_do_not_fit():
 
 # ---- The packer over a stream of documents. -------------------------------------------------------
 def make_stream(text_fraction=0.5, caption_first_prob=0.8, seq_len=64, text_lengths=(5, 30, 90), seed=0,
-                process_index=0, process_count=1):
+                process_index=0, process_count=1, caption_dropout_prob=0.0):
   layout = sequence.RowLayout(seq_len, (4, 4, 3), 2)
   rng = np.random.default_rng(1)
   texts = [np.array([2, *range(100, 100 + n), 3], np.int32) for n in text_lengths * 10]
@@ -50,7 +50,7 @@ def make_stream(text_fraction=0.5, caption_first_prob=0.8, seq_len=64, text_leng
   def prepare(example):
     return example["caption"], np.full((4, 4, 3), example["index"], np.float32)
 
-  mix = pipeline.MixOptions(text_fraction, caption_first_prob, 1000, 500, seed)
+  mix = pipeline.MixOptions(text_fraction, caption_first_prob, 1000, 500, seed, caption_dropout_prob)
   return pipeline.train_batches(texts, images, prepare, layout, SPECIAL, mix, global_rows=4,
                                process_index=process_index, process_count=process_count)
 
@@ -147,3 +147,24 @@ def test_data_state_of_other_rows_is_refused():
   second = iter(make_stream(process_index=1, process_count=2))
   with pytest.raises(ValueError, match=r"saved for row streams \[0, 1\].*reads row streams \[2, 3\]"):
     second.set_state(first.get_state())
+
+
+def test_caption_dropout_empties_a_share_of_caption_first_captions():
+  it = iter(make_stream(caption_dropout_prob=0.3))
+  dropped = kept = image_first = 0
+  for _ in range(60):
+    batch = next(it)
+    for b in range(4):
+      tokens, seg, img = batch["tokens"][b], batch["segment_ids"][b], batch["image_ids"][b]
+      for boi, eoi, k in image_spans(tokens, img):
+        first = np.nonzero(seg == seg[boi])[0][0]
+        if batch["t_max"][b, k - 1] == 500:                 # image-first: its caption is never dropped
+          image_first += 1
+          assert tokens[eoi + 1] != SPECIAL.eos
+        elif boi - first == 1:                               # [BOS BOI ... EOI EOS]: no caption
+          dropped += 1
+          assert tokens[eoi + 1] == SPECIAL.eos
+        else:
+          kept += 1
+  assert dropped + kept > 250 and 0.24 < dropped / (dropped + kept) < 0.36
+  assert image_first > 40

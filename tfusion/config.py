@@ -55,6 +55,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.text_source = "pydoc"           # "pydoc" (ships with Python) or a .jsonl of {"text": ...}
   c.data.text_fraction = 0.5             # share of elements from the text-only stream (paper: 1:1)
   c.data.caption_first_prob = 0.8
+  c.data.caption_dropout_prob = 0.1      # caption-first pairs with an empty caption, for CFG (paper: unstated)
   c.data.vocab_size = 1024
   c.data.text_test_fraction = 0.1        # documents held out from the text stream
 
@@ -137,7 +138,7 @@ _POSITIVE_INTS = ("total_steps", "batch_size", "microbatches", "seq_len", "log_e
                   "data.latent_channels", "data.latent_downsample", "diffusion.num_timesteps", "data.image_size", "data.vocab_size",
                   "optim.warmup_steps", "sample.num_images", "sample.num_captions",
                   "sample.diffusion_steps", "sample.max_caption_tokens")
-_FRACTIONS = ("data.text_fraction", "data.caption_first_prob", "data.text_test_fraction",
+_FRACTIONS = ("data.text_fraction", "data.caption_first_prob", "data.caption_dropout_prob", "data.text_test_fraction",
               "optim.final_lr_fraction")
 _CHOICES = {
     "model.dtype": ("float32", "bfloat16"),

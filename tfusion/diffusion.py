@@ -1,4 +1,5 @@
-"""DDPM pieces: noise schedules, forward noising, timestep sampling and the ancestral reverse step.
+"""DDPM pieces: noise schedules, forward noising, timestep sampling, the ancestral (DDPM) and DDIM
+reverse steps and classifier-free guidance.
 
 Timestep convention: integer t in [0, T]. t = 0 is the clean image (alpha_bar = 1); training draws
 t uniformly in [1, t_max] per image; t = T is (almost) pure noise. `alpha_bar` arrays therefore have
@@ -75,3 +76,23 @@ def ddpm_step(x_t, eps_hat, alpha_bar_t, alpha_bar_prev, noise, clip_x0: float |
       jnp.sqrt(1 - beta) * (1 - alpha_bar_prev) / (1 - alpha_bar_t)) * x_t
   var = beta * (1 - alpha_bar_prev) / (1 - alpha_bar_t)
   return mean + jnp.sqrt(var) * noise
+
+
+def ddim_step(x_t, eps_hat, alpha_bar_t, alpha_bar_prev, noise, eta: float, clip_x0: float | None = None):
+  """One DDIM step from t to an earlier t_prev (Song et al. 2021, eq. 12).
+
+  eta = 0 is deterministic (noise unused); eta = 1 has the DDPM posterior variance and equals
+  ddpm_step. x_t, eps_hat, noise: [N, ...]; alpha_bar_*: scalars.
+  """
+  x0_hat = (x_t - jnp.sqrt(1 - alpha_bar_t) * eps_hat) / jnp.sqrt(alpha_bar_t)
+  if clip_x0 is not None:
+    x0_hat = jnp.clip(x0_hat, -clip_x0, clip_x0)
+    eps_hat = (x_t - jnp.sqrt(alpha_bar_t) * x0_hat) / jnp.sqrt(1 - alpha_bar_t)
+  sigma = eta * jnp.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar_t) * (1 - alpha_bar_t / alpha_bar_prev))
+  direction = jnp.sqrt(jnp.maximum(1 - alpha_bar_prev - sigma**2, 0.0)) * eps_hat
+  return jnp.sqrt(alpha_bar_prev) * x0_hat + direction + sigma * noise
+
+
+def guide(eps_conditional, eps_unconditional, scale: float):
+  """Classifier-free guidance: eps_u + scale (eps_c - eps_u); scale 1 is the conditional prediction."""
+  return eps_unconditional + scale * (eps_conditional - eps_unconditional)

@@ -127,6 +127,7 @@ def train_and_evaluate(config, workdir: str) -> None:
   model, layout = state_lib.model_and_layout(config, tok.vocab_size)
   mix = pipeline.MixOptions(text_fraction=config.data.text_fraction,
                             caption_first_prob=config.data.caption_first_prob,
+                            caption_dropout_prob=config.data.caption_dropout_prob,
                             num_timesteps=config.diffusion.num_timesteps,
                             image_first_max_t=config.diffusion.image_first_max_t, seed=config.seed)
 

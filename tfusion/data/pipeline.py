@@ -22,6 +22,7 @@ class MixOptions:
   num_timesteps: int
   image_first_max_t: int      # noise cap for image-first pairs
   seed: int
+  caption_dropout_prob: float = 0.0  # caption-first pairs trained with an empty caption (for CFG)
 
 
 def shard_and_shuffle(source, seed: int, shard: int, num_shards: int) -> grain.MapDataset:
@@ -71,7 +72,10 @@ class _PackedRowIterator(grain.DatasetIterator):
   def _image_document(self):
     mix, index = self.ds.mix, self.state["image_index"]
     caption_ids, latents = self.ds.image_examples[index]
-    caption_first = np.random.default_rng((mix.seed, self.ds.stream, index)).random() < mix.caption_first_prob
+    order_draw, dropout_draw = np.random.default_rng((mix.seed, self.ds.stream, index)).random(2)
+    caption_first = order_draw < mix.caption_first_prob
+    if caption_first and dropout_draw < mix.caption_dropout_prob:
+      caption_ids = []          # the unconditional branch of classifier-free guidance: [BOS image EOS]
     return sequence.image_caption_document(caption_ids, latents, caption_first, self.ds.special,
                                            mix.num_timesteps, mix.image_first_max_t)
 
