@@ -89,7 +89,7 @@ def time_steps(config, steps):
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
   model, layout = state_lib.model_and_layout(config, config.data.vocab_size)
   tx, schedule = optim.make_optimizer(config.optim, config.total_steps)
-  init = state_lib.dummy_batch(1, config.seq_len, layout.max_images, layout.latent_shape)
+  init = state_lib.dummy_batch(1, layout)
   state, shardings = state_lib.create_train_state(model, tx, init, jax.random.key(0), mesh)
   run = step_lib.jit_train_step(mesh, shardings, model=model, tx=tx, schedule=schedule,
                                 alpha_bar=diffusion.make_alpha_bar("cosine", 1000), loss_weight=5.0,

@@ -39,7 +39,7 @@ def make_model(config):
 def init_state(config, mesh, total_steps=100, microbatches=1):
   model = make_model(config)
   tx, schedule = optim.make_optimizer(config.optim, total_steps)
-  init = state_lib.dummy_batch(1, LAYOUT.seq_len, LAYOUT.max_images, LATENT)
+  init = state_lib.dummy_batch(1, LAYOUT)
   state, shardings = state_lib.create_train_state(model, tx, init, jax.random.key(0), mesh)
   step = step_lib.jit_train_step(mesh, shardings, model=model, tx=tx, schedule=schedule,
                                  alpha_bar=diffusion.cosine_alpha_bar(1000), loss_weight=5.0,

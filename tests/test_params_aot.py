@@ -70,7 +70,7 @@ def test_aot_compiles_the_sharded_step_and_reports_per_device_memory():
   assert abs(figures["optimizer_bytes"] - 2 * figures["params_bytes"]) < 64
   assert figures["temp_bytes"] > 0 and figures["peak_bytes"] >= figures["argument_bytes"]
   model, layout = state_lib.model_and_layout(config, config.data.vocab_size)
-  batch = jax.eval_shape(lambda: state_lib.dummy_batch(8, 64, layout.max_images, layout.latent_shape))
+  batch = jax.eval_shape(lambda: state_lib.dummy_batch(8, layout))
   abstract = jax.eval_shape(lambda *x: model.init(jax.random.key(0), *x), *state_lib.model_inputs(batch))
   expected = flops.train_flops(model, jax.tree.map(lambda x: x.value, abstract["params"],
                                                    is_leaf=lambda x: hasattr(x, "value")),

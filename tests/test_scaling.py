@@ -81,7 +81,7 @@ def test_uneven_dimensions_stay_whole():
 
 def loss_and_grads(config, batch, microbatches):
   model = make_model(config)
-  params = model.init(jax.random.key(0), *state_lib.model_inputs(state_lib.dummy_batch(1, 64, 3, (8, 8, 3))))
+  params = model.init(jax.random.key(0), *state_lib.model_inputs(state_lib.dummy_batch(1, LAYOUT)))
   params = nn.meta.unbox(params)["params"]
   params["patch_decoder"]["proj"]["kernel"] = 0.1 * jax.random.normal(jax.random.key(3), (32, 12))
   fn = jax.jit(lambda p, b: step_lib.loss_and_grads(
@@ -147,7 +147,7 @@ def test_bfloat16_compute_keeps_float32_params_and_close_loss():
 def test_flop_count_matches_the_analytic_formula():
   config = tiny_config()
   model = make_model(config)
-  batch = jax.eval_shape(lambda: state_lib.dummy_batch(2, LAYOUT.seq_len, LAYOUT.max_images, (8, 8, 3)))
+  batch = jax.eval_shape(lambda: state_lib.dummy_batch(2, LAYOUT))
   params = jax.eval_shape(lambda *x: nn.meta.unbox(model.init(jax.random.key(0), *x)), *state_lib.model_inputs(batch))
   counted = flops.forward_flops(model, params["params"], state_lib.model_inputs(batch))
   rows, length, d, mlp, layers, vocab = 2, LAYOUT.seq_len, 32, 64, 2, 64

@@ -50,11 +50,11 @@ def compile_train_step(config, devices) -> dict:
   mesh = sharding.make_mesh(config.mesh, devices)
   model, layout = state_lib.model_and_layout(config, config.data.vocab_size)
   tx, schedule = optim.make_optimizer(config.optim, config.total_steps)
-  init_batch = state_lib.dummy_batch(1, config.seq_len, layout.max_images, layout.latent_shape)
+  init_batch = state_lib.dummy_batch(1, layout)
   state, shardings = state_lib.abstract_train_state(model, tx, init_batch, mesh)
   batch_sharding = sharding.batch_sharding(mesh)
-  batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=batch_sharding), jax.eval_shape(
-      lambda: state_lib.dummy_batch(config.batch_size, config.seq_len, layout.max_images, layout.latent_shape)))
+  batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=batch_sharding),
+                       jax.eval_shape(lambda: state_lib.dummy_batch(config.batch_size, layout)))
   step = step_lib.jit_train_step(mesh, shardings, model=model, tx=tx, schedule=schedule,
                                  alpha_bar=diffusion.make_alpha_bar(config.diffusion.schedule,
                                                                     config.diffusion.num_timesteps),

@@ -21,7 +21,7 @@ COMPONENTS = (("token_embedding", "text embedding"), ("transformer", "transforme
 def count_by_component(config) -> dict[str, int]:
   """{top-level param collection: parameter count} of the config's model (vocab from config.data)."""
   model, layout = state_lib.model_and_layout(config, config.data.vocab_size)
-  batch = state_lib.dummy_batch(1, config.seq_len, layout.max_images, layout.latent_shape)
+  batch = state_lib.dummy_batch(1, layout)
   shapes = jax.eval_shape(lambda *x: model.init(jax.random.key(0), *x), *state_lib.model_inputs(batch))
   params = shapes["params"]
   return {name: sum(math.prod(x.shape) for x in jax.tree.leaves(tree)) for name, tree in params.items()}

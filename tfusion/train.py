@@ -121,7 +121,6 @@ def train_and_evaluate(config, workdir: str) -> None:
 
   # --- Data. ------------------------------------------------------------------------------------
   codec = codecs.make_codec(config.data)
-  latent_shape = codecs.latent_shape(config.data)
   tok, text_ids, train_images, test_images = load_data(config, workdir)
   special = special_ids(tok)
   model, layout = state_lib.model_and_layout(config, tok.vocab_size)
@@ -141,11 +140,10 @@ def train_and_evaluate(config, workdir: str) -> None:
   # --- Model, optimizer and state. ------------------------------------------------------------
   tx, schedule = optim.make_optimizer(config.optim, config.total_steps)
   init_key, train_key = jax.random.split(jax.random.key(config.seed))
-  init_batch = state_lib.dummy_batch(1, config.seq_len, layout.max_images, latent_shape)
+  init_batch = state_lib.dummy_batch(1, layout)
   state, state_shardings = state_lib.create_train_state(model, tx, init_batch, init_key, mesh)
   logging.info("parameters: %d", state_lib.count_params(state.params))
-  global_batch = jax.eval_shape(
-      lambda: state_lib.dummy_batch(config.batch_size, config.seq_len, layout.max_images, latent_shape))
+  global_batch = jax.eval_shape(lambda: state_lib.dummy_batch(config.batch_size, layout))
   step_flops = flops.train_flops(model, state.params, state_lib.model_inputs(global_batch))
   peak, peak_source = flops.peak_tflops_per_device(config.peak_tflops_per_device, config.model.dtype)
   logging.info("model TFLOPs per step %.3f; MFU peak %.1f TFLOP/s per device (%s)", step_flops / 1e12, peak,

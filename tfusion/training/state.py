@@ -10,6 +10,7 @@ import optax
 from tfusion import codecs, sharding
 from tfusion.data import sequence
 from tfusion.models import transfusion
+from tfusion.training import checkpoint
 
 
 @flax.struct.dataclass
@@ -32,12 +33,13 @@ def model_inputs(batch: dict) -> tuple:
           batch["latents"], batch["t_max"])
 
 
-def dummy_batch(rows: int, seq_len: int, max_images: int, latent_shape) -> dict:
+def dummy_batch(rows: int, layout: sequence.RowLayout) -> dict:
   """Zero arrays with the batch format's shapes, for initialisation and abstract compilation."""
   z = lambda *s, dtype=jnp.int32: jnp.zeros(s, dtype)  # noqa: E731
+  seq_len, max_images = layout.seq_len, layout.max_images
   return dict(tokens=z(rows, seq_len), segment_ids=z(rows, seq_len), positions=z(rows, seq_len),
               image_ids=z(rows, seq_len), text_loss_mask=z(rows, seq_len, dtype=bool),
-              latents=z(rows, max_images, *latent_shape, dtype=jnp.float32),
+              latents=z(rows, max_images, *layout.latent_shape, dtype=jnp.float32),
               image_valid=z(rows, max_images, dtype=bool), t_max=z(rows, max_images))
 
 
@@ -57,9 +59,7 @@ def abstract_train_state(model: nn.Module, tx: optax.GradientTransformation, ini
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
     boxed = jax.eval_shape(_init_fn(model, tx, init_batch), key)
     shardings = sharding.logical_shardings(mesh, boxed)
-  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                          nn.meta.unbox(boxed), shardings)
-  return abstract, shardings
+  return checkpoint.abstract_like(nn.meta.unbox(boxed), shardings), shardings
 
 
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation, init_batch: dict, key: jax.Array,
