@@ -90,6 +90,14 @@ def loss_and_grads(config, batch, microbatches):
   return jax.device_get(fn(params, batch))
 
 
+def gradient_program(config) -> str:
+  """The jaxpr of the model's gradient, to check which implementation a switch selects."""
+  model = make_model(config)
+  inputs = state_lib.model_inputs(tiny_batch())
+  params = jax.eval_shape(lambda: nn.meta.unbox(model.init(jax.random.key(0), *inputs))["params"])
+  return str(jax.make_jaxpr(jax.grad(lambda p: model.apply({"params": p}, *inputs)[0].sum()))(params))
+
+
 def test_gradient_accumulation_over_4_microbatches_equals_one_batch():
   batch = batch_of_8_rows()
   # Make the microbatches differ in their text-target and image counts.
@@ -120,6 +128,8 @@ def test_remat_gives_identical_gradients(policy):
   _, grads = loss_and_grads(tiny_config(), batch, 1)
   _, grads_remat = loss_and_grads(tiny_config(remat_policy=policy), batch, 1)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-8), grads, grads_remat)
+  assert "remat" in gradient_program(tiny_config(remat_policy=policy))     # the switch reaches the layers
+  assert "remat" not in gradient_program(tiny_config())
 
 
 @pytest.mark.parametrize("attention", ["chunked", "dot_product"])
@@ -129,6 +139,10 @@ def test_attention_implementations_agree_with_dense(attention):
   metrics2, grads2 = loss_and_grads(tiny_config(attention=attention, attention_chunk=16), batch, 1)
   np.testing.assert_allclose(metrics2["loss"], metrics["loss"], rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6), grads, grads2)
+  dense, other = gradient_program(tiny_config()), gradient_program(tiny_config(attention=attention, attention_chunk=16))
+  assert other != dense                                                      # not a silent fall-back to dense
+  if attention == "chunked":
+    assert other.count("scan[") > dense.count("scan[")                       # the query-block loop
 
 
 def test_bfloat16_compute_keeps_float32_params_and_close_loss():
