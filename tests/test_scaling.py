@@ -8,6 +8,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from tfusion import config as config_lib, diffusion, flops, sharding
+from tfusion.models import transformer
 from tfusion.training import state as state_lib, step as step_lib
 from tests.test_model import LAYOUT, init_state, make_model, run_steps, tiny_batch, tiny_config
 
@@ -143,6 +144,15 @@ def test_attention_implementations_agree_with_dense(attention):
   assert other != dense                                                      # not a silent fall-back to dense
   if attention == "chunked":
     assert other.count("scan[") > dense.count("scan[")                       # the query-block loop
+
+
+@pytest.mark.parametrize("chunk", [16, 24, 100])
+def test_chunked_attention_equals_dense_for_any_chunk_length(chunk):
+  batch = tiny_batch()                                  # 64 positions: 24 and 100 do not divide them
+  q, k, v = (jax.random.normal(jax.random.key(i), (2, 64, 4, 8)) for i in range(3))
+  ids = (jnp.asarray(batch["segment_ids"]), jnp.asarray(batch["image_ids"]), jnp.arange(64))
+  np.testing.assert_allclose(transformer.chunked_attention(q, k, v, ids, chunk),
+                             transformer.dense_attention(q, k, v, ids, ids), atol=1e-5)
 
 
 def test_bfloat16_compute_keeps_float32_params_and_close_loss():

@@ -99,11 +99,19 @@ def dense_attention(q, k, v, q_ids, k_ids):
 
 def chunked_attention(q, k, v, ids, chunk):
   """dense_attention one block of `chunk` queries at a time, each block rematerialised in the
-  backward pass: logits memory is [B, H, chunk, L] instead of [B, H, L, L]. Same result."""
+  backward pass: logits memory is [B, H, chunk, L] instead of [B, H, L, L]. Same result.
+
+  A length that is not a multiple of `chunk` (e.g. a prompt at sampling time) is padded with
+  padding queries, whose outputs are dropped.
+  """
   batch, length, heads, head_dim = q.shape
-  blocks = length // chunk
+  blocks = -(-length // chunk)
+  pad = blocks * chunk - length
+  segment_ids, image_ids, _ = ids
+  pad_rows = lambda a: jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))  # noqa: E731
+  q, segment_ids, image_ids = pad_rows(q), pad_rows(segment_ids), pad_rows(image_ids)
+  index = jnp.arange(blocks * chunk)
   split = lambda a: jnp.moveaxis(a.reshape(batch, blocks, chunk, *a.shape[2:]), 1, 0)  # noqa: E731
-  segment_ids, image_ids, index = ids
 
   @jax.checkpoint
   def block(args):
@@ -111,7 +119,7 @@ def chunked_attention(q, k, v, ids, chunk):
     return dense_attention(q_block, k, v, (q_segment, q_image, q_index), ids)
 
   out = jax.lax.map(block, (split(q), split(segment_ids), split(image_ids), index.reshape(blocks, chunk)))
-  return jnp.moveaxis(out, 0, 1).reshape(batch, length, heads, head_dim)
+  return jnp.moveaxis(out, 0, 1).reshape(batch, blocks * chunk, heads, head_dim)[:, :length]
 
 
 def dot_product_attention(q, k, v, ids):
