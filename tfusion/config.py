@@ -4,6 +4,8 @@ Experiment files in `experiments/` start from `default_config()` and change what
 fields users turn most are top level; the rest is grouped (`model`, `diffusion`, `data`, `optim`,
 `sample`, `mesh`). `validate(config)` runs before any compute and names the field at fault.
 """
+import json
+
 import ml_collections
 
 from tfusion import diffusion
@@ -74,6 +76,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.sample.num_captions = 8              # fixed test images captioned at each sample point
   c.sample.diffusion_steps = 250
   c.sample.max_caption_tokens = 32
+  c.sample.sampler = "ddpm"              # ddpm (ancestral) | ddim
+  c.sample.cfg_scale = 3.0               # classifier-free guidance of sampled images (paper ablations: 3)
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.ici_data_parallelism = -1       # -1: all devices not used by the other axes
@@ -148,7 +152,25 @@ _CHOICES = {
     "model.patch_encoder": ("linear", "unet"),
     "diffusion.schedule": diffusion.SCHEDULES,
     "data.codec": ("identity", "vae"),
+    "sample.sampler": ("ddpm", "ddim"),
 }
+
+
+def from_json(text: str, source: str = "config.json") -> ml_collections.ConfigDict:
+  """The config a run recorded (ConfigDict.to_json), over today's defaults; ConfigError names a field
+  the defaults do not have."""
+  config = default_config()
+  for group, values in json.loads(text).items():
+    if group not in config:
+      raise ConfigError(f"{source}: unknown field {group!r}")
+    if not isinstance(config[group], ml_collections.ConfigDict):
+      config[group] = values
+      continue
+    for key, value in values.items():
+      if key not in config[group]:
+        raise ConfigError(f"{source}: unknown field {group}.{key}")
+      config[group][key] = tuple(value) if isinstance(config[group][key], tuple) else value
+  return config
 
 
 class ConfigError(ValueError):
@@ -218,6 +240,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   patches = (latent_size // config.model.patch_size) ** 2
   if config.seq_len < patches + 4:
     fail("seq_len", f"must hold one image ({patches} patches + BOS, BOI, EOI, EOS)")
+  if config.sample.cfg_scale < 0:
+    fail("sample.cfg_scale", "must be >= 0 (1 = no guidance)")
   if config.optim.lr <= 0:
     fail("optim.lr", "must be > 0")
   for axis in config.mesh:

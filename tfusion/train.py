@@ -15,7 +15,7 @@ import numpy as np
 from ml_collections import config_flags
 import tqdm
 
-from tfusion import codecs, config as config_lib, diffusion, distributed, flops, sampling, sharding, visualize
+from tfusion import codecs, config as config_lib, decoding, diffusion, distributed, flops, generate, sharding, visualize
 from tfusion.data import pipeline, sequence, shapes, text_corpus, tokenizer as tokenizer_lib
 from tfusion.metrics import MetricWriter
 from tfusion.training import checkpoint, optim, state as state_lib, step as step_lib
@@ -27,10 +27,6 @@ TOKENIZER_SAMPLE_CAPTIONS = 5000
 # ----------------------------------------------------------------------------------------------
 # Data: tokenizer, text stream, image-caption examples.
 # ----------------------------------------------------------------------------------------------
-def special_ids(tok) -> sequence.SpecialIds:
-  return sequence.SpecialIds(pad=tok.pad_id, bos=tok.bos_id, eos=tok.eos_id, boi=tok.boi_id, eoi=tok.eoi_id)
-
-
 def decode_caption(example) -> str:
   return example["caption"].decode("utf-8")
 
@@ -72,29 +68,27 @@ def load_data(config, workdir):
 # ----------------------------------------------------------------------------------------------
 # Samples: images from fixed test captions, captions for fixed test images.
 # ----------------------------------------------------------------------------------------------
-def write_samples(step, state, model, tok, codec, test_images, alpha_bar, config, workdir):
+def write_samples(step, state, mesh, tok, test_images, config, workdir):
   """Every process samples (the params are spread over all of them); process 0 writes the files."""
-  special = special_ids(tok)
   n = max(config.sample.num_images, config.sample.num_captions)
   examples = test_images.__getitems__(list(range(n)))
-
-  prompts = [decode_caption(e) for e in examples[:config.sample.num_images]]
+  sampler = generate.Sampler(config, state.params, tok, mesh)
+  options = decoding.SamplingOptions(diffusion_steps=config.sample.diffusion_steps, sampler=config.sample.sampler,
+                                     cfg_scale=config.sample.cfg_scale, max_new_tokens=config.sample.max_caption_tokens)
   key = jax.random.fold_in(jax.random.key(config.seed), 1_000_000 + step)
-  latents = sampling.generate_images(model, state.params, [tok.encode(p) for p in prompts], special, alpha_bar,
-                                     config.sample.diffusion_steps, key, codec.value_range)
-  shown = examples[:config.sample.num_captions]
-  clean = codec.encode(np.stack([e["image"] for e in shown]))
-  captions = sampling.generate_captions(model, state.params, clean, special, config.sample.max_caption_tokens)
+  prompts = [decode_caption(e) for e in examples[:config.sample.num_images]]
+  images = sampler.text_to_image(prompts, options, key)
+  shown = np.stack([e["image"] for e in examples[:config.sample.num_captions]])
+  captions = sampler.caption(shown, options, key)
   if not is_chief():
     return
   out = os.path.join(workdir, "samples", f"step_{step}")
   os.makedirs(out, exist_ok=True)
-  visualize.save_image_grid(os.path.join(out, "images.png"), codec.decode(latents), prompts)
-  visualize.save_image_grid(os.path.join(out, "captioned.png"), np.stack([e["image"] for e in shown]),
-                            [tok.decode(c) for c in captions])
+  visualize.save_image_grid(os.path.join(out, "images.png"), images, prompts)
+  visualize.save_image_grid(os.path.join(out, "captioned.png"), shown, captions)
   with open(os.path.join(out, "captions.txt"), "w") as f:
-    for e, c in zip(shown, captions):
-      f.write(f"truth: {decode_caption(e)}\nmodel: {tok.decode(c)}\n\n")
+    for e, c in zip(examples, captions):
+      f.write(f"truth: {decode_caption(e)}\nmodel: {c}\n\n")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -122,7 +116,7 @@ def train_and_evaluate(config, workdir: str) -> None:
   # --- Data. ------------------------------------------------------------------------------------
   codec = codecs.make_codec(config.data)
   tok, text_ids, train_images, test_images = load_data(config, workdir)
-  special = special_ids(tok)
+  special = sequence.SpecialIds.of(tok)
   model, layout = state_lib.model_and_layout(config, tok.vocab_size)
   mix = pipeline.MixOptions(text_fraction=config.data.text_fraction,
                             caption_first_prob=config.data.caption_first_prob,
@@ -162,8 +156,8 @@ def train_and_evaluate(config, workdir: str) -> None:
                                        alpha_bar=alpha_bar, loss_weight=config.diffusion.loss_weight,
                                        train_key=train_key, microbatches=config.microbatches)
   batch_sharding = sharding.batch_sharding(mesh)
-  samples = functools.partial(write_samples, model=model, tok=tok, codec=codec, test_images=test_images,
-                              alpha_bar=alpha_bar, config=config, workdir=workdir)
+  samples = functools.partial(write_samples, mesh=mesh, tok=tok, test_images=test_images, config=config,
+                              workdir=workdir)
 
   # --- Train loop. ------------------------------------------------------------------------------
   progress = tqdm.tqdm(total=config.total_steps, initial=start_step, unit="step", dynamic_ncols=True,

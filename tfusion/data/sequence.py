@@ -28,6 +28,12 @@ class SpecialIds:
   boi: int
   eoi: int
 
+  @classmethod
+  def of(cls, tokenizer) -> "SpecialIds":
+    """The special ids of a data.tokenizer.Tokenizer."""
+    t = tokenizer
+    return cls(pad=t.pad_id, bos=t.bos_id, eos=t.eos_id, boi=t.boi_id, eoi=t.eoi_id)
+
 
 @dataclasses.dataclass(frozen=True)
 class TextPiece:

@@ -2,9 +2,15 @@
 
 Parameters carry logical axis names (embed, heads, kv, mlp, layers) and key activations are
 constrained to (batch, length, act_*) names; `tfusion.sharding` maps both to the device mesh.
+
+For decoding, the stack also runs on a block of new elements against a KVCache: the block's keys
+and values are written into their cache slots, and its queries attend to the whole cache under the
+same Transfusion mask (causality comes from the slot indices).
 """
 import dataclasses
+import functools
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -87,7 +93,7 @@ def dense_attention(q, k, v, q_ids, k_ids):
   """Softmax attention under the Transfusion mask, logits and softmax in float32.
 
   q: [B, Q, H, Dh]; k, v: [B, K, H, Dh]; q_ids, k_ids: (segment_ids, image_ids, index) of the
-  queries ([B, Q], [B, Q], [Q]) and keys ([B, K], [B, K], [K]) -> [B, Q, H, Dh].
+  queries ([B, Q], [B, Q], [Q] or [B, Q]) and keys ([B, K], [B, K], [K]) -> [B, Q, H, Dh].
   """
   mask = masks.mask_block(*q_ids, *k_ids)
   logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
@@ -97,46 +103,87 @@ def dense_attention(q, k, v, q_ids, k_ids):
   return jnp.einsum("bhqk,bkhd->bqhd", probs, v, preferred_element_type=jnp.float32).astype(v.dtype)
 
 
-def chunked_attention(q, k, v, ids, chunk):
+def chunked_attention(q, k, v, q_ids, k_ids, chunk):
   """dense_attention one block of `chunk` queries at a time, each block rematerialised in the
-  backward pass: logits memory is [B, H, chunk, L] instead of [B, H, L, L]. Same result.
+  backward pass: logits memory is [B, H, chunk, K] instead of [B, H, Q, K]. Same result.
 
-  A length that is not a multiple of `chunk` (e.g. a prompt at sampling time) is padded with
+  A query length that is not a multiple of `chunk` (e.g. a prompt at sampling time) is padded with
   padding queries, whose outputs are dropped.
   """
   batch, length, heads, head_dim = q.shape
   blocks = -(-length // chunk)
   pad = blocks * chunk - length
-  segment_ids, image_ids, _ = ids
+  segment_ids, image_ids, index = q_ids
+  index = jnp.broadcast_to(index, segment_ids.shape)
   pad_rows = lambda a: jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))  # noqa: E731
-  q, segment_ids, image_ids = pad_rows(q), pad_rows(segment_ids), pad_rows(image_ids)
-  index = jnp.arange(blocks * chunk)
   split = lambda a: jnp.moveaxis(a.reshape(batch, blocks, chunk, *a.shape[2:]), 1, 0)  # noqa: E731
 
   @jax.checkpoint
   def block(args):
-    q_block, q_segment, q_image, q_index = args
-    return dense_attention(q_block, k, v, (q_segment, q_image, q_index), ids)
+    q_block, *q_block_ids = args
+    return dense_attention(q_block, k, v, q_block_ids, k_ids)
 
-  out = jax.lax.map(block, (split(q), split(segment_ids), split(image_ids), index.reshape(blocks, chunk)))
+  out = jax.lax.map(block, tuple(split(pad_rows(a)) for a in (q, segment_ids, image_ids, index)))
   return jnp.moveaxis(out, 0, 1).reshape(batch, blocks * chunk, heads, head_dim)[:, :length]
 
 
-def dot_product_attention(q, k, v, ids):
+def dot_product_attention(q, k, v, q_ids, k_ids):
   """jax.nn.dot_product_attention with the mask (cuDNN flash attention on GPUs that support it)."""
-  mask = masks.mask_block(*ids, *ids)
+  mask = masks.mask_block(*q_ids, *k_ids)
   return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None])
 
 
+def attend(cfg: TransformerConfig, q, k, v, q_ids, k_ids):
+  """The attention implementation cfg.attention names; arguments as dense_attention."""
+  if cfg.attention == "chunked":
+    return chunked_attention(q, k, v, q_ids, k_ids, min(cfg.attention_chunk, q.shape[1]))
+  if cfg.attention == "dot_product":
+    return dot_product_attention(q, k, v, q_ids, k_ids)
+  return dense_attention(q, k, v, q_ids, k_ids)
+
+
+def write_slots(buffer, values, slots):
+  """buffer[b, slots[b, i]] = values[b, i]; slots out of range are not written.
+
+  buffer: [B, L, ...]; values: [B, Q, ...]; slots: [B, Q] int -> [B, L, ...].
+  """
+  return jax.vmap(lambda buf, val, idx: buf.at[idx].set(val.astype(buf.dtype), mode="drop"))(buffer, values, slots)
+
+
+@flax.struct.dataclass
+class KVCache:
+  """Every layer's keys and values for the slots of a sequence written so far, and the ids the mask
+  reads for them.  keys, values: [layers, B, L, H, Dh]; segment_ids, image_ids: [B, L] int (0 in slots
+  never written, so nothing attends to them)."""
+  keys: jax.Array
+  values: jax.Array
+  segment_ids: jax.Array
+  image_ids: jax.Array
+
+  @classmethod
+  def empty(cls, cfg: TransformerConfig, batch: int, length: int) -> "KVCache":
+    kv = nn.with_logical_constraint(jnp.zeros((cfg.num_layers, batch, length, cfg.num_heads, cfg.head_dim), cfg.dtype),
+                                    ("layers", "batch", "length", "act_heads", "kv"))
+    ids = jnp.zeros((batch, length), jnp.int32)
+    return cls(keys=kv, values=kv, segment_ids=ids, image_ids=ids)
+
+  @property
+  def length(self) -> int:
+    return self.segment_ids.shape[1]
+
+
 class Attention(nn.Module):
-  """Multi-head self-attention under the Transfusion mask.  x: [B, L, D] -> [B, L, D].
+  """Multi-head self-attention under the Transfusion mask.  x: [B, L, D] -> ([B, L, D], kv).
 
   segment_ids, image_ids, positions: [B, L] int (the batch arrays the mask is built from).
+  Training: kv is None and the L elements attend to each other. Decoding: kv = (keys, values)
+  [B, K, H, Dh] of the cache, key_ids = (segment_ids, image_ids, index) of its K slots after this
+  block is written, write_index [B, L] the slots of the block; returns the updated (keys, values).
   """
   cfg: TransformerConfig
 
   @nn.compact
-  def __call__(self, x, segment_ids, image_ids, positions):
+  def __call__(self, x, segment_ids, image_ids, positions, kv=None, key_ids=None, write_index=None):
     cfg = self.cfg
     qkv_shape, qkv_axes = (cfg.d_model, cfg.num_heads, cfg.head_dim), ("embed", "heads", "kv")
     q = _projection(cfg, "query", "bld,dhk->blhk", qkv_shape, qkv_axes)(x)
@@ -145,16 +192,17 @@ class Attention(nn.Module):
     q = apply_rope(q, positions, cfg.rope_theta)
     k = apply_rope(k, positions, cfg.rope_theta)
     q, k, v = (nn.with_logical_constraint(a, ("batch", "length", "act_heads", "kv")) for a in (q, k, v))
-    ids = (segment_ids, image_ids, jnp.arange(x.shape[1]))
-    if cfg.attention == "chunked":
-      out = chunked_attention(q, k, v, ids, min(cfg.attention_chunk, x.shape[1]))
-    elif cfg.attention == "dot_product":
-      out = dot_product_attention(q, k, v, ids)
+    if kv is None:
+      q_ids = key_ids = (segment_ids, image_ids, jnp.arange(x.shape[1]))
     else:
-      out = dense_attention(q, k, v, ids, ids)
+      k, v = (nn.with_logical_constraint(write_slots(cached, new, write_index),
+                                         ("batch", "length", "act_heads", "kv")) for cached, new in zip(kv, (k, v)))
+      q_ids = (segment_ids, image_ids, write_index)
+    out = attend(cfg, q, k, v, q_ids, key_ids)
     out = nn.with_logical_constraint(out, ("batch", "length", "act_heads", "kv"))
-    return _projection(cfg, "out", "blhk,hkd->bld", (cfg.num_heads, cfg.head_dim, cfg.d_model),
-                       ("heads", "kv", "embed"), fan_in_axes=(0, 1))(out)
+    out = _projection(cfg, "out", "blhk,hkd->bld", (cfg.num_heads, cfg.head_dim, cfg.d_model),
+                      ("heads", "kv", "embed"), fan_in_axes=(0, 1))(out)
+    return out, (None if kv is None else (k, v))
 
 
 class SwiGLU(nn.Module):
@@ -171,16 +219,19 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-  """Pre-norm residual block; fits nn.scan: (x, segment_ids, image_ids, positions) -> (x, None)."""
+  """Pre-norm residual block; fits nn.scan: (x, segment_ids, image_ids, positions[, kv, key_ids,
+  write_index]) -> (x, updated kv or None). See Attention for the decoding arguments."""
   cfg: TransformerConfig
 
   @nn.compact
-  def __call__(self, x, segment_ids, image_ids, positions):
+  def __call__(self, x, segment_ids, image_ids, positions, kv=None, key_ids=None, write_index=None):
     cfg = self.cfg
     norm = lambda name: RMSNorm(cfg.norm_eps, cfg.dtype, cfg.param_dtype, name=name)  # noqa: E731
-    x = x + Attention(cfg, name="attention")(norm("attention_norm")(x), segment_ids, image_ids, positions)
+    attended, kv = Attention(cfg, name="attention")(norm("attention_norm")(x), segment_ids, image_ids, positions,
+                                                    kv, key_ids, write_index)
+    x = x + attended
     x = x + SwiGLU(cfg, name="mlp")(norm("mlp_norm")(x))
-    return nn.with_logical_constraint(x, ("batch", "length", "act_embed")), None
+    return nn.with_logical_constraint(x, ("batch", "length", "act_embed")), kv
 
 
 REMAT_POLICIES = {
@@ -193,17 +244,29 @@ class Transformer(nn.Module):
   """num_layers Blocks scanned over a leading `layers` axis, then a final RMSNorm.
 
   x: [B, L, D]; segment_ids, image_ids, positions: [B, L] int -> [B, L, D].
+  With a KVCache, the L elements are a block written at cache slots write_index [B, L] (slots out
+  of range are not written) and attend to everything cached -> ([B, L, D], updated cache).
   """
   cfg: TransformerConfig
 
   @nn.compact
-  def __call__(self, x, segment_ids, image_ids, positions):
+  def __call__(self, x, segment_ids, image_ids, positions, cache: KVCache | None = None, write_index=None):
     cfg = self.cfg
-    block = Block
-    if cfg.remat_policy != "none":
-      block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
-    layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                     in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
-                     metadata_params={nn.PARTITION_NAME: "layers"})
-    x, _ = layers(cfg, name="layers")(x, segment_ids, image_ids, positions)
-    return RMSNorm(cfg.norm_eps, cfg.dtype, cfg.param_dtype, name="final_norm")(x)
+    scan = functools.partial(nn.scan, variable_axes={"params": 0}, split_rngs={"params": True},
+                             length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+    if cache is None:
+      block = Block
+      if cfg.remat_policy != "none":
+        block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
+      layers = scan(block, in_axes=(nn.broadcast,) * 3)
+      x, _ = layers(cfg, name="layers")(x, segment_ids, image_ids, positions)
+    else:
+      key_segments = write_slots(cache.segment_ids, segment_ids, write_index)
+      key_images = write_slots(cache.image_ids, image_ids, write_index)
+      key_ids = (key_segments, key_images, jnp.arange(cache.length))
+      layers = scan(Block, in_axes=(nn.broadcast,) * 3 + (0, nn.broadcast, nn.broadcast))
+      x, (keys, values) = layers(cfg, name="layers")(x, segment_ids, image_ids, positions, (cache.keys, cache.values),
+                                                     key_ids, write_index)
+      cache = KVCache(keys=keys, values=values, segment_ids=key_segments, image_ids=key_images)
+    x = RMSNorm(cfg.norm_eps, cfg.dtype, cfg.param_dtype, name="final_norm")(x)
+    return x if cache is None else (x, cache)

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from tfusion.models import patching, unet
-from tfusion.models.transformer import Projection, Transformer, TransformerConfig
+from tfusion.models.transformer import KVCache, Projection, Transformer, TransformerConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,44 +75,60 @@ class TokenEmbedding(nn.Module):
 
 class Transfusion(nn.Module):
   """tokens, segment_ids, positions, image_ids: [B, L] int; noisy_latents: [B, M, h, w, c];
-  timesteps: [B, M] int  ->  (logits [B, L, V] float32, eps_hat [B, M, h, w, c] float32)."""
+  timesteps: [B, M] int  ->  (logits [B, L, V] float32, eps_hat [B, M, h, w, c] float32).
+
+  Decoding (tfusion.decoding): with a KVCache, the L elements are a block written at cache slots
+  write_index [B, L] that attends to everything cached, and the updated cache is returned third.
+  M may be 0 (a text-only block); with_logits=False skips the LM head (logits None).
+  """
   cfg: TransfusionConfig
 
   @nn.compact
-  def __call__(self, tokens, segment_ids, positions, image_ids, noisy_latents, timesteps):
+  def __call__(self, tokens, segment_ids, positions, image_ids, noisy_latents, timesteps,
+               cache: KVCache | None = None, write_index=None, with_logits: bool = True):
     cfg, tcfg = self.cfg, self.cfg.transformer
     batch, num_images = noisy_latents.shape[:2]
     num_slots = num_images * cfg.patches_per_image
 
-    x_text = TokenEmbedding(cfg.vocab_size, tcfg.d_model, tcfg.dtype, tcfg.param_dtype, name="token_embedding")(tokens)
+    x = TokenEmbedding(cfg.vocab_size, tcfg.d_model, tcfg.dtype, tcfg.param_dtype, name="token_embedding")(tokens)
 
     dtypes = dict(dtype=tcfg.dtype, param_dtype=tcfg.param_dtype)
-    if cfg.patch_encoder == "unet":
-      x_patch, skips = unet.UNetPatchEncoder(tcfg.d_model, cfg.patch_size, cfg.unet_channels, cfg.unet_res_blocks,
-                                             name="patch_encoder", **dtypes)(noisy_latents, timesteps)
-    else:
-      patches = patching.patchify(noisy_latents, cfg.patch_size)                # [B, M, n, p]
-      x_patch = patching.LinearPatchEncoder(tcfg.d_model, name="patch_encoder", **dtypes)(patches, timesteps)
-    x_patch = x_patch.reshape(batch, num_slots, tcfg.d_model)
-    # The k-th patch slot of a row holds the k-th patch of the row's images, in order.
-    is_patch = image_ids > 0
-    slot = jnp.maximum(jnp.cumsum(is_patch, axis=1) - 1, 0)
-    x_img = jnp.take_along_axis(x_patch, slot[..., None], axis=1)
-    x = jnp.where(is_patch[..., None], x_img, x_text)
+    if num_images:
+      if cfg.patch_encoder == "unet":
+        x_patch, skips = unet.UNetPatchEncoder(tcfg.d_model, cfg.patch_size, cfg.unet_channels, cfg.unet_res_blocks,
+                                               name="patch_encoder", **dtypes)(noisy_latents, timesteps)
+      else:
+        patches = patching.patchify(noisy_latents, cfg.patch_size)                # [B, M, n, p]
+        x_patch = patching.LinearPatchEncoder(tcfg.d_model, name="patch_encoder", **dtypes)(patches, timesteps)
+      x_patch = x_patch.reshape(batch, num_slots, tcfg.d_model)
+      # The k-th patch slot of a row holds the k-th patch of the row's images, in order.
+      is_patch = image_ids > 0
+      slot = jnp.maximum(jnp.cumsum(is_patch, axis=1) - 1, 0)
+      x_img = jnp.take_along_axis(x_patch, slot[..., None], axis=1)
+      x = jnp.where(is_patch[..., None], x_img, x)
     x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
 
-    h = Transformer(tcfg, name="transformer")(x, segment_ids, image_ids, positions)
-
-    logits = Projection("bld,dv->blv", (tcfg.d_model, cfg.vocab_size), ("embed", "vocab"), (0,),
-                        tcfg.dtype, tcfg.param_dtype, name="lm_head")(h)
-    logits = nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "act_vocab"))
-
-    h_patch = jnp.take_along_axis(h, patch_slot_positions(image_ids, num_slots)[..., None], axis=1)
-    h_patch = h_patch.reshape(batch, num_images, cfg.patches_per_image, tcfg.d_model)
-    if cfg.patch_encoder == "unet":
-      eps = unet.UNetPatchDecoder(cfg.patch_size, cfg.latent_shape[2], cfg.unet_channels, cfg.unet_res_blocks,
-                                  name="patch_decoder", **dtypes)(h_patch, timesteps, skips)
+    transformer = Transformer(tcfg, name="transformer")
+    if cache is None:
+      h = transformer(x, segment_ids, image_ids, positions)
     else:
-      eps = patching.LinearPatchDecoder(cfg.patch_dim, name="patch_decoder", **dtypes)(h_patch)
-      eps = patching.unpatchify(eps, cfg.patch_size, *cfg.latent_shape[:2])
-    return logits, eps.astype(jnp.float32)
+      h, cache = transformer(x, segment_ids, image_ids, positions, cache, write_index)
+
+    logits = None
+    if with_logits:
+      logits = Projection("bld,dv->blv", (tcfg.d_model, cfg.vocab_size), ("embed", "vocab"), (0,),
+                          tcfg.dtype, tcfg.param_dtype, name="lm_head")(h)
+      logits = nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "act_vocab"))
+
+    eps = jnp.zeros(noisy_latents.shape, jnp.float32)
+    if num_images:
+      h_patch = jnp.take_along_axis(h, patch_slot_positions(image_ids, num_slots)[..., None], axis=1)
+      h_patch = h_patch.reshape(batch, num_images, cfg.patches_per_image, tcfg.d_model)
+      if cfg.patch_encoder == "unet":
+        eps = unet.UNetPatchDecoder(cfg.patch_size, cfg.latent_shape[2], cfg.unet_channels, cfg.unet_res_blocks,
+                                    name="patch_decoder", **dtypes)(h_patch, timesteps, skips)
+      else:
+        eps = patching.LinearPatchDecoder(cfg.patch_dim, name="patch_decoder", **dtypes)(h_patch)
+        eps = patching.unpatchify(eps, cfg.patch_size, *cfg.latent_shape[:2])
+    eps = eps.astype(jnp.float32)
+    return (logits, eps) if cache is None else (logits, eps, cache)

@@ -32,6 +32,21 @@ class Checkpointer:
           f"It was left untouched; move it away to resume from an earlier step.") from e
     return restored.state
 
+  def all_steps(self) -> list[int]:
+    return list(self.manager.all_steps())
+
+  def restore_params(self, step: int, abstract_params):
+    """Only the params of a saved train state (no optimizer state, no data position), into the
+    shardings of `abstract_params`."""
+    target = {"params": abstract_params}
+    try:
+      restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+          target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True)))
+    except Exception as e:  # orbax raises many types for unreadable or mismatched files
+      raise RuntimeError(f"params of checkpoint {self.directory}/{step} could not be restored "
+                         f"({type(e).__name__}: {e})") from e
+    return restored.state["params"]
+
   def wait(self) -> None:
     self.manager.wait_until_finished()
 

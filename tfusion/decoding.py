@@ -1,0 +1,439 @@
+"""Mixed-modal decoding (paper §3 "Inference"), batched, jit-compiled, with or without a KV cache.
+
+Every row is one document that grows element by element. LM mode writes the last token into the
+sequence and samples the next one. When the next token is BOI, the image phase writes BOI, appends n
+patches of pure noise and denoises them step by step, each step overwriting the image block in place;
+the finished image is written once more at t = 0 (what later text attends to), EOI becomes the next
+token and LM mode resumes.
+
+Two memories run the same driver and give the same results:
+  CachedMemory (a transformer.KVCache): a step computes only its block of new elements, against the
+    cached keys and values of everything before (and of its own block: images are bidirectional).
+  FullMemory: the row's whole arrays; every step reruns the model over the whole sequence. It is the
+    reference the cache is tested against and the baseline of benchmarks/sampling.py.
+
+Shapes are static: one compilation per (batch, prompt length, options), none per token or step. Rows
+run in lockstep phases: the text phase runs until every row has finished or is waiting to draw an
+image, then the image phase draws all waiting rows' images at once. With classifier-free guidance
+(cfg_scale != 1) each row has an unconditional partner row that sees [BOS BOI image] only (the
+empty caption of training's caption dropout); both predict eps and share the guided update.
+"""
+import dataclasses
+import functools
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+from jax.experimental import multihost_utils
+import jax.numpy as jnp
+import numpy as np
+
+from tfusion import diffusion, sharding
+from tfusion.data import sequence
+from tfusion.models import transformer
+
+SAMPLERS = ("ddpm", "ddim")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingOptions:
+  """How tokens and images are drawn. Greedy text is temperature 0."""
+  diffusion_steps: int = 250      # respaced from the T training timesteps
+  sampler: str = "ddpm"           # ddpm (ancestral) | ddim
+  ddim_eta: float = 0.0           # 0 = deterministic DDIM, 1 = the DDPM posterior variance
+  cfg_scale: float = 1.0          # classifier-free guidance w in eps_u + w (eps_c - eps_u); 1 = off
+  temperature: float = 0.0
+  top_k: int = 0                  # 0 = off
+  top_p: float = 1.0              # 1 = off
+  max_new_tokens: int = 64        # text tokens generated per row (EOS included)
+  max_images: int = 1             # images a row may generate (interleaved mode)
+  clip_x0: float | None = None    # clip the x0 estimate to [-clip_x0, clip_x0] (the codec's range)
+
+  def validate(self, num_timesteps: int) -> None:
+    """ValueError naming the first bad option."""
+    if self.sampler not in SAMPLERS:
+      raise ValueError(f"sampler {self.sampler!r} is unknown: use one of {SAMPLERS}")
+    if not 1 <= self.diffusion_steps <= num_timesteps:
+      raise ValueError(f"diffusion_steps = {self.diffusion_steps} must be in [1, {num_timesteps}]")
+    if not 0.0 <= self.ddim_eta <= 1.0:
+      raise ValueError(f"ddim_eta = {self.ddim_eta} must be in [0, 1]")
+    if self.cfg_scale < 0:
+      raise ValueError(f"cfg_scale = {self.cfg_scale} must be >= 0")
+    if self.temperature < 0 or self.top_k < 0 or not 0.0 < self.top_p <= 1.0:
+      raise ValueError(f"temperature = {self.temperature}, top_k = {self.top_k} must be >= 0 and top_p = "
+                       f"{self.top_p} in (0, 1]")
+    if self.max_new_tokens < 0 or self.max_images < 0:
+      raise ValueError(f"max_new_tokens = {self.max_new_tokens} and max_images = {self.max_images} must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """What the rows generate after their prompts: text (up to max_new_tokens, until EOS), images when
+  the model draws BOI (allow_images), and whether a row stops after its first image."""
+  allow_text: bool
+  allow_images: bool
+  stop_after_image: bool
+
+
+TEXT = Task(allow_text=True, allow_images=False, stop_after_image=False)
+IMAGE = Task(allow_text=False, allow_images=True, stop_after_image=True)
+INTERLEAVED = Task(allow_text=True, allow_images=True, stop_after_image=False)
+
+
+@dataclasses.dataclass
+class Generation:
+  """One row's output: generated text ids (EOS kept if drawn) and images, image k coming after the
+  first image_positions[k] text ids."""
+  tokens: list[int]
+  images: np.ndarray              # [k, h, w, c] float32
+  image_positions: list[int]
+
+
+# ----------------------------------------------------------------------------------------------
+# Memories: where the sequence so far lives. feed() writes a block and returns its outputs.
+# ----------------------------------------------------------------------------------------------
+@flax.struct.dataclass
+class Block:
+  """New elements of every row, in the model's input format plus where they go.
+
+  tokens, segment_ids, positions, image_ids: [B, Q] int (segment 0 = not written, e.g. inactive rows);
+  latents [B, m, h, w, c], timesteps [B, m]; slots [B, Q]: sequence slot of each element (out of
+  range = not written); image_slots [B, m]: which of the row's images each block image is.
+  """
+  tokens: jax.Array
+  segment_ids: jax.Array
+  positions: jax.Array
+  image_ids: jax.Array
+  latents: jax.Array
+  timesteps: jax.Array
+  slots: jax.Array
+  image_slots: jax.Array
+
+
+@flax.struct.dataclass
+class FullMemory:
+  """The whole rows: element arrays [B, L] and image arrays [B, M, ...] (see data.sequence)."""
+  tokens: jax.Array
+  segment_ids: jax.Array
+  positions: jax.Array
+  image_ids: jax.Array
+  latents: jax.Array
+  timesteps: jax.Array
+
+  @classmethod
+  def empty(cls, batch, length, max_images, latent_shape, pad_id):
+    ids = jnp.zeros((batch, length), jnp.int32)
+    return cls(tokens=jnp.full((batch, length), pad_id, jnp.int32), segment_ids=ids, positions=ids, image_ids=ids,
+               latents=jnp.zeros((batch, max_images, *latent_shape), jnp.float32),
+               timesteps=jnp.zeros((batch, max_images), jnp.int32))
+
+  def feed(self, model, params, block: Block, with_logits: bool):
+    w = lambda buf, val: transformer.write_slots(buf, val, block.slots)  # noqa: E731
+    wi = lambda buf, val: transformer.write_slots(buf, val, block.image_slots)  # noqa: E731
+    memory = FullMemory(tokens=w(self.tokens, block.tokens), segment_ids=w(self.segment_ids, block.segment_ids),
+                        positions=w(self.positions, block.positions), image_ids=w(self.image_ids, block.image_ids),
+                        latents=wi(self.latents, block.latents), timesteps=wi(self.timesteps, block.timesteps))
+    logits, eps = model.apply({"params": params}, memory.tokens, memory.segment_ids, memory.positions,
+                              memory.image_ids, memory.latents, memory.timesteps, with_logits=with_logits)
+    gather = lambda a, idx: jnp.take_along_axis(  # noqa: E731
+        a, jnp.clip(idx, 0, a.shape[1] - 1).reshape(idx.shape + (1,) * (a.ndim - 2)), axis=1)
+    return (gather(logits, block.slots) if with_logits else None), gather(eps, block.image_slots), memory
+
+
+@flax.struct.dataclass
+class CachedMemory:
+  cache: transformer.KVCache
+
+  @classmethod
+  def empty(cls, model, batch, length):
+    return cls(transformer.KVCache.empty(model.cfg.transformer, batch, length))
+
+  def feed(self, model, params, block: Block, with_logits: bool):
+    logits, eps, cache = model.apply({"params": params}, block.tokens, block.segment_ids, block.positions,
+                                     block.image_ids, block.latents, block.timesteps, self.cache, block.slots,
+                                     with_logits=with_logits)
+    return logits, eps, CachedMemory(cache)
+
+
+# ----------------------------------------------------------------------------------------------
+# The decoding state and the two phases.
+# ----------------------------------------------------------------------------------------------
+@flax.struct.dataclass
+class DecodeState:
+  """memory; length [B]: elements written; last [B]: the next token, drawn but not yet written;
+  done [B]; text [B, T] and num_text [B]: generated text ids; images [B, I, h, w, c], num_images [B]
+  (prompt images included), image_positions [B, I]: num_text when each image was drawn; keys [B]."""
+  memory: Any
+  length: jax.Array
+  last: jax.Array
+  done: jax.Array
+  text: jax.Array
+  num_text: jax.Array
+  images: jax.Array
+  num_images: jax.Array
+  image_positions: jax.Array
+  keys: jax.Array
+
+
+@flax.struct.dataclass
+class TextOptions:
+  """The traced text sampling options (changing them does not recompile)."""
+  temperature: jax.Array
+  top_k: jax.Array
+  top_p: jax.Array
+
+
+def sample_tokens(logits, keys, opts: TextOptions):
+  """Next tokens [B] from logits [B, V] (banned ids at -inf): greedy at temperature 0, else sampled
+  from the temperature-scaled distribution restricted to the top_k ids and the top_p nucleus."""
+  vocab = logits.shape[-1]
+  scaled = logits / jnp.maximum(opts.temperature, 1e-6)
+  descending = -jnp.sort(-scaled, axis=-1)
+  kth = descending[:, jnp.clip(opts.top_k, 1, vocab) - 1]
+  scaled = jnp.where((opts.top_k > 0) & (scaled < kth[:, None]), -jnp.inf, scaled)
+  descending = -jnp.sort(-scaled, axis=-1)
+  probs = jax.nn.softmax(descending, axis=-1)
+  before = jnp.cumsum(probs, axis=-1) - probs            # mass of the more likely ids
+  cutoff = jnp.min(jnp.where(before < opts.top_p, descending, jnp.inf), axis=-1)
+  scaled = jnp.where((opts.top_p < 1) & (scaled < cutoff[:, None]), -jnp.inf, scaled)
+  sampled = jax.vmap(jax.random.categorical)(keys, scaled)
+  return jnp.where(opts.temperature > 0, sampled, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
+
+
+def _banned(vocab, special, task: Task, may_draw_image):
+  """[B, V] bool: ids the LM may not draw. PAD, BOS and EOI never (EOI follows every image by rule);
+  BOI only when images are allowed and the row has room for one; text ids when no text is asked."""
+  ids = jnp.arange(vocab)
+  never = (ids == special.pad) | (ids == special.bos) | (ids == special.eoi)
+  if not task.allow_text:
+    never |= (ids != special.boi)
+  boi = (ids == special.boi)[None, :] & ~may_draw_image[:, None]
+  return never[None, :] | boi
+
+
+def text_phase(model, params, state: DecodeState, opts: TextOptions, special, task: Task, image_budget):
+  """LM steps until every row is done or waiting for an image (last == BOI). Rows whose text budget
+  (T ids) is used up are done. image_budget [B]: images each row may still draw in total."""
+  budget = state.text.shape[1]
+  batch, slots = state.length.shape[0], _memory_length(state.memory)
+
+  def active(s):
+    return ~s.done & (s.last != special.boi)
+
+  def step(s):
+    act = active(s)
+    block = Block(tokens=s.last[:, None], segment_ids=act[:, None].astype(jnp.int32), positions=s.length[:, None],
+                  image_ids=jnp.zeros((batch, 1), jnp.int32),
+                  latents=jnp.zeros((batch, 0, *model.cfg.latent_shape), jnp.float32),
+                  timesteps=jnp.zeros((batch, 0), jnp.int32),
+                  slots=jnp.where(act, s.length, slots)[:, None], image_slots=jnp.zeros((batch, 0), jnp.int32))
+    logits, _, memory = s.memory.feed(model, params, block, with_logits=True)
+    room = s.length + 1 + model.cfg.patches_per_image + 2 <= slots
+    logits = jnp.where(_banned(logits.shape[-1], special, task, (s.num_images < image_budget) & room),
+                       -jnp.inf, logits[:, 0])
+    keys = jax.vmap(jax.random.fold_in)(s.keys, s.length)
+    token = sample_tokens(logits, keys, opts)
+    is_text = act & (token != special.boi)
+    text = transformer.write_slots(s.text, token[:, None], jnp.where(is_text, s.num_text, budget)[:, None])
+    num_text = s.num_text + is_text
+    done = s.done | (is_text & ((token == special.eos) | (num_text >= budget)))
+    return s.replace(memory=memory, length=s.length + act, last=jnp.where(act, token, s.last), done=done, text=text,
+                     num_text=num_text)
+
+  return jax.lax.while_loop(lambda s: jnp.any(active(s)), step, state)
+
+
+def image_phase(model, params, state: DecodeState, special, task: Task, alpha_bar, timesteps, sampler: str,
+                ddim_eta, cfg_scale, guided: bool, clip_x0):
+  """Draws an image for every row waiting at BOI (see the module docstring); others are untouched.
+
+  With guided=True rows [B, 2B) are the unconditional partners of rows [0, B).
+  """
+  cfg = model.cfg
+  n, batch, slots = cfg.patches_per_image, state.length.shape[0], _memory_length(state.memory)
+  waiting = ~state.done & (state.last == special.boi)
+  if guided:
+    half = batch // 2
+    waiting = jnp.concatenate([waiting[:half], waiting[:half]])
+    partner = jnp.arange(batch) >= half
+    # A partner restarts from [BOS] before every image: the unconditional context.
+    state = state.replace(length=jnp.where(partner & waiting, 1, state.length),
+                          last=jnp.where(partner & waiting, special.boi, state.last),
+                          num_images=jnp.where(partner, 0, state.num_images))
+  zeros = lambda *shape: jnp.zeros((batch, *shape), jnp.int32)  # noqa: E731
+  no_image = dict(latents=jnp.zeros((batch, 0, *cfg.latent_shape), jnp.float32), timesteps=zeros(0),
+                  image_slots=zeros(0))
+  boi = Block(tokens=state.last[:, None], segment_ids=waiting[:, None].astype(jnp.int32),
+              positions=state.length[:, None], image_ids=zeros(1),
+              slots=jnp.where(waiting, state.length, slots)[:, None], **no_image)
+  _, _, memory = state.memory.feed(model, params, boi, with_logits=False)
+
+  start = state.length + 1
+  image_id = state.num_images + 1
+  block_slots = start[:, None] + jnp.arange(n)
+
+  def image_block(x, t):
+    return Block(tokens=jnp.full((batch, n), special.pad, jnp.int32),
+                 segment_ids=jnp.broadcast_to(waiting[:, None], (batch, n)).astype(jnp.int32), positions=block_slots,
+                 image_ids=jnp.broadcast_to(image_id[:, None], (batch, n)), latents=x[:, None],
+                 timesteps=jnp.full((batch, 1), t), slots=jnp.where(waiting[:, None], block_slots, slots),
+                 image_slots=jnp.where(waiting, state.num_images, slots)[:, None])
+
+  image_keys = jax.vmap(jax.random.fold_in)(state.keys, 1_000_000 + state.num_images)
+  if guided:
+    image_keys = jnp.concatenate([image_keys[:half], image_keys[:half]])
+  x = jax.vmap(lambda k: jax.random.normal(k, cfg.latent_shape))(image_keys)
+
+  def denoise(i, carry):
+    x, memory = carry
+    t, t_prev = timesteps[i], timesteps[i + 1]
+    _, eps, memory = memory.feed(model, params, image_block(x, t), with_logits=False)
+    eps = eps[:, 0]
+    if guided:
+      eps = diffusion.guide(eps[:half], eps[half:], cfg_scale)
+      eps = jnp.concatenate([eps, eps])
+    noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i), cfg.latent_shape))(image_keys)
+    if sampler == "ddim":
+      x_prev = diffusion.ddim_step(x, eps, alpha_bar[t], alpha_bar[t_prev], noise, ddim_eta, clip_x0)
+    else:
+      x_prev = diffusion.ddpm_step(x, eps, alpha_bar[t], alpha_bar[t_prev], noise, clip_x0)
+    return x_prev, memory
+
+  x, memory = jax.lax.fori_loop(0, timesteps.shape[0] - 1, denoise, (x, memory))
+  # The finished image enters the sequence at t = 0, as clean images do in training.
+  _, _, memory = memory.feed(model, params, image_block(x, 0), with_logits=False)
+
+  images = transformer.write_slots(state.images, x[:, None],
+                                   jnp.where(waiting, state.num_images, state.images.shape[1])[:, None])
+  positions = transformer.write_slots(state.image_positions, state.num_text[:, None],
+                                      jnp.where(waiting, state.num_images, state.images.shape[1])[:, None])
+  done = state.done | (waiting & task.stop_after_image)
+  if guided:
+    done = done | partner
+  return state.replace(memory=memory, length=jnp.where(waiting, start + n, state.length),
+                       last=jnp.where(waiting, special.eoi, state.last), done=done, images=images,
+                       num_images=state.num_images + waiting, image_positions=positions)
+
+
+def _memory_length(memory) -> int:
+  return memory.cache.length if isinstance(memory, CachedMemory) else memory.tokens.shape[1]
+
+
+def prefill(model, params, state: DecodeState, block: Block):
+  _, _, memory = state.memory.feed(model, params, block, with_logits=False)
+  return state.replace(memory=memory)
+
+
+# ----------------------------------------------------------------------------------------------
+# The driver.
+# ----------------------------------------------------------------------------------------------
+def _prompt_rows(prompts: list[list], special, latent_shape, patch_size):
+  """Pieces -> the prompt arrays of every row (data.sequence layout, one document per row), with the
+  last element of each prompt held back as the row's first `last` token. Returns (arrays, lengths)."""
+  layout_of = lambda n: sequence.RowLayout(n, latent_shape, patch_size)  # noqa: E731
+  lengths = [layout_of(1).document_length(p) for p in prompts]
+  layout = layout_of(-(-max(lengths) // 16) * 16)
+  rows = []
+  for pieces in prompts:
+    row = sequence.RowBuilder(layout, special, 0)
+    row.add(pieces)
+    rows.append(row.arrays())
+  return {k: np.stack([r[k] for r in rows]) for k in rows[0]}, np.array(lengths, np.int32)
+
+
+def decode(model, params, prompts: list[list], task: Task, special: sequence.SpecialIds, alpha_bar: np.ndarray,
+           options: SamplingOptions, key: jax.Array, mesh=None, cached: bool = True,
+           guided: bool | None = None) -> list[Generation]:
+  """Generate after each prompt. A prompt is a list of sequence pieces (TextPiece, ImagePiece at t = 0)
+  starting with BOS and ending with a text token, the first one the model reads before drawing (for
+  images only, end it with BOI). guided defaults to cfg_scale != 1."""
+  num_timesteps = len(alpha_bar) - 1
+  options.validate(num_timesteps)
+  guided = options.cfg_scale != 1.0 if guided is None else guided
+  guided = guided and task.allow_images
+  cfg = model.cfg
+  mesh = mesh or _mesh_of(params)
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  num_prompts = len(prompts)
+  prompts = list(prompts) + [prompts[0]] * (-num_prompts % shards)   # whole rows per data shard
+  if guided:
+    prompts = prompts + [[sequence.TextPiece(np.array([special.bos, special.boi], np.int32))]] * len(prompts)
+  arrays, lengths = _prompt_rows(prompts, special, cfg.latent_shape, cfg.patch_size)
+  batch, prompt_slots = arrays["tokens"].shape
+  last = arrays["tokens"][np.arange(batch), lengths - 1]
+  prompt_images = arrays["image_valid"].sum(axis=1).astype(np.int32)
+
+  max_images = options.max_images if task.allow_images else 0
+  text_budget = options.max_new_tokens if task.allow_text else 0
+  total = prompt_slots + text_budget + max_images * (cfg.patches_per_image + 2) + 1   # static per prompt bucket
+  image_capacity = arrays["latents"].shape[1] + max_images
+  conditional_rows = batch // 2 if guided else batch
+  row_keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(batch) % conditional_rows)
+  in_prompt = (np.arange(prompt_slots)[None, :] < (lengths - 1)[:, None])
+  prompt_block = Block(
+      tokens=arrays["tokens"], segment_ids=in_prompt.astype(np.int32), positions=arrays["positions"],
+      image_ids=arrays["image_ids"], latents=arrays["latents"], timesteps=np.zeros(arrays["t_max"].shape, np.int32),
+      slots=np.where(in_prompt, np.arange(prompt_slots), total).astype(np.int32),
+      image_slots=np.where(arrays["image_valid"], np.arange(arrays["image_valid"].shape[1]), image_capacity
+                           ).astype(np.int32))
+  image_budget = jnp.asarray(prompt_images + max_images)
+  partner = np.arange(batch) >= conditional_rows
+  text_opts = TextOptions(jnp.float32(options.temperature), jnp.int32(options.top_k), jnp.float32(options.top_p))
+  schedule = dict(alpha_bar=jnp.asarray(alpha_bar, jnp.float32),
+                  timesteps=jnp.asarray(diffusion.respaced_timesteps(num_timesteps, options.diffusion_steps)))
+
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
+    state = _init_state(model, cached, batch, total, image_capacity, special.pad, jnp.asarray(lengths - 1),
+                        jnp.asarray(last), jnp.asarray(partner), text_budget, row_keys, jnp.asarray(prompt_images))
+    state = _jit_prefill(model, params, state, prompt_block)
+    while True:  # the text phase leaves every row done or waiting at BOI
+      state = _jit_text_phase(model, params, state, text_opts, special, task, image_budget)
+      done, last = _host((state.done, state.last))
+      if not np.any(~done & (last == special.boi)):
+        break
+      state = _jit_image_phase(model, params, state, special, task, schedule["alpha_bar"], schedule["timesteps"],
+                               options.sampler, jnp.float32(options.ddim_eta), jnp.float32(options.cfg_scale),
+                               guided, options.clip_x0)
+  text, num_text, images, num_images, positions = _host(
+      (state.text, state.num_text, state.images, state.num_images, state.image_positions))
+  results = []
+  for r in range(num_prompts):
+    first = prompt_images[r]
+    results.append(Generation(tokens=text[r, :num_text[r]].tolist(), images=images[r, first:num_images[r]],
+                              image_positions=positions[r, first:num_images[r]].tolist()))
+  return results
+
+
+def _mesh_of(params):
+  """The mesh the params are laid out on, or one device's."""
+  leaf = jax.tree.leaves(params)[0]
+  if isinstance(getattr(leaf, "sharding", None), jax.sharding.NamedSharding):
+    return leaf.sharding.mesh
+  return jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), sharding.MESH_AXES)
+
+
+def _host(tree):
+  return jax.tree.map(lambda a: np.asarray(multihost_utils.process_allgather(a, tiled=True)), tree)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "cached", "batch", "total", "image_capacity", "pad",
+                                             "text_budget"))
+def _init_state(model, cached, batch, total, image_capacity, pad, length, last, partner, text_budget, keys,
+                prompt_images):
+  cfg = model.cfg
+  if cached:
+    memory = CachedMemory.empty(model, batch, total)
+  else:
+    memory = FullMemory.empty(batch, total, image_capacity, cfg.latent_shape, pad)
+  zeros = jnp.zeros(batch, jnp.int32)
+  return DecodeState(memory=memory, length=length, last=last, done=partner, text=jnp.full((batch, text_budget), pad),
+                     num_text=zeros, images=jnp.zeros((batch, image_capacity, *cfg.latent_shape), jnp.float32),
+                     num_images=prompt_images, image_positions=jnp.zeros((batch, image_capacity), jnp.int32),
+                     keys=keys)
+
+
+_jit_prefill = jax.jit(prefill, static_argnames=("model",), donate_argnames=("state",))
+_jit_text_phase = jax.jit(text_phase, static_argnames=("model", "special", "task"), donate_argnames=("state",))
+_jit_image_phase = jax.jit(image_phase, static_argnames=("model", "special", "task", "sampler", "guided", "clip_x0"),
+                           donate_argnames=("state",))

@@ -1,0 +1,271 @@
+r"""Generate with a trained Transfusion: text -> image, image -> caption, text continuation, interleaved.
+
+  python -m tfusion.generate --workdir RUN --mode image --prompt "a red circle" --out DIR
+  python -m tfusion.generate --workdir RUN --mode caption --image a.png --image b.png --out DIR
+  python -m tfusion.generate --workdir RUN --mode text --prompt_file prompts.txt --out DIR
+  python -m tfusion.generate --workdir RUN --mode interleaved --prompt "..." --max_images 2 --out DIR
+
+The Python API is `Sampler` (params + config + tokenizer) and `load(workdir)`; the training loop's
+periodic samples use the same calls. Decoding itself is tfusion.decoding (KV cache, CFG, DDPM/DDIM).
+"""
+import dataclasses
+import json
+import os
+
+from absl import app, flags, logging
+import jax
+import numpy as np
+from PIL import Image
+
+from tfusion import codecs, config as config_lib, decoding, diffusion, sharding, visualize
+from tfusion.data import sequence, shapes, tokenizer as tokenizer_lib
+from tfusion.training import checkpoint, optim, state as state_lib
+
+MODES = ("text", "image", "caption", "interleaved")
+
+
+@dataclasses.dataclass
+class Sampler:
+  """A trained model ready to sample: config (a run's ConfigDict), params (on `mesh`, or on one
+  device), and the run's tokenizer. Every method takes SamplingOptions and a PRNG key."""
+  config: object
+  params: object
+  tokenizer: tokenizer_lib.Tokenizer
+  mesh: jax.sharding.Mesh | None = None
+
+  def __post_init__(self):
+    self.model, _ = state_lib.model_and_layout(self.config, self.tokenizer.vocab_size)
+    self.codec = codecs.make_codec(self.config.data)
+    self.special = sequence.SpecialIds.of(self.tokenizer)
+    self.alpha_bar = diffusion.make_alpha_bar(self.config.diffusion.schedule, self.config.diffusion.num_timesteps)
+
+  def _text(self, text: str, *extra: int) -> sequence.TextPiece:
+    return sequence.TextPiece(np.array([self.special.bos, *self.tokenizer.encode(text), *extra], np.int32))
+
+  def _decode(self, prompts, task, options, key):
+    options = dataclasses.replace(options, clip_x0=options.clip_x0 or self.codec.value_range)
+    return decoding.decode(self.model, self.params, prompts, task, self.special, self.alpha_bar, options, key,
+                           self.mesh)
+
+  def _cut(self, ids: list[int]) -> str:
+    return self.tokenizer.decode(ids[:ids.index(self.special.eos)] if self.special.eos in ids else ids)
+
+  def latents(self, captions: list[str], options: decoding.SamplingOptions, key) -> np.ndarray:
+    """Image latents [N, h, w, c] float32 generated from captions ("" = unconditional)."""
+    prompts = [[self._text(c, self.special.boi)] for c in captions]
+    return np.stack([g.images[0] for g in self._decode(prompts, decoding.IMAGE, options, key)])
+
+  def text_to_image(self, captions: list[str], options: decoding.SamplingOptions, key) -> np.ndarray:
+    """Images [N, S, S, 3] uint8 generated from captions."""
+    return self.codec.decode(self.latents(captions, options, key))
+
+  def encode_images(self, images: np.ndarray) -> np.ndarray:
+    """uint8 images [N, S, S, 3] at the run's image size -> latents; ValueError on another size."""
+    size = self.config.data.image_size
+    if images.ndim != 4 or images.shape[1:] != (size, size, 3):
+      raise ValueError(f"images of shape {images.shape[1:]}: this model reads {size}x{size} RGB images")
+    return self.codec.encode(images)
+
+  def caption(self, images: np.ndarray, options: decoding.SamplingOptions, key) -> list[str]:
+    """Captions of uint8 images [N, S, S, 3], decoded after [BOS BOI image EOI] (image at t = 0)."""
+    prompts = [[self._text(""), sequence.ImagePiece(lat, 0)] for lat in self.encode_images(images)]
+    return [self._cut(g.tokens) for g in self._decode(prompts, decoding.TEXT, options, key)]
+
+  def continue_text(self, prompts: list[str], options: decoding.SamplingOptions, key) -> list[str]:
+    """The text each prompt continues with, up to EOS or options.max_new_tokens."""
+    generations = self._decode([[self._text(p)] for p in prompts], decoding.TEXT, options, key)
+    return [self._cut(g.tokens) for g in generations]
+
+  def interleaved(self, prompts: list[str], options: decoding.SamplingOptions, key) -> list[list]:
+    """Free mixed-modal continuation: per prompt, a list of str and uint8 [S, S, 3] images in order;
+    the model decides when to draw BOI (at most options.max_images images)."""
+    results = []
+    for g in self._decode([[self._text(p)] for p in prompts], decoding.INTERLEAVED, options, key):
+      parts, start = [], 0
+      tokens = g.tokens[:g.tokens.index(self.special.eos)] if self.special.eos in g.tokens else g.tokens
+      for image, at in zip(self.codec.decode(g.images), g.image_positions):
+        parts += [self.tokenizer.decode(tokens[start:at]), image]
+        start = at
+      parts.append(self.tokenizer.decode(tokens[start:]))
+      results.append([p for p in parts if not isinstance(p, str) or p])
+    return results
+
+
+def load(workdir: str, step: int | None = None, mesh=None) -> Sampler:
+  """The Sampler of a training run directory, from its latest (or `step`) checkpoint: params only."""
+  config_path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(config_path):
+    raise FileNotFoundError(f"{config_path} not found: --workdir must be a tfusion training run directory")
+  with open(config_path) as f:
+    config = config_lib.from_json(f.read(), config_path)
+  tok = tokenizer_lib.Tokenizer.load(os.path.join(workdir, "tokenizer.model"))
+  ckpt = checkpoint.Checkpointer(os.path.join(os.path.abspath(workdir), "checkpoints"), 1)
+  try:
+    steps = ckpt.all_steps()
+    if not steps:
+      raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints: train the run first")
+    step = max(steps) if step is None else step
+    if step not in steps:
+      raise ValueError(f"no checkpoint for step {step} in {workdir}/checkpoints; saved steps: {sorted(steps)}")
+    mesh = mesh or _generation_mesh(config)
+    model, layout = state_lib.model_and_layout(config, tok.vocab_size)
+    tx, _ = optim.make_optimizer(config.optim, config.total_steps)
+    abstract, _ = state_lib.abstract_train_state(model, tx, state_lib.dummy_batch(1, layout), mesh)
+    params = ckpt.restore_params(step, abstract.params)
+  finally:
+    ckpt.close()
+  logging.info("loaded step %d of %s", step, workdir)
+  return Sampler(config, params, tok, mesh)
+
+
+def _generation_mesh(config):
+  """The run's mesh layout over this machine's devices, or plain data parallelism if it does not fit."""
+  try:
+    return sharding.make_mesh(config.mesh)
+  except ValueError as e:
+    logging.warning("the run's mesh does not fit these %d devices (%s); sampling data-parallel",
+                    jax.device_count(), e)
+    return sharding.make_mesh({f"{k}_{a}_parallelism": 1 for k in ("ici", "dcn") for a in sharding.MESH_AXES}
+                              | {"ici_data_parallelism": -1})
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line.
+# ----------------------------------------------------------------------------------------------
+def read_images(paths: list[str]) -> np.ndarray:
+  """PNG/JPEG files -> uint8 [N, S, S, 3]; the error names the unreadable file."""
+  images = []
+  for path in paths:
+    try:
+      with Image.open(path) as im:
+        images.append(np.asarray(im.convert("RGB")))
+    except (OSError, ValueError) as e:
+      raise ValueError(f"cannot read image {path}: {e}") from e
+  sizes = {im.shape for im in images}
+  if len(sizes) > 1:
+    raise ValueError(f"images have different sizes {sorted(sizes)}: {paths}")
+  return np.stack(images)
+
+
+def read_prompts(prompts: list[str] | None, prompt_file: str | None) -> list[str]:
+  lines = list(prompts or [])
+  if prompt_file:
+    with open(prompt_file) as f:
+      lines += [line.rstrip("\n") for line in f if line.strip()]
+  return lines
+
+
+def options_from_flags(args) -> decoding.SamplingOptions:
+  return decoding.SamplingOptions(
+      diffusion_steps=args.diffusion_steps, sampler=args.sampler, ddim_eta=args.ddim_eta, cfg_scale=args.cfg_scale,
+      temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
+      max_images=args.max_images)
+
+
+def run(args) -> dict:
+  """Runs one --mode over its inputs in batches, writes the outputs to --out; returns the summary."""
+  if args.mode not in MODES:
+    raise ValueError(f"--mode={args.mode!r}: one of {MODES}")
+  prompts = read_prompts(args.prompt, args.prompt_file)
+  if args.mode == "caption":
+    if not args.image and not args.test_examples:
+      raise ValueError("--mode=caption needs --image path.png (repeatable) or --test_examples N")
+  elif not prompts:
+    raise ValueError(f"--mode={args.mode} needs --prompt or --prompt_file (use --prompt='' for an unconditional "
+                     "image)")
+  elif args.mode in ("text", "interleaved") and not all(p.strip() for p in prompts):
+    raise ValueError(f"--mode={args.mode}: prompts must not be empty")
+  options = options_from_flags(args)
+  sampler = load(args.workdir, args.step)
+  options.validate(sampler.config.diffusion.num_timesteps)
+  os.makedirs(args.out, exist_ok=True)
+  key = jax.random.key(args.seed)
+  batches = lambda items: [items[i:i + args.batch_size] for i in range(0, len(items), args.batch_size)]  # noqa: E731
+  summary = {"workdir": args.workdir, "mode": args.mode, "options": dataclasses.asdict(options), "outputs": []}
+
+  if args.mode == "image":
+    images = np.concatenate([sampler.text_to_image(b, options, jax.random.fold_in(key, i))
+                             for i, b in enumerate(batches(prompts))])
+    for i, (prompt, image) in enumerate(zip(prompts, images)):
+      Image.fromarray(image).save(os.path.join(args.out, f"image_{i:03d}.png"))
+      summary["outputs"].append({"prompt": prompt, "image": f"image_{i:03d}.png"})
+    visualize.save_image_grid(os.path.join(args.out, "grid.png"), images, prompts)
+  elif args.mode == "caption":
+    names = list(args.image or [])
+    images = read_images(names) if names else np.zeros((0, 1, 1, 3), np.uint8)
+    if args.test_examples:
+      test = shapes.load_shapes(os.path.expanduser(sampler.config.data.data_dir), "test",
+                                sampler.config.data.image_size)
+      examples = test.__getitems__(list(range(args.test_examples)))
+      images = np.concatenate([images, np.stack([e["image"] for e in examples])]) if names else \
+          np.stack([e["image"] for e in examples])
+      names += [f"test[{i}]: {e['caption'].decode()}" for i, e in enumerate(examples)]
+    captions = [c for i, b in enumerate(batches(list(images)))
+                for c in sampler.caption(np.stack(b), options, jax.random.fold_in(key, i))]
+    for name, caption in zip(names, captions):
+      summary["outputs"].append({"image": name, "caption": caption})
+    visualize.save_image_grid(os.path.join(args.out, "captioned.png"), images, captions)
+  elif args.mode == "text":
+    texts = [t for i, b in enumerate(batches(prompts)) for t in sampler.continue_text(b, options,
+                                                                                      jax.random.fold_in(key, i))]
+    summary["outputs"] = [{"prompt": p, "text": t} for p, t in zip(prompts, texts)]
+  else:
+    results = [r for i, b in enumerate(batches(prompts)) for r in sampler.interleaved(b, options,
+                                                                                      jax.random.fold_in(key, i))]
+    for i, (prompt, parts) in enumerate(zip(prompts, results)):
+      entry, k = {"prompt": prompt, "parts": []}, 0
+      for part in parts:
+        if isinstance(part, str):
+          entry["parts"].append({"text": part})
+        else:
+          name = f"sample_{i:03d}_image_{k}.png"
+          Image.fromarray(part).save(os.path.join(args.out, name))
+          entry["parts"].append({"image": name})
+          k += 1
+      summary["outputs"].append(entry)
+  with open(os.path.join(args.out, "generations.json"), "w") as f:
+    json.dump(summary, f, indent=2)
+  return summary
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if flags.FLAGS.workdir is None or flags.FLAGS.out is None:
+    raise app.UsageError("--workdir and --out are required")
+  try:
+    summary = run(flags.FLAGS)
+  except (ValueError, FileNotFoundError) as e:
+    raise app.UsageError(str(e)) from e
+  for entry in summary["outputs"]:
+    print(json.dumps(entry))
+  print(f"wrote {flags.FLAGS.out}/generations.json")
+
+
+def define_flags():
+  flags.DEFINE_string("workdir", None, "Training run directory (config.json, tokenizer.model, checkpoints/).")
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+  flags.DEFINE_enum("mode", "image", MODES, "text: continue prompts; image: text to image; caption: image to "
+                    "text; interleaved: the model decides when to draw images.")
+  flags.DEFINE_multi_string("prompt", None, "A prompt (repeatable).")
+  flags.DEFINE_string("prompt_file", None, "A file with one prompt per line.")
+  flags.DEFINE_multi_string("image", None, "An image to caption (repeatable), at the run's image size.")
+  flags.DEFINE_integer("test_examples", 0, "Caption the first N images of the run's test split.")
+  flags.DEFINE_string("out", None, "Output directory (PNGs, grid.png / captioned.png, generations.json).")
+  flags.DEFINE_integer("batch_size", 8, "Prompts decoded together.")
+  flags.DEFINE_integer("seed", 0, "PRNG seed.")
+  defaults = decoding.SamplingOptions()
+  flags.DEFINE_integer("diffusion_steps", defaults.diffusion_steps, "Denoising steps, respaced from T.")
+  flags.DEFINE_enum("sampler", defaults.sampler, decoding.SAMPLERS, "ddpm (ancestral) or ddim.")
+  flags.DEFINE_float("ddim_eta", defaults.ddim_eta, "DDIM eta: 0 deterministic, 1 = DDPM variance.")
+  flags.DEFINE_float("cfg_scale", 3.0, "Classifier-free guidance scale w (1 = off; paper ablations: 3).")
+  flags.DEFINE_float("temperature", defaults.temperature, "Text sampling temperature (0 = greedy).")
+  flags.DEFINE_integer("top_k", defaults.top_k, "Sample among the k most likely ids (0 = off).")
+  flags.DEFINE_float("top_p", defaults.top_p, "Nucleus sampling mass (1 = off).")
+  flags.DEFINE_integer("max_new_tokens", 32, "Text tokens generated per prompt.")
+  flags.DEFINE_integer("max_images", 1, "Images per prompt in interleaved mode.")
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)
