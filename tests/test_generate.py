@@ -1,0 +1,121 @@
+"""The generate API and command line on a tiny trained run: every mode's outputs, params-only loading,
+and bad input."""
+import json
+import os
+import subprocess
+import sys
+import types
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from PIL import Image
+
+from tfusion import decoding, generate, train
+from tests.test_train import REPO, data_dir, tiny_config  # noqa: F401  (data_dir is a fixture)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, data_dir):  # noqa: F811
+  workdir = str(tmp_path_factory.mktemp("gen") / "run")
+  train.train_and_evaluate(tiny_config(data_dir, sample_every=100), workdir)
+  return workdir
+
+
+def cli_args(workdir, out, **overrides):
+  values = dict(workdir=workdir, step=None, mode="image", prompt=None, prompt_file=None, image=None, test_examples=0,
+                out=out, batch_size=8, seed=0, diffusion_steps=3, sampler="ddpm", ddim_eta=0.0, cfg_scale=3.0,
+                temperature=0.0, top_k=0, top_p=1.0, max_new_tokens=6, max_images=1)
+  values.update(overrides)
+  return types.SimpleNamespace(**values)
+
+
+def test_image_mode_writes_pngs_grid_and_summary(run_dir, tmp_path):
+  out = str(tmp_path / "out")
+  summary = generate.run(cli_args(run_dir, out, prompt=["a red circle", "two blue squares"], batch_size=1))
+  assert [o["image"] for o in summary["outputs"]] == ["image_000.png", "image_001.png"]
+  assert np.asarray(Image.open(os.path.join(out, "image_001.png"))).shape == (16, 16, 3)
+  assert Image.open(os.path.join(out, "grid.png")).size == (4 * 128, 128 + 40)
+  saved = json.load(open(os.path.join(out, "generations.json")))
+  assert saved["options"]["cfg_scale"] == 3.0 and saved["outputs"][0]["prompt"] == "a red circle"
+
+
+def test_caption_mode_from_png_files_and_test_examples(run_dir, tmp_path):
+  sampler = generate.load(run_dir)
+  pngs = []
+  for i, image in enumerate(sampler.text_to_image(["", ""], decoding.SamplingOptions(diffusion_steps=2),
+                                                  jax.random.key(0))):
+    pngs.append(str(tmp_path / f"in{i}.png"))
+    Image.fromarray(image).save(pngs[-1])
+  summary = generate.run(cli_args(run_dir, str(tmp_path / "out"), mode="caption", image=pngs, test_examples=2))
+  assert [o["image"] for o in summary["outputs"]][:2] == pngs
+  assert summary["outputs"][2]["image"].startswith("test[0]: ")
+  assert len(summary["outputs"]) == 4 and all(isinstance(o["caption"], str) for o in summary["outputs"])
+  assert os.path.exists(tmp_path / "out" / "captioned.png")
+
+
+def test_text_and_interleaved_modes(run_dir, tmp_path):
+  prompt_file = tmp_path / "prompts.txt"
+  prompt_file.write_text("The module\n\nA function\n")
+  text = generate.run(cli_args(run_dir, str(tmp_path / "t"), mode="text", prompt_file=str(prompt_file),
+                               temperature=1.0, top_k=50))
+  assert [o["prompt"] for o in text["outputs"]] == ["The module", "A function"]
+  mixed = generate.run(cli_args(run_dir, str(tmp_path / "i"), mode="interleaved", prompt=["Shapes:"],
+                                max_images=2, temperature=1.0))
+  parts = mixed["outputs"][0]["parts"]
+  assert all(set(p) in ({"text"}, {"image"}) for p in parts)
+  for p in parts:
+    if "image" in p:
+      assert os.path.exists(tmp_path / "i" / p["image"])
+
+
+def test_load_restores_only_the_saved_params_bit_for_bit(run_dir):
+  sampler = generate.load(run_dir, step=3)
+  saved = ocp.StandardCheckpointer().restore(os.path.join(run_dir, "checkpoints", "3", "state"))
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(sampler.params), saved["params"])
+  latest = generate.load(run_dir)
+  leaf = lambda p: np.asarray(p["lm_head"]["kernel"])  # noqa: E731
+  assert not np.array_equal(leaf(latest.params), leaf(sampler.params))   # step 6, not 3
+
+
+def test_bad_inputs_are_named(run_dir, tmp_path):
+  out = str(tmp_path / "out")
+  with pytest.raises(FileNotFoundError, match="config.json not found"):
+    generate.load(str(tmp_path / "nowhere"))
+  empty = tmp_path / "no_ckpt"
+  empty.mkdir()
+  for name in ("config.json", "tokenizer.model"):
+    (empty / name).write_bytes(open(os.path.join(run_dir, name), "rb").read())
+  with pytest.raises(FileNotFoundError, match="no checkpoint in"):
+    generate.load(str(empty))
+  with pytest.raises(ValueError, match=r"no checkpoint for step 99 .* saved steps: \[3, 6\]"):
+    generate.load(run_dir, step=99)
+  wrong_size = str(tmp_path / "big.png")
+  Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(wrong_size)
+  with pytest.raises(ValueError, match=r"this model reads 16x16"):
+    generate.run(cli_args(run_dir, out, mode="caption", image=[wrong_size]))
+  broken = tmp_path / "broken.png"
+  broken.write_bytes(b"not a png")
+  with pytest.raises(ValueError, match="cannot read image .*broken.png"):
+    generate.run(cli_args(run_dir, out, mode="caption", image=[str(broken)]))
+  with pytest.raises(ValueError, match="needs --image"):
+    generate.run(cli_args(run_dir, out, mode="caption"))
+  with pytest.raises(ValueError, match="prompts must not be empty"):
+    generate.run(cli_args(run_dir, out, mode="text", prompt=[" "]))
+  with pytest.raises(ValueError, match="needs --prompt"):
+    generate.run(cli_args(run_dir, out, mode="image"))
+  with pytest.raises(ValueError, match="sampler 'euler' is unknown"):
+    generate.run(cli_args(run_dir, out, prompt=["a red circle"], sampler="euler"))
+
+
+def test_command_line(run_dir, tmp_path):
+  out = str(tmp_path / "cli")
+  command = [sys.executable, "-m", "tfusion.generate", f"--workdir={run_dir}", "--mode=image", "--prompt=a red circle",
+             "--diffusion_steps=2", f"--out={out}"]
+  result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert os.path.exists(os.path.join(out, "image_000.png")) and "generations.json" in result.stdout
+  bad = subprocess.run(command[:-1] + ["--sampler=euler", f"--out={out}"], capture_output=True, text=True, cwd=REPO,
+                       timeout=300)
+  assert bad.returncode != 0 and "sampler" in bad.stderr
