@@ -1,0 +1,124 @@
+r"""Sampling speed with and without the KV cache: image generation after prefixes of 64, 512 and 2048
+tokens, and text tokens per second.
+
+  python benchmarks/sampling.py [--size 160m|demo] [--prefixes 64,512,2048] [--diffusion_steps 5]
+      [--text_tokens 16] [--rows 1]
+
+Random weights (speed does not depend on training). The image is the paper's: 32x32x8 latents in 2x2
+patches, 256 elements (--size demo: the shapes demo model and its 64-patch images). "uncached" reruns
+the model over the whole sequence at every diffusion step and token (tfusion.decoding.FullMemory);
+"cached" computes only the new block against the KV cache. Both times include the prefill and exclude
+compilation. Prints a table and writes benchmarks/results/sampling.json.
+"""
+import argparse
+import json
+import os
+import time
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+from tfusion import config as config_lib, decoding, diffusion
+from tfusion.data import sequence
+from tfusion.models import transfusion
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SPECIAL = sequence.SpecialIds(pad=0, bos=2, eos=3, boi=4, eoi=5)
+
+
+def build_model(size: str):
+  """(model, random params, latent shape)."""
+  if size == "demo":
+    config = config_lib.default_config()
+    config.update_from_flattened_dict({"model.num_layers": 4, "model.d_model": 128, "model.num_heads": 4,
+                                       "model.mlp_dim": 384, "model.patch_size": 4})
+    latent_shape, vocab = (32, 32, 3), 512
+  else:
+    config = config_lib.paper_config(size)
+    config.model.dtype, config.model.remat_policy, config.model.attention = "float32", "none", "dense"
+    latent_shape, vocab = (32, 32, 8), config.data.vocab_size
+  model = transfusion.Transfusion(transfusion.config_from(config, vocab, latent_shape))
+  rows = np.zeros((1, 8), np.int32)
+  params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), rows, rows, rows, rows,
+                                              np.zeros((1, 1, *latent_shape), np.float32), np.zeros((1, 1), np.int32)))
+  params = params["params"]
+  # The zero-initialised patch decoder would make every eps 0; any weights do for timing.
+  params["patch_decoder"] = jax.tree.map(lambda p: p + 0.01, params["patch_decoder"])
+  return model, params
+
+
+def timed(fn, repeats=2):
+  """Best wall time of fn() after one warm-up call (which compiles)."""
+  fn()
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    best = min(best, time.perf_counter() - start)
+  return best
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--size", default="160m", help="a paper size (160m, 370m, ...) or demo")
+  parser.add_argument("--prefixes", default="64,512,2048")
+  parser.add_argument("--diffusion_steps", type=int, default=5)
+  parser.add_argument("--text_tokens", type=int, default=16)
+  parser.add_argument("--text_prefix", type=int, default=512)
+  parser.add_argument("--rows", type=int, default=1)
+  parser.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "sampling.json"))
+  args = parser.parse_args()
+
+  model, params = build_model(args.size)
+  vocab = model.cfg.vocab_size
+  alpha_bar = diffusion.cosine_alpha_bar(1000)
+  rng = np.random.default_rng(0)
+
+  def prompt(prefix: int, boi: bool):
+    """BOS + random text: `prefix` elements before the first generated one."""
+    ids = [SPECIAL.bos, *rng.integers(6, vocab, prefix - 1 - boi)] + ([SPECIAL.boi] if boi else [])
+    return [sequence.TextPiece(np.array(ids, np.int32))]
+
+  image_options = decoding.SamplingOptions(diffusion_steps=args.diffusion_steps, cfg_scale=1.0, clip_x0=1.0)
+  results = {"size": args.size, "patches_per_image": model.cfg.patches_per_image, "rows": args.rows,
+             "diffusion_steps": args.diffusion_steps, "device": jax.devices()[0].device_kind, "image": [], "text": {}}
+  print(f"{args.size}: {model.cfg.patches_per_image} patches per image, {args.rows} row(s), "
+        f"{args.diffusion_steps} diffusion steps, {jax.devices()[0].device_kind}")
+  print(f"{'prefix':>7} {'uncached s':>11} {'cached s':>9} {'speedup':>8} {'uncached s/step':>16} {'cached s/step':>14}")
+  for prefix in (int(p) for p in args.prefixes.split(",")):
+    prompts = [prompt(prefix, boi=True) for _ in range(args.rows)]
+    seconds = {}
+    for cached in (False, True):
+      seconds[cached] = timed(lambda: decoding.decode(model, params, prompts, decoding.IMAGE, SPECIAL, alpha_bar,
+                                                      image_options, jax.random.key(0), cached=cached))
+    row = {"prefix": prefix, "uncached_s": seconds[False], "cached_s": seconds[True],
+           "speedup": seconds[False] / seconds[True]}
+    results["image"].append(row)
+    print(f"{prefix:>7} {seconds[False]:>11.2f} {seconds[True]:>9.2f} {row['speedup']:>7.1f}x "
+          f"{seconds[False] / args.diffusion_steps:>16.3f} {seconds[True] / args.diffusion_steps:>14.3f}")
+
+  text_options = decoding.SamplingOptions(max_new_tokens=args.text_tokens, temperature=1.0)
+  prompts = [prompt(args.text_prefix, boi=False) for _ in range(args.rows)]
+  for cached in (False, True):
+    generated = []
+
+    def run():
+      generated[:] = decoding.decode(model, params, prompts, decoding.TEXT, SPECIAL, alpha_bar, text_options,
+                                     jax.random.key(0), cached=cached)
+    seconds = timed(run)
+    tokens = sum(len(g.tokens) for g in generated)
+    results["text"]["cached" if cached else "uncached"] = {"tokens": tokens, "seconds": seconds,
+                                                           "tokens_per_s": tokens / seconds}
+  text = results["text"]
+  text["speedup"] = text["cached"]["tokens_per_s"] / text["uncached"]["tokens_per_s"]
+  print(f"text after a {args.text_prefix}-token prefix: {text['uncached']['tokens_per_s']:.1f} tokens/s uncached, "
+        f"{text['cached']['tokens_per_s']:.1f} cached ({text['speedup']:.1f}x; prefill included)")
+  os.makedirs(os.path.dirname(args.out), exist_ok=True)
+  with open(args.out, "w") as f:
+    json.dump(results, f, indent=2)
+  print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+  main()
