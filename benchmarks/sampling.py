@@ -1,14 +1,16 @@
 r"""Sampling speed with and without the KV cache: image generation after prefixes of 64, 512 and 2048
 tokens, and text tokens per second.
 
-  python benchmarks/sampling.py [--size 160m|demo] [--prefixes 64,512,2048] [--diffusion_steps 5]
-      [--text_tokens 16] [--rows 1]
+  python benchmarks/sampling.py [--size 160m|demo] [--prefixes 64,512,2048] [--steps 2,6]
+      [--text_tokens 16] [--rows 1] [--out FILE]
 
 Random weights (speed does not depend on training). The image is the paper's: 32x32x8 latents in 2x2
 patches, 256 elements (--size demo: the shapes demo model and its 64-patch images). "uncached" reruns
 the model over the whole sequence at every diffusion step and token (tfusion.decoding.FullMemory);
-"cached" computes only the new block against the KV cache. Both times include the prefill and exclude
-compilation. Prints a table and writes benchmarks/results/sampling.json.
+"cached" computes only the new block against the KV cache. Each is timed at a few step counts (after a
+compiling warm-up) and a line fitted: fixed cost (prefill, start-up) + per-step cost, which gives the
+time of a 250-step image. At prefix P and n patches a step's FLOPs differ by at most (P + n + 2) / n
+(the flop_bound column of the JSON). Prints a table and writes benchmarks/results/sampling.json.
 """
 import argparse
 import json
@@ -63,7 +65,7 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--size", default="160m", help="a paper size (160m, 370m, ...) or demo")
   parser.add_argument("--prefixes", default="64,512,2048")
-  parser.add_argument("--diffusion_steps", type=int, default=5)
+  parser.add_argument("--steps", default="2,6", help="diffusion step counts timed (a line is fitted)")
   parser.add_argument("--text_tokens", type=int, default=16)
   parser.add_argument("--text_prefix", type=int, default=512)
   parser.add_argument("--rows", type=int, default=1)
@@ -80,23 +82,30 @@ def main():
     ids = [SPECIAL.bos, *rng.integers(6, vocab, prefix - 1 - boi)] + ([SPECIAL.boi] if boi else [])
     return [sequence.TextPiece(np.array(ids, np.int32))]
 
-  image_options = decoding.SamplingOptions(diffusion_steps=args.diffusion_steps, cfg_scale=1.0, clip_x0=1.0)
   results = {"size": args.size, "patches_per_image": model.cfg.patches_per_image, "rows": args.rows,
-             "diffusion_steps": args.diffusion_steps, "device": jax.devices()[0].device_kind, "image": [], "text": {}}
+             "device": jax.devices()[0].device_kind, "image": [], "text": {}}
   print(f"{args.size}: {model.cfg.patches_per_image} patches per image, {args.rows} row(s), "
-        f"{args.diffusion_steps} diffusion steps, {jax.devices()[0].device_kind}")
-  print(f"{'prefix':>7} {'uncached s':>11} {'cached s':>9} {'speedup':>8} {'uncached s/step':>16} {'cached s/step':>14}")
+        f"{jax.devices()[0].device_kind}; times of {args.steps} diffusion steps fitted to fixed + per-step cost")
+  print(f"{'prefix':>7} {'uncached s/step':>16} {'cached s/step':>14} {'uncached 250-step s':>20} "
+        f"{'cached 250-step s':>18} {'speedup':>8}")
+  step_counts = [int(k) for k in args.steps.split(",")]
   for prefix in (int(p) for p in args.prefixes.split(",")):
     prompts = [prompt(prefix, boi=True) for _ in range(args.rows)]
-    seconds = {}
+    row = {"prefix": prefix}
     for cached in (False, True):
-      seconds[cached] = timed(lambda: decoding.decode(model, params, prompts, decoding.IMAGE, SPECIAL, alpha_bar,
-                                                      image_options, jax.random.key(0), cached=cached))
-    row = {"prefix": prefix, "uncached_s": seconds[False], "cached_s": seconds[True],
-           "speedup": seconds[False] / seconds[True]}
+      seconds = [timed(lambda: decoding.decode(
+          model, params, prompts, decoding.IMAGE, SPECIAL, alpha_bar,
+          decoding.SamplingOptions(diffusion_steps=k, cfg_scale=1.0, clip_x0=1.0), jax.random.key(0), cached=cached))
+          for k in step_counts]
+      per_step, fixed = np.polyfit(step_counts, seconds, 1)
+      name = "cached" if cached else "uncached"
+      row |= {f"{name}_seconds": dict(zip(map(str, step_counts), seconds)), f"{name}_s_per_step": per_step,
+              f"{name}_250_step_s": fixed + 250 * per_step}
+    row["speedup_250_steps"] = row["uncached_250_step_s"] / row["cached_250_step_s"]
+    row["flop_bound"] = (prefix + model.cfg.patches_per_image + 2) / model.cfg.patches_per_image
     results["image"].append(row)
-    print(f"{prefix:>7} {seconds[False]:>11.2f} {seconds[True]:>9.2f} {row['speedup']:>7.1f}x "
-          f"{seconds[False] / args.diffusion_steps:>16.3f} {seconds[True] / args.diffusion_steps:>14.3f}")
+    print(f"{prefix:>7} {row['uncached_s_per_step']:>16.3f} {row['cached_s_per_step']:>14.3f} "
+          f"{row['uncached_250_step_s']:>20.1f} {row['cached_250_step_s']:>18.1f} {row['speedup_250_steps']:>7.1f}x")
 
   text_options = decoding.SamplingOptions(max_new_tokens=args.text_tokens, temperature=1.0)
   prompts = [prompt(args.text_prefix, boi=False) for _ in range(args.rows)]

@@ -106,7 +106,7 @@ def test_greedy_caption_matches_full_model_reference(model_and_params):
     a = row.arrays()
     logits, _ = model.apply({"params": params}, *(a[k][None] for k in ("tokens", "segment_ids", "positions",
                                                                          "image_ids")),
-                            a["latents"][None], np.zeros((1, layout.max_images), np.int32))
+                            a["latents"][None], np.full((1, layout.max_images), decoding.CONTEXT_TIMESTEP, np.int32))
     step_logits = np.array(logits[0, row.length - 1])
     step_logits[[SPECIAL.pad, SPECIAL.bos, SPECIAL.eoi, SPECIAL.boi]] = -np.inf
     tokens.append(int(np.argmax(step_logits)))
@@ -260,3 +260,12 @@ def test_sample_tokens_greedy_top_k_top_p():
 def test_bad_options_are_named(model_and_params, field, value, message):
   with pytest.raises(ValueError, match=message):
     decode(model_and_params, [text_prompt(10, boi=True)], decoding.IMAGE, dataclasses.replace(OPTS, **{field: value}))
+
+
+def test_bad_prompts_are_named(model_and_params):
+  with pytest.raises(ValueError, match="prompt 0 ends with BOI, but this task draws no images"):
+    decode(model_and_params, [text_prompt(10, boi=True)], decoding.TEXT)
+  with pytest.raises(ValueError, match="prompt 1 must start with a text piece beginning with BOS"):
+    decode(model_and_params, [text_prompt(10), [sequence.TextPiece(np.array([10], np.int32))]], decoding.TEXT)
+  with pytest.raises(ValueError, match="no prompts"):
+    decode(model_and_params, [], decoding.TEXT)

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from tfusion import decoding, generate, train
-from tests.test_train import REPO, data_dir, tiny_config  # noqa: F401  (data_dir is a fixture)
+from tests.test_train import REPO, data_dir, tiny_config  # noqa: F401,F811  (data_dir is a fixture)
 
 
 @pytest.fixture(scope="module")

@@ -151,7 +151,7 @@ def test_chunked_attention_equals_dense_for_any_chunk_length(chunk):
   batch = tiny_batch()                                  # 64 positions: 24 and 100 do not divide them
   q, k, v = (jax.random.normal(jax.random.key(i), (2, 64, 4, 8)) for i in range(3))
   ids = (jnp.asarray(batch["segment_ids"]), jnp.asarray(batch["image_ids"]), jnp.arange(64))
-  np.testing.assert_allclose(transformer.chunked_attention(q, k, v, ids, ids, chunk),
+  np.testing.assert_allclose(transformer.chunked_attention(q, ids, [(k, v, ids)], chunk),
                              transformer.dense_attention(q, k, v, ids, ids), atol=1e-5)
 
 

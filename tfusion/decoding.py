@@ -3,8 +3,8 @@
 Every row is one document that grows element by element. LM mode writes the last token into the
 sequence and samples the next one. When the next token is BOI, the image phase writes BOI, appends n
 patches of pure noise and denoises them step by step, each step overwriting the image block in place;
-the finished image is written once more at t = 0 (what later text attends to), EOI becomes the next
-token and LM mode resumes.
+the finished image is written once more at t = CONTEXT_TIMESTEP (what later text attends to), EOI
+becomes the next token and LM mode resumes.
 
 Two memories run the same driver and give the same results:
   CachedMemory (a transformer.KVCache): a step computes only its block of new elements, against the
@@ -34,6 +34,10 @@ from tfusion.data import sequence
 from tfusion.models import transformer
 
 SAMPLERS = ("ddpm", "ddim")
+# The timestep clean images are read at when they are context (prompt images, finished images): 1, the
+# least-noisy one training uses (alpha_bar_1 = 0.99996 under the cosine schedule). t = 0 would be an
+# embedding training never shows, since it draws t from {1, ..., t_max}.
+CONTEXT_TIMESTEP = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,18 +191,23 @@ class TextOptions:
 def sample_tokens(logits, keys, opts: TextOptions):
   """Next tokens [B] from logits [B, V] (banned ids at -inf): greedy at temperature 0, else sampled
   from the temperature-scaled distribution restricted to the top_k ids and the top_p nucleus."""
-  vocab = logits.shape[-1]
-  scaled = logits / jnp.maximum(opts.temperature, 1e-6)
-  descending = -jnp.sort(-scaled, axis=-1)
-  kth = descending[:, jnp.clip(opts.top_k, 1, vocab) - 1]
-  scaled = jnp.where((opts.top_k > 0) & (scaled < kth[:, None]), -jnp.inf, scaled)
-  descending = -jnp.sort(-scaled, axis=-1)
-  probs = jax.nn.softmax(descending, axis=-1)
-  before = jnp.cumsum(probs, axis=-1) - probs            # mass of the more likely ids
-  cutoff = jnp.min(jnp.where(before < opts.top_p, descending, jnp.inf), axis=-1)
-  scaled = jnp.where((opts.top_p < 1) & (scaled < cutoff[:, None]), -jnp.inf, scaled)
-  sampled = jax.vmap(jax.random.categorical)(keys, scaled)
-  return jnp.where(opts.temperature > 0, sampled, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
+  def sample(logits):
+    vocab = logits.shape[-1]
+    scaled = logits / opts.temperature
+    descending = -jnp.sort(-scaled, axis=-1)
+    kth = descending[:, jnp.clip(opts.top_k, 1, vocab) - 1]
+    scaled = jnp.where((opts.top_k > 0) & (scaled < kth[:, None]), -jnp.inf, scaled)
+    descending = -jnp.sort(-scaled, axis=-1)
+    probs = jax.nn.softmax(descending, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs            # mass of the more likely ids
+    cutoff = jnp.min(jnp.where(before < opts.top_p, descending, jnp.inf), axis=-1)
+    scaled = jnp.where((opts.top_p < 1) & (scaled < cutoff[:, None]), -jnp.inf, scaled)
+    return jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
+
+  def greedy(logits):
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+  return jax.lax.cond(opts.temperature > 0, sample, greedy, logits)
 
 
 def _banned(vocab, special, task: Task, may_draw_image):
@@ -301,8 +310,8 @@ def image_phase(model, params, state: DecodeState, special, task: Task, alpha_ba
     return x_prev, memory
 
   x, memory = jax.lax.fori_loop(0, timesteps.shape[0] - 1, denoise, (x, memory))
-  # The finished image enters the sequence at t = 0, as clean images do in training.
-  _, _, memory = memory.feed(model, params, image_block(x, 0), with_logits=False)
+  if not task.stop_after_image:   # the finished image is context for what follows
+    _, _, memory = memory.feed(model, params, image_block(x, CONTEXT_TIMESTEP), with_logits=False)
 
   images = transformer.write_slots(state.images, x[:, None],
                                    jnp.where(waiting, state.num_images, state.images.shape[1])[:, None])
@@ -345,11 +354,21 @@ def _prompt_rows(prompts: list[list], special, latent_shape, patch_size):
 def decode(model, params, prompts: list[list], task: Task, special: sequence.SpecialIds, alpha_bar: np.ndarray,
            options: SamplingOptions, key: jax.Array, mesh=None, cached: bool = True,
            guided: bool | None = None) -> list[Generation]:
-  """Generate after each prompt. A prompt is a list of sequence pieces (TextPiece, ImagePiece at t = 0)
-  starting with BOS and ending with a text token, the first one the model reads before drawing (for
+  """Generate after each prompt. A prompt is a list of sequence pieces (TextPiece, ImagePiece: clean
+  latents, read at CONTEXT_TIMESTEP) starting with BOS and ending with a text token, the first one the model reads before drawing (for
   images only, end it with BOI). guided defaults to cfg_scale != 1."""
   num_timesteps = len(alpha_bar) - 1
   options.validate(num_timesteps)
+  if not prompts:
+    raise ValueError("no prompts to decode")
+  for i, pieces in enumerate(prompts):
+    if not pieces or not isinstance(pieces[0], sequence.TextPiece) or not len(pieces[0].ids) or \
+        pieces[0].ids[0] != special.bos:
+      raise ValueError(f"prompt {i} must start with a text piece beginning with BOS")
+    ends_with_boi = isinstance(pieces[-1], sequence.TextPiece) and pieces[-1].ids[-1] == special.boi
+    if ends_with_boi and (not task.allow_images or options.max_images < 1):
+      raise ValueError(f"prompt {i} ends with BOI, but this task draws no images (max_images = "
+                       f"{options.max_images})")
   guided = options.cfg_scale != 1.0 if guided is None else guided
   guided = guided and task.allow_images
   cfg = model.cfg
@@ -373,7 +392,8 @@ def decode(model, params, prompts: list[list], task: Task, special: sequence.Spe
   in_prompt = (np.arange(prompt_slots)[None, :] < (lengths - 1)[:, None])
   prompt_block = Block(
       tokens=arrays["tokens"], segment_ids=in_prompt.astype(np.int32), positions=arrays["positions"],
-      image_ids=arrays["image_ids"], latents=arrays["latents"], timesteps=np.zeros(arrays["t_max"].shape, np.int32),
+      image_ids=arrays["image_ids"], latents=arrays["latents"],
+      timesteps=np.full(arrays["t_max"].shape, CONTEXT_TIMESTEP, np.int32),
       slots=np.where(in_prompt, np.arange(prompt_slots), total).astype(np.int32),
       image_slots=np.where(arrays["image_valid"], np.arange(arrays["image_valid"].shape[1]), image_capacity
                            ).astype(np.int32))

@@ -53,6 +53,7 @@ class Sampler:
   def latents(self, captions: list[str], options: decoding.SamplingOptions, key) -> np.ndarray:
     """Image latents [N, h, w, c] float32 generated from captions ("" = unconditional)."""
     prompts = [[self._text(c, self.special.boi)] for c in captions]
+    options = dataclasses.replace(options, max_images=1)
     return np.stack([g.images[0] for g in self._decode(prompts, decoding.IMAGE, options, key)])
 
   def text_to_image(self, captions: list[str], options: decoding.SamplingOptions, key) -> np.ndarray:
@@ -67,7 +68,7 @@ class Sampler:
     return self.codec.encode(images)
 
   def caption(self, images: np.ndarray, options: decoding.SamplingOptions, key) -> list[str]:
-    """Captions of uint8 images [N, S, S, 3], decoded after [BOS BOI image EOI] (image at t = 0)."""
+    """Captions of uint8 images [N, S, S, 3], decoded after [BOS BOI image EOI] (clean image)."""
     prompts = [[self._text(""), sequence.ImagePiece(lat, 0)] for lat in self.encode_images(images)]
     return [self._cut(g.tokens) for g in self._decode(prompts, decoding.TEXT, options, key)]
 
@@ -99,7 +100,7 @@ def load(workdir: str, step: int | None = None, mesh=None) -> Sampler:
   with open(config_path) as f:
     config = config_lib.from_json(f.read(), config_path)
   tok = tokenizer_lib.Tokenizer.load(os.path.join(workdir, "tokenizer.model"))
-  ckpt = checkpoint.Checkpointer(os.path.join(os.path.abspath(workdir), "checkpoints"), 1)
+  ckpt = checkpoint.Checkpointer(os.path.join(os.path.abspath(workdir), "checkpoints"), 1, read_only=True)
   try:
     steps = ckpt.all_steps()
     if not steps:
@@ -176,55 +177,62 @@ def run(args) -> dict:
   elif args.mode in ("text", "interleaved") and not all(p.strip() for p in prompts):
     raise ValueError(f"--mode={args.mode}: prompts must not be empty")
   options = options_from_flags(args)
+  options.validate(num_timesteps=10**9)   # before the (slow) load; the step count is checked against T later
   sampler = load(args.workdir, args.step)
   options.validate(sampler.config.diffusion.num_timesteps)
-  os.makedirs(args.out, exist_ok=True)
   key = jax.random.key(args.seed)
   batches = lambda items: [items[i:i + args.batch_size] for i in range(0, len(items), args.batch_size)]  # noqa: E731
   summary = {"workdir": args.workdir, "mode": args.mode, "options": dataclasses.asdict(options), "outputs": []}
+  pngs = {}   # file name -> uint8 image
 
   if args.mode == "image":
     images = np.concatenate([sampler.text_to_image(b, options, jax.random.fold_in(key, i))
                              for i, b in enumerate(batches(prompts))])
     for i, (prompt, image) in enumerate(zip(prompts, images)):
-      Image.fromarray(image).save(os.path.join(args.out, f"image_{i:03d}.png"))
+      pngs[f"image_{i:03d}.png"] = image
       summary["outputs"].append({"prompt": prompt, "image": f"image_{i:03d}.png"})
-    visualize.save_image_grid(os.path.join(args.out, "grid.png"), images, prompts)
+    grid = ("grid.png", images, prompts)
   elif args.mode == "caption":
     names = list(args.image or [])
-    images = read_images(names) if names else np.zeros((0, 1, 1, 3), np.uint8)
+    images = [*read_images(names)] if names else []
     if args.test_examples:
       test = shapes.load_shapes(os.path.expanduser(sampler.config.data.data_dir), "test",
                                 sampler.config.data.image_size)
       examples = test.__getitems__(list(range(args.test_examples)))
-      images = np.concatenate([images, np.stack([e["image"] for e in examples])]) if names else \
-          np.stack([e["image"] for e in examples])
+      images += [e["image"] for e in examples]
       names += [f"test[{i}]: {e['caption'].decode()}" for i, e in enumerate(examples)]
-    captions = [c for i, b in enumerate(batches(list(images)))
+    captions = [c for i, b in enumerate(batches(images))
                 for c in sampler.caption(np.stack(b), options, jax.random.fold_in(key, i))]
-    for name, caption in zip(names, captions):
-      summary["outputs"].append({"image": name, "caption": caption})
-    visualize.save_image_grid(os.path.join(args.out, "captioned.png"), images, captions)
+    summary["outputs"] = [{"image": name, "caption": caption} for name, caption in zip(names, captions)]
+    grid = ("captioned.png", np.stack(images), captions)
   elif args.mode == "text":
-    texts = [t for i, b in enumerate(batches(prompts)) for t in sampler.continue_text(b, options,
-                                                                                      jax.random.fold_in(key, i))]
+    texts = [t for i, b in enumerate(batches(prompts))
+             for t in sampler.continue_text(b, options, jax.random.fold_in(key, i))]
     summary["outputs"] = [{"prompt": p, "text": t} for p, t in zip(prompts, texts)]
+    grid = None
   else:
-    results = [r for i, b in enumerate(batches(prompts)) for r in sampler.interleaved(b, options,
-                                                                                      jax.random.fold_in(key, i))]
+    results = [r for i, b in enumerate(batches(prompts))
+               for r in sampler.interleaved(b, options, jax.random.fold_in(key, i))]
     for i, (prompt, parts) in enumerate(zip(prompts, results)):
-      entry, k = {"prompt": prompt, "parts": []}, 0
+      entry = {"prompt": prompt, "parts": []}
       for part in parts:
         if isinstance(part, str):
           entry["parts"].append({"text": part})
         else:
-          name = f"sample_{i:03d}_image_{k}.png"
-          Image.fromarray(part).save(os.path.join(args.out, name))
+          name = f"sample_{i:03d}_image_{len(entry['parts'])}.png"
+          pngs[name] = part
           entry["parts"].append({"image": name})
-          k += 1
       summary["outputs"].append(entry)
-  with open(os.path.join(args.out, "generations.json"), "w") as f:
-    json.dump(summary, f, indent=2)
+    grid = None
+
+  if jax.process_index() == 0:   # every process decodes (the params span them all); one writes
+    os.makedirs(args.out, exist_ok=True)
+    for name, image in pngs.items():
+      Image.fromarray(image).save(os.path.join(args.out, name))
+    if grid:
+      visualize.save_image_grid(os.path.join(args.out, grid[0]), grid[1], grid[2])
+    with open(os.path.join(args.out, "generations.json"), "w") as f:
+      json.dump(summary, f, indent=2)
   return summary
 
 
@@ -235,7 +243,7 @@ def main(argv):
     raise app.UsageError("--workdir and --out are required")
   try:
     summary = run(flags.FLAGS)
-  except (ValueError, FileNotFoundError) as e:
+  except (ValueError, FileNotFoundError, RuntimeError) as e:
     raise app.UsageError(str(e)) from e
   for entry in summary["outputs"]:
     print(json.dumps(entry))

@@ -12,13 +12,13 @@ def mask_block(q_segment, q_image, q_index, k_segment, k_image, k_index):
   """Mask entries for a block of queries against a block of keys -> [B, Q, K] bool.
 
   q_segment, q_image: [B, Q] int and k_segment, k_image: [B, K] int (0 = padding / not an image);
-  q_index: [Q] or [B, Q], k_index: [K] int positions (cache slots) of those queries and keys in the row.
+  q_index: [Q] or [B, Q], k_index: [K] or [B, K] int positions (cache slots) of those queries and keys in the row.
   Padding queries attend to themselves only, so every softmax row has at least one entry.
   """
-  causal = q_index[..., :, None] >= k_index[None, :]
+  causal = q_index[..., :, None] >= k_index[..., None, :]
   same_segment = (q_segment[:, :, None] == k_segment[:, None, :]) & (q_segment[:, :, None] != 0)
   same_image = (q_image[:, :, None] == k_image[:, None, :]) & (q_image[:, :, None] != 0)
-  padding_self = (q_segment[:, :, None] == 0) & (q_index[..., :, None] == k_index[None, :])
+  padding_self = (q_segment[:, :, None] == 0) & (q_index[..., :, None] == k_index[..., None, :])
   return (same_segment & (causal | same_image)) | padding_self
 
 

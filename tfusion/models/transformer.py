@@ -89,22 +89,35 @@ def apply_rope(x, positions, theta):
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-def dense_attention(q, k, v, q_ids, k_ids):
-  """Softmax attention under the Transfusion mask, logits and softmax in float32.
+def attention_over(q, q_ids, parts):
+  """Softmax attention of the queries over one or more key sets at once (one softmax across all of
+  them), under the Transfusion mask; logits and softmax in float32.
 
-  q: [B, Q, H, Dh]; k, v: [B, K, H, Dh]; q_ids, k_ids: (segment_ids, image_ids, index) of the
-  queries ([B, Q], [B, Q], [Q] or [B, Q]) and keys ([B, K], [B, K], [K]) -> [B, Q, H, Dh].
+  q: [B, Q, H, Dh]; q_ids = (segment_ids [B, Q], image_ids [B, Q], index [Q] or [B, Q]);
+  parts: [(k, v, k_ids)] with k, v: [B, K, H, Dh] and k_ids like q_ids over the K keys -> [B, Q, H, Dh].
   """
-  mask = masks.mask_block(*q_ids, *k_ids)
-  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-  logits = logits / jnp.sqrt(q.shape[-1]).astype(jnp.float32)
-  logits = jnp.where(mask[:, None, :, :], logits, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  return jnp.einsum("bhqk,bkhd->bqhd", probs, v, preferred_element_type=jnp.float32).astype(v.dtype)
+  logits = []
+  for k, _, k_ids in parts:
+    mask = masks.mask_block(*q_ids, *k_ids)
+    part = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+    part = part / jnp.sqrt(q.shape[-1]).astype(jnp.float32)
+    logits.append(jnp.where(mask[:, None, :, :], part, jnp.finfo(jnp.float32).min))
+  probs = jax.nn.softmax(jnp.concatenate(logits, axis=-1), axis=-1)
+  out, offset = 0.0, 0
+  for k, v, _ in parts:
+    p = probs[..., offset:offset + k.shape[1]].astype(v.dtype)
+    out = out + jnp.einsum("bhqk,bkhd->bqhd", p, v, preferred_element_type=jnp.float32)
+    offset += k.shape[1]
+  return out.astype(parts[0][1].dtype)
 
 
-def chunked_attention(q, k, v, q_ids, k_ids, chunk):
-  """dense_attention one block of `chunk` queries at a time, each block rematerialised in the
+def dense_attention(q, k, v, q_ids, k_ids):
+  """attention_over one key set.  q: [B, Q, H, Dh]; k, v: [B, K, H, Dh] -> [B, Q, H, Dh]."""
+  return attention_over(q, q_ids, [(k, v, k_ids)])
+
+
+def chunked_attention(q, q_ids, parts, chunk):
+  """attention_over one block of `chunk` queries at a time, each block rematerialised in the
   backward pass: logits memory is [B, H, chunk, K] instead of [B, H, Q, K]. Same result.
 
   A query length that is not a multiple of `chunk` (e.g. a prompt at sampling time) is padded with
@@ -121,7 +134,7 @@ def chunked_attention(q, k, v, q_ids, k_ids, chunk):
   @jax.checkpoint
   def block(args):
     q_block, *q_block_ids = args
-    return dense_attention(q_block, k, v, q_block_ids, k_ids)
+    return attention_over(q_block, q_block_ids, parts)
 
   out = jax.lax.map(block, tuple(split(pad_rows(a)) for a in (q, segment_ids, image_ids, index)))
   return jnp.moveaxis(out, 0, 1).reshape(batch, blocks * chunk, heads, head_dim)[:, :length]
@@ -133,20 +146,21 @@ def dot_product_attention(q, k, v, q_ids, k_ids):
   return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None])
 
 
-def attend(cfg: TransformerConfig, q, k, v, q_ids, k_ids):
-  """The attention implementation cfg.attention names; arguments as dense_attention."""
+def attend(cfg: TransformerConfig, q, q_ids, parts):
+  """The attention implementation cfg.attention names; arguments as attention_over."""
   if cfg.attention == "chunked":
-    return chunked_attention(q, k, v, q_ids, k_ids, min(cfg.attention_chunk, q.shape[1]))
-  if cfg.attention == "dot_product":
-    return dot_product_attention(q, k, v, q_ids, k_ids)
-  return dense_attention(q, k, v, q_ids, k_ids)
+    return chunked_attention(q, q_ids, parts, min(cfg.attention_chunk, q.shape[1]))
+  if cfg.attention == "dot_product" and len(parts) == 1:
+    return dot_product_attention(q, parts[0][0], parts[0][1], q_ids, parts[0][2])
+  return attention_over(q, q_ids, parts)
 
 
 def write_slots(buffer, values, slots):
-  """buffer[b, slots[b, i]] = values[b, i]; slots out of range are not written.
+  """buffer[b, slots[b, i]] = values[b, i]; slots out of [0, L) are not written.
 
   buffer: [B, L, ...]; values: [B, Q, ...]; slots: [B, Q] int -> [B, L, ...].
   """
+  slots = jnp.where(slots < 0, buffer.shape[1], slots)
   return jax.vmap(lambda buf, val, idx: buf.at[idx].set(val.astype(buf.dtype), mode="drop"))(buffer, values, slots)
 
 
@@ -176,14 +190,15 @@ class Attention(nn.Module):
   """Multi-head self-attention under the Transfusion mask.  x: [B, L, D] -> ([B, L, D], kv).
 
   segment_ids, image_ids, positions: [B, L] int (the batch arrays the mask is built from).
-  Training: kv is None and the L elements attend to each other. Decoding: kv = (keys, values)
-  [B, K, H, Dh] of the cache, key_ids = (segment_ids, image_ids, index) of its K slots after this
-  block is written, write_index [B, L] the slots of the block; returns the updated (keys, values).
+  Training: kv is None and the L elements attend to each other. Decoding: the L elements are a block
+  written at cache slots write_index [B, L]; they attend to the cache's keys and values kv = (keys,
+  values) [B, K, H, Dh] (whose ids `cached_ids` hide the slots being rewritten) and to their own;
+  returns the block's (keys, values) [B, L, H, Dh] for the caller to write into the cache.
   """
   cfg: TransformerConfig
 
   @nn.compact
-  def __call__(self, x, segment_ids, image_ids, positions, kv=None, key_ids=None, write_index=None):
+  def __call__(self, x, segment_ids, image_ids, positions, kv=None, cached_ids=None, write_index=None):
     cfg = self.cfg
     qkv_shape, qkv_axes = (cfg.d_model, cfg.num_heads, cfg.head_dim), ("embed", "heads", "kv")
     q = _projection(cfg, "query", "bld,dhk->blhk", qkv_shape, qkv_axes)(x)
@@ -193,12 +208,12 @@ class Attention(nn.Module):
     k = apply_rope(k, positions, cfg.rope_theta)
     q, k, v = (nn.with_logical_constraint(a, ("batch", "length", "act_heads", "kv")) for a in (q, k, v))
     if kv is None:
-      q_ids = key_ids = (segment_ids, image_ids, jnp.arange(x.shape[1]))
+      q_ids = (segment_ids, image_ids, jnp.arange(x.shape[1]))
+      parts = [(k, v, q_ids)]
     else:
-      k, v = (nn.with_logical_constraint(write_slots(cached, new, write_index),
-                                         ("batch", "length", "act_heads", "kv")) for cached, new in zip(kv, (k, v)))
       q_ids = (segment_ids, image_ids, write_index)
-    out = attend(cfg, q, k, v, q_ids, key_ids)
+      parts = [(*kv, cached_ids), (k, v, q_ids)]
+    out = attend(cfg, q, q_ids, parts)
     out = nn.with_logical_constraint(out, ("batch", "length", "act_heads", "kv"))
     out = _projection(cfg, "out", "blhk,hkd->bld", (cfg.num_heads, cfg.head_dim, cfg.d_model),
                       ("heads", "kv", "embed"), fan_in_axes=(0, 1))(out)
@@ -219,16 +234,16 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-  """Pre-norm residual block; fits nn.scan: (x, segment_ids, image_ids, positions[, kv, key_ids,
-  write_index]) -> (x, updated kv or None). See Attention for the decoding arguments."""
+  """Pre-norm residual block; fits nn.scan: (x, segment_ids, image_ids, positions[, kv, cached_ids,
+  write_index]) -> (x, the block's kv or None). See Attention for the decoding arguments."""
   cfg: TransformerConfig
 
   @nn.compact
-  def __call__(self, x, segment_ids, image_ids, positions, kv=None, key_ids=None, write_index=None):
+  def __call__(self, x, segment_ids, image_ids, positions, kv=None, cached_ids=None, write_index=None):
     cfg = self.cfg
     norm = lambda name: RMSNorm(cfg.norm_eps, cfg.dtype, cfg.param_dtype, name=name)  # noqa: E731
     attended, kv = Attention(cfg, name="attention")(norm("attention_norm")(x), segment_ids, image_ids, positions,
-                                                    kv, key_ids, write_index)
+                                                    kv, cached_ids, write_index)
     x = x + attended
     x = x + SwiGLU(cfg, name="mlp")(norm("mlp_norm")(x))
     return nn.with_logical_constraint(x, ("batch", "length", "act_embed")), kv
@@ -261,12 +276,16 @@ class Transformer(nn.Module):
       layers = scan(block, in_axes=(nn.broadcast,) * 3)
       x, _ = layers(cfg, name="layers")(x, segment_ids, image_ids, positions)
     else:
-      key_segments = write_slots(cache.segment_ids, segment_ids, write_index)
-      key_images = write_slots(cache.image_ids, image_ids, write_index)
-      key_ids = (key_segments, key_images, jnp.arange(cache.length))
+      # The slots this block rewrites (e.g. the previous denoising step's image) are hidden from the cached part.
+      hidden = write_slots(cache.segment_ids, jnp.zeros_like(segment_ids), write_index)
+      cached_ids = (hidden, cache.image_ids, jnp.arange(cache.length))
       layers = scan(Block, in_axes=(nn.broadcast,) * 3 + (0, nn.broadcast, nn.broadcast))
       x, (keys, values) = layers(cfg, name="layers")(x, segment_ids, image_ids, positions, (cache.keys, cache.values),
-                                                     key_ids, write_index)
-      cache = KVCache(keys=keys, values=values, segment_ids=key_segments, image_ids=key_images)
+                                                     cached_ids, write_index)
+      # One write of every layer's block keys/values after the scan, in place on the carried cache.
+      write = jax.vmap(write_slots, in_axes=(0, 0, None))
+      cache = KVCache(keys=write(cache.keys, keys, write_index), values=write(cache.values, values, write_index),
+                      segment_ids=write_slots(cache.segment_ids, segment_ids, write_index),
+                      image_ids=write_slots(cache.image_ids, image_ids, write_index))
     x = RMSNorm(cfg.norm_eps, cfg.dtype, cfg.param_dtype, name="final_norm")(x)
     return x if cache is None else (x, cache)
