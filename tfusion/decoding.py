@@ -98,32 +98,29 @@ class Generation:
 # Memories: where the sequence so far lives. feed() writes a block and returns its outputs.
 # ----------------------------------------------------------------------------------------------
 @flax.struct.dataclass
-class Block:
-  """New elements of every row, in the model's input format plus where they go.
-
-  tokens, segment_ids, positions, image_ids: [B, Q] int (segment 0 = not written, e.g. inactive rows);
-  latents [B, m, h, w, c], timesteps [B, m]; slots [B, Q]: sequence slot of each element (out of
-  range = not written); image_slots [B, m]: which of the row's images each block image is.
-  """
+class Elements:
+  """Elements of every row in the model's input format: tokens, segment_ids, positions, image_ids
+  [B, Q] int; latents [B, m, h, w, c] and timesteps [B, m] of the images among them."""
   tokens: jax.Array
   segment_ids: jax.Array
   positions: jax.Array
   image_ids: jax.Array
   latents: jax.Array
   timesteps: jax.Array
+
+
+@flax.struct.dataclass
+class Block(Elements):
+  """New elements and where they go: slots [B, Q], the sequence slot of each element (out of range =
+  not written; segment 0 marks elements of rows that sit this step out); image_slots [B, m], which of
+  the row's images each block image is."""
   slots: jax.Array
   image_slots: jax.Array
 
 
 @flax.struct.dataclass
-class FullMemory:
+class FullMemory(Elements):
   """The whole rows: element arrays [B, L] and image arrays [B, M, ...] (see data.sequence)."""
-  tokens: jax.Array
-  segment_ids: jax.Array
-  positions: jax.Array
-  image_ids: jax.Array
-  latents: jax.Array
-  timesteps: jax.Array
 
   @classmethod
   def empty(cls, batch, length, max_images, latent_shape, pad_id):
