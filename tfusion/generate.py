@@ -100,7 +100,10 @@ def load(workdir: str, step: int | None = None, mesh=None) -> Sampler:
   with open(config_path) as f:
     config = config_lib.from_json(f.read(), config_path)
   tok = tokenizer_lib.Tokenizer.load(os.path.join(workdir, "tokenizer.model"))
-  ckpt = checkpoint.Checkpointer(os.path.join(os.path.abspath(workdir), "checkpoints"), 1, read_only=True)
+  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints: train the run first")
+  ckpt = checkpoint.Checkpointer(directory, 1, create=False)
   try:
     steps = ckpt.all_steps()
     if not steps:

@@ -7,11 +7,11 @@ import orbax.checkpoint as ocp
 class Checkpointer:
   """<workdir>/checkpoints/<step>/{state, data}: params, optimizer state, step, and input position."""
 
-  def __init__(self, directory: str, max_to_keep: int, read_only: bool = False):
+  def __init__(self, directory: str, max_to_keep: int, create: bool = True):
     self.directory = directory
     self.manager = ocp.CheckpointManager(
-        directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only,
-                                                        read_only=read_only, enable_async_checkpointing=True))
+        directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create,
+                                                        enable_async_checkpointing=True))
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
