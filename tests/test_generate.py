@@ -119,3 +119,17 @@ def test_command_line(run_dir, tmp_path):
   bad = subprocess.run(command[:-1] + ["--sampler=euler", f"--out={out}"], capture_output=True, text=True, cwd=REPO,
                        timeout=300)
   assert bad.returncode != 0 and "sampler" in bad.stderr
+
+
+def test_batches_are_full_size_so_one_compilation_serves_all(run_dir, tmp_path, monkeypatch):
+  sizes = []
+  text_to_image = generate.Sampler.text_to_image
+
+  def recording(self, captions, options, key):
+    sizes.append(len(captions))
+    return text_to_image(self, captions, options, key)
+  monkeypatch.setattr(generate.Sampler, "text_to_image", recording)
+  prompts = ["a red circle", "a blue square", "two green triangles"]
+  summary = generate.run(cli_args(run_dir, str(tmp_path / "b"), prompt=prompts, batch_size=2, diffusion_steps=2))
+  assert sizes == [2, 2] and [o["prompt"] for o in summary["outputs"]] == prompts
+  assert len(os.listdir(tmp_path / "b")) == 3 + 2        # 3 images, grid.png, generations.json

@@ -159,6 +159,18 @@ def read_prompts(prompts: list[str] | None, prompt_file: str | None) -> list[str
   return lines
 
 
+def in_batches(fn, items: list, batch_size: int, key) -> list:
+  """fn(batch, key) over items, batch by batch; results per item, in order. When there is more than one
+  batch, the last is padded to full size with copies of its last item, so every batch reuses one
+  compilation."""
+  size = min(batch_size, len(items))
+  results = []
+  for start in range(0, len(items), size):
+    batch = items[start:start + size]
+    results += list(fn(batch + [batch[-1]] * (size - len(batch)), jax.random.fold_in(key, start // size)))[:len(batch)]
+  return results
+
+
 def options_from_flags(args) -> decoding.SamplingOptions:
   return decoding.SamplingOptions(
       diffusion_steps=args.diffusion_steps, sampler=args.sampler, ddim_eta=args.ddim_eta, cfg_scale=args.cfg_scale,
@@ -184,13 +196,11 @@ def run(args) -> dict:
   sampler = load(args.workdir, args.step)
   options.validate(sampler.config.diffusion.num_timesteps)
   key = jax.random.key(args.seed)
-  batches = lambda items: [items[i:i + args.batch_size] for i in range(0, len(items), args.batch_size)]  # noqa: E731
   summary = {"workdir": args.workdir, "mode": args.mode, "options": dataclasses.asdict(options), "outputs": []}
   pngs = {}   # file name -> uint8 image
 
   if args.mode == "image":
-    images = np.concatenate([sampler.text_to_image(b, options, jax.random.fold_in(key, i))
-                             for i, b in enumerate(batches(prompts))])
+    images = np.stack(in_batches(lambda b, k: sampler.text_to_image(b, options, k), prompts, args.batch_size, key))
     for i, (prompt, image) in enumerate(zip(prompts, images)):
       pngs[f"image_{i:03d}.png"] = image
       summary["outputs"].append({"prompt": prompt, "image": f"image_{i:03d}.png"})
@@ -204,18 +214,15 @@ def run(args) -> dict:
       examples = test.__getitems__(list(range(args.test_examples)))
       images += [e["image"] for e in examples]
       names += [f"test[{i}]: {e['caption'].decode()}" for i, e in enumerate(examples)]
-    captions = [c for i, b in enumerate(batches(images))
-                for c in sampler.caption(np.stack(b), options, jax.random.fold_in(key, i))]
+    captions = in_batches(lambda b, k: sampler.caption(np.stack(b), options, k), images, args.batch_size, key)
     summary["outputs"] = [{"image": name, "caption": caption} for name, caption in zip(names, captions)]
     grid = ("captioned.png", np.stack(images), captions)
   elif args.mode == "text":
-    texts = [t for i, b in enumerate(batches(prompts))
-             for t in sampler.continue_text(b, options, jax.random.fold_in(key, i))]
+    texts = in_batches(lambda b, k: sampler.continue_text(b, options, k), prompts, args.batch_size, key)
     summary["outputs"] = [{"prompt": p, "text": t} for p, t in zip(prompts, texts)]
     grid = None
   else:
-    results = [r for i, b in enumerate(batches(prompts))
-               for r in sampler.interleaved(b, options, jax.random.fold_in(key, i))]
+    results = in_batches(lambda b, k: sampler.interleaved(b, options, k), prompts, args.batch_size, key)
     for i, (prompt, parts) in enumerate(zip(prompts, results)):
       entry = {"prompt": prompt, "parts": []}
       for part in parts:
