@@ -352,8 +352,8 @@ def decode(model, params, prompts: list[list], task: Task, special: sequence.Spe
            options: SamplingOptions, key: jax.Array, mesh=None, cached: bool = True,
            guided: bool | None = None) -> list[Generation]:
   """Generate after each prompt. A prompt is a list of sequence pieces (TextPiece, ImagePiece: clean
-  latents, read at CONTEXT_TIMESTEP) starting with BOS and ending with a text token, the first one the model reads before drawing (for
-  images only, end it with BOI). guided defaults to cfg_scale != 1."""
+  latents, read at CONTEXT_TIMESTEP) starting with BOS and ending with a text token, the first one the
+  model reads before drawing (for images only, end it with BOI). guided defaults to cfg_scale != 1."""
   num_timesteps = len(alpha_bar) - 1
   options.validate(num_timesteps)
   if not prompts:
