@@ -129,6 +129,10 @@ class FullMemory(Elements):
                latents=jnp.zeros((batch, max_images, *latent_shape), jnp.float32),
                timesteps=jnp.zeros((batch, max_images), jnp.int32))
 
+  @property
+  def length(self) -> int:
+    return self.tokens.shape[1]
+
   def feed(self, model, params, block: Block, with_logits: bool):
     w = lambda buf, val: transformer.write_slots(buf, val, block.slots)  # noqa: E731
     wi = lambda buf, val: transformer.write_slots(buf, val, block.image_slots)  # noqa: E731
@@ -149,6 +153,10 @@ class CachedMemory:
   @classmethod
   def empty(cls, model, batch, length):
     return cls(transformer.KVCache.empty(model.cfg.transformer, batch, length))
+
+  @property
+  def length(self) -> int:
+    return self.cache.length
 
   def feed(self, model, params, block: Block, with_logits: bool):
     logits, eps, cache = model.apply({"params": params}, block.tokens, block.segment_ids, block.positions,
@@ -218,23 +226,28 @@ def _banned(vocab, special, task: Task, may_draw_image):
   return never[None, :] | boi
 
 
+def _token_block(state: DecodeState, write, latent_shape) -> Block:
+  """Each row's pending token at its next slot, written where write [B] is set."""
+  batch = state.length.shape[0]
+  no_images = jnp.zeros((batch, 0), jnp.int32)
+  return Block(tokens=state.last[:, None], segment_ids=write[:, None].astype(jnp.int32),
+               positions=state.length[:, None], image_ids=jnp.zeros((batch, 1), jnp.int32),
+               latents=jnp.zeros((batch, 0, *latent_shape), jnp.float32), timesteps=no_images,
+               slots=jnp.where(write, state.length, state.memory.length)[:, None], image_slots=no_images)
+
+
 def text_phase(model, params, state: DecodeState, opts: TextOptions, special, task: Task, image_budget):
   """LM steps until every row is done or waiting for an image (last == BOI). Rows whose text budget
   (T ids) is used up are done. image_budget [B]: images each row may still draw in total."""
   budget = state.text.shape[1]
-  batch, slots = state.length.shape[0], _memory_length(state.memory)
+  slots = state.memory.length
 
   def active(s):
     return ~s.done & (s.last != special.boi)
 
   def step(s):
     act = active(s)
-    block = Block(tokens=s.last[:, None], segment_ids=act[:, None].astype(jnp.int32), positions=s.length[:, None],
-                  image_ids=jnp.zeros((batch, 1), jnp.int32),
-                  latents=jnp.zeros((batch, 0, *model.cfg.latent_shape), jnp.float32),
-                  timesteps=jnp.zeros((batch, 0), jnp.int32),
-                  slots=jnp.where(act, s.length, slots)[:, None], image_slots=jnp.zeros((batch, 0), jnp.int32))
-    logits, _, memory = s.memory.feed(model, params, block, with_logits=True)
+    logits, _, memory = s.memory.feed(model, params, _token_block(s, act, model.cfg.latent_shape), with_logits=True)
     room = s.length + 1 + model.cfg.patches_per_image + 2 <= slots
     logits = jnp.where(_banned(logits.shape[-1], special, task, (s.num_images < image_budget) & room),
                        -jnp.inf, logits[:, 0])
@@ -257,7 +270,7 @@ def image_phase(model, params, state: DecodeState, special, task: Task, alpha_ba
   With guided=True rows [B, 2B) are the unconditional partners of rows [0, B).
   """
   cfg = model.cfg
-  n, batch, slots = cfg.patches_per_image, state.length.shape[0], _memory_length(state.memory)
+  n, batch, slots = cfg.patches_per_image, state.length.shape[0], state.memory.length
   waiting = ~state.done & (state.last == special.boi)
   if guided:
     half = batch // 2
@@ -267,13 +280,7 @@ def image_phase(model, params, state: DecodeState, special, task: Task, alpha_ba
     state = state.replace(length=jnp.where(partner & waiting, 1, state.length),
                           last=jnp.where(partner & waiting, special.boi, state.last),
                           num_images=jnp.where(partner, 0, state.num_images))
-  zeros = lambda *shape: jnp.zeros((batch, *shape), jnp.int32)  # noqa: E731
-  no_image = dict(latents=jnp.zeros((batch, 0, *cfg.latent_shape), jnp.float32), timesteps=zeros(0),
-                  image_slots=zeros(0))
-  boi = Block(tokens=state.last[:, None], segment_ids=waiting[:, None].astype(jnp.int32),
-              positions=state.length[:, None], image_ids=zeros(1),
-              slots=jnp.where(waiting, state.length, slots)[:, None], **no_image)
-  _, _, memory = state.memory.feed(model, params, boi, with_logits=False)
+  _, _, memory = state.memory.feed(model, params, _token_block(state, waiting, cfg.latent_shape), with_logits=False)
 
   start = state.length + 1
   image_id = state.num_images + 1
@@ -320,10 +327,6 @@ def image_phase(model, params, state: DecodeState, special, task: Task, alpha_ba
   return state.replace(memory=memory, length=jnp.where(waiting, start + n, state.length),
                        last=jnp.where(waiting, special.eoi, state.last), done=done, images=images,
                        num_images=state.num_images + waiting, image_positions=positions)
-
-
-def _memory_length(memory) -> int:
-  return memory.cache.length if isinstance(memory, CachedMemory) else memory.tokens.shape[1]
 
 
 def prefill(model, params, state: DecodeState, block: Block):

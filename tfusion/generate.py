@@ -47,8 +47,11 @@ class Sampler:
     return decoding.decode(self.model, self.params, prompts, task, self.special, self.alpha_bar, options, key,
                            self.mesh)
 
+  def _until_eos(self, ids: list[int]) -> list[int]:
+    return ids[:ids.index(self.special.eos)] if self.special.eos in ids else ids
+
   def _cut(self, ids: list[int]) -> str:
-    return self.tokenizer.decode(ids[:ids.index(self.special.eos)] if self.special.eos in ids else ids)
+    return self.tokenizer.decode(self._until_eos(ids))
 
   def latents(self, captions: list[str], options: decoding.SamplingOptions, key) -> np.ndarray:
     """Image latents [N, h, w, c] float32 generated from captions ("" = unconditional)."""
@@ -83,7 +86,7 @@ class Sampler:
     results = []
     for g in self._decode([[self._text(p)] for p in prompts], decoding.INTERLEAVED, options, key):
       parts, start = [], 0
-      tokens = g.tokens[:g.tokens.index(self.special.eos)] if self.special.eos in g.tokens else g.tokens
+      tokens = self._until_eos(g.tokens)
       for image, at in zip(self.codec.decode(g.images), g.image_positions):
         parts += [self.tokenizer.decode(tokens[start:at]), image]
         start = at

@@ -23,13 +23,10 @@ class Checkpointer:
 
   def restore(self, step: int, abstract_state, data_iterator):
     """Restore into the shardings of `abstract_state`; sets `data_iterator` to the saved position."""
-    try:
-      restored = self.manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state), data=grain.checkpoint.CheckpointRestore(data_iterator)))
-    except Exception as e:  # orbax raises many types for unreadable or mismatched files
-      raise RuntimeError(
-          f"checkpoint {self.directory}/{step} could not be restored ({type(e).__name__}: {e}). "
-          f"It was left untouched; move it away to resume from an earlier step.") from e
+    restored = self._restore(step, f"checkpoint {self.directory}/{step}",
+                             " It was left untouched; move it away to resume from an earlier step.",
+                             state=ocp.args.StandardRestore(abstract_state),
+                             data=grain.checkpoint.CheckpointRestore(data_iterator))
     return restored.state
 
   def all_steps(self) -> list[int]:
@@ -39,13 +36,17 @@ class Checkpointer:
     """Only the params of a saved train state (no optimizer state, no data position), into the
     shardings of `abstract_params`."""
     target = {"params": abstract_params}
-    try:
-      restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-          target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True)))
-    except Exception as e:  # orbax raises many types for unreadable or mismatched files
-      raise RuntimeError(f"params of checkpoint {self.directory}/{step} could not be restored "
-                         f"({type(e).__name__}: {e})") from e
+    restored = self._restore(step, f"params of checkpoint {self.directory}/{step}", "",
+                             state=ocp.args.PyTreeRestore(
+                                 target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                 partial_restore=True))
     return restored.state["params"]
+
+  def _restore(self, step: int, what: str, advice: str, **items):
+    try:
+      return self.manager.restore(step, args=ocp.args.Composite(**items))
+    except Exception as e:  # orbax raises many types for unreadable or mismatched files
+      raise RuntimeError(f"{what} could not be restored ({type(e).__name__}: {e}).{advice}") from e
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
