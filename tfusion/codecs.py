@@ -2,11 +2,31 @@
 
 Every codec maps uint8 images [..., H, W, 3] to float latents [..., H/f, W/f, c] and back, and
 says how far latents may range (the sampler clips its x0 estimate to that range when it is set).
-`identity` uses pixels as latents scaled to [-1, 1]; a VAE codec plugs into the same interface.
+
+- `identity`: pixels as latents, scaled to [-1, 1].
+- `vae`: a frozen KL-VAE (tfusion.models.vae), from a `tfusion.train_vae` workdir or a diffusers
+  AutoencoderKL directory. Latents are the posterior mean, normalised per channel with a shift and
+  scale measured on the training images when the dataset is encoded (`python -m tfusion.encode_latents`),
+  so diffusion sees zero-mean unit-variance latents. The measurement is the codec's metadata
+  (`codec.json`, in the latent cache and in every Transfusion run that trains on it).
 """
 import dataclasses
+import functools
+import json
+import os
+from typing import Any
 
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import numpy as np
+
+from tfusion import config as config_lib
+from tfusion.models import vae as vae_lib
+from tfusion.training import checkpoint
+
+CODEC_FILE = "codec.json"
+ENCODE_BATCH = 64   # images per VAE call; the last batch is padded so every call has one shape
 
 
 @dataclasses.dataclass(frozen=True)
@@ -17,11 +37,137 @@ class IdentityCodec:
 
   def encode(self, images: np.ndarray) -> np.ndarray:
     """uint8 [..., S, S, 3] -> float32 [..., S, S, 3] in [-1, 1]."""
-    return np.asarray(images, np.float32) / 127.5 - 1.0
+    return pixels_to_unit(images)
 
   def decode(self, latents) -> np.ndarray:
     """float [..., S, S, 3] -> uint8 [..., S, S, 3] (values outside [-1, 1] are clipped)."""
-    return np.clip(np.round((np.asarray(latents, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+    return unit_to_pixels(latents)
+
+
+def pixels_to_unit(images) -> np.ndarray:
+  """uint8 [0, 255] -> float32 [-1, 1]."""
+  return np.asarray(images, np.float32) / 127.5 - 1.0
+
+
+def unit_to_pixels(x) -> np.ndarray:
+  """float [-1, 1] -> uint8 [0, 255], clipped."""
+  return np.clip(np.round((np.asarray(x, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+@functools.lru_cache(maxsize=8)
+def _vae_programs(config: vae_lib.VAEConfig):
+  """Jitted (encode -> posterior mean, decode) of one VAE architecture."""
+  model = vae_lib.AutoencoderKL(config)
+  encode = jax.jit(lambda p, x: model.apply({"params": p}, x, method=vae_lib.AutoencoderKL.encode)[0])
+  decode = jax.jit(lambda p, z: model.apply({"params": p}, z, method=vae_lib.AutoencoderKL.decode))
+  return encode, decode
+
+
+def _in_batches(fn, x: np.ndarray, batch: int) -> np.ndarray:
+  """fn over [N, ...] in fixed-size batches (the last one padded), concatenated back to N rows."""
+  out = []
+  for start in range(0, len(x), batch):
+    part = x[start:start + batch]
+    padded = np.concatenate([part, np.repeat(part[-1:], batch - len(part), 0)]) if len(part) < batch else part
+    out.append(np.asarray(fn(padded))[:len(part)])
+  return np.concatenate(out)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class VaeCodec:
+  """A frozen VAE: uint8 images <-> (posterior mean - shift) / scale, per latent channel."""
+  vae: vae_lib.VAEConfig
+  params: Any                 # on the default device
+  shift: np.ndarray           # [c]
+  scale: np.ndarray           # [c]
+  metadata: dict              # what codec.json records
+  name: str = "vae"
+  value_range: float | None = None
+
+  def raw_latents(self, images: np.ndarray) -> np.ndarray:
+    """uint8 [N, S, S, 3] -> posterior means [N, S/f, S/f, c] float32, before normalisation."""
+    encode, _ = _vae_programs(self.vae)
+    return _in_batches(lambda x: encode(self.params, jnp.asarray(pixels_to_unit(x))), np.asarray(images),
+                       ENCODE_BATCH)
+
+  def normalize(self, raw: np.ndarray) -> np.ndarray:
+    return ((np.asarray(raw, np.float32) - self.shift) / self.scale).astype(np.float32)
+
+  def encode(self, images: np.ndarray) -> np.ndarray:
+    """uint8 [..., S, S, 3] -> normalised latents [..., S/f, S/f, c]."""
+    images = np.asarray(images)
+    flat = images.reshape(-1, *images.shape[-3:])
+    latents = self.normalize(self.raw_latents(flat))
+    return latents.reshape(*images.shape[:-3], *latents.shape[1:])
+
+  def decode(self, latents) -> np.ndarray:
+    """Normalised latents [..., h, w, c] -> uint8 images [..., h f, w f, 3]."""
+    _, decode = _vae_programs(self.vae)
+    latents = np.asarray(latents, np.float32)
+    flat = latents.reshape(-1, *latents.shape[-3:]) * self.scale + self.shift
+    images = _in_batches(lambda z: decode(self.params, jnp.asarray(z)), flat, ENCODE_BATCH)
+    return unit_to_pixels(images).reshape(*latents.shape[:-3], *images.shape[1:])
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading a VAE and a codec.
+# ----------------------------------------------------------------------------------------------
+def vae_config_of_run(vae_run_config) -> vae_lib.VAEConfig:
+  """The VAEConfig of a tfusion.train_vae config (its `model` group)."""
+  m = vae_run_config.model
+  return vae_lib.VAEConfig(block_out_channels=tuple(m.block_out_channels), layers_per_block=m.layers_per_block,
+                           latent_channels=m.latent_channels, norm_num_groups=m.norm_num_groups)
+
+
+def load_vae(path: str) -> tuple[vae_lib.VAEConfig, Any, dict]:
+  """(architecture, numpy params, provenance) of a VAE: a tfusion.train_vae workdir (latest checkpoint)
+  or a diffusers AutoencoderKL directory / .safetensors file."""
+  path = os.path.abspath(os.path.expanduser(path))
+  run_config = os.path.join(path, "config.json")
+  if os.path.isdir(os.path.join(path, "checkpoints")) and os.path.isfile(run_config):
+    with open(run_config) as f:
+      config = config_lib.from_json(f.read(), run_config, config_lib.default_vae_config())
+    vae = vae_config_of_run(config)
+    ckpt = checkpoint.Checkpointer(os.path.join(path, "checkpoints"), 1, create=False)
+    step = ckpt.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"VAE run {path} has no checkpoint yet: train it with python -m tfusion.train_vae")
+    shapes = jax.eval_shape(lambda: vae_lib.AutoencoderKL(vae).init(
+        jax.random.key(0), jnp.zeros((1, vae.downsample, vae.downsample, vae.in_channels))))
+    target = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), nn.meta.unbox(shapes["params"]))
+    params = ckpt.restore_params(step, target)
+    ckpt.close()
+    return vae, params, {"vae": path, "vae_format": "tfusion", "vae_step": int(step)}
+  if os.path.isdir(path) or path.endswith(".safetensors"):
+    vae, params = vae_lib.load_diffusers(path)
+    return vae, params, {"vae": path, "vae_format": "diffusers", "vae_step": None}
+  raise FileNotFoundError(f"config.data.vae = {path!r}: neither a tfusion.train_vae workdir (config.json + "
+                          f"checkpoints/) nor a diffusers AutoencoderKL directory or .safetensors file")
+
+
+def vae_codec(path: str, shift=None, scale=None, measured: dict | None = None) -> VaeCodec:
+  """The codec of the VAE at `path`; without shift and scale, raw latents (shift 0, scale 1)."""
+  vae, params, provenance = load_vae(path)
+  c = vae.latent_channels
+  shift = np.zeros(c, np.float32) if shift is None else np.asarray(shift, np.float32).reshape(c)
+  scale = np.ones(c, np.float32) if scale is None else np.asarray(scale, np.float32).reshape(c)
+  metadata = dict(codec="vae", **provenance, latent_channels=c, downsample=vae.downsample,
+                  shift=shift.tolist(), scale=scale.tolist(), **(measured or {}))
+  return VaeCodec(vae, jax.device_put(params, jax.local_devices()[0]), shift, scale, metadata)
+
+
+def read_codec_metadata(path: str) -> dict:
+  """The codec.json at `path` (a file, or a directory holding one)."""
+  path = os.path.join(path, CODEC_FILE) if os.path.isdir(path) else path
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path} not found: encode the dataset first (python -m tfusion.encode_latents)")
+  with open(path) as f:
+    return json.load(f)
+
+
+def codec_from_metadata(metadata: dict) -> VaeCodec:
+  return vae_codec(metadata["vae"], metadata["shift"], metadata["scale"],
+                   {k: metadata[k] for k in ("images_measured",) if k in metadata})
 
 
 def latent_shape(data_config) -> tuple[int, int, int]:
@@ -33,11 +179,30 @@ def latent_shape(data_config) -> tuple[int, int, int]:
   return (size, size, 3)
 
 
-def make_codec(data_config):
-  """The codec named by config.data.codec."""
+def make_codec(data_config, metadata_dir: str | None = None):
+  """The codec named by config.data.codec. The vae codec reads its codec.json from `metadata_dir` (a
+  run's workdir) when that holds one, else from config.data.latent_cache."""
   if data_config.codec == "identity":
     return IdentityCodec()
-  if data_config.codec == "vae":
-    raise ValueError("config.data.codec = 'vae': VAE weights cannot be loaded yet; the vae codec only sizes "
-                     "models (tfusion.params, tfusion.aot). Train with codec 'identity'.")
-  raise ValueError(f"config.data.codec = {data_config.codec!r}: unknown codec (available: identity, vae)")
+  if data_config.codec != "vae":
+    raise ValueError(f"config.data.codec = {data_config.codec!r}: unknown codec (available: identity, vae)")
+  if metadata_dir and os.path.isfile(os.path.join(metadata_dir, CODEC_FILE)):
+    metadata = read_codec_metadata(metadata_dir)
+  elif data_config.latent_cache:
+    metadata = read_codec_metadata(os.path.expanduser(data_config.latent_cache))
+  else:
+    raise ValueError("config.data.latent_cache is empty: the vae codec needs the latents (and their shift "
+                     "and scale) written by python -m tfusion.encode_latents")
+  codec = codec_from_metadata(metadata)
+  check_latent_shape(codec, data_config)
+  return codec
+
+
+def check_latent_shape(codec: VaeCodec, data_config) -> None:
+  """ValueError naming the config field when the VAE's latents do not match config.data."""
+  if codec.vae.latent_channels != data_config.latent_channels:
+    raise ValueError(f"config.data.latent_channels = {data_config.latent_channels}, but the VAE "
+                     f"{codec.metadata['vae']} has {codec.vae.latent_channels} latent channels")
+  if codec.vae.downsample != data_config.latent_downsample:
+    raise ValueError(f"config.data.latent_downsample = {data_config.latent_downsample}, but the VAE "
+                     f"{codec.metadata['vae']} downsamples by {codec.vae.downsample}")

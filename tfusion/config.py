@@ -54,6 +54,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.codec = "identity"              # latent codec: identity (pixels in [-1, 1]) | vae
   c.data.latent_channels = 8             # vae codec: latent channels c
   c.data.latent_downsample = 8           # vae codec: image size / latent size f
+  c.data.vae = ""                        # vae codec: a tfusion.train_vae workdir or a diffusers AutoencoderKL dir
+  c.data.latent_cache = ""               # vae codec: latents written by python -m tfusion.encode_latents
   c.data.text_source = "pydoc"           # "pydoc" (ships with Python) or a .jsonl of {"text": ...}
   c.data.text_fraction = 0.5             # share of elements from the text-only stream (paper: 1:1)
   c.data.caption_first_prob = 0.8
@@ -136,6 +138,96 @@ def paper_config(size: str, patch_encoder: str = "linear") -> ml_collections.Con
   return c
 
 
+def shapes_demo_config(image_size: int = 32) -> ml_collections.ConfigDict:
+  """The embedded demo: a 4-layer, d = 128 Transfusion on the shapes data + pydoc text, pixel space
+  (8 x 8 patches per image), 1000 steps; minutes on 2 CPU cores. experiments/shapes_*.py start here."""
+  c = default_config()
+  c.data.image_size = image_size
+  c.total_steps = 1000
+  c.batch_size = 8
+  c.seq_len = 256
+  c.log_every = 10
+  c.ckpt_every = 250
+  c.sample_every = 500
+  c.model.num_layers = 4
+  c.model.d_model = 128
+  c.model.num_heads = 4
+  c.model.mlp_dim = 384
+  c.model.patch_size = image_size // 8
+  c.data.vocab_size = 512
+  c.optim.lr = 2e-3
+  c.optim.warmup_steps = 50
+  c.sample.diffusion_steps = 250
+  return c
+
+
+def default_vae_config() -> ml_collections.ConfigDict:
+  """Every field tfusion.train_vae reads. The loss is the paper's (§4.1, App. A):
+  L1 + LPIPS + 0.5 GAN + 1e-6 KL with the GAN on from step 50k (its MoCo identity term needs weights
+  that are not public in a loadable form, so it is left out). The architecture defaults are the LDM / SD
+  KL-VAE widths with 8 latent channels and f = 8 (84M parameters; the paper's is 86M)."""
+  c = ml_collections.ConfigDict()
+  c.total_steps = 100_000
+  c.batch_size = 16
+  c.seed = 0
+  c.log_every = 50
+  c.ckpt_every = 2000
+  c.sample_every = 2000          # reconstruction grid of test images and test PSNR
+  c.max_to_keep = 3
+
+  c.model = ml_collections.ConfigDict()
+  c.model.block_out_channels = (128, 256, 512, 512)   # width per level; f = 2 ** (levels - 1)
+  c.model.layers_per_block = 2
+  c.model.latent_channels = 8
+  c.model.norm_num_groups = 32
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.l1_weight = 1.0          # mean absolute pixel error, images in [-1, 1]
+  c.loss.kl_weight = 1e-6         # KL summed over latent dims, mean over images
+  c.loss.lpips_weight = 1.0
+  c.loss.lpips_params = ""        # safetensors file of VGG16 + LPIPS weights; "" = perceptual term off
+  c.loss.gan_weight = 0.5
+  c.loss.gan_start_step = 50_000  # the generator's adversarial term and the discriminator train from here
+
+  c.discriminator = ml_collections.ConfigDict()
+  c.discriminator.channels = 64
+  c.discriminator.num_layers = 3
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 1e-4               # Adam for the VAE and the discriminator; linear warmup, then constant
+  c.optim.warmup_steps = 1000
+  c.optim.b1 = 0.5
+  c.optim.b2 = 0.9
+  c.optim.grad_clip = 1.0
+
+  c.data = ml_collections.ConfigDict()
+  c.data.data_dir = "~/tensorflow_datasets"
+  c.data.image_size = 256
+
+  c.mesh = default_config().mesh
+  return c
+
+
+def validate_vae(config: ml_collections.ConfigDict) -> None:
+  """Raise ConfigError naming the first invalid field of a VAE training config."""
+  _check_fields(config, default_vae_config(),
+                positive_ints=("total_steps", "batch_size", "log_every", "ckpt_every", "sample_every",
+                               "max_to_keep", "model.layers_per_block", "model.latent_channels",
+                               "model.norm_num_groups", "discriminator.channels", "discriminator.num_layers",
+                               "optim.warmup_steps", "data.image_size"))
+  widths = config.model.block_out_channels
+  if not widths or any(w % config.model.norm_num_groups for w in widths):
+    _fail(config, "model.block_out_channels", f"needs widths divisible by model.norm_num_groups = "
+          f"{config.model.norm_num_groups}")
+  if config.data.image_size % 2 ** (len(widths) - 1):
+    _fail(config, "data.image_size", f"must be divisible by the downsampling factor {2 ** (len(widths) - 1)}")
+  for field in ("loss.l1_weight", "loss.kl_weight", "loss.lpips_weight", "loss.gan_weight", "loss.gan_start_step"):
+    if _get(config, field) < 0:
+      _fail(config, field, "must be >= 0")
+  if config.optim.lr <= 0:
+    _fail(config, "optim.lr", "must be > 0")
+
+
 _POSITIVE_INTS = ("total_steps", "batch_size", "microbatches", "seq_len", "log_every", "ckpt_every", "sample_every",
                   "max_to_keep", "model.num_layers", "model.d_model", "model.num_heads", "model.mlp_dim",
                   "model.patch_size", "model.attention_chunk", "model.unet_res_blocks",
@@ -156,10 +248,11 @@ _CHOICES = {
 }
 
 
-def from_json(text: str, source: str = "config.json") -> ml_collections.ConfigDict:
-  """The config a run recorded (ConfigDict.to_json), over today's defaults; ConfigError names a field
-  the defaults do not have."""
-  config = default_config()
+def from_json(text: str, source: str = "config.json",
+              defaults: ml_collections.ConfigDict | None = None) -> ml_collections.ConfigDict:
+  """The config a run recorded (ConfigDict.to_json), over today's defaults (default_config() unless
+  given); ConfigError names a field the defaults do not have."""
+  config = default_config() if defaults is None else defaults
   for group, values in json.loads(text).items():
     if group not in config:
       raise ConfigError(f"{source}: unknown field {group!r}")
@@ -184,30 +277,42 @@ def _get(config, dotted):
   return value
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
-  """Raise ConfigError naming the first invalid field. Cheap: runs before any compute."""
-  unknown = set(config.keys()) ^ set(default_config().keys())
+def _fail(config, field, why):
+  raise ConfigError(f"config.{field} = {_get(config, field)!r}: {why}")
+
+
+def _check_fields(config, defaults, positive_ints=(), fractions=(), choices=None) -> None:
+  """Same fields as `defaults` (top level and groups); positive ints, [0, 1] fractions, choices."""
+  unknown = set(config.keys()) ^ set(defaults.keys())
   if unknown:
     raise ConfigError(f"config has unknown or missing top-level fields: {sorted(unknown)}")
-  for group, defaults in default_config().items():
-    if isinstance(defaults, ml_collections.ConfigDict):
-      diff = set(config[group].keys()) ^ set(defaults.keys())
+  for group, group_defaults in defaults.items():
+    if isinstance(group_defaults, ml_collections.ConfigDict):
+      diff = set(config[group].keys()) ^ set(group_defaults.keys())
       if diff:
         raise ConfigError(f"config.{group} has unknown or missing fields: {sorted(diff)}")
-
-  def fail(field, why):
-    raise ConfigError(f"config.{field} = {_get(config, field)!r}: {why}")
-
-  for field in _POSITIVE_INTS:
+  for field in positive_ints:
     value = _get(config, field)
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-      fail(field, "must be a positive integer")
-  for field in _FRACTIONS:
+      _fail(config, field, "must be a positive integer")
+  for field in fractions:
     if not 0.0 <= _get(config, field) <= 1.0:
-      fail(field, "must be in [0, 1]")
-  for field, choices in _CHOICES.items():
-    if _get(config, field) not in choices:
-      fail(field, f"must be one of {choices}")
+      _fail(config, field, "must be in [0, 1]")
+  for field, allowed in (choices or {}).items():
+    if _get(config, field) not in allowed:
+      _fail(config, field, f"must be one of {allowed}")
+  for axis in config.get("mesh", {}):
+    if config.mesh[axis] == 0 or config.mesh[axis] < -1:
+      _fail(config, f"mesh.{axis}", "must be a positive integer or -1")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raise ConfigError naming the first invalid field. Cheap: runs before any compute."""
+  _check_fields(config, default_config(), _POSITIVE_INTS, _FRACTIONS, _CHOICES)
+
+  def fail(field, why):
+    _fail(config, field, why)
+
   if config.diffusion.loss_weight < 0:
     fail("diffusion.loss_weight", "must be >= 0")
   if not 1 <= config.diffusion.image_first_max_t <= config.diffusion.num_timesteps:
@@ -244,6 +349,3 @@ def validate(config: ml_collections.ConfigDict) -> None:
     fail("sample.cfg_scale", "must be >= 0 (1 = no guidance)")
   if config.optim.lr <= 0:
     fail("optim.lr", "must be > 0")
-  for axis in config.mesh:
-    if config.mesh[axis] == 0 or config.mesh[axis] < -1:
-      fail(f"mesh.{axis}", "must be a positive integer or -1")

@@ -6,7 +6,9 @@ id) work anywhere, including several processes on one machine; otherwise JAX's c
 """
 import os
 
+from absl import flags
 import jax
+from jax.experimental import multihost_utils
 
 MODES = ("auto", "on", "off")
 
@@ -36,3 +38,32 @@ def initialize(mode: str = "auto", coordinator_address: str | None = None, num_p
     return
   jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
                              process_id=process_id)
+
+
+def define_flags() -> None:
+  """The multi-process flags every entry point takes (read by initialize_from_flags)."""
+  flags.DEFINE_enum("distributed", "auto", MODES,
+                    "Join JAX's multi-process runtime: auto (when the flags below are given or a SLURM / "
+                    "multi-host Cloud TPU job is detected), on (always), off.")
+  flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-process runs.")
+  flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-process run.")
+  flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
+
+
+def initialize_from_flags(args) -> None:
+  initialize(args.distributed, args.coordinator_address, args.num_processes, args.process_id)
+
+
+def is_chief() -> bool:
+  return jax.process_index() == 0
+
+
+def chief_first(name: str, fn):
+  """fn() on process 0, then (after all processes meet) on the others: files fn writes on first use
+  (a built dataset, a trained tokenizer) are written once and read by everyone else."""
+  if is_chief():
+    result = fn()
+  multihost_utils.sync_global_devices(name)
+  if not is_chief():
+    result = fn()
+  return result

@@ -27,15 +27,17 @@ MODES = ("text", "image", "caption", "interleaved")
 @dataclasses.dataclass
 class Sampler:
   """A trained model ready to sample: config (a run's ConfigDict), params (on `mesh`, or on one
-  device), and the run's tokenizer. Every method takes SamplingOptions and a PRNG key."""
+  device), the run's tokenizer and latent codec (default: codecs.make_codec(config.data)). Every method
+  takes SamplingOptions and a PRNG key."""
   config: object
   params: object
   tokenizer: tokenizer_lib.Tokenizer
   mesh: jax.sharding.Mesh | None = None
+  codec: object = None
 
   def __post_init__(self):
     self.model, _ = state_lib.model_and_layout(self.config, self.tokenizer.vocab_size)
-    self.codec = codecs.make_codec(self.config.data)
+    self.codec = self.codec or codecs.make_codec(self.config.data)
     self.special = sequence.SpecialIds.of(self.tokenizer)
     self.alpha_bar = diffusion.make_alpha_bar(self.config.diffusion.schedule, self.config.diffusion.num_timesteps)
 
@@ -122,7 +124,7 @@ def load(workdir: str, step: int | None = None, mesh=None) -> Sampler:
   finally:
     ckpt.close()
   logging.info("loaded step %d of %s", step, workdir)
-  return Sampler(config, params, tok, mesh)
+  return Sampler(config, params, tok, mesh, codecs.make_codec(config.data, workdir))
 
 
 def _generation_mesh(config):

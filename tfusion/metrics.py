@@ -2,6 +2,7 @@
 import json
 import os
 
+from absl import logging
 import tensorboardX
 
 
@@ -49,3 +50,10 @@ def read_metrics(workdir: str) -> list[dict]:
   """All entries of <workdir>/metrics.jsonl, in order."""
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     return [json.loads(line) for line in f if line.strip()]
+
+
+def quiet_library_info_logs() -> None:
+  """Orbax logs every checkpoint step at INFO; keep its warnings, drop the chatter."""
+  def keep(record):
+    return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
+  logging.get_absl_handler().python_handler.addFilter(keep)

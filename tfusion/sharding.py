@@ -36,6 +36,8 @@ RULES = (
     ("conv_width", None),
     ("unet_in", None),
     ("unet_out", "fsdp"),
+    ("vae_in", None),
+    ("vae_out", "fsdp"),
 )
 
 

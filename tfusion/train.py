@@ -5,6 +5,7 @@ Running the same command again in the same workdir resumes from the latest check
 `arg` to the experiment's get_config.
 """
 import functools
+import json
 import os
 import time
 
@@ -16,8 +17,8 @@ from ml_collections import config_flags
 import tqdm
 
 from tfusion import codecs, config as config_lib, decoding, diffusion, distributed, flops, generate, sharding, visualize
-from tfusion.data import pipeline, sequence, shapes, text_corpus, tokenizer as tokenizer_lib
-from tfusion.metrics import MetricWriter
+from tfusion.data import latent_cache, pipeline, sequence, shapes, text_corpus, tokenizer as tokenizer_lib
+from tfusion import metrics as metrics_lib
 from tfusion.training import checkpoint, optim, state as state_lib, step as step_lib
 
 TOKENIZER_FILE = "tokenizer.model"
@@ -31,27 +32,15 @@ def decode_caption(example) -> str:
   return example["caption"].decode("utf-8")
 
 
-def is_chief() -> bool:
-  return jax.process_index() == 0
-
-
-def chief_first(name: str, fn):
-  """fn() on process 0, then (after all processes meet) on the others: files fn writes on first use
-  (a built dataset, a trained tokenizer) are written once and read by everyone else."""
-  if is_chief():
-    result = fn()
-  multihost_utils.sync_global_devices(name)
-  if not is_chief():
-    result = fn()
-  return result
-
-
 def load_data(config, workdir):
-  """Returns (tokenizer, text docs [BOS ids EOS] of the train split, train and test image sources)."""
+  """Returns (tokenizer, text docs [BOS ids EOS] of the train split, train image-caption source, test
+  images). The train source holds pixels ("image") or, with the vae codec, cached latents ("latents")."""
   data_dir = os.path.expanduser(config.data.data_dir)
-  train_images, test_images = chief_first("build shapes", lambda: (
+  train_images, test_images = distributed.chief_first("build shapes", lambda: (
       shapes.load_shapes(data_dir, "train", config.data.image_size),
       shapes.load_shapes(data_dir, "test", config.data.image_size)))
+  if config.data.codec == "vae":
+    train_images = latent_cache.LatentSource(os.path.expanduser(config.data.latent_cache), "train")
   documents = text_corpus.load_text_documents(config.data.text_source)
   train_docs, _ = text_corpus.split_documents(documents, config.data.text_test_fraction, config.seed)
 
@@ -59,20 +48,41 @@ def load_data(config, workdir):
     sample = range(min(TOKENIZER_SAMPLE_CAPTIONS, len(train_images)))
     return [decode_caption(e) for e in train_images.__getitems__(list(sample))] + train_docs
 
-  tok = chief_first("tokenizer", lambda: tokenizer_lib.load_or_train_tokenizer(
+  tok = distributed.chief_first("tokenizer", lambda: tokenizer_lib.load_or_train_tokenizer(
       os.path.join(workdir, TOKENIZER_FILE), tokenizer_texts, config.data.vocab_size))
   text_ids = [np.array([tok.bos_id, *tok.encode(d), tok.eos_id], np.int32) for d in train_docs]
   return tok, text_ids, train_images, test_images
 
 
+def run_codec(config, workdir):
+  """The run's latent codec. With the vae codec, the latent cache's codec.json is recorded in the workdir
+  on the first run; a resumed run refuses a cache re-encoded with another VAE or statistics."""
+  if config.data.codec != "vae":
+    return codecs.make_codec(config.data)
+  if not config.data.latent_cache:
+    raise config_lib.ConfigError("config.data.latent_cache is empty: the vae codec trains on latents written by "
+                                 "python -m tfusion.encode_latents")
+  metadata = codecs.read_codec_metadata(os.path.expanduser(config.data.latent_cache))
+  recorded = os.path.join(workdir, codecs.CODEC_FILE)
+  if os.path.isfile(recorded) and codecs.read_codec_metadata(recorded) != metadata:
+    raise config_lib.ConfigError(f"config.data.latent_cache = {config.data.latent_cache!r} was encoded with another "
+                                 f"VAE or statistics than this run was trained on ({recorded})")
+  if distributed.is_chief():
+    with open(recorded, "w") as f:
+      json.dump(metadata, f, indent=2)
+  codec = codecs.codec_from_metadata(metadata)
+  codecs.check_latent_shape(codec, config.data)
+  return codec
+
+
 # ----------------------------------------------------------------------------------------------
 # Samples: images from fixed test captions, captions for fixed test images.
 # ----------------------------------------------------------------------------------------------
-def write_samples(step, state, mesh, tok, test_images, config, workdir):
+def write_samples(step, state, mesh, tok, codec, test_images, config, workdir):
   """Every process samples (the params are spread over all of them); process 0 writes the files."""
   n = max(config.sample.num_images, config.sample.num_captions)
   examples = test_images.__getitems__(list(range(n)))
-  sampler = generate.Sampler(config, state.params, tok, mesh)
+  sampler = generate.Sampler(config, state.params, tok, mesh, codec)
   options = decoding.SamplingOptions(diffusion_steps=config.sample.diffusion_steps, sampler=config.sample.sampler,
                                      cfg_scale=config.sample.cfg_scale, max_new_tokens=config.sample.max_caption_tokens)
   key = jax.random.fold_in(jax.random.key(config.seed), 1_000_000 + step)
@@ -80,7 +90,7 @@ def write_samples(step, state, mesh, tok, test_images, config, workdir):
   images = sampler.text_to_image(prompts, options, key)
   shown = np.stack([e["image"] for e in examples[:config.sample.num_captions]])
   captions = sampler.caption(shown, options, key)
-  if not is_chief():
+  if not distributed.is_chief():
     return
   out = os.path.join(workdir, "samples", f"step_{step}")
   os.makedirs(out, exist_ok=True)
@@ -99,7 +109,7 @@ def train_and_evaluate(config, workdir: str) -> None:
   # --- Setup: validate before any compute, record the config. ---------------------------------
   config_lib.validate(config)
   os.makedirs(workdir, exist_ok=True)
-  if is_chief():
+  if distributed.is_chief():
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
 
@@ -114,7 +124,7 @@ def train_and_evaluate(config, workdir: str) -> None:
   logging.info("mesh %s over %d devices, %d processes", dict(mesh.shape), jax.device_count(), jax.process_count())
 
   # --- Data. ------------------------------------------------------------------------------------
-  codec = codecs.make_codec(config.data)
+  codec = run_codec(config, workdir)
   tok, text_ids, train_images, test_images = load_data(config, workdir)
   special = sequence.SpecialIds.of(tok)
   model, layout = state_lib.model_and_layout(config, tok.vocab_size)
@@ -125,7 +135,8 @@ def train_and_evaluate(config, workdir: str) -> None:
                             image_first_max_t=config.diffusion.image_first_max_t, seed=config.seed)
 
   def prepare_image(example):
-    return tok.encode(decode_caption(example)), codec.encode(example["image"])
+    latents = codec.normalize(example["latents"]) if "latents" in example else codec.encode(example["image"])
+    return tok.encode(decode_caption(example)), latents
 
   dataset = pipeline.train_batches(text_ids, train_images, prepare_image, layout, special, mix, config.batch_size,
                                    jax.process_index(), jax.process_count())
@@ -149,14 +160,14 @@ def train_and_evaluate(config, workdir: str) -> None:
   if start_step:
     logging.info("resuming from step %d", start_step)
     state = ckpt.restore(start_step, checkpoint.abstract_like(state, state_shardings), data_iterator)
-  writer = MetricWriter(workdir, start_step, active=is_chief())
+  writer = metrics_lib.MetricWriter(workdir, start_step, active=distributed.is_chief())
 
   alpha_bar = diffusion.make_alpha_bar(config.diffusion.schedule, config.diffusion.num_timesteps)
   train_step = step_lib.jit_train_step(mesh, state_shardings, model=model, tx=tx, schedule=schedule,
                                        alpha_bar=alpha_bar, loss_weight=config.diffusion.loss_weight,
                                        train_key=train_key, microbatches=config.microbatches)
   batch_sharding = sharding.batch_sharding(mesh)
-  samples = functools.partial(write_samples, mesh=mesh, tok=tok, test_images=test_images, config=config,
+  samples = functools.partial(write_samples, mesh=mesh, tok=tok, codec=codec, test_images=test_images, config=config,
                               workdir=workdir)
 
   # --- Train loop. ------------------------------------------------------------------------------
@@ -207,21 +218,14 @@ def train_and_evaluate(config, workdir: str) -> None:
     writer.close()
 
 
-def _quiet_library_info_logs() -> None:
-  """Orbax logs every checkpoint step at INFO; keep its warnings, drop the chatter."""
-  def keep(record):
-    return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
-  logging.get_absl_handler().python_handler.addFilter(keep)
-
-
 def main(argv):
-  _quiet_library_info_logs()
+  metrics_lib.quiet_library_info_logs()
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   args = flags.FLAGS
   if args.workdir is None or args.config is None:
     raise app.UsageError("--config and --workdir are required")
-  distributed.initialize(args.distributed, args.coordinator_address, args.num_processes, args.process_id)
+  distributed.initialize_from_flags(args)
   jax.config.update("jax_compilation_cache_dir", os.path.join(args.workdir, "jax_cache"))
   train_and_evaluate(args.config, args.workdir)
 
@@ -230,12 +234,7 @@ def define_flags():
   """Command-line flags, defined only when this module is the program (so libraries can import it)."""
   config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
   flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
-  flags.DEFINE_enum("distributed", "auto", distributed.MODES,
-                    "Join JAX's multi-process runtime: auto (when the flags below are given or a SLURM / "
-                    "multi-host Cloud TPU job is detected), on (always), off.")
-  flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-process runs.")
-  flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-process run.")
-  flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
+  distributed.define_flags()
 
 
 if __name__ == "__main__":

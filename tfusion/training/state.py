@@ -1,5 +1,5 @@
 """The train state and its sharded initialisation."""
-from typing import Any
+from typing import Any, Callable
 
 import flax
 import flax.linen as nn
@@ -50,29 +50,33 @@ def _init_fn(model: nn.Module, tx: optax.GradientTransformation, init_batch: dic
   return init
 
 
-def abstract_train_state(model: nn.Module, tx: optax.GradientTransformation, init_batch: dict, mesh):
-  """(state of ShapeDtypeStructs carrying their shardings, state_shardings); nothing is allocated.
-
-  init_batch may hold abstract values; the shardings come from the params' logical axis names.
-  """
+def abstract_state(init: Callable, mesh):
+  """(state of ShapeDtypeStructs carrying their shardings, state_shardings) of init(key) -> boxed state;
+  nothing is allocated. The shardings come from the params' logical axis names."""
   key = jax.random.key(0)   # made outside the mesh context: the mesh may be of devices we cannot run on
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
-    boxed = jax.eval_shape(_init_fn(model, tx, init_batch), key)
+    boxed = jax.eval_shape(init, key)
     shardings = sharding.logical_shardings(mesh, boxed)
   return checkpoint.abstract_like(nn.meta.unbox(boxed), shardings), shardings
 
 
-def create_train_state(model: nn.Module, tx: optax.GradientTransformation, init_batch: dict, key: jax.Array,
-                       mesh) -> tuple[TrainState, Any]:
-  """Initialise params and optimizer state directly into their shardings on `mesh`.
-
-  Returns (state, state_shardings); the shardings come from the logical axis names of the params.
-  """
-  _, shardings = abstract_train_state(model, tx, init_batch, mesh)
-  init = _init_fn(model, tx, init_batch)
+def create_sharded(init: Callable, key: jax.Array, mesh) -> tuple[Any, Any]:
+  """(state, state_shardings): init(key) computed directly into the shardings of its logical axis names."""
+  _, shardings = abstract_state(init, mesh)
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
     state = jax.jit(lambda k: nn.meta.unbox(init(k)), out_shardings=shardings)(key)
   return state, shardings
+
+
+def abstract_train_state(model: nn.Module, tx: optax.GradientTransformation, init_batch: dict, mesh):
+  """abstract_state of the Transfusion train state; init_batch may hold abstract values."""
+  return abstract_state(_init_fn(model, tx, init_batch), mesh)
+
+
+def create_train_state(model: nn.Module, tx: optax.GradientTransformation, init_batch: dict, key: jax.Array,
+                       mesh) -> tuple[TrainState, Any]:
+  """Initialise params and optimizer state directly into their shardings on `mesh`."""
+  return create_sharded(_init_fn(model, tx, init_batch), key, mesh)
 
 
 def count_params(params) -> int:

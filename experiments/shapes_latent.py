@@ -1,0 +1,25 @@
+r"""The shapes demo in latent space: Transfusion on 8x8x8 latents of the shapes VAE (README demo).
+
+  python -m tfusion.train_vae --config experiments/vae_shapes.py --workdir workdir/demo/vae
+  python -m tfusion.encode_latents --config experiments/shapes_latent.py
+  python -m tfusion.train --config experiments/shapes_latent.py --workdir workdir/demo/transfusion
+
+config.data.vae and config.data.latent_cache default to workdir/demo/{vae,latents}; `:ROOT` moves both
+under another directory. 2x2 latent patches (the paper's choice): 16 elements per image.
+"""
+import os
+
+from tfusion.config import shapes_demo_config
+
+
+def get_config(arg=None):
+  """arg: the directory holding vae/ and latents/ (default workdir/demo)."""
+  c = shapes_demo_config(32)
+  root = arg or os.path.join("workdir", "demo")
+  c.data.codec = "vae"
+  c.data.vae = os.path.join(root, "vae")
+  c.data.latent_cache = os.path.join(root, "latents")
+  c.data.latent_channels = 8
+  c.data.latent_downsample = 4
+  c.model.patch_size = 2
+  return c

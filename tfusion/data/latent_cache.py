@@ -1,0 +1,89 @@
+"""Cached VAE latents: a dataset encoded once, so training never runs the VAE encoder.
+
+A cache directory holds one array_record file per split, `<split>.array_record`, whose records are
+msgpack dicts {"caption": utf-8 bytes, "latents": float32 [h, w, c]} (the raw posterior means, in the
+order of the image source), and `codec.json`: the VAE it was encoded with, the per-channel shift and
+scale measured on the train split, and the record counts. codec.json is written last, so a cache
+without it is incomplete and is encoded again.
+"""
+import json
+import os
+
+from array_record.python import array_record_data_source, array_record_module
+from flax import serialization
+import numpy as np
+
+from tfusion import codecs
+
+
+def split_path(cache_dir: str, split: str) -> str:
+  return os.path.join(cache_dir, f"{split}.array_record")
+
+
+class ChannelMoments:
+  """Running per-channel mean and standard deviation of latents [..., c] (float64 sums)."""
+
+  def __init__(self, channels: int):
+    self.count, self.sum, self.sum_sq = 0, np.zeros(channels), np.zeros(channels)
+
+  def add(self, latents: np.ndarray) -> None:
+    flat = np.asarray(latents, np.float64).reshape(-1, latents.shape[-1])
+    self.count += len(flat)
+    self.sum += flat.sum(0)
+    self.sum_sq += np.square(flat).sum(0)
+
+  def mean_std(self) -> tuple[np.ndarray, np.ndarray]:
+    mean = self.sum / self.count
+    return mean, np.sqrt(np.maximum(self.sum_sq / self.count - np.square(mean), 1e-12))
+
+
+def encode_split(codec: codecs.VaeCodec, source, path: str, batch_size: int = 256, progress=None) -> ChannelMoments:
+  """Encode every example of `source` (random access; example["image"] uint8 [S, S, 3], example["caption"]
+  utf-8 bytes) into the array_record file `path`; returns the moments of the raw latents."""
+  moments = ChannelMoments(codec.vae.latent_channels)
+  tmp = path + ".tmp"
+  writer = array_record_module.ArrayRecordWriter(tmp, "group_size:1")
+  try:
+    for start in range(0, len(source), batch_size):
+      examples = source.__getitems__(list(range(start, min(start + batch_size, len(source)))))
+      latents = codec.raw_latents(np.stack([e["image"] for e in examples]))
+      moments.add(latents)
+      for example, latent in zip(examples, latents):
+        writer.write(serialization.msgpack_serialize({"caption": example["caption"], "latents": latent}))
+      if progress is not None:
+        progress.update(len(examples))
+  finally:
+    writer.close()
+  os.replace(tmp, path)
+  return moments
+
+
+class LatentSource:
+  """Random-access examples of one cached split: {"caption": bytes, "latents": float32 [h, w, c]}."""
+
+  def __init__(self, cache_dir: str, split: str):
+    path = split_path(cache_dir, split)
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"{path} not found: encode the dataset first (python -m tfusion.encode_latents)")
+    self.path = path
+    self._records = array_record_data_source.ArrayRecordDataSource([path])
+
+  def __len__(self) -> int:
+    return len(self._records)
+
+  def __getitem__(self, index: int) -> dict:
+    return self._decode(self._records[index])
+
+  def __getitems__(self, indices) -> list[dict]:
+    return [self._decode(r) for r in self._records.__getitems__(list(indices))]
+
+  def _decode(self, record: bytes) -> dict:
+    example = serialization.msgpack_restore(record)
+    return {"caption": example["caption"], "latents": np.asarray(example["latents"], np.float32)}
+
+
+def write_metadata(cache_dir: str, metadata: dict) -> None:
+  tmp = os.path.join(cache_dir, codecs.CODEC_FILE + ".tmp")
+  with open(tmp, "w") as f:
+    json.dump(metadata, f, indent=2)
+  os.replace(tmp, os.path.join(cache_dir, codecs.CODEC_FILE))

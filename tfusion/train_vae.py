@@ -1,0 +1,173 @@
+r"""Train the image VAE: python -m tfusion.train_vae --config experiments/vae_shapes.py --workdir DIR.
+
+The KL-VAE of tfusion.models.vae with the paper's loss (tfusion.training.vae_step), sharded like the
+Transfusion trainer (params by logical axis names, image rows over data x fsdp), orbax checkpoints
+with the input position, metrics.jsonl + TensorBoard, and reconstruction grids of test images with the
+test PSNR. Running the same command again resumes. A finished workdir is a VAE that
+`config.data.vae` of a Transfusion run (and tfusion.encode_latents) can point at.
+"""
+import os
+import time
+
+from absl import app, flags, logging
+import grain
+import jax
+from jax.experimental import multihost_utils
+from ml_collections import config_flags
+import numpy as np
+import tqdm
+
+from tfusion import codecs, config as config_lib, distributed, metrics as metrics_lib, sharding, visualize
+from tfusion.data import shapes
+from tfusion.models import discriminator as disc_lib, lpips as lpips_lib, vae as vae_lib
+from tfusion.training import checkpoint, state as state_lib, vae_step
+
+GRID_IMAGES = 8        # test images shown with their reconstructions
+EVAL_IMAGES = 1000     # test images the PSNR is measured on
+
+
+def image_batches(source, rows: int, seed: int, process_index: int, process_count: int):
+  """This process's share of the images, reshuffled every epoch: uint8 [rows, S, S, 3] batches."""
+  ds = (grain.MapDataset.source(source)[process_index::process_count].shuffle(seed=seed).repeat()
+        .map(lambda example: example["image"]).batch(rows, drop_remainder=True))
+  return grain.experimental.ThreadPrefetchIterDataset(ds.to_iter_dataset(), prefetch_buffer_size=2)
+
+
+def load_lpips(loss_config, mesh):
+  """The frozen LPIPS params (replicated), or None when the perceptual term is off."""
+  if loss_config.lpips_weight == 0:
+    return None
+  if not loss_config.lpips_params:
+    logging.warning("config.loss.lpips_params is empty: the LPIPS term is OFF (no pretrained VGG16 + LPIPS "
+                    "weights; tfusion/models/lpips.py says how to make the file)")
+    return None
+  logging.info("LPIPS weights from %s", loss_config.lpips_params)
+  return jax.device_put(lpips_lib.load_lpips_params(loss_config.lpips_params), sharding.replicated(mesh))
+
+
+def reconstruct(vae: vae_lib.VAEConfig, params, images: np.ndarray) -> np.ndarray:
+  """uint8 [N, S, S, 3] -> uint8 reconstructions through the posterior mean (on this process)."""
+  codec = codecs.VaeCodec(vae, params, np.zeros(vae.latent_channels, np.float32),
+                          np.ones(vae.latent_channels, np.float32), {})
+  return codec.decode(codec.encode(images))
+
+
+def image_psnr(images: np.ndarray, reconstructions: np.ndarray) -> float:
+  """Mean over images of the PSNR in dB of uint8 images."""
+  mse = np.mean(np.square(images.astype(np.float64) - reconstructions.astype(np.float64)), axis=(1, 2, 3))
+  return float(np.mean(10 * np.log10(255.0 ** 2 / np.maximum(mse, 1e-10))))
+
+
+def evaluate(step: int, params, vae, test_images: np.ndarray, workdir: str) -> float:
+  """Test PSNR; process 0 also writes samples/step_<step>/reconstructions.png (input, reconstruction)."""
+  params = multihost_utils.process_allgather(params, tiled=True)
+  reconstructions = reconstruct(vae, params, test_images)
+  if distributed.is_chief():
+    out = os.path.join(workdir, "samples", f"step_{step}")
+    os.makedirs(out, exist_ok=True)
+    pairs = np.stack([test_images[:GRID_IMAGES], reconstructions[:GRID_IMAGES]], 1).reshape(
+        -1, *test_images.shape[1:])
+    visualize.save_image_grid(os.path.join(out, "reconstructions.png"), pairs,
+                              ["input", "reconstruction"] * GRID_IMAGES)
+  return image_psnr(test_images, reconstructions)
+
+
+def train_vae(config, workdir: str) -> None:
+  """Train (or resume) the VAE run in `workdir` to config.total_steps."""
+  config_lib.validate_vae(config)
+  os.makedirs(workdir, exist_ok=True)
+  if distributed.is_chief():
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+  mesh = sharding.make_mesh(config.mesh)
+  data_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  if config.batch_size % data_shards or config.batch_size % jax.process_count():
+    raise config_lib.ConfigError(f"config.batch_size = {config.batch_size}: must be divisible by the {data_shards} "
+                                 f"data shards and the {jax.process_count()} processes")
+
+  data_dir = os.path.expanduser(config.data.data_dir)
+  train_images, test_source = distributed.chief_first("build shapes", lambda: (
+      shapes.load_shapes(data_dir, "train", config.data.image_size),
+      shapes.load_shapes(data_dir, "test", config.data.image_size)))
+  test_images = np.stack([e["image"] for e in test_source.__getitems__(
+      list(range(min(EVAL_IMAGES, len(test_source)))))])
+  data_iterator = iter(image_batches(train_images, config.batch_size // jax.process_count(), config.seed,
+                                     jax.process_index(), jax.process_count()))
+
+  vae = codecs.vae_config_of_run(config)
+  model = vae_lib.AutoencoderKL(vae)
+  disc = disc_lib.PatchDiscriminator(config.discriminator.channels, config.discriminator.num_layers)
+  tx = vae_step.make_optimizer(config.optim)
+  init_key, train_key = jax.random.split(jax.random.key(config.seed))
+  state, state_shardings = state_lib.create_sharded(vae_step.init_fn(model, disc, tx, config.data.image_size),
+                                                    init_key, mesh)
+  logging.info("VAE parameters: %d (f = %d, %d latent channels); discriminator: %d",
+               state_lib.count_params(state.params), vae.downsample, vae.latent_channels,
+               state_lib.count_params(state.disc_params))
+  lpips_params = load_lpips(config.loss, mesh)
+
+  ckpt = checkpoint.Checkpointer(os.path.join(os.path.abspath(workdir), "checkpoints"), config.max_to_keep)
+  start_step = ckpt.latest_step() or 0
+  if start_step:
+    logging.info("resuming from step %d", start_step)
+    state = ckpt.restore(start_step, checkpoint.abstract_like(state, state_shardings), data_iterator)
+  writer = metrics_lib.MetricWriter(workdir, start_step, active=distributed.is_chief())
+
+  steps = {adversarial: vae_step.jit_train_step(
+      mesh, state_shardings, sharding.replicated(mesh), adversarial=adversarial, vae=model, disc=disc, tx=tx,
+      weights=vae_step.LossWeights.of(config.loss), train_key=train_key) for adversarial in (False, True)}
+  batch_sharding = sharding.batch_sharding(mesh)
+  progress = tqdm.tqdm(total=config.total_steps, initial=start_step, unit="step", dynamic_ncols=True,
+                       disable=not distributed.is_chief())
+  images_seen, last_time = 0, time.time()
+  try:
+    for step in range(start_step + 1, config.total_steps + 1):
+      local = next(data_iterator)
+      batch = jax.make_array_from_process_local_data(batch_sharding, local)
+      adversarial = config.loss.gan_weight > 0 and step > config.loss.gan_start_step
+      with jax.set_mesh(mesh):
+        state, metrics = steps[adversarial](state, batch, lpips_params)
+      progress.update(1)
+      images_seen += config.batch_size
+      is_last = step == config.total_steps
+      log, save = step % config.log_every == 0 or is_last, step % config.ckpt_every == 0 or is_last
+      if log or save:
+        metrics = jax.device_get(metrics)
+        if not np.isfinite(metrics["loss"]):
+          raise FloatingPointError(f"VAE loss is {metrics['loss']} at step {step} ({metrics}); stopped without "
+                                   f"saving, last checkpoint: step {ckpt.latest_step()}")
+      if step % config.sample_every == 0 or is_last:
+        metrics = dict(jax.device_get(metrics), test_psnr=evaluate(step, state.params, vae, test_images, workdir))
+        log = True
+      if log:
+        now = time.time()
+        metrics["images_per_sec"] = images_seen / (now - last_time)
+        images_seen, last_time = 0, now
+        writer.write(step, metrics)
+        progress.set_postfix(l1=f"{metrics['l1']:.4f}", psnr=f"{metrics['psnr']:.1f}")
+      if save:
+        ckpt.save(step, state, data_iterator)
+  finally:
+    progress.close()
+    ckpt.wait()
+    ckpt.close()
+    writer.close()
+
+
+def main(argv):
+  metrics_lib.quiet_library_info_logs()
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  args = flags.FLAGS
+  if args.workdir is None or args.config is None:
+    raise app.UsageError("--config and --workdir are required")
+  distributed.initialize_from_flags(args)
+  jax.config.update("jax_compilation_cache_dir", os.path.join(args.workdir, "jax_cache"))
+  train_vae(args.config, args.workdir)
+
+
+if __name__ == "__main__":
+  config_flags.DEFINE_config_file("config", None, "VAE experiment config file.", lock_config=True)
+  flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and reconstructions.")
+  distributed.define_flags()
+  app.run(main)
