@@ -33,6 +33,18 @@ def model_and_params():
   return model, params
 
 
+@pytest.fixture(scope="module")
+def unet_model_and_params():
+  """The tiny model with U-Net patch encoder and decoder (2x2 patches: two levels)."""
+  model = make_model(tiny_config(patch_encoder="unet", unet_channels=(8, 16), unet_res_blocks=1))
+  rows = np.zeros((1, 24), np.int32)
+  params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), rows, rows, rows, rows,
+                                             np.zeros((1, 1, *LATENT), np.float32), np.zeros((1, 1), np.int32))["params"])
+  # The decoder's last conv is zero-initialised too.
+  params["patch_decoder"]["conv_out"]["kernel"] = 0.3 * jax.random.normal(jax.random.key(1), (3, 3, 8, 3))
+  return model, params
+
+
 def text_prompt(*ids, boi=False):
   return [sequence.TextPiece(np.array([SPECIAL.bos, *ids] + ([SPECIAL.boi] if boi else []), np.int32))]
 
@@ -66,13 +78,17 @@ def test_text_cached_equals_uncached(model_and_params, options):
   assert all(0 <= t < VOCAB and t not in (SPECIAL.boi, SPECIAL.eoi, SPECIAL.pad) for g in cached for t in g.tokens)
 
 
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
-def test_image_cached_equals_uncached_with_guidance(model_and_params, sampler):
+@pytest.mark.parametrize("models, sampler", [("model_and_params", "ddpm"), ("model_and_params", "ddim"),
+                                             ("unet_model_and_params", "ddpm")],
+                         ids=["linear-ddpm", "linear-ddim", "unet-ddpm"])
+def test_image_cached_equals_uncached_with_guidance(request, models, sampler):
+  model_and_params = request.getfixturevalue(models)
   options = dataclasses.replace(OPTS, sampler=sampler, cfg_scale=3.0)
   prompts = [text_prompt(10, 11, 12, boi=True), text_prompt(boi=True), text_prompt(40, 41, boi=True)]
   cached = decode(model_and_params, prompts, decoding.IMAGE, options)
   assert_same(cached, decode(model_and_params, prompts, decoding.IMAGE, options, cached=False))
   assert all(g.images.shape == (1, *LATENT) and g.tokens == [] and g.image_positions == [0] for g in cached)
+  assert all(np.isfinite(g.images).all() for g in cached)
   assert np.abs(cached[0].images - cached[2].images).max() > 1e-2     # different captions, different images
 
 

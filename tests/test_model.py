@@ -1,4 +1,5 @@
 """The Transfusion model and train step on tiny configs."""
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,7 +9,7 @@ from tfusion import config as config_lib, diffusion, sharding
 from tfusion.data import sequence
 from tfusion.models import patching, transfusion
 from tfusion.training import optim, state as state_lib, step as step_lib
-from tests.helpers import image_doc, packed_rows, text_doc
+from tests.helpers import SPECIAL, image_doc, packed_rows, text_doc
 
 LATENT = (8, 8, 3)
 LAYOUT = sequence.RowLayout(seq_len=64, latent_shape=LATENT, patch_size=2)   # 16 patches per image
@@ -62,8 +63,59 @@ def test_patchify_is_raster_order_and_inverts():
   assert p.shape == (1, 4, 8)
   np.testing.assert_array_equal(p[0, 1], x[0, 0:2, 2:4].reshape(-1))       # 2nd patch: top right
   np.testing.assert_array_equal(p[0, 2], x[0, 2:4, 0:2].reshape(-1))       # 3rd patch: bottom left
-  for k in (1, 2, 4):
-    np.testing.assert_array_equal(patching.unpatchify(patching.patchify(x, k), k, 4, 4), x)
+  # Every supported patch size on an 8x8 latent of c = 8, with the model's [B, M] leading axes.
+  latent = jnp.asarray(np.random.default_rng(0).standard_normal((2, 3, 8, 8, 8)), jnp.float32)
+  for k in (1, 2, 4, 8):
+    p = patching.patchify(latent, k)
+    assert p.shape == (2, 3, (8 // k) ** 2, k * k * 8)
+    np.testing.assert_array_equal(p[..., 0, :], latent[..., :k, :k, :].reshape(2, 3, -1))     # top left
+    np.testing.assert_array_equal(p[..., -1, :], latent[..., -k:, -k:, :].reshape(2, 3, -1))  # bottom right
+    np.testing.assert_array_equal(patching.unpatchify(p, k, 8, 8), latent)
+  np.testing.assert_array_equal(patching.patchify(latent, 1)[0, 0, 9], latent[0, 0, 1, 1])   # k = 1: pixels
+  np.testing.assert_array_equal(patching.patchify(latent, 8)[0, 0, 0], latent[0, 0].reshape(-1))  # k = 8: all
+
+
+@pytest.mark.parametrize("k", [1, 2, 4, 8])
+def test_elements_per_image_and_eps_shape_for_every_patch_size(k):
+  """An 8x8x8 latent is (8/k)^2 sequence elements; linear and U-Net models return eps of the latent's shape."""
+  n = (8 // k) ** 2
+  for encoder in ("linear", "unet"):
+    config = tiny_config(patch_size=k, patch_encoder=encoder, unet_channels=(8,) * k.bit_length(), unet_res_blocks=1)
+    config.data.codec, config.data.image_size, config.data.latent_downsample, config.data.latent_channels = (
+        "vae", 64, 8, 8)
+    config.seq_len = n + 7                                        # one row [BOS c c c BOI p*n EOI EOS]
+    config_lib.validate(config)
+    model, layout = state_lib.model_and_layout(config, VOCAB)
+    assert layout.latent_shape == (8, 8, 8) and layout.patches_per_image == model.cfg.patches_per_image == n
+    assert layout.max_images == (2 if k == 8 else 1)             # 8 elements hold two [BOI p EOI]
+
+    batch = packed_rows(layout, [[image_doc(layout, caption=(10, 11, 12))]])
+    assert (batch["image_ids"][0] == 1).sum() == n and np.flatnonzero(batch["image_ids"][0]).tolist() == list(
+        range(5, 5 + n))
+    assert batch["tokens"][0, 4] == SPECIAL.boi and batch["tokens"][0, 5 + n] == SPECIAL.eoi
+    inputs = state_lib.model_inputs(batch)
+
+    abstract = nn.meta.unbox(jax.eval_shape(model.init, jax.random.key(0), *inputs)["params"])
+    logits, eps = jax.eval_shape(lambda p: model.apply({"params": p}, *inputs), abstract)
+    assert logits.shape == (1, layout.seq_len, VOCAB)
+    assert eps.shape == (1, layout.max_images, 8, 8, 8) and eps.dtype == jnp.float32
+    encoder_params, decoder_params = abstract["patch_encoder"], abstract["patch_decoder"]
+    if encoder == "linear":
+      assert encoder_params["proj"]["kernel"].shape == (k * k * 8, 32)
+      assert decoder_params["proj"]["kernel"].shape == (32, k * k * 8)
+    else:                                                         # log2(k) halvings down, as many doublings up
+      assert sorted(m for m in encoder_params if m.endswith("downsample")) == [
+          f"down_{i}_downsample" for i in range(k.bit_length() - 1)]
+      assert sorted(m for m in decoder_params if m.endswith("upsample")) == [
+          f"up_{i}_upsample" for i in range(1, k.bit_length())]
+      assert decoder_params["conv_out"]["kernel"].shape == (3, 3, 8, 8)
+
+    if encoder == "linear" or k == 1:                             # the real forward where it compiles quickly
+      rng = np.random.default_rng(k)
+      params = jax.tree.map(lambda s: (0.2 * rng.standard_normal(s.shape)).astype(s.dtype), abstract)
+      _, eps = jax.jit(lambda p: model.apply({"params": p}, *inputs))(params)
+      assert eps.shape == (1, layout.max_images, 8, 8, 8) and np.isfinite(eps).all()
+      assert np.std(eps[0, 0]) > 1e-2                             # random weights: eps is not a constant
 
 
 def test_output_shapes_and_attention_structure():
