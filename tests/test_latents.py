@@ -2,7 +2,9 @@
 vae codec from a workdir and from a diffusers directory, the latent cache, and Transfusion trained on
 cached latents, sampled and reloaded."""
 import os
+import shutil
 
+import flax
 import jax
 import numpy as np
 from PIL import Image
@@ -29,14 +31,29 @@ def tiny_vae_config(data_dir, lpips_file):  # noqa: F811
   return c
 
 
+def random_lpips_file(path: str) -> str:
+  """Random VGG16 + LPIPS weights (numpy draws: no init program to compile)."""
+  rng = np.random.default_rng(0)
+  shapes_ = jax.eval_shape(lpips.LPIPS().init, jax.random.key(0), *[jax.ShapeDtypeStruct((1, SIZE, SIZE, 3),
+                                                                                         np.float32)] * 2)
+  params = jax.tree.map(lambda s: np.abs(rng.normal(0, 0.05, s.shape)).astype(np.float32),
+                        flax.linen.meta.unbox(shapes_["params"]))
+  lpips.save_lpips_params(path, params)
+  return path
+
+
 @pytest.fixture(scope="module")
-def vae_run(tmp_path_factory, data_dir):  # noqa: F811
+def vae_run_and_config(tmp_path_factory, data_dir):  # noqa: F811
   root = tmp_path_factory.mktemp("vae")
-  lpips_file = str(root / "lpips.safetensors")
-  lpips.save_lpips_params(lpips_file, lpips.random_lpips_params(jax.random.key(0)))
+  config = tiny_vae_config(data_dir, random_lpips_file(str(root / "lpips.safetensors")))
   workdir = str(root / "run")
-  train_vae.train_vae(tiny_vae_config(data_dir, lpips_file), workdir)
-  return workdir
+  train_vae.train_vae(config, workdir)
+  return workdir, config
+
+
+@pytest.fixture(scope="module")
+def vae_run(vae_run_and_config):
+  return vae_run_and_config[0]
 
 
 def latent_config(data_dir, vae, cache, **top):  # noqa: F811
@@ -66,14 +83,14 @@ def test_vae_run_leaves_checkpoints_metrics_and_reconstructions(vae_run):
   assert grid.size == (4 * 128, 4 * (128 + 40))
 
 
-def test_vae_resume_continues_from_the_last_checkpoint(vae_run, data_dir, tmp_path):  # noqa: F811
-  config = tiny_vae_config(data_dir, "")
-  config.loss.lpips_weight = 0.0
+def test_vae_resume_continues_from_the_last_checkpoint(vae_run_and_config, tmp_path):
+  finished, config = vae_run_and_config
   workdir = str(tmp_path / "run")
-  train_vae.train_vae(config, workdir)
+  shutil.copytree(finished, workdir)
+  config = config.copy_and_resolve_references()
   config.total_steps = 10
   train_vae.train_vae(config, workdir)
-  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["10", "4", "8"]
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints")), key=int) == ["4", "8", "10"]
   assert [m["step"] for m in read_metrics(workdir)] == list(range(1, 11))
 
 
