@@ -11,7 +11,7 @@ from tfusion.config import default_vae_config
 
 def get_config():
   c = default_vae_config()
-  c.total_steps = 1000
+  c.total_steps = 800
   c.batch_size = 16
   c.log_every = 20
   c.ckpt_every = 200

@@ -37,10 +37,11 @@ def model_and_params():
 def unet_model_and_params():
   """The tiny model with U-Net patch encoder and decoder (2x2 patches: two levels)."""
   model = make_model(tiny_config(patch_encoder="unet", unet_channels=(8, 16), unet_res_blocks=1))
-  rows = np.zeros((1, 24), np.int32)
-  params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), rows, rows, rows, rows,
-                                             np.zeros((1, 1, *LATENT), np.float32), np.zeros((1, 1), np.int32))["params"])
-  # The decoder's last conv is zero-initialised too.
+  rows, latents = np.zeros((1, 24), np.int32), np.zeros((1, 1, *LATENT), np.float32)
+  # An rbg key: the jitted init compiles in a third of the time it takes with threefry on CPU.
+  params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0, impl="rbg"), rows, rows, rows, rows, latents,
+                                             np.zeros((1, 1), np.int32))["params"])
+  # The U-Net decoder's last conv is zero-initialised, as the linear decoder: give it weights.
   params["patch_decoder"]["conv_out"]["kernel"] = 0.3 * jax.random.normal(jax.random.key(1), (3, 3, 8, 3))
   return model, params
 
