@@ -13,39 +13,42 @@ import pytest
 from tfusion import codecs, config as config_lib, decoding, encode_latents, generate, train, train_vae
 from tfusion.data import latent_cache, shapes
 from tfusion.metrics import read_metrics
-from tfusion.models import lpips, vae as vae_lib
+from tfusion.models import lpips, moco, vae as vae_lib
 from tests.test_train import data_dir, tiny_config  # noqa: F401  (data_dir is a fixture)
 
 SIZE = 16
 
 
-def tiny_vae_config(data_dir, lpips_file):  # noqa: F811
+def tiny_vae_config(data_dir, lpips_file, moco_file):  # noqa: F811
   c = config_lib.default_vae_config()
   c.total_steps, c.batch_size, c.log_every, c.ckpt_every, c.sample_every = 8, 8, 1, 4, 4
   c.model.block_out_channels, c.model.layers_per_block, c.model.latent_channels = (8, 16, 16), 1, 4
   c.model.norm_num_groups = 4
   c.discriminator.channels, c.discriminator.num_layers = 8, 2
-  c.loss.gan_start_step, c.loss.lpips_params = 4, lpips_file
+  c.loss.gan_start_step, c.loss.lpips_params, c.loss.moco_params = 4, lpips_file, moco_file
   c.optim.warmup_steps, c.optim.lr = 2, 1e-3
   c.data.data_dir, c.data.image_size = data_dir, SIZE
   return c
 
 
-def random_lpips_file(path: str) -> str:
-  """Random VGG16 + LPIPS weights (numpy draws: no init program to compile)."""
+def random_weights_file(network, save, path: str) -> str:
+  """Random positive weights for a frozen distance network (numpy draws: no init program to compile)."""
   rng = np.random.default_rng(0)
-  shapes_ = jax.eval_shape(lpips.LPIPS().init, jax.random.key(0), *[jax.ShapeDtypeStruct((1, SIZE, SIZE, 3),
-                                                                                         np.float32)] * 2)
-  params = jax.tree.map(lambda s: np.abs(rng.normal(0, 0.05, s.shape)).astype(np.float32),
+  shapes_ = jax.eval_shape(network.init, jax.random.key(0), *[jax.ShapeDtypeStruct((1, SIZE, SIZE, 3),
+                                                                                   np.float32)] * 2)
+  params = jax.tree.map(lambda s: np.abs(rng.normal(0, 0.05, s.shape)).astype(np.float32) + 0.01,
                         flax.linen.meta.unbox(shapes_["params"]))
-  lpips.save_lpips_params(path, params)
+  save(path, params)
   return path
 
 
 @pytest.fixture(scope="module")
 def vae_run_and_config(tmp_path_factory, data_dir):  # noqa: F811
   root = tmp_path_factory.mktemp("vae")
-  config = tiny_vae_config(data_dir, random_lpips_file(str(root / "lpips.safetensors")))
+  config = tiny_vae_config(data_dir, random_weights_file(lpips.LPIPS(), lpips.save_lpips_params,
+                                                         str(root / "lpips.safetensors")),
+                           random_weights_file(moco.IdentityLoss(), moco.save_moco_params,
+                                               str(root / "moco.safetensors")))
   workdir = str(root / "run")
   train_vae.train_vae(config, workdir)
   return workdir, config
@@ -75,7 +78,8 @@ def test_vae_run_leaves_checkpoints_metrics_and_reconstructions(vae_run):
   assert sorted(os.listdir(os.path.join(vae_run, "checkpoints"))) == ["4", "8"]
   metrics = read_metrics(vae_run)
   assert [m["step"] for m in metrics] == list(range(1, 9))
-  assert {"l1", "kl", "lpips", "psnr", "loss"} <= set(metrics[0]) and "gan" not in metrics[3]
+  assert {"l1", "kl", "lpips", "moco", "psnr", "loss"} <= set(metrics[0]) and "gan" not in metrics[3]
+  assert metrics[0]["lpips"] > 0 and metrics[0]["moco"] > 0
   assert {"gan", "disc_loss"} <= set(metrics[4])           # the GAN is on after gan_start_step = 4
   assert [m["step"] for m in metrics if "test_psnr" in m] == [4, 8]
   assert all(np.isfinite(m["loss"]) for m in metrics) and 5 < metrics[-1]["test_psnr"] < 60

@@ -163,8 +163,8 @@ def shapes_demo_config(image_size: int = 32) -> ml_collections.ConfigDict:
 
 def default_vae_config() -> ml_collections.ConfigDict:
   """Every field tfusion.train_vae reads. The loss is the paper's (§4.1, App. A):
-  L1 + LPIPS + 0.5 GAN + 1e-6 KL with the GAN on from step 50k (its MoCo identity term needs weights
-  that are not public in a loadable form, so it is left out). The architecture defaults are the LDM / SD
+  L1 + LPIPS + 0.5 GAN + 0.2 ID + 1e-6 KL with the GAN on from step 50k; LPIPS and the MoCo v2 identity
+  term run only when their weights files are given. The architecture defaults are the LDM / SD
   KL-VAE widths with 8 latent channels and f = 8 (84M parameters; the paper's is 86M)."""
   c = ml_collections.ConfigDict()
   c.total_steps = 100_000
@@ -188,6 +188,8 @@ def default_vae_config() -> ml_collections.ConfigDict:
   c.loss.lpips_params = ""        # safetensors file of VGG16 + LPIPS weights; "" = perceptual term off
   c.loss.gan_weight = 0.5
   c.loss.gan_start_step = 50_000  # the generator's adversarial term and the discriminator train from here
+  c.loss.moco_weight = 0.2        # identity term: MoCo v2 ResNet-50 feature distance
+  c.loss.moco_params = ""         # safetensors file of MoCo v2 / torchvision ResNet-50 weights; "" = off
 
   c.discriminator = ml_collections.ConfigDict()
   c.discriminator.channels = 64
@@ -221,7 +223,8 @@ def validate_vae(config: ml_collections.ConfigDict) -> None:
           f"{config.model.norm_num_groups}")
   if config.data.image_size % 2 ** (len(widths) - 1):
     _fail(config, "data.image_size", f"must be divisible by the downsampling factor {2 ** (len(widths) - 1)}")
-  for field in ("loss.l1_weight", "loss.kl_weight", "loss.lpips_weight", "loss.gan_weight", "loss.gan_start_step"):
+  for field in ("loss.l1_weight", "loss.kl_weight", "loss.lpips_weight", "loss.gan_weight", "loss.gan_start_step",
+                "loss.moco_weight"):
     if _get(config, field) < 0:
       _fail(config, field, "must be >= 0")
   if config.optim.lr <= 0:

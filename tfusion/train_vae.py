@@ -19,7 +19,7 @@ import tqdm
 
 from tfusion import codecs, config as config_lib, distributed, metrics as metrics_lib, sharding, visualize
 from tfusion.data import shapes
-from tfusion.models import discriminator as disc_lib, lpips as lpips_lib, vae as vae_lib
+from tfusion.models import discriminator as disc_lib, lpips as lpips_lib, moco as moco_lib, vae as vae_lib
 from tfusion.training import checkpoint, state as state_lib, vae_step
 
 GRID_IMAGES = 8        # test images shown with their reconstructions
@@ -33,16 +33,22 @@ def image_batches(source, rows: int, seed: int, process_index: int, process_coun
   return grain.experimental.ThreadPrefetchIterDataset(ds.to_iter_dataset(), prefetch_buffer_size=2)
 
 
-def load_lpips(loss_config, mesh):
-  """The frozen LPIPS params (replicated), or None when the perceptual term is off."""
-  if loss_config.lpips_weight == 0:
-    return None
-  if not loss_config.lpips_params:
-    logging.warning("config.loss.lpips_params is empty: the LPIPS term is OFF (no pretrained VGG16 + LPIPS "
-                    "weights; tfusion/models/lpips.py says how to make the file)")
-    return None
-  logging.info("LPIPS weights from %s", loss_config.lpips_params)
-  return jax.device_put(lpips_lib.load_lpips_params(loss_config.lpips_params), sharding.replicated(mesh))
+def load_frozen_networks(loss_config, mesh) -> dict:
+  """{name: replicated params} of the perceptual terms in use (vae_step.PERCEPTUAL): those with a
+  weight > 0 and a weights file; a term with a weight but no file is off, with a warning."""
+  loaders = {"lpips": lpips_lib.load_lpips_params, "moco": moco_lib.load_moco_params}
+  frozen = {}
+  for name, load in loaders.items():
+    weight, path = loss_config[f"{name}_weight"], loss_config[f"{name}_params"]
+    if weight == 0:
+      continue
+    if not path:
+      logging.warning("config.loss.%s_params is empty: the %s term is OFF (no pretrained weights; "
+                      "tfusion/models/%s.py says how to make the file)", name, name, name)
+      continue
+    logging.info("%s weights from %s", name, path)
+    frozen[name] = jax.device_put(load(path), sharding.replicated(mesh))
+  return frozen
 
 
 def reconstruct(vae: vae_lib.VAEConfig, params, images: np.ndarray) -> np.ndarray:
@@ -104,7 +110,7 @@ def train_vae(config, workdir: str) -> None:
   logging.info("VAE parameters: %d (f = %d, %d latent channels); discriminator: %d",
                state_lib.count_params(state.params), vae.downsample, vae.latent_channels,
                state_lib.count_params(state.disc_params))
-  lpips_params = load_lpips(config.loss, mesh)
+  frozen = load_frozen_networks(config.loss, mesh)
 
   ckpt = checkpoint.Checkpointer(os.path.join(os.path.abspath(workdir), "checkpoints"), config.max_to_keep)
   start_step = ckpt.latest_step() or 0
@@ -114,7 +120,7 @@ def train_vae(config, workdir: str) -> None:
   writer = metrics_lib.MetricWriter(workdir, start_step, active=distributed.is_chief())
 
   steps = {adversarial: vae_step.jit_train_step(
-      mesh, state_shardings, sharding.replicated(mesh), adversarial=adversarial, vae=model, disc=disc, tx=tx,
+      mesh, state_shardings, adversarial=adversarial, vae=model, disc=disc, tx=tx,
       weights=vae_step.LossWeights.of(config.loss), train_key=train_key) for adversarial in (False, True)}
   batch_sharding = sharding.batch_sharding(mesh)
   progress = tqdm.tqdm(total=config.total_steps, initial=start_step, unit="step", dynamic_ncols=True,
@@ -126,7 +132,7 @@ def train_vae(config, workdir: str) -> None:
       batch = jax.make_array_from_process_local_data(batch_sharding, local)
       adversarial = config.loss.gan_weight > 0 and step > config.loss.gan_start_step
       with jax.set_mesh(mesh):
-        state, metrics = steps[adversarial](state, batch, lpips_params)
+        state, metrics = steps[adversarial](state, batch, frozen)
       progress.update(1)
       images_seen += config.batch_size
       is_last = step == config.total_steps

@@ -1,9 +1,11 @@
 """The VAE train state, loss and step (paper §4.1, App. A; Esser et al. 2021).
 
-  L_VAE = w_l1 L1 + w_lpips LPIPS + w_gan L_GAN + w_kl KL      (paper: 1, 1, 0.5, 1e-6)
+  L_VAE = w_l1 L1 + w_lpips LPIPS + w_gan L_GAN + w_id L_ID + w_kl KL      (paper: 1, 1, 0.5, 0.2, 1e-6)
 
 L1 is the mean absolute error over pixels in [-1, 1]; LPIPS the mean perceptual distance (frozen VGG16
-features, only when weights are given); KL is summed over latent dimensions and averaged over images,
+features) and L_ID the MoCo v2 feature distance (frozen ResNet-50), each only when its weights file is
+given (the frozen networks' params are a step argument, `frozen`, keyed "lpips" / "moco"); KL is summed
+over latent dimensions and averaged over images,
 as in LDM, so 1e-6 gives it a small but real pull; L_GAN = -mean D(reconstruction) with a fixed weight.
 The patch discriminator trains with the hinge loss on real images vs reconstructions in the same jitted
 step; before `gan_start_step` the step leaves both adversarial terms out (a second program).
@@ -19,7 +21,7 @@ import jax.numpy as jnp
 import optax
 
 from tfusion import sharding
-from tfusion.models import discriminator as disc_lib, lpips as lpips_lib, vae as vae_lib
+from tfusion.models import discriminator as disc_lib, lpips as lpips_lib, moco as moco_lib, vae as vae_lib
 
 
 @flax.struct.dataclass
@@ -37,10 +39,15 @@ class LossWeights:
   kl: float
   lpips: float
   gan: float
+  moco: float
 
   @classmethod
   def of(cls, loss_config) -> "LossWeights":
-    return cls(loss_config.l1_weight, loss_config.kl_weight, loss_config.lpips_weight, loss_config.gan_weight)
+    return cls(loss_config.l1_weight, loss_config.kl_weight, loss_config.lpips_weight, loss_config.gan_weight,
+               loss_config.moco_weight)
+
+
+PERCEPTUAL = {"lpips": lpips_lib.LPIPS(), "moco": moco_lib.IdentityLoss()}   # frozen distance networks
 
 
 def make_optimizer(optim_config) -> optax.GradientTransformation:
@@ -70,18 +77,19 @@ def psnr(images, reconstructions):
   return jnp.mean(10.0 * jnp.log10(255.0 ** 2 / jnp.maximum(mse, 1e-10)))
 
 
-def autoencoder_loss(params, disc_params, lpips_params, images, key, *, vae, disc, weights, adversarial):
-  """(L_VAE, (metrics, reconstructions)); images float [B, H, W, 3] in [-1, 1]."""
+def autoencoder_loss(params, disc_params, frozen, images, key, *, vae, disc, weights, adversarial):
+  """(L_VAE, (metrics, reconstructions)); images float [B, H, W, 3] in [-1, 1]; frozen: {name: params}
+  of the PERCEPTUAL networks in use."""
   reconstructions, mean, logvar = vae.apply({"params": params}, images, key)
   l1 = jnp.mean(jnp.abs(images - reconstructions))
   kl = jnp.mean(vae_lib.kl_divergence(mean, logvar))
   loss = weights.l1 * l1 + weights.kl * kl
   metrics = dict(l1=l1, kl=kl)
-  if lpips_params is not None:
-    perceptual = jnp.mean(lpips_lib.LPIPS().apply({"params": jax.lax.stop_gradient(lpips_params)}, images,
-                                                  reconstructions))
-    loss += weights.lpips * perceptual
-    metrics["lpips"] = perceptual
+  for name, network_params in frozen.items():
+    distance = jnp.mean(PERCEPTUAL[name].apply({"params": jax.lax.stop_gradient(network_params)}, images,
+                                               reconstructions))
+    loss += getattr(weights, name) * distance
+    metrics[name] = distance
   if adversarial:
     gan = disc_lib.generator_adversarial_loss(disc.apply({"params": disc_params}, reconstructions))
     loss += weights.gan * gan
@@ -89,13 +97,13 @@ def autoencoder_loss(params, disc_params, lpips_params, images, key, *, vae, dis
   return loss, (metrics, reconstructions)
 
 
-def train_step(state: VAEState, images, lpips_params, *, vae, disc, tx, weights, train_key, adversarial):
+def train_step(state: VAEState, images, frozen, *, vae, disc, tx, weights, train_key, adversarial):
   """One update of the autoencoder and, when adversarial, of the discriminator. images uint8 [B, H, W, 3]."""
   images = images.astype(jnp.float32) / 127.5 - 1.0
   key = jax.random.fold_in(train_key, state.step)
   grad_fn = jax.value_and_grad(autoencoder_loss, has_aux=True)
   (loss, (metrics, reconstructions)), grads = grad_fn(
-      state.params, state.disc_params, lpips_params, images, key, vae=vae, disc=disc, weights=weights,
+      state.params, state.disc_params, frozen, images, key, vae=vae, disc=disc, weights=weights,
       adversarial=adversarial)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
@@ -115,13 +123,14 @@ def train_step(state: VAEState, images, lpips_params, *, vae, disc, tx, weights,
                   disc_opt_state=disc_opt_state), metrics
 
 
-def jit_train_step(mesh, state_shardings, lpips_sharding, *, adversarial, **kwargs):
-  """train_step jitted with explicit shardings: image rows over (data, fsdp), state donated."""
+def jit_train_step(mesh, state_shardings, *, adversarial, **kwargs):
+  """train_step jitted with explicit shardings: image rows over (data, fsdp), frozen networks replicated,
+  state donated."""
   step = functools.partial(train_step, adversarial=adversarial, **kwargs)
 
-  def run(state, images, lpips_params):
+  def run(state, images, frozen):
     with nn.logical_axis_rules(sharding.RULES):
-      return step(state, images, lpips_params)
+      return step(state, images, frozen)
 
-  return jax.jit(run, in_shardings=(state_shardings, sharding.batch_sharding(mesh), lpips_sharding),
+  return jax.jit(run, in_shardings=(state_shardings, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
                  out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
