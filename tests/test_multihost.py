@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from tfusion.metrics import read_metrics
+from tests.test_train import data_dir  # noqa: F401  (a fixture: the 16 px shapes data, built once per worker)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMPARED = ("loss", "text_loss", "image_loss", "grad_norm", "text_targets", "images")
@@ -56,8 +57,7 @@ def two_processes(workdir, data_dir, total_steps, extra=()):
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_process_and_resume_together(tmp_path):
-  data_dir = str(tmp_path / "tfds")
+def test_two_processes_match_one_process_and_resume_together(tmp_path, data_dir):  # noqa: F811
   wait([launch(str(tmp_path / "one"), data_dir, 6, 8)])
   one = read_metrics(str(tmp_path / "one"))
 
