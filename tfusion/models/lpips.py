@@ -22,14 +22,12 @@ lpips/weights/v0.1/vgg.pth from the `lpips` package or github.com/richzhang/Perc
   tensors.update(torch.load("vgg.pth", map_location="cpu"))            # lin{k}.model.1.weight, k = 0..4
   save_file({k: v.float().contiguous() for k, v in tensors.items()}, "lpips_vgg16.safetensors")
 """
-import os
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
-import safetensors.numpy
-from flax import traverse_util
+
+from tfusion.models import torch_weights
 
 CONV_AXES = ("conv_height", "conv_width", "vae_in", "vae_out")
 # Indices of the conv layers in torchvision's vgg16().features, by stage (a ReLU follows each conv; the
@@ -54,11 +52,18 @@ def _conv(features, size, name, kernel_init=nn.initializers.he_normal(), use_bia
                  bias_init=nn.with_logical_partitioning(nn.initializers.zeros, CONV_AXES[-1:]))
 
 
-def _unit(f):
+def unit_channels(f):
   """f / (|f| + EPS), the norm over channels. The where keeps the gradient finite (not NaN) where f = 0."""
   sq = jnp.sum(jnp.square(f), axis=-1, keepdims=True)
   norm = jnp.where(sq > 0, jnp.sqrt(jnp.where(sq > 0, sq, 1.0)), 0.0)
   return f / (norm + EPS)
+
+
+def unit_difference(a, b):
+  """unit_channels(a) - unit_channels(b) of features [B, H, W, C]. XLA may round the two normalisations
+  differently (~1e-8); where the features agree bitwise the difference is exactly 0, so a distance of an
+  image to itself is exactly 0."""
+  return jnp.where(jnp.all(a == b, axis=-1, keepdims=True), 0.0, unit_channels(a) - unit_channels(b))
 
 
 class VGG16Features(nn.Module):
@@ -92,9 +97,7 @@ class LPIPS(nn.Module):
     per_tap = []
     for k, f in enumerate(VGG16Features(name="vgg")(both)):
       a, b = f[:len(x)], f[len(x):]
-      # XLA may round the two normalisations differently (~1e-8); where the features agree bitwise the
-      # difference is exactly 0, so LPIPS(x, x) == 0 exactly.
-      diff = jnp.where(jnp.all(a == b, axis=-1, keepdims=True), 0.0, _unit(a) - _unit(b))
+      diff = unit_difference(a, b)
       lin = _conv(1, 1, f"lin{k}", kernel_init=_nonnegative_init, use_bias=False)
       per_tap.append(jnp.mean(lin(jnp.square(diff)), axis=(1, 2, 3)))
     return sum(per_tap)
@@ -119,32 +122,13 @@ def load_lpips_params(path: str) -> dict:
   The file holds exactly the torch names and OIHW shapes of _torch_layout (see the module docstring); anything
   missing, extra or mis-shaped is a ValueError.
   """
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"LPIPS weight file not found: {path}")
-  tensors = safetensors.numpy.load_file(path)
-  layout = _torch_layout()
-  missing, unexpected = sorted(set(layout) - set(tensors)), sorted(set(tensors) - set(layout))
-  if missing or unexpected:
-    raise ValueError(f"LPIPS weight file {path}: missing keys {missing}, unexpected keys {unexpected}")
-  wrong = [f"{name} {tensors[name].shape} (expected {shape})" for name, (_, shape) in layout.items()
-           if tensors[name].shape != shape]
-  if wrong:
-    raise ValueError(f"LPIPS weight file {path}: wrong shapes: {', '.join(wrong)}")
-  flat = {}
-  for name, (key, _) in layout.items():
-    value = tensors[name].astype(np.float32)
-    flat[key] = value.transpose(2, 3, 1, 0) if value.ndim == 4 else value          # OIHW -> HWIO
-  return traverse_util.unflatten_dict(flat)
+  tensors = torch_weights.read_tensors(path, "LPIPS")
+  return torch_weights.params_from_torch(tensors, _torch_layout(), "LPIPS", path)
 
 
 def save_lpips_params(path: str, params) -> None:
   """Write LPIPS params to a safetensors file in the torch names and layouts that load_lpips_params reads."""
-  flat = traverse_util.flatten_dict(params)
-  tensors = {}
-  for name, (key, _) in _torch_layout().items():
-    value = np.asarray(flat[key], np.float32)
-    tensors[name] = np.ascontiguousarray(value.transpose(3, 2, 0, 1) if value.ndim == 4 else value)  # HWIO -> OIHW
-  safetensors.numpy.save_file(tensors, path)
+  torch_weights.save_torch(path, params, _torch_layout())
 
 
 def random_lpips_params(key) -> dict:

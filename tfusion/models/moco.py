@@ -31,16 +31,12 @@ only the query encoder; its prefix `module.encoder_q.` and its fc.* MLP head are
 
 A plain torchvision resnet50 state_dict (fc.* and num_batches_tracked included) saved the same way loads too.
 """
-import os
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
-import safetensors.numpy
-from flax import traverse_util
 
-from tfusion.models import lpips
+from tfusion.models import lpips, torch_weights
 
 CONV_AXES = ("conv_height", "conv_width", "vae_in", "vae_out")
 VECTOR_AXES = ("vae_out",)
@@ -127,9 +123,7 @@ class IdentityLoss(nn.Module):
     per_layer = []
     for f in ResNet50Features(name="resnet")(both):
       a, b = f[:len(x)], f[len(x):]
-      # As in LPIPS: where the features agree bitwise the difference is exactly 0, so L_ID(x, x) == 0 exactly.
-      diff = jnp.where(jnp.all(a == b, axis=-1, keepdims=True), 0.0, lpips._unit(a) - lpips._unit(b))
-      per_layer.append(jnp.mean(jnp.square(diff), axis=(1, 2, 3)))
+      per_layer.append(jnp.mean(jnp.square(lpips.unit_difference(a, b)), axis=(1, 2, 3)))
     return sum(per_layer)
 
 
@@ -173,33 +167,14 @@ def load_moco_params(path: str) -> dict:
   `module.encoder_q.`, which is stripped). fc.* and num_batches_tracked keys are ignored; anything else missing,
   extra or mis-shaped is a ValueError.
   """
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"MoCo / ResNet-50 weight file not found: {path}")
-  tensors = safetensors.numpy.load_file(path)
+  tensors = torch_weights.read_tensors(path, "MoCo / ResNet-50")
   if tensors and all(name.startswith(MOCO_PREFIX) for name in tensors):
     tensors = {name[len(MOCO_PREFIX):]: value for name, value in tensors.items()}
   tensors = {name: value for name, value in tensors.items() if not _ignored(name)}
-  layout = _torch_layout()
-  missing, unexpected = sorted(set(layout) - set(tensors)), sorted(set(tensors) - set(layout))
-  if missing or unexpected:
-    raise ValueError(f"MoCo / ResNet-50 weight file {path}: missing keys {missing}, unexpected keys {unexpected}")
-  wrong = [f"{name} {tensors[name].shape} (expected {shape})" for name, (_, shape) in layout.items()
-           if tensors[name].shape != shape]
-  if wrong:
-    raise ValueError(f"MoCo / ResNet-50 weight file {path}: wrong shapes: {', '.join(wrong)}")
-  flat = {}
-  for name, (key, _) in layout.items():
-    value = tensors[name].astype(np.float32)
-    flat[key] = value.transpose(2, 3, 1, 0) if value.ndim == 4 else value          # OIHW -> HWIO
-  return traverse_util.unflatten_dict(flat)
+  return torch_weights.params_from_torch(tensors, _torch_layout(), "MoCo / ResNet-50", path)
 
 
 def save_moco_params(path: str, params) -> None:
   """Write IdentityLoss params to a safetensors file in the torchvision resnet50 names and layouts (no fc, no
   prefix) that load_moco_params reads."""
-  flat = traverse_util.flatten_dict(params)
-  tensors = {}
-  for name, (key, _) in _torch_layout().items():
-    value = np.asarray(flat[key], np.float32)
-    tensors[name] = np.ascontiguousarray(value.transpose(3, 2, 0, 1) if value.ndim == 4 else value)  # HWIO -> OIHW
-  safetensors.numpy.save_file(tensors, path)
+  torch_weights.save_torch(path, params, _torch_layout())
