@@ -6,9 +6,11 @@ id) work anywhere, including several processes on one machine; otherwise JAX's c
 """
 import os
 
-from absl import flags
+from absl import app, flags
 import jax
 from jax.experimental import multihost_utils
+
+from tfusion import metrics
 
 MODES = ("auto", "on", "off")
 
@@ -41,7 +43,7 @@ def initialize(mode: str = "auto", coordinator_address: str | None = None, num_p
 
 
 def define_flags() -> None:
-  """The multi-process flags every entry point takes (read by initialize_from_flags)."""
+  """The multi-process flags every entry point takes (read by start_entry_point)."""
   flags.DEFINE_enum("distributed", "auto", MODES,
                     "Join JAX's multi-process runtime: auto (when the flags below are given or a SLURM / "
                     "multi-host Cloud TPU job is detected), on (always), off.")
@@ -50,8 +52,19 @@ def define_flags() -> None:
   flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
 
 
-def initialize_from_flags(args) -> None:
+def start_entry_point(argv) -> tuple:
+  """The common start of the training commands (flags --config, --workdir and define_flags()): checks the
+  flags, quiets orbax's INFO logs, joins the multi-process runtime and keeps compilations in the workdir.
+  Returns (config, workdir)."""
+  metrics.quiet_library_info_logs()
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  args = flags.FLAGS
+  if args.workdir is None or args.config is None:
+    raise app.UsageError("--config and --workdir are required")
   initialize(args.distributed, args.coordinator_address, args.num_processes, args.process_id)
+  jax.config.update("jax_compilation_cache_dir", os.path.join(args.workdir, "jax_cache"))
+  return args.config, args.workdir
 
 
 def is_chief() -> bool:

@@ -161,15 +161,7 @@ def train_vae(config, workdir: str) -> None:
 
 
 def main(argv):
-  metrics_lib.quiet_library_info_logs()
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  args = flags.FLAGS
-  if args.workdir is None or args.config is None:
-    raise app.UsageError("--config and --workdir are required")
-  distributed.initialize_from_flags(args)
-  jax.config.update("jax_compilation_cache_dir", os.path.join(args.workdir, "jax_cache"))
-  train_vae(args.config, args.workdir)
+  train_vae(*distributed.start_entry_point(argv))
 
 
 if __name__ == "__main__":
