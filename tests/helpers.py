@@ -1,4 +1,7 @@
-"""Small builders shared by the tests."""
+"""Small builders and checks shared by the tests."""
+import flax.linen as nn
+import jax
+from jax.sharding import PartitionSpec
 import numpy as np
 
 from tfusion.data import sequence
@@ -24,3 +27,17 @@ def image_doc(layout, caption=(10, 11, 12), caption_first=True, seed=0):
 
 def text_doc(length, start=20):
   return [sequence.TextPiece(np.arange(start, start + length, dtype=np.int32))]
+
+
+def logically_partitioned_params(variables) -> list:
+  """The boxed params of init variables, asserting every leaf carries one logical name per dimension and
+  the partition specs mirror them."""
+  assert set(variables) == {"params"}
+  boxed = jax.tree.leaves(variables, is_leaf=lambda v: isinstance(v, nn.Partitioned))
+  assert boxed and all(isinstance(v, nn.Partitioned) for v in boxed)     # no bare arrays
+  specs = jax.tree.leaves(nn.get_partition_spec(variables), is_leaf=lambda v: isinstance(v, PartitionSpec))
+  assert len(specs) == len(boxed)
+  for spec, v in zip(specs, boxed):
+    assert isinstance(spec, PartitionSpec) and len(spec) == len(v.names) == v.value.ndim
+    assert all(isinstance(name, str) for name in v.names)
+  return boxed

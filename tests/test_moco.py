@@ -13,6 +13,7 @@ import safetensors.numpy
 from flax import traverse_util
 
 from tfusion.models import moco
+from tests.helpers import logically_partitioned_params
 
 # Written out here, not taken from the module: torchvision resnet50's blocks per layer and widths.
 BLOCKS = (3, 4, 6, 3)
@@ -205,10 +206,7 @@ def test_load_is_strict(torch_tensors, tmp_path):
 def test_params_match_torch_names_counts_and_axes(torch_tensors):
   x = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
   variables = jax.eval_shape(moco.IdentityLoss().init, jax.random.key(0), x, x)
-  assert set(variables) == {"params"}
-  boxed = jax.tree.leaves(variables, is_leaf=lambda v: isinstance(v, nn.Partitioned))
-  assert boxed and all(isinstance(v, nn.Partitioned) for v in boxed)
-  for v in boxed:
+  for v in logically_partitioned_params(variables):
     assert v.names == (("conv_height", "conv_width", "vae_in", "vae_out") if v.value.ndim == 4 else ("vae_out",))
   flat = traverse_util.flatten_dict(nn.unbox(variables["params"]))
   assert len(flat) == len(used(torch_tensors)) == 265

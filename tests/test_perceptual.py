@@ -11,9 +11,9 @@ import optax
 import pytest
 import safetensors.numpy
 from flax import traverse_util
-from jax.sharding import PartitionSpec
 
 from tfusion.models import discriminator, lpips
+from tests.helpers import logically_partitioned_params
 
 # Written out here, not taken from the module: torchvision vgg16 conv indices by stage, (in, out) channels.
 STAGES = ((0, 2), (5, 7), (10, 12, 14), (17, 19, 21), (24, 26, 28))
@@ -222,12 +222,6 @@ def test_discriminator_learns_real_from_fake():
 ])
 def test_logical_partition_specs(module, x):
   variables = jax.eval_shape(module.init, jax.random.key(0), *x)
-  assert set(variables) == {"params"}
-  boxed = jax.tree.leaves(variables, is_leaf=lambda v: isinstance(v, nn.Partitioned))
-  assert boxed and all(isinstance(v, nn.Partitioned) for v in boxed)
-  for v in boxed:
-    assert len(v.names) == v.value.ndim
+  for v in logically_partitioned_params(variables):
     assert v.names == (lpips.CONV_AXES if v.value.ndim == 4 else ("vae_out",))
   assert discriminator.CONV_AXES == lpips.CONV_AXES
-  specs = jax.tree.leaves(nn.get_partition_spec(variables), is_leaf=lambda v: isinstance(v, PartitionSpec))
-  assert len(specs) == len(boxed) and all(isinstance(s, PartitionSpec) for s in specs)

@@ -13,6 +13,7 @@ from flax import traverse_util
 from jax.sharding import PartitionSpec
 
 from tfusion.models import patching, unet
+from tests.helpers import logically_partitioned_params
 
 B, M, H, W, C, D = 2, 2, 16, 16, 4, 32
 
@@ -194,16 +195,7 @@ def test_every_param_has_logical_names():
   assert jax.eval_shape(dec.apply, dec_vars, x, t, skips).dtype == jnp.bfloat16
   names = {}
   for variables in (enc_vars, dec_vars):
-    assert set(variables) == {"params"}
-    boxed = jax.tree.leaves(variables, is_leaf=lambda v: isinstance(v, nn.Partitioned))
-    assert boxed and all(isinstance(v, nn.Partitioned) for v in boxed)     # no bare arrays
-    specs = jax.tree.leaves(nn.get_partition_spec(variables), is_leaf=lambda v: isinstance(v, PartitionSpec))
-    values = jax.tree.leaves(nn.unbox(variables))
-    assert len(specs) == len(values) == len(boxed)
-    for spec, value in zip(specs, values):
-      assert isinstance(spec, PartitionSpec) and len(spec) == value.ndim
-      assert all(isinstance(name, str) for name in spec)
-      assert value.dtype == jnp.float32                                   # param_dtype
+    assert all(v.value.dtype == jnp.float32 for v in logically_partitioned_params(variables))  # param_dtype
     flat = traverse_util.flatten_dict(nn.get_partition_spec(variables)["params"], sep="/")
     names.update(flat)
   assert names["conv_in/kernel"] == PartitionSpec(*unet.CONV_AXES)

@@ -15,6 +15,7 @@ from flax import traverse_util
 from jax.sharding import PartitionSpec
 
 from tfusion.models import vae
+from tests.helpers import logically_partitioned_params
 
 # A diffusers config.json for a tiny AutoencoderKL (f = 2), with keys that do not shape the weights.
 TINY_JSON = {"_class_name": "AutoencoderKL", "_diffusers_version": "0.30.0", "in_channels": 3, "out_channels": 3,
@@ -386,15 +387,7 @@ def test_kl_divergence():
 
 def test_logical_axis_names():
   variables = jax.eval_shape(vae.AutoencoderKL(TINY).init, jax.random.key(0), jnp.zeros((1, 4, 4, 3)))
-  assert set(variables) == {"params"}
-  boxed = jax.tree.leaves(variables, is_leaf=lambda v: isinstance(v, nn.Partitioned))
-  assert boxed and all(isinstance(v, nn.Partitioned) for v in boxed)       # no bare arrays
-  specs = jax.tree.leaves(nn.get_partition_spec(variables), is_leaf=lambda v: isinstance(v, PartitionSpec))
-  values = jax.tree.leaves(nn.unbox(variables))
-  assert len(specs) == len(values) == len(boxed)
-  for spec, value in zip(specs, values):
-    assert isinstance(spec, PartitionSpec) and len(spec) == value.ndim
-    assert value.dtype == jnp.float32
+  assert all(v.value.dtype == jnp.float32 for v in logically_partitioned_params(variables))
   names = traverse_util.flatten_dict(nn.get_partition_spec(variables)["params"], sep="/")
   assert names["encoder/down_blocks_0/downsamplers_0/conv/kernel"] == PartitionSpec(*vae.CONV_AXES)
   assert names["decoder/mid_block/attentions_0/to_out_0/kernel"] == PartitionSpec("vae_in", "vae_out")

@@ -11,6 +11,8 @@ import jax
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from tfusion.config import ConfigError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 RULES = (
@@ -106,6 +108,16 @@ def _drop_uneven_splits(value, named: NamedSharding) -> NamedSharding:
     names = (axes,) if isinstance(axes, str) else (axes or ())
     spec.append(axes if size % math.prod(named.mesh.shape[a] for a in names) == 0 else None)
   return NamedSharding(named.mesh, P(*spec))
+
+
+def check_batch_size(mesh: Mesh, batch_size: int, microbatches: int = 1) -> None:
+  """ConfigError unless every microbatch splits evenly over the data shards (mesh data x fsdp) and the batch
+  over the processes."""
+  data_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  if (batch_size // microbatches) % data_shards or batch_size % jax.process_count():
+    raise ConfigError(f"config.batch_size = {batch_size}: batch_size / microbatches must be divisible by the "
+                      f"{data_shards} data shards (mesh data x fsdp), and batch_size by the {jax.process_count()} "
+                      "processes")
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

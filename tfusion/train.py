@@ -115,12 +115,7 @@ def train_and_evaluate(config, workdir: str) -> None:
 
   # --- Mesh. ------------------------------------------------------------------------------------
   mesh = sharding.make_mesh(config.mesh)
-  data_shards = mesh.shape["data"] * mesh.shape["fsdp"]
-  microbatch_rows = config.batch_size // config.microbatches
-  if microbatch_rows % data_shards or config.batch_size % jax.process_count():
-    raise config_lib.ConfigError(
-        f"config.batch_size = {config.batch_size}: batch_size / microbatches must be divisible by the "
-        f"{data_shards} data shards (mesh data x fsdp), and batch_size by the {jax.process_count()} processes")
+  sharding.check_batch_size(mesh, config.batch_size, config.microbatches)
   logging.info("mesh %s over %d devices, %d processes", dict(mesh.shape), jax.device_count(), jax.process_count())
 
   # --- Data. ------------------------------------------------------------------------------------

@@ -86,10 +86,7 @@ def train_vae(config, workdir: str) -> None:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
   mesh = sharding.make_mesh(config.mesh)
-  data_shards = mesh.shape["data"] * mesh.shape["fsdp"]
-  if config.batch_size % data_shards or config.batch_size % jax.process_count():
-    raise config_lib.ConfigError(f"config.batch_size = {config.batch_size}: must be divisible by the {data_shards} "
-                                 f"data shards and the {jax.process_count()} processes")
+  sharding.check_batch_size(mesh, config.batch_size)
 
   data_dir = os.path.expanduser(config.data.data_dir)
   train_images, test_source = distributed.chief_first("build shapes", lambda: (
