@@ -130,6 +130,19 @@ def test_greedy_caption_matches_full_model_reference(model_and_params):
   assert got == tokens
 
 
+def test_caption_task_bans_eos_only_as_the_first_token():
+  first_token = jnp.array([True, False])
+  may_draw_image = jnp.array([False, False])
+  text = decoding._banned(16, SPECIAL, decoding.TEXT, may_draw_image, first_token)
+  caption = decoding._banned(16, SPECIAL, decoding.CAPTION, may_draw_image, first_token)
+  assert not text[:, SPECIAL.eos].any()
+  assert caption[:, SPECIAL.eos].tolist() == [True, False]
+  differs = np.argwhere(np.asarray(caption != text))
+  assert differs.tolist() == [[0, SPECIAL.eos]]
+  for banned in (text, caption):                     # PAD, BOS, EOI, and BOI without an image budget
+    assert banned[:, [SPECIAL.pad, SPECIAL.bos, SPECIAL.eoi, SPECIAL.boi]].all()
+
+
 # ----------------------------------------------------------------------------------------------
 # Samplers against their formulas, guidance.
 # ----------------------------------------------------------------------------------------------

@@ -10,10 +10,11 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from tfusion import codecs, config as config_lib, decoding, encode_latents, generate, train, train_vae
+from tfusion import codecs, config as config_lib, decoding, encode_latents, generate, sharding, train, train_vae
 from tfusion.data import latent_cache, shapes
 from tfusion.metrics import read_metrics
-from tfusion.models import lpips, moco, vae as vae_lib
+from tfusion.models import discriminator, lpips, moco, vae as vae_lib
+from tfusion.training import state as state_lib, vae_step
 from tests.test_train import data_dir, tiny_config  # noqa: F401  (data_dir is a fixture)
 
 SIZE = 16
@@ -163,3 +164,36 @@ def test_bad_latent_settings_name_the_field(cache, vae_run, data_dir, tmp_path):
   config.data.latent_cache = ""
   with pytest.raises(config_lib.ConfigError, match="config.data.latent_cache is empty"):
     encode_latents.encode_dataset(config)
+
+
+def test_vae_step_on_an_fsdp_mesh_equals_one_device():
+  """The VAE and discriminator params shard by their logical names (fsdp over 4 devices), and two
+  adversarial steps give what one device gives."""
+  config = tiny_vae_config("unused", "", "")
+  vae = codecs.vae_config_of_run(config)
+  model, disc = vae_lib.AutoencoderKL(vae), discriminator.PatchDiscriminator(8, 2)
+  tx = vae_step.make_optimizer(config.optim)
+  images = np.random.default_rng(0).integers(0, 256, (8, SIZE, SIZE, 3), dtype=np.uint8)
+  results = []
+  for devices, fsdp in ((jax.devices()[:1], 1), (jax.devices(), 4)):
+    mesh_config = config.mesh.copy_and_resolve_references()
+    mesh_config.ici_fsdp_parallelism = fsdp
+    mesh = sharding.make_mesh(mesh_config, devices)
+    state, shardings = state_lib.create_sharded(vae_step.init_fn(model, disc, tx, SIZE), jax.random.key(0), mesh)
+    step = vae_step.jit_train_step(mesh, shardings, adversarial=True, vae=model, disc=disc, tx=tx,
+                                   weights=vae_step.LossWeights.of(config.loss), train_key=jax.random.key(1))
+    batch = jax.device_put(images, sharding.batch_sharding(mesh))
+    losses = []
+    for _ in range(2):
+      with jax.set_mesh(mesh):
+        state, metrics = step(state, batch, {})
+      losses.append(float(metrics["loss"]))
+    results.append((losses, jax.device_get(state)))
+  kernel = state.params["decoder"]["conv_in"]["kernel"]
+  assert kernel.sharding.spec[-1] == "fsdp" and len(kernel.sharding.device_set) == 8
+  (losses_1, state_1), (losses_8, state_8) = results
+  np.testing.assert_allclose(losses_8, losses_1, rtol=2e-5)
+  # Adam divides by sqrt(v): where a gradient is ~0, reduction-order noise moves a param by up to ~lr/20 (lr is
+  # 5e-4 at step 1); a wrong sharding moves every param by ~lr and changes the second loss.
+  for tree_1, tree_8 in ((state_1.params, state_8.params), (state_1.disc_params, state_8.disc_params)):
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4), tree_1, tree_8)

@@ -74,13 +74,18 @@ class SamplingOptions:
 @dataclasses.dataclass(frozen=True)
 class Task:
   """What the rows generate after their prompts: text (up to max_new_tokens, until EOS), images when
-  the model draws BOI (allow_images), and whether a row stops after its first image."""
+  the model draws BOI (allow_images), whether a row stops after its first image, and whether EOS may
+  end the text before its first token (a caption is never empty)."""
   allow_text: bool
   allow_images: bool
   stop_after_image: bool
+  nonempty_text: bool = False
 
 
 TEXT = Task(allow_text=True, allow_images=False, stop_after_image=False)
+# After [BOS BOI image EOI], training has both captions (image-first pairs) and EOS (caption-first pairs whose
+# caption was dropped for CFG); a caption must not be that empty unconditional one.
+CAPTION = Task(allow_text=True, allow_images=False, stop_after_image=False, nonempty_text=True)
 IMAGE = Task(allow_text=False, allow_images=True, stop_after_image=True)
 INTERLEAVED = Task(allow_text=True, allow_images=True, stop_after_image=False)
 
@@ -215,15 +220,18 @@ def sample_tokens(logits, keys, opts: TextOptions):
   return jax.lax.cond(opts.temperature > 0, sample, greedy, logits)
 
 
-def _banned(vocab, special, task: Task, may_draw_image):
+def _banned(vocab, special, task: Task, may_draw_image, first_token):
   """[B, V] bool: ids the LM may not draw. PAD, BOS and EOI never (EOI follows every image by rule);
-  BOI only when images are allowed and the row has room for one; text ids when no text is asked."""
+  BOI only when images are allowed and the row has room for one; text ids when no text is asked; EOS
+  as a row's first token (first_token [B]) when the task wants non-empty text."""
   ids = jnp.arange(vocab)
   never = (ids == special.pad) | (ids == special.bos) | (ids == special.eoi)
   if not task.allow_text:
     never |= (ids != special.boi)
-  boi = (ids == special.boi)[None, :] & ~may_draw_image[:, None]
-  return never[None, :] | boi
+  banned = never[None, :] | (ids == special.boi)[None, :] & ~may_draw_image[:, None]
+  if task.nonempty_text:
+    banned |= (ids == special.eos)[None, :] & first_token[:, None]
+  return banned
 
 
 def _token_block(state: DecodeState, write, latent_shape) -> Block:
@@ -249,8 +257,8 @@ def text_phase(model, params, state: DecodeState, opts: TextOptions, special, ta
     act = active(s)
     logits, _, memory = s.memory.feed(model, params, _token_block(s, act, model.cfg.latent_shape), with_logits=True)
     room = s.length + 1 + model.cfg.patches_per_image + 2 <= slots
-    logits = jnp.where(_banned(logits.shape[-1], special, task, (s.num_images < image_budget) & room),
-                       -jnp.inf, logits[:, 0])
+    banned = _banned(logits.shape[-1], special, task, (s.num_images < image_budget) & room, s.num_text == 0)
+    logits = jnp.where(banned, -jnp.inf, logits[:, 0])
     keys = jax.vmap(jax.random.fold_in)(s.keys, s.length)
     token = sample_tokens(logits, keys, opts)
     is_text = act & (token != special.boi)

@@ -75,7 +75,7 @@ class Sampler:
   def caption(self, images: np.ndarray, options: decoding.SamplingOptions, key) -> list[str]:
     """Captions of uint8 images [N, S, S, 3], decoded after [BOS BOI image EOI] (clean image)."""
     prompts = [[self._text(""), sequence.ImagePiece(lat, 0)] for lat in self.encode_images(images)]
-    return [self._cut(g.tokens) for g in self._decode(prompts, decoding.TEXT, options, key)]
+    return [self._cut(g.tokens) for g in self._decode(prompts, decoding.CAPTION, options, key)]
 
   def continue_text(self, prompts: list[str], options: decoding.SamplingOptions, key) -> list[str]:
     """The text each prompt continues with, up to EOS or options.max_new_tokens."""
