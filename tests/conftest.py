@@ -17,4 +17,4 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 def pytest_configure(config):
-  config.addinivalue_line("markers", "slow: takes a minute or more; part of the CI suite (-m 'not slow' skips it)")
+  config.addinivalue_line("markers", "slow: multi-process runs of several minutes; left out by pytest.ini, run with -m slow")
