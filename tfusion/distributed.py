@@ -67,6 +67,14 @@ def start_entry_point(argv) -> tuple:
   return args.config, args.workdir
 
 
+def record_config(config, workdir: str) -> None:
+  """Create the workdir; process 0 writes the run's full config to <workdir>/config.json."""
+  os.makedirs(workdir, exist_ok=True)
+  if is_chief():
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+
 def is_chief() -> bool:
   return jax.process_index() == 0
 

@@ -108,10 +108,7 @@ def train_and_evaluate(config, workdir: str) -> None:
   """Train (or resume) the run in `workdir` to config.total_steps."""
   # --- Setup: validate before any compute, record the config. ---------------------------------
   config_lib.validate(config)
-  os.makedirs(workdir, exist_ok=True)
-  if distributed.is_chief():
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+  distributed.record_config(config, workdir)
 
   # --- Mesh. ------------------------------------------------------------------------------------
   mesh = sharding.make_mesh(config.mesh)

@@ -81,10 +81,7 @@ def evaluate(step: int, params, vae, test_images: np.ndarray, workdir: str) -> f
 def train_vae(config, workdir: str) -> None:
   """Train (or resume) the VAE run in `workdir` to config.total_steps."""
   config_lib.validate_vae(config)
-  os.makedirs(workdir, exist_ok=True)
-  if distributed.is_chief():
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+  distributed.record_config(config, workdir)
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch_size(mesh, config.batch_size)
 
