@@ -1,4 +1,7 @@
 """Row building, packing, caption/image ordering and noise caps."""
+import collections
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -40,19 +43,25 @@ def test_builder_refuses_documents_that_do_not_fit():
 
 
 # ---- The packer over a stream of documents. -------------------------------------------------------
-def make_stream(text_fraction=0.5, caption_first_prob=0.8, seq_len=64, text_lengths=(5, 30, 90), seed=0,
-                process_index=0, process_count=1, caption_dropout_prob=0.0):
-  layout = sequence.RowLayout(seq_len, (4, 4, 3), 2)
+def make_sources(text_fraction=0.5, text_lengths=(5, 30, 90)):
   rng = np.random.default_rng(1)
-  texts = [np.array([2, *range(100, 100 + n), 3], np.int32) for n in text_lengths * 10]
+  texts = [np.arange(100, 100 + n, dtype=np.int32) for n in text_lengths * 10]
   images = [dict(caption=rng.integers(40, 60, size=int(rng.integers(2, 6))).tolist(), index=i) for i in range(50)]
 
   def prepare(example):
     return example["caption"], np.full((4, 4, 3), example["index"], np.float32)
 
-  mix = pipeline.MixOptions(text_fraction, caption_first_prob, 1000, 500, seed, caption_dropout_prob)
-  return pipeline.train_batches(texts, images, prepare, layout, SPECIAL, mix, global_rows=4,
-                               process_index=process_index, process_count=process_count)
+  return [pipeline.Source("text", "text", texts, lambda ids: ids, text_fraction),
+          pipeline.Source("images", "image_caption", images, prepare, 1 - text_fraction)]
+
+
+def make_stream(text_fraction=0.5, caption_first_prob=0.8, seq_len=64, text_lengths=(5, 30, 90), seed=0,
+                process_index=0, process_count=1, caption_dropout_prob=0.0, sources=None, workers=0):
+  layout = sequence.RowLayout(seq_len, (4, 4, 3), 2)
+  mix = pipeline.MixOptions(caption_first_prob, 1000, 500, seed, caption_dropout_prob)
+  return pipeline.train_batches(sources or make_sources(text_fraction, text_lengths), layout, SPECIAL, mix,
+                                global_rows=4, process_index=process_index, process_count=process_count,
+                                workers=workers)
 
 
 def image_spans(tokens, image_ids):
@@ -116,10 +125,11 @@ def test_iterator_state_restores_exact_continuation():
       np.testing.assert_array_equal(got[k], want[k])
 
 
-def test_oversized_image_document_names_the_example():
-  it = iter(make_stream(seq_len=8, text_fraction=0.0))
-  with pytest.raises(ValueError, match="image-caption example 0 .* seq_len = 8"):
-    next(it)
+def test_image_longer_than_a_row_names_the_source():
+  it = iter(make_stream(seq_len=5, text_fraction=0.0))
+  with pytest.raises(ValueError, match="image_caption example 0 of data source 'images' .* seq_len = 5"):
+    for _ in range(3):   # the first rows hold the captions that precede the image
+      next(it)
 
 
 def test_processes_read_disjoint_shares():
@@ -168,3 +178,95 @@ def test_caption_dropout_empties_a_share_of_caption_first_captions():
           kept += 1
   assert dropped + kept > 250 and 0.24 < dropped / (dropped + kept) < 0.36
   assert image_first > 40
+
+
+# ---- Mixtures of several sources, long documents, editing rows, worker processes. ----------------
+def source_of_each_segment(batch):
+  """Element counts per source, told apart by token range: text 100+, captions 40-59, instructions 60-79."""
+  counts = {"text": 0, "images": 0, "edits": 0}
+  for b in range(len(batch["tokens"])):
+    tokens, seg = batch["tokens"][b], batch["segment_ids"][b]
+    for s in np.unique(seg[seg > 0]):
+      doc = tokens[seg == s]
+      kind = "text" if (doc >= 100).any() else "edits" if ((doc >= 60) & (doc < 80)).any() else "images"
+      counts[kind] += len(doc)
+  return counts
+
+
+def edit_source(weight):
+  def prepare(example):
+    return (np.full((4, 4, 3), -1.0, np.float32), [60 + example % 20, 61],
+            np.full((4, 4, 3), example, np.float32))
+  return pipeline.Source("edits", "edit", list(range(40)), prepare, weight)
+
+
+def test_three_source_mixture_follows_the_weights():
+  sources = make_sources(text_fraction=0.5)
+  sources = [dataclasses.replace(sources[0], weight=0.5), dataclasses.replace(sources[1], weight=0.3),
+             edit_source(0.2)]
+  it = make_stream(sources=sources, seq_len=128)
+  totals = collections.Counter()
+  for _ in range(50):
+    totals.update(source_of_each_segment(next(it)))
+  total = sum(totals.values())
+  for name, weight in [("text", 0.5), ("images", 0.3), ("edits", 0.2)]:
+    assert abs(totals[name] / total - weight) < 0.03, (name, totals)
+
+
+def test_edit_rows_read_the_input_as_context_and_learn_the_output():
+  it = make_stream(sources=[edit_source(1.0)], seq_len=64)
+  batch = next(it)
+  row = {k: v[0] for k, v in batch.items()}
+  # [BOS BOI in x4 EOI i i BOI out x4 EOI EOS] = 16 elements, 4 documents per row.
+  np.testing.assert_array_equal(row["tokens"][:16], [2, 4, 0, 0, 0, 0, 5, row["tokens"][7], 61, 4, 0, 0, 0, 0, 5, 3])
+  np.testing.assert_array_equal(row["image_valid"][:8], [False, True] * 4)
+  np.testing.assert_array_equal(row["t_max"][:8], [sequence.CONTEXT_TIMESTEP, 1000] * 4)
+  assert (row["latents"][0] == -1).all() and (row["latents"][1] >= 0).all()
+  assert (row["segment_ids"] > 0).all()
+
+
+def test_long_document_is_split_inside_text_never_inside_an_image():
+  def prepare(example):
+    return list(range(40, 60)) * 2, np.full((4, 4, 3), example, np.float32)   # 40-token caption
+  sources = [pipeline.Source("images", "image_caption", list(range(30)), prepare, 1.0)]
+  it = make_stream(sources=sources, seq_len=24, caption_first_prob=1.0)
+  rows = [{k: v[0] for k, v in next(it).items()} for _ in range(6)]
+  # Caption-first documents of 48 elements: BOS + 23 caption | 17 caption BOI p p p p EOI EOS | ...
+  assert (rows[0]["tokens"] == [2] + (list(range(40, 60)) * 2)[:23]).all()
+  np.testing.assert_array_equal(rows[1]["tokens"][:24], (list(range(40, 60)) * 2)[23:] + [4, 0, 0, 0, 0, 5, 3])
+  np.testing.assert_array_equal(rows[1]["positions"][:24], np.arange(24))     # a continuation restarts at 0
+  for row in rows:
+    for boi, eoi, _ in image_spans(row["tokens"], row["image_ids"]):
+      assert row["tokens"][boi] == SPECIAL.boi and row["tokens"][eoi] == SPECIAL.eoi and eoi - boi == 5
+
+
+def assert_same_batches(got, want):
+  for g, w in zip(got, want):
+    assert g.keys() == w.keys()
+    for k in w:
+      np.testing.assert_array_equal(g[k], w[k])
+
+
+def test_worker_processes_give_the_same_batches_and_state_moves_between_worker_counts():
+  in_process = make_stream()
+  want = [next(in_process) for _ in range(5)]
+  two_workers = make_stream(workers=2)
+  try:
+    assert_same_batches([next(two_workers) for _ in range(3)], want[:3])
+    state = two_workers.get_state()
+  finally:
+    two_workers.close()
+  resumed = make_stream(workers=4)
+  try:
+    resumed.set_state(state)
+    assert_same_batches([next(resumed) for _ in range(2)], want[3:])
+  finally:
+    resumed.close()
+  again = make_stream()
+  again.set_state(state)
+  assert_same_batches([next(again)], want[3:4])
+
+
+def test_worker_count_must_divide_the_rows():
+  with pytest.raises(ValueError, match="config.data.workers = 3 must be 0 .* divide the 4 rows"):
+    make_stream(workers=3)

@@ -62,6 +62,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.caption_dropout_prob = 0.1      # caption-first pairs with an empty caption, for CFG (paper: unstated)
   c.data.vocab_size = 1024
   c.data.text_test_fraction = 0.1        # documents held out from the text stream
+  c.data.workers = 0                     # grain worker processes per host (0: pack in the main process)
+  c.data.prefetch = 2                    # rows buffered ahead (per worker with workers > 0)
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 3e-4

@@ -36,8 +36,8 @@ from tfusion.models import transformer
 SAMPLERS = ("ddpm", "ddim")
 # The timestep clean images are read at when they are context (prompt images, finished images): 1, the
 # least-noisy one training uses (alpha_bar_1 = 0.99996 under the cosine schedule). t = 0 would be an
-# embedding training never shows, since it draws t from {1, ..., t_max}.
-CONTEXT_TIMESTEP = 1
+# embedding training never shows, since it draws t from {1, ..., t_max}. Editing rows train on it.
+CONTEXT_TIMESTEP = sequence.CONTEXT_TIMESTEP
 
 
 @dataclasses.dataclass(frozen=True)

@@ -33,7 +33,7 @@ def decode_caption(example) -> str:
 
 
 def load_data(config, workdir):
-  """Returns (tokenizer, text docs [BOS ids EOS] of the train split, train image-caption source, test
+  """Returns (tokenizer, token ids of the train split's text documents, train image-caption source, test
   images). The train source holds pixels ("image") or, with the vae codec, cached latents ("latents")."""
   data_dir = os.path.expanduser(config.data.data_dir)
   train_images, test_images = distributed.chief_first("build shapes", lambda: (
@@ -50,7 +50,7 @@ def load_data(config, workdir):
 
   tok = distributed.chief_first("tokenizer", lambda: tokenizer_lib.load_or_train_tokenizer(
       os.path.join(workdir, TOKENIZER_FILE), tokenizer_texts, config.data.vocab_size))
-  text_ids = [np.array([tok.bos_id, *tok.encode(d), tok.eos_id], np.int32) for d in train_docs]
+  text_ids = [np.array(tok.encode(d), np.int32) for d in train_docs]
   return tok, text_ids, train_images, test_images
 
 
@@ -120,8 +120,7 @@ def train_and_evaluate(config, workdir: str) -> None:
   tok, text_ids, train_images, test_images = load_data(config, workdir)
   special = sequence.SpecialIds.of(tok)
   model, layout = state_lib.model_and_layout(config, tok.vocab_size)
-  mix = pipeline.MixOptions(text_fraction=config.data.text_fraction,
-                            caption_first_prob=config.data.caption_first_prob,
+  mix = pipeline.MixOptions(caption_first_prob=config.data.caption_first_prob,
                             caption_dropout_prob=config.data.caption_dropout_prob,
                             num_timesteps=config.diffusion.num_timesteps,
                             image_first_max_t=config.diffusion.image_first_max_t, seed=config.seed)
@@ -130,9 +129,10 @@ def train_and_evaluate(config, workdir: str) -> None:
     latents = codec.normalize(example["latents"]) if "latents" in example else codec.encode(example["image"])
     return tok.encode(decode_caption(example)), latents
 
-  dataset = pipeline.train_batches(text_ids, train_images, prepare_image, layout, special, mix, config.batch_size,
-                                   jax.process_index(), jax.process_count())
-  data_iterator = iter(dataset)
+  sources = [pipeline.Source("text", "text", text_ids, lambda ids: ids, config.data.text_fraction),
+             pipeline.Source("images", "image_caption", train_images, prepare_image, 1 - config.data.text_fraction)]
+  data_iterator = pipeline.train_batches(sources, layout, special, mix, config.batch_size, jax.process_index(),
+                                         jax.process_count(), config.data.workers, config.data.prefetch)
 
   # --- Model, optimizer and state. ------------------------------------------------------------
   tx, schedule = optim.make_optimizer(config.optim, config.total_steps)

@@ -1,28 +1,62 @@
-"""grain pipeline: mix the text stream and image-caption examples by element count, pack rows, batch.
+"""grain pipeline: a weighted mixture of document sources, packed into rows, batched per JAX process.
 
-Row r of every global batch comes from its own stream: a packer over the r-th of batch_size
-disjoint shares of each source (sharded before shuffling, reshuffled each epoch). A JAX process
-runs the streams of its rows only, so each host reads only its share, and the global batch is the
-same for any number of processes. A packer's state is a few integers, so the orbax checkpoint holds
-every stream's position and a restored run continues with exactly the next batch.
+A source is a random-access dataset of one kind (text documents, image-caption pairs, or editing
+examples), a function that turns an example into model inputs, and a weight: its share of the packed
+elements (the paper mixes text and image-caption data 1:1 by element count). The packer takes the next
+document from the source furthest below its share. Images are never split; a document longer than a row
+continues in the next rows, cut inside text only; an image document that does not fit the rest of a row
+waits for the next row while text fills this one (without a text source the row is padded).
+
+Row r of every global batch comes from its own stream: a packer over the r-th of batch_size disjoint
+shares of every source (sharded before shuffling, reshuffled each epoch). A JAX process runs the streams of
+its rows only, so each host reads only its share and the global batch is the same for any number of
+processes. A stream's position is three integers per source and every row carries the position of its
+stream after it, so the batch iterator knows where each stream stands after the rows it returned, whichever
+worker made them. Those positions are the iterator state saved in every checkpoint: a restored run
+continues with exactly the next batch, with any number of grain worker processes.
+
+With W grain workers (mp_prefetch), worker w packs streams w, w + W, ... of this process and grain takes
+one row from each worker in turn, so rows arrive in stream order.
 """
 import dataclasses
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import grain
 import numpy as np
 
 from tfusion.data import sequence
 
+KINDS = ("text", "image_caption", "edit")
+_POSITION_FIELDS = ("index", "offset", "elements")   # per source: document, elements into it, elements packed
+
 
 @dataclasses.dataclass(frozen=True)
 class MixOptions:
-  text_fraction: float        # share of elements from the text stream
   caption_first_prob: float   # caption-then-image order rate for image-caption pairs
   num_timesteps: int
   image_first_max_t: int      # noise cap for image-first pairs
   seed: int
   caption_dropout_prob: float = 0.0  # caption-first pairs trained with an empty caption (for CFG)
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+  """One weighted component of the mixture.
+
+  prepare(example) gives, by kind: text -> token ids [n] (no BOS / EOS); image_caption -> (caption ids,
+  latents [h, w, c]); edit -> (input latents, instruction ids, output latents).
+  """
+  name: str
+  kind: str
+  examples: Any               # random access: len(examples), examples[i]
+  prepare: Callable
+  weight: float
+
+  def __post_init__(self):
+    if self.kind not in KINDS:
+      raise ValueError(f"data source {self.name!r}: unknown kind {self.kind!r}, expected one of {KINDS}")
+    if not self.weight >= 0:
+      raise ValueError(f"data source {self.name!r}: weight must be >= 0, got {self.weight}")
 
 
 def shard_and_shuffle(source, seed: int, shard: int, num_shards: int) -> grain.MapDataset:
@@ -35,129 +69,201 @@ def shard_and_shuffle(source, seed: int, shard: int, num_shards: int) -> grain.M
   return ds.shuffle(seed=seed)
 
 
-class PackedRows(grain.IterDataset):
-  """Infinite stream of packed rows (dicts of numpy arrays, see tfusion.data.sequence).
+@dataclasses.dataclass(frozen=True)
+class RowStream:
+  """Row stream `stream`: what its packers read. `shares[k]` is this stream's share of sources[k]."""
+  sources: Sequence[Source]
+  shares: Sequence[grain.MapDataset]
+  layout: sequence.RowLayout
+  special: sequence.SpecialIds
+  mix: MixOptions
+  stream: int
 
-  text_docs[i]: [n] int32 token ids of a whole document, BOS ... EOS; long documents continue
-  across rows (each part is its own segment). image_examples[i]: (caption_ids, latents [h, w, c]).
-  """
-
-  def __init__(self, text_docs: grain.MapDataset, image_examples: grain.MapDataset,
-               layout: sequence.RowLayout, special: sequence.SpecialIds, mix: MixOptions, stream: int = 0):
-    super().__init__()
-    self.text_docs, self.image_examples = text_docs, image_examples
-    self.layout, self.special, self.mix, self.stream = layout, special, mix, stream
-
-  def __iter__(self):
-    return _PackedRowIterator(self)
+  def start_position(self) -> dict:
+    return {field: [0] * len(self.sources) for field in _POSITION_FIELDS}
 
 
-class _PackedRowIterator(grain.DatasetIterator):
+class Packer:
+  """An endless iterator of the packed rows of a RowStream (dicts of numpy arrays, see sequence), from
+  `position` on."""
 
-  def __init__(self, ds: PackedRows):
-    super().__init__()
-    self.ds = ds
-    self.state = dict(text_index=0, text_offset=0, image_index=0, text_elements=0, image_elements=0)
+  def __init__(self, spec: RowStream, position: dict):
+    if not any(s.weight > 0 for s in spec.sources):
+      raise ValueError("the data mixture has no source with a weight above 0")
+    self.sources, self.shares, self.layout, self.special, self.mix = (
+        spec.sources, spec.shares, spec.layout, spec.special, spec.mix)
+    self.stream = spec.stream
+    self.position = {field: [int(v) for v in position[field]] for field in _POSITION_FIELDS}
+    self._cached = {}          # source -> (index, document): the document a split or a deferral returns to
 
-  def get_state(self) -> dict:
-    return dict(self.state)
+  def _document(self, k: int) -> list:
+    """The unpacked rest of source k's current document."""
+    index = self.position["index"][k]
+    if self._cached.get(k, (None,))[0] != index:
+      self._cached[k] = (index, self._make_document(k, index))
+    return sequence.drop_elements(self.layout, self._cached[k][1], self.position["offset"][k])
 
-  def set_state(self, state: dict) -> None:
-    self.state = {k: int(state[k]) for k in self.state}
-
-  def _wants_text(self) -> bool:
-    f, s = self.ds.mix.text_fraction, self.state
-    return s["text_elements"] * (1 - f) <= s["image_elements"] * f if 0 < f < 1 else f == 1
-
-  def _image_document(self):
-    mix, index = self.ds.mix, self.state["image_index"]
-    caption_ids, latents = self.ds.image_examples[index]
-    order_draw, dropout_draw = np.random.default_rng((mix.seed, self.ds.stream, index)).random(2)
+  def _make_document(self, k: int, index: int) -> list:
+    source, mix, special = self.sources[k], self.mix, self.special
+    inputs = source.prepare(self.shares[k][index])
+    if source.kind == "text":
+      return sequence.text_document(inputs, special)
+    if source.kind == "edit":
+      return sequence.edit_document(*inputs, special, mix.num_timesteps)
+    caption_ids, latents = inputs
+    order_draw, dropout_draw = np.random.default_rng((mix.seed, k, self.stream, index)).random(2)
     caption_first = order_draw < mix.caption_first_prob
     if caption_first and dropout_draw < mix.caption_dropout_prob:
       caption_ids = []          # the unconditional branch of classifier-free guidance: [BOS image EOS]
-    return sequence.image_caption_document(caption_ids, latents, caption_first, self.ds.special,
-                                           mix.num_timesteps, mix.image_first_max_t)
+    return sequence.image_caption_document(caption_ids, latents, caption_first, special, mix.num_timesteps,
+                                           mix.image_first_max_t)
 
-  def _add_text(self, row) -> None:
-    """Fill as much of the row as the current text document allows; long documents continue later."""
-    s = self.state
-    rest = self.ds.text_docs[s["text_index"]][s["text_offset"]:]
-    take = min(len(rest), row.room)
-    row.add([sequence.TextPiece(np.asarray(rest[:take], np.int32))])
-    s["text_elements"] += take
-    if take == len(rest):
-      s["text_index"] += 1
-      s["text_offset"] = 0
+  def _most_behind(self, kinds=KINDS) -> int | None:
+    """The source of one of `kinds` furthest below its share of the packed elements (lowest index on ties)."""
+    candidates = [k for k, s in enumerate(self.sources) if s.weight > 0 and s.kind in kinds]
+    if not candidates:
+      return None
+    return min(candidates, key=lambda k: (self.position["elements"][k] / self.sources[k].weight, k))
+
+  def _add(self, row: sequence.RowBuilder, k: int, pieces: list, whole: bool) -> None:
+    row.add(pieces)
+    n = self.layout.document_length(pieces)
+    self.position["elements"][k] += n
+    if whole:
+      self.position["index"][k] += 1
+      self.position["offset"][k] = 0
     else:
-      s["text_offset"] += take
+      self.position["offset"][k] += n
+
+  def _add_head(self, row: sequence.RowBuilder, k: int, pieces: list) -> bool:
+    """Adds the longest head of `pieces` that fits the row; False if not even one element fits."""
+    head = sequence.longest_prefix(self.layout, pieces, row.room, row.image_room)
+    if not head:
+      return False
+    self._add(row, k, head, whole=self.layout.document_length(head) == self.layout.document_length(pieces))
+    return True
 
   def __next__(self) -> dict:
-    row = sequence.RowBuilder(self.ds.layout, self.ds.special, self.ds.mix.num_timesteps)
+    row = sequence.RowBuilder(self.layout, self.special, self.mix.num_timesteps)
     while row.room > 0:
-      if self._wants_text():
-        self._add_text(row)
-        continue
-      pieces = self._image_document()
+      k = self._most_behind()
+      pieces = self._document(k)
       if row.fits(pieces):
-        row.add(pieces)
-        self.state["image_index"] += 1
-        self.state["image_elements"] += self.ds.layout.document_length(pieces)
-      elif row.length == 0 or self.ds.mix.text_fraction == 0:
-        if row.length == 0:
-          raise ValueError(
-              f"image-caption example {self.state['image_index']} (stream index) needs "
-              f"{self.ds.layout.document_length(pieces)} elements, more than seq_len = {self.ds.layout.seq_len}")
-        break
-      else:
-        self._add_text(row)   # the image waits for the next row; text fills this one
+        self._add(row, k, pieces, whole=True)
+        continue
+      splits = self.sources[k].kind == "text" or not self.layout.fits_one_row(pieces)
+      if splits and self._add_head(row, k, pieces):
+        continue
+      if row.length == 0:
+        raise ValueError(
+            f"{self.sources[k].kind} example {self.position['index'][k]} of data source {self.sources[k].name!r} "
+            f"(stream index) has an image of {self.layout.patches_per_image + 2} elements after "
+            f"{self.position['offset'][k]} elements, more than seq_len = {self.layout.seq_len}")
+      text = self._most_behind(kinds=("text",))
+      if text is None:
+        break                   # the image waits for the next row; nothing can fill this one
+      self._add_head(row, text, self._document(text))
     return row.arrays()
 
 
-class StackedRows(grain.IterDataset):
-  """Batches whose row r is the next row of streams[r]: dicts of [len(streams), ...] numpy arrays."""
+class RowStreams(grain.IterDataset):
+  """Rows of `streams` in turn (0, 1, ..., 0, 1, ...) from `positions` ({stream: position}) on, each with its
+  stream id ("stream") and that stream's position after it ("stream_position", int64 [3, sources]).
+  Sliceable, so grain workers split the streams."""
 
-  def __init__(self, streams: Sequence[PackedRows]):
+  def __init__(self, streams: Sequence[RowStream], positions: dict):
     super().__init__()
-    self.streams = list(streams)
+    self.streams, self.positions = list(streams), positions
+
+  def set_slice(self, sl: slice, sequential_slice: bool = False) -> None:
+    del sequential_slice
+    self.streams = self.streams[sl]
 
   def __iter__(self):
-    return _StackedRowIterator(self)
+    return _RowStreamsIterator(self)
 
 
-class _StackedRowIterator(grain.DatasetIterator):
+class _RowStreamsIterator(grain.DatasetIterator):
 
-  def __init__(self, ds: StackedRows):
+  def __init__(self, ds: RowStreams):
     super().__init__()
-    self.ids = [s.stream for s in ds.streams]
-    self.iterators = [iter(s) for s in ds.streams]
+    self.packers = [Packer(s, ds.positions[s.stream]) for s in ds.streams]
+    self.turn = 0
+
+  def __next__(self) -> dict:
+    stream = self.packers[self.turn % len(self.packers)]
+    self.turn += 1
+    row = next(stream)
+    row["stream"] = np.int64(stream.stream)
+    row["stream_position"] = np.array([stream.position[f] for f in _POSITION_FIELDS], np.int64)
+    return row
 
   def get_state(self) -> dict:
-    return dict(streams=self.ids, positions=[it.get_state() for it in self.iterators])
+    return {}                   # TrainBatches keeps the state, from the positions the rows carry
+
+  def set_state(self, state: dict) -> None:
+    raise NotImplementedError("restore through TrainBatches.set_state")
+
+
+class TrainBatches(grain.DatasetIterator):
+  """This process's rows of each global batch: dicts of [len(streams), ...] numpy arrays."""
+
+  def __init__(self, streams: Sequence[RowStream], workers: int = 0, prefetch: int = 2):
+    super().__init__()
+    self._rows = None
+    if workers < 0 or (workers and len(streams) % workers):
+      raise ValueError(f"config.data.workers = {workers} must be 0 (no worker processes) or divide the "
+                       f"{len(streams)} rows each process packs (batch_size / process count)")
+    self.streams, self.workers, self.prefetch = list(streams), workers, prefetch
+    self.ids = [s.stream for s in self.streams]
+    self.positions = {s.stream: s.start_position() for s in self.streams}
+
+  def _start(self):
+    ds = RowStreams(self.streams, self.positions)
+    if self.workers:
+      ds = ds.mp_prefetch(grain.multiprocessing.MultiprocessingOptions(
+          num_workers=self.workers, per_worker_buffer_size=self.prefetch))
+    elif self.prefetch:
+      ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=self.prefetch)
+    return iter(ds)
+
+  def __next__(self) -> dict:
+    if self._rows is None:
+      self._rows = self._start()
+    rows = []
+    for want in self.ids:
+      row = next(self._rows)
+      stream, position = int(row.pop("stream")), row.pop("stream_position")
+      if stream != want:
+        raise RuntimeError(f"row of stream {stream} arrived where stream {want} was due")
+      self.positions[stream] = {f: position[i].tolist() for i, f in enumerate(_POSITION_FIELDS)}
+      rows.append(row)
+    return {k: np.stack([row[k] for row in rows]) for k in rows[0]}
+
+  def get_state(self) -> dict:
+    return dict(streams=self.ids, positions=[self.positions[i] for i in self.ids])
 
   def set_state(self, state: dict) -> None:
     if list(state["streams"]) != self.ids:
       raise ValueError(f"the data state was saved for row streams {list(state['streams'])}, but this process "
                        f"reads row streams {self.ids}: resume with the same batch_size and number of processes")
-    for it, position in zip(self.iterators, state["positions"]):
-      it.set_state(position)
+    self.close()
+    self.positions = dict(zip(self.ids, state["positions"]))
 
-  def __next__(self) -> dict:
-    rows = [next(it) for it in self.iterators]
-    return {k: np.stack([row[k] for row in rows]) for k in rows[0]}
+  def close(self) -> None:
+    """Stops the worker processes (a new iteration starts them again)."""
+    if self._rows is not None and hasattr(self._rows, "close"):
+      self._rows.close()
+    self._rows = None
 
 
-def train_batches(text_docs: Sequence[np.ndarray], image_source, prepare_image: Callable,
-                  layout: sequence.RowLayout, special: sequence.SpecialIds, mix: MixOptions,
-                  global_rows: int, process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
-  """This process's rows of each global batch: dicts of [global_rows / process_count, ...] numpy arrays.
-
-  prepare_image(example) -> (caption_ids, latents [h, w, c]) turns a source example into model inputs.
-  """
+def train_batches(sources: Sequence[Source], layout: sequence.RowLayout, special: sequence.SpecialIds,
+                  mix: MixOptions, global_rows: int, process_index: int = 0, process_count: int = 1,
+                  workers: int = 0, prefetch: int = 2) -> TrainBatches:
+  """This process's rows of each global batch: dicts of [global_rows / process_count, ...] numpy arrays."""
   rows_per_process = global_rows // process_count
   streams = []
   for row in range(process_index * rows_per_process, (process_index + 1) * rows_per_process):
-    texts = shard_and_shuffle(text_docs, mix.seed, row, global_rows)
-    images = shard_and_shuffle(image_source, mix.seed + 1, row, global_rows).map(prepare_image)
-    streams.append(PackedRows(texts, images, layout, special, mix, stream=row))
-  return grain.experimental.ThreadPrefetchIterDataset(StackedRows(streams), prefetch_buffer_size=2)
+    shares = [shard_and_shuffle(s.examples, mix.seed + k, row, global_rows) for k, s in enumerate(sources)]
+    streams.append(RowStream(tuple(sources), tuple(shares), layout, special, mix, stream=row))
+  return TrainBatches(streams, workers, prefetch)

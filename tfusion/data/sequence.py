@@ -12,8 +12,12 @@ Row arrays (all numpy, fixed shapes):
   image_ids       [L] int32   k >= 1 on the patch slots of the row's k-th image, else 0
   text_loss_mask  [L] bool    position l predicts tokens[l + 1] (both text, same segment)
   latents         [M, h, w, c] float32  clean latents of the row's images, zeros in unused slots
-  image_valid     [M] bool
+  image_valid     [M] bool    the image's eps MSE counts in the loss (False for unused slots and for
+                              context images, e.g. the input image of an editing example)
   t_max           [M] int32   largest timestep for that image (noise limiting), T in unused slots
+
+A document longer than a row is split across rows between or inside text pieces, never inside an image;
+each part is its own segment (positions restart at 0).
 """
 import dataclasses
 
@@ -40,10 +44,16 @@ class TextPiece:
   ids: np.ndarray                 # [n] int32
 
 
+# Context images (inputs the model reads but does not learn to generate) are noised at this timestep,
+# the least-noisy trained one, both in training rows and when decoding reads a finished image.
+CONTEXT_TIMESTEP = 1
+
+
 @dataclasses.dataclass(frozen=True)
 class ImagePiece:
   latents: np.ndarray             # [h, w, c] float32
   t_max: int
+  loss: bool = True               # False: a context image (t = CONTEXT_TIMESTEP, no eps loss)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +78,11 @@ class RowLayout:
   def document_length(self, pieces) -> int:
     return sum(self.piece_length(p) for p in pieces)
 
+  def fits_one_row(self, pieces) -> bool:
+    """Whether a document fits an empty row (else it must be split)."""
+    images = sum(isinstance(p, ImagePiece) for p in pieces)
+    return self.document_length(pieces) <= self.seq_len and images <= self.max_images
+
 
 def image_caption_document(caption_ids, latents, caption_first: bool, special: SpecialIds,
                            num_timesteps: int, image_first_max_t: int) -> list:
@@ -78,6 +93,58 @@ def image_caption_document(caption_ids, latents, caption_first: bool, special: S
             ImagePiece(latents, num_timesteps), TextPiece(np.array([special.eos], np.int32))]
   return [TextPiece(np.array([special.bos], np.int32)), ImagePiece(latents, image_first_max_t),
           TextPiece(np.concatenate([caption, [special.eos]]).astype(np.int32))]
+
+
+def text_document(ids, special: SpecialIds) -> list:
+  """[BOS ids EOS]."""
+  return [TextPiece(np.concatenate([[special.bos], np.asarray(ids, np.int32), [special.eos]]).astype(np.int32))]
+
+
+def edit_document(input_latents, instruction_ids, output_latents, special: SpecialIds, num_timesteps: int) -> list:
+  """[BOS (input image) instruction (output image) EOS]: the input is a context image, the output is
+  generated (paper §4.5)."""
+  return [TextPiece(np.array([special.bos], np.int32)),
+          ImagePiece(input_latents, CONTEXT_TIMESTEP, loss=False),
+          TextPiece(np.asarray(instruction_ids, np.int32)),
+          ImagePiece(output_latents, num_timesteps), TextPiece(np.array([special.eos], np.int32))]
+
+
+def drop_elements(layout: RowLayout, pieces, count: int) -> list:
+  """The pieces after the first `count` elements of a document; `count` must not end inside an image."""
+  rest = []
+  for piece in pieces:
+    n = layout.piece_length(piece)
+    if count >= n:
+      count -= n
+    elif isinstance(piece, TextPiece):
+      rest.append(TextPiece(piece.ids[count:]))
+      count = 0
+    elif count == 0:
+      rest.append(piece)
+    else:
+      raise ValueError(f"a document cannot resume {count} elements into an image")
+  return rest
+
+
+def longest_prefix(layout: RowLayout, pieces, room: int, image_room: int) -> list:
+  """The longest head of a document that fits `room` elements and `image_room` images, cut inside or after
+  a text piece, never inside an image."""
+  head = []
+  for piece in pieces:
+    if isinstance(piece, TextPiece):
+      take = piece.ids[:room]
+      if len(take):
+        head.append(TextPiece(take))
+      room -= len(take)
+      if len(take) < len(piece.ids):
+        break
+    elif layout.piece_length(piece) <= room and image_room > 0:
+      head.append(piece)
+      room -= layout.piece_length(piece)
+      image_room -= 1
+    else:
+      break
+  return head
 
 
 class RowBuilder:
@@ -101,10 +168,14 @@ class RowBuilder:
   def room(self) -> int:
     return self.layout.seq_len - self.length
 
+  @property
+  def image_room(self) -> int:
+    return self.layout.max_images - self.num_images
+
   def fits(self, pieces) -> bool:
     images = sum(isinstance(p, ImagePiece) for p in pieces)
     return (self.layout.document_length(pieces) <= self.room
-            and self.num_images + images <= self.layout.max_images)
+            and images <= self.image_room)
 
   def add(self, pieces) -> None:
     """Append one document as a new segment. The caller checks `fits` first."""
@@ -124,7 +195,7 @@ class RowBuilder:
         self.tokens[at + n + 1] = self.special.eoi
         self.image_ids[at + 1:at + n + 1] = self.num_images + 1
         self.latents[self.num_images] = piece.latents
-        self.image_valid[self.num_images] = True
+        self.image_valid[self.num_images] = piece.loss
         self.t_max[self.num_images] = piece.t_max
         self.num_images += 1
         self.length += n + 2
