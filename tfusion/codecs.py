@@ -19,6 +19,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
 import numpy as np
 
 from tfusion import config as config_lib
@@ -26,7 +27,7 @@ from tfusion.models import vae as vae_lib
 from tfusion.training import checkpoint
 
 CODEC_FILE = "codec.json"
-ENCODE_BATCH = 64   # images per VAE call; the last batch is padded so every call has one shape
+ENCODE_BATCH = 64   # images per VAE call (rounded up to whole rows per device); the last batch is padded
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,13 +55,22 @@ def unit_to_pixels(x) -> np.ndarray:
   return np.clip(np.round((np.asarray(x, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
+def _local_shardings() -> tuple[NamedSharding, NamedSharding]:
+  """(replicated, rows split) over this process's devices: the VAE runs data parallel on them."""
+  mesh = jax.sharding.Mesh(np.array(jax.local_devices()), ("data",))
+  return NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec("data"))
+
+
 @functools.lru_cache(maxsize=8)
 def _vae_programs(config: vae_lib.VAEConfig):
-  """Jitted (encode -> posterior mean, decode) of one VAE architecture."""
+  """Jitted (encode -> posterior mean, decode) of one VAE architecture, data parallel over local devices."""
   model = vae_lib.AutoencoderKL(config)
-  encode = jax.jit(lambda p, x: model.apply({"params": p}, x, method=vae_lib.AutoencoderKL.encode)[0])
-  decode = jax.jit(lambda p, z: model.apply({"params": p}, z, method=vae_lib.AutoencoderKL.decode))
-  return encode, decode
+  replicated, rows = _local_shardings()
+  jit = functools.partial(jax.jit, in_shardings=(replicated, rows), out_shardings=rows)
+  encode = jit(lambda p, x: model.apply({"params": p}, x, method=vae_lib.AutoencoderKL.encode)[0])
+  decode = jit(lambda p, z: model.apply({"params": p}, z, method=vae_lib.AutoencoderKL.decode))
+  n = jax.local_device_count()
+  return encode, decode, -(-ENCODE_BATCH // n) * n
 
 
 def _in_batches(fn, x: np.ndarray, batch: int) -> np.ndarray:
@@ -77,7 +87,7 @@ def _in_batches(fn, x: np.ndarray, batch: int) -> np.ndarray:
 class VaeCodec:
   """A frozen VAE: uint8 images <-> (posterior mean - shift) / scale, per latent channel."""
   vae: vae_lib.VAEConfig
-  params: Any                 # on the default device
+  params: Any                 # replicated on this process's devices
   shift: np.ndarray           # [c]
   scale: np.ndarray           # [c]
   metadata: dict              # what codec.json records
@@ -86,9 +96,8 @@ class VaeCodec:
 
   def raw_latents(self, images: np.ndarray) -> np.ndarray:
     """uint8 [N, S, S, 3] -> posterior means [N, S/f, S/f, c] float32, before normalisation."""
-    encode, _ = _vae_programs(self.vae)
-    return _in_batches(lambda x: encode(self.params, jnp.asarray(pixels_to_unit(x))), np.asarray(images),
-                       ENCODE_BATCH)
+    encode, _, batch = _vae_programs(self.vae)
+    return _in_batches(lambda x: encode(self.params, pixels_to_unit(x)), np.asarray(images), batch)
 
   def normalize(self, raw: np.ndarray) -> np.ndarray:
     return ((np.asarray(raw, np.float32) - self.shift) / self.scale).astype(np.float32)
@@ -102,10 +111,10 @@ class VaeCodec:
 
   def decode(self, latents) -> np.ndarray:
     """Normalised latents [..., h, w, c] -> uint8 images [..., h f, w f, 3]."""
-    _, decode = _vae_programs(self.vae)
+    _, decode, batch = _vae_programs(self.vae)
     latents = np.asarray(latents, np.float32)
     flat = latents.reshape(-1, *latents.shape[-3:]) * self.scale + self.shift
-    images = _in_batches(lambda z: decode(self.params, jnp.asarray(z)), flat, ENCODE_BATCH)
+    images = _in_batches(lambda z: decode(self.params, z), flat, batch)
     return unit_to_pixels(images).reshape(*latents.shape[:-3], *images.shape[1:])
 
 
@@ -153,7 +162,7 @@ def vae_codec(path: str, shift=None, scale=None, measured: dict | None = None) -
   scale = np.ones(c, np.float32) if scale is None else np.asarray(scale, np.float32).reshape(c)
   metadata = dict(codec="vae", **provenance, latent_channels=c, downsample=vae.downsample,
                   shift=shift.tolist(), scale=scale.tolist(), **(measured or {}))
-  return VaeCodec(vae, jax.device_put(params, jax.local_devices()[0]), shift, scale, metadata)
+  return VaeCodec(vae, jax.device_put(params, _local_shardings()[0]), shift, scale, metadata)
 
 
 def read_codec_metadata(path: str) -> dict:

@@ -212,6 +212,44 @@ def default_vae_config() -> ml_collections.ConfigDict:
   return c
 
 
+def default_prepare_config() -> ml_collections.ConfigDict:
+  """What python -m tfusion.prepare reads: a source, image and text processing, sharding."""
+  c = ml_collections.ConfigDict()
+  c.source = "image_folder"      # image_folder | jsonl (text) | edit_jsonl | tfds
+  c.path = ""                    # the folder, the .jsonl file, or the TFDS dataset name
+  c.captions = ""                # image_folder: a .csv / .jsonl manifest of (file, caption); "" = <stem>.txt files
+  c.split = "train"              # the split name of an image_folder, jsonl or edit_jsonl source
+  c.tfds = ml_collections.ConfigDict()
+  c.tfds.splits = "train"        # comma-separated TFDS splits to prepare
+  c.tfds.data_dir = "~/tensorflow_datasets"
+  c.tfds.kind = "image_caption"  # image_caption | text
+  c.tfds.image_key = "image"     # feature names; "/" reaches into nested features (coco: captions/text)
+  c.tfds.caption_key = "caption"
+  c.tfds.text_key = "text"
+  c.image_size = 256             # centre crop, then resize to image_size x image_size
+  c.min_image_size = 64          # images with a shorter side are skipped as too small
+  c.vae = ""                     # encode images to latents with this VAE (train_vae workdir or diffusers dir)
+  c.tokenizer = ""               # text: an existing sentencepiece .model; "" = train one on a sample
+  c.vocab_size = 32_000          # text: vocab of a trained tokenizer (paper: 32K)
+  c.tokenizer_sample = 100_000   # text: documents the tokenizer trains on (the first ones)
+  c.examples_per_shard = 1024    # a shard is the unit of work, of resuming and of hashing
+  c.workers = 0                  # worker processes (0: prepare in the main process)
+  return c
+
+
+def validate_prepare(config: ml_collections.ConfigDict) -> None:
+  """Raise ConfigError naming the first invalid field of a prepare config."""
+  _check_fields(config, default_prepare_config(),
+                positive_ints=("image_size", "min_image_size", "vocab_size", "tokenizer_sample",
+                               "examples_per_shard"),
+                choices={"source": ("image_folder", "jsonl", "edit_jsonl", "tfds"),
+                         "tfds.kind": ("image_caption", "text")})
+  if not config.path:
+    _fail(config, "path", "is empty: the folder, .jsonl file or TFDS dataset name to prepare")
+  if config.workers < 0:
+    _fail(config, "workers", "must be >= 0")
+
+
 def validate_vae(config: ml_collections.ConfigDict) -> None:
   """Raise ConfigError naming the first invalid field of a VAE training config."""
   _check_fields(config, default_vae_config(),

@@ -1,0 +1,221 @@
+"""python -m tfusion.prepare: every source type, bad-record accounting, resuming, workers, latents."""
+import json
+import os
+
+import jax
+import numpy as np
+from PIL import Image
+import pytest
+import tensorflow_datasets as tfds
+
+from tfusion import codecs, config as config_lib, prepare as prepare_lib
+from tfusion.data import prepared, tokenizer as tokenizer_lib
+from tfusion.models import vae as vae_lib
+
+SIZE = 16
+
+
+def prepare_config(**fields):
+  c = config_lib.default_prepare_config()
+  c.image_size, c.min_image_size, c.examples_per_shard = SIZE, 8, 4
+  for key, value in fields.items():
+    node = c
+    *groups, last = key.split(".")
+    for g in groups:
+      node = node[g]
+    node[last] = value
+  return c
+
+
+def banded_image(height, width, index):
+  """Green centre square (the crop) between red bands; the index is in the blue channel."""
+  a = np.zeros((height, width, 3), np.uint8)
+  a[..., 0] = 255
+  side = min(height, width)
+  top, left = (height - side) // 2, (width - side) // 2
+  a[top:top + side, left:left + side] = (0, 255, index)
+  return a
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+  """7 good images (sizes vary, one nested) and 5 bad ones, with sidecar captions."""
+  root = tmp_path_factory.mktemp("folder")
+  os.makedirs(root / "sub")
+  good = {f"img{i}.png": banded_image(20 + 7 * i, 40 - 3 * i, 10 * i) for i in range(6)}
+  good["sub/deep.jpg"] = banded_image(30, 30, 99)
+  for name, array in good.items():
+    Image.fromarray(array).save(root / name, quality=100)
+    (root / name).with_suffix(".txt").write_text(f"caption of {name}\n")
+  (root / "broken.png").write_bytes(b"not an image")
+  (root / "broken.txt").write_text("a broken image")
+  Image.fromarray(banded_image(6, 6, 0)).save(root / "tiny.png")
+  (root / "tiny.txt").write_text("too small")
+  Image.fromarray(banded_image(20, 20, 0)).save(root / "empty.png")
+  (root / "empty.txt").write_text(" \n")
+  Image.fromarray(banded_image(20, 20, 0)).save(root / "latin1.png")
+  (root / "latin1.txt").write_bytes(b"caf\xe9")
+  Image.fromarray(banded_image(20, 20, 0)).save(root / "uncaptioned.png")
+  return root, good
+
+
+EXPECTED_SKIPS = {"broken.png": "unreadable image", "tiny.png": "too small image", "empty.png": "empty caption",
+                  "latin1.png": "non-UTF-8 caption", "uncaptioned.png": "no caption file"}
+
+
+def test_image_folder_with_sidecar_captions(image_folder, tmp_path):
+  root, good = image_folder
+  manifest = prepare_lib.prepare(prepare_config(path=str(root)), tmp_path)
+  split = manifest["splits"]["train"]
+  assert manifest["kind"] == "image_caption" and not manifest["latents"]
+  assert split["examples"] == 7 and split["skipped"] == 5 and len(split["shards"]) == 3      # 12 files / 4
+  assert split["skipped_by_reason"] == {reason: 1 for reason in EXPECTED_SKIPS.values()}
+  report = [json.loads(line) for line in open(tmp_path / prepared.SKIPPED)]
+  assert {r["id"]: r["reason"].split(":")[0] for r in report} == EXPECTED_SKIPS
+  source = prepared.PreparedSource(tmp_path, "train")
+  records = {r["caption"].decode(): r["image"] for r in source.__getitems__(range(len(source)))}
+  assert sorted(records) == sorted(f"caption of {name}" for name in good)
+  for name, array in good.items():
+    image = records[f"caption of {name}"]
+    assert image.shape == (SIZE, SIZE, 3) and image.dtype == np.uint8
+    tolerance = 20 if name.endswith(".jpg") else 2
+    # The centre crop keeps only the green square: no red band survives.
+    assert image[..., 0].max() <= tolerance and image[..., 1].min() >= 255 - tolerance
+    assert abs(int(np.median(image[..., 2])) - int(array[array.shape[0] // 2, array.shape[1] // 2, 2])) <= tolerance
+  for shard in split["shards"]:
+    assert prepare_lib.sha256_of(tmp_path / shard["file"]) == shard["sha256"]
+
+
+@pytest.mark.parametrize("manifest_format", ["csv", "jsonl"])
+def test_image_folder_with_a_caption_manifest(image_folder, tmp_path, manifest_format):
+  root, good = image_folder
+  rows = [("img0.png", "first, with a comma"), ("sub/deep.jpg", "deep one"), ("missing.png", "no such file")]
+  path = tmp_path / f"captions.{manifest_format}"
+  if manifest_format == "csv":
+    path.write_text("file,caption\n" + "".join(f'{f},"{c}"\n' for f, c in rows))
+  else:
+    path.write_text("".join(json.dumps({"file": f, "caption": c}) + "\n" for f, c in rows))
+  manifest = prepare_lib.prepare(prepare_config(path=str(root), captions=str(path)), tmp_path / "out")
+  source = prepared.PreparedSource(tmp_path / "out", "train")
+  assert [r["caption"].decode() for r in source.__getitems__(range(len(source)))] == ["first, with a comma", "deep one"]
+  assert manifest["splits"]["train"]["skipped_by_reason"] == {"unreadable image": 1}
+
+
+def test_interrupted_job_resumes_without_redoing_finished_shards(image_folder, tmp_path):
+  root, _ = image_folder
+  config = prepare_config(path=str(root))
+  first = prepare_lib.prepare(config, tmp_path)
+  shards = [tmp_path / s["file"] for s in first["splits"]["train"]["shards"]]
+  mtimes = [os.stat(s).st_mtime_ns for s in shards]
+  # Interrupted: the manifest and the last shard's summary were never written.
+  os.remove(tmp_path / prepared.MANIFEST)
+  os.remove(str(shards[2]) + ".json")
+  with pytest.raises(FileNotFoundError, match="not a prepared dataset"):
+    prepared.PreparedSource(tmp_path, "train")
+  again = prepare_lib.prepare(config, tmp_path)
+  assert [os.stat(s).st_mtime_ns for s in shards[:2]] == mtimes[:2] and os.stat(shards[2]).st_mtime_ns != mtimes[2]
+  assert again == first
+  with pytest.raises(config_lib.ConfigError, match="begun with other settings"):
+    prepare_lib.prepare(prepare_config(path=str(root), image_size=8), tmp_path)
+
+
+def test_worker_processes_write_the_same_shards(image_folder, tmp_path):
+  root, _ = image_folder
+  inline = prepare_lib.prepare(prepare_config(path=str(root)), tmp_path / "inline")
+  pooled = prepare_lib.prepare(prepare_config(path=str(root), workers=2), tmp_path / "pooled")
+  assert pooled["content_hash"] == inline["content_hash"]
+
+
+TEXT_LINES = [json.dumps({"text": "The quick brown fox jumps over the lazy dog."}).encode(),
+              b"",                                             # blank line
+              b"{not json",
+              json.dumps({"title": "no text"}).encode(),
+              json.dumps({"text": "   "}).encode(),
+              b'{"text": "caf\xe9"}',                           # not UTF-8
+              json.dumps({"text": "Pack my box with five dozen liquor jugs.\nSecond line."}).encode(),
+              json.dumps({"text": "How vexingly quick daft zebras jump!"}).encode()]
+
+
+def test_text_jsonl_is_tokenized_with_a_trained_tokenizer(tmp_path):
+  corpus = tmp_path / "corpus.jsonl"
+  corpus.write_bytes(b"\n".join(TEXT_LINES) + b"\n")
+  manifest = prepare_lib.prepare(prepare_config(source="jsonl", path=str(corpus), vocab_size=300,
+                                                examples_per_shard=3), tmp_path / "out")
+  split = manifest["splits"]["train"]
+  assert manifest["kind"] == "text" and split["examples"] == 3 and len(split["shards"]) == 3
+  assert split["skipped_by_reason"] == {"blank line": 1, "invalid JSON line": 2, 'no "text" field': 1,
+                                        "empty text": 1}
+  report = [json.loads(line) for line in open(tmp_path / "out" / prepared.SKIPPED)]
+  assert [r["id"] for r in report] == ["corpus.jsonl:2", "corpus.jsonl:3", "corpus.jsonl:4", "corpus.jsonl:5",
+                                       "corpus.jsonl:6"]
+  tok = tokenizer_lib.Tokenizer.load(str(tmp_path / "out" / prepared.TOKENIZER))
+  assert tok.requested_vocab_size == 300
+  assert manifest["tokenizer_sha256"] == prepare_lib.sha256_of(tmp_path / "out" / prepared.TOKENIZER)
+  source = prepared.PreparedSource(tmp_path / "out", "train")
+  texts = [tok.decode(source[i]["ids"]) for i in range(len(source))]
+  assert texts == ["The quick brown fox jumps over the lazy dog.", "Pack my box with five dozen liquor jugs.\nSecond line.",
+                   "How vexingly quick daft zebras jump!"]
+  # An existing tokenizer is used as it is.
+  again = prepare_lib.prepare(prepare_config(source="jsonl", path=str(corpus), examples_per_shard=3,
+                                             tokenizer=str(tmp_path / "out" / prepared.TOKENIZER)), tmp_path / "given")
+  assert again["tokenizer_sha256"] == manifest["tokenizer_sha256"] and again["content_hash"] == manifest["content_hash"]
+
+
+def test_edit_jsonl(image_folder, tmp_path):
+  root, _ = image_folder
+  lines = [{"input": str(root / "img0.png"), "instruction": "make it blue", "output": str(root / "img1.png")},
+           {"input": str(root / "broken.png"), "instruction": "fix", "output": str(root / "img1.png")},
+           {"input": str(root / "img2.png"), "output": str(root / "img3.png")}]
+  path = tmp_path / "edits.jsonl"
+  path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+  manifest = prepare_lib.prepare(prepare_config(source="edit_jsonl", path=str(path)), tmp_path / "out")
+  assert manifest["kind"] == "edit" and manifest["splits"]["train"]["examples"] == 1
+  assert manifest["splits"]["train"]["skipped_by_reason"] == {"unreadable image": 1, "missing fields": 1}
+  record = prepared.PreparedSource(tmp_path / "out", "train")[0]
+  assert record["instruction"] == b"make it blue"
+  assert record["input_image"].shape == record["output_image"].shape == (SIZE, SIZE, 3)
+  assert abs(int(np.median(record["output_image"][..., 2])) - 10) <= 2
+
+
+def test_tfds_image_and_text_datasets_by_name(tmp_path):
+  """Real TFDS names under mock_data (random examples, no download). coco_captions and c4 need TensorFlow for
+  their builder code, so image-text is caltech_birds2011 with its label name as caption, and text is lm1b."""
+  with tfds.testing.mock_data(num_examples=6, policy=tfds.testing.MockPolicy.USE_CODE):
+    images = prepare_lib.prepare(prepare_config(source="tfds", path="caltech_birds2011", **{
+        "tfds.splits": "train,test", "tfds.caption_key": "label_name", "min_image_size": 1}), tmp_path / "birds")
+    text = prepare_lib.prepare(prepare_config(source="tfds", path="lm1b", vocab_size=400, **{
+        "tfds.kind": "text", "tfds.splits": "train"}), tmp_path / "lm1b")
+  assert sorted(images["splits"]) == ["test", "train"]
+  assert images["splits"]["train"]["examples"] + images["splits"]["train"]["skipped"] == 6
+  record = prepared.PreparedSource(tmp_path / "birds", "train")[0]
+  assert record["image"].shape == (SIZE, SIZE, 3) and record["caption"]
+  assert text["kind"] == "text" and text["splits"]["train"]["examples"] + text["splits"]["train"]["skipped"] == 6
+
+
+def test_latents_are_the_vae_encoding_with_train_statistics(image_folder, tmp_path):
+  root, _ = image_folder
+  vae = vae_lib.VAEConfig(block_out_channels=(8, 8), layers_per_block=1, latent_channels=4, norm_num_groups=4)
+  params = vae_lib.AutoencoderKL(vae).init(jax.random.key(0), np.zeros((1, SIZE, SIZE, 3), np.float32))["params"]
+  vae_lib.save_diffusers(str(tmp_path / "vae"), vae, jax.tree.map(np.asarray, params))
+  pixels = prepare_lib.prepare(prepare_config(path=str(root)), tmp_path / "pixels")
+  latents = prepare_lib.prepare(prepare_config(path=str(root), vae=str(tmp_path / "vae")), tmp_path / "latents")
+  assert latents["latents"] and latents["splits"]["train"]["examples"] == pixels["splits"]["train"]["examples"]
+  images = prepared.PreparedSource(tmp_path / "pixels", "train")
+  encoded = prepared.PreparedSource(tmp_path / "latents", "train")
+  codec = codecs.vae_codec(str(tmp_path / "vae"))
+  raw = codec.raw_latents(np.stack([images[i]["image"] for i in range(len(images))]))
+  got = np.stack([encoded[i]["latents"] for i in range(len(encoded))])
+  assert got.shape == (7, SIZE // 2, SIZE // 2, 4)
+  np.testing.assert_allclose(got, raw, atol=1e-5)
+  metadata = codecs.read_codec_metadata(str(tmp_path / "latents"))
+  np.testing.assert_allclose(metadata["shift"], raw.reshape(-1, 4).mean(0), atol=1e-5)
+  np.testing.assert_allclose(metadata["scale"], raw.reshape(-1, 4).std(0), rtol=1e-4)
+
+
+def test_bad_settings_name_the_field(tmp_path):
+  with pytest.raises(config_lib.ConfigError, match="config.path"):
+    prepare_lib.prepare(prepare_config(), tmp_path)
+  with pytest.raises(config_lib.ConfigError, match="config.source = 'csv'"):
+    prepare_lib.prepare(prepare_config(source="csv", path="x"), tmp_path)
+  with pytest.raises(FileNotFoundError, match="image folder not found: /nonexistent"):
+    prepare_lib.prepare(prepare_config(path="/nonexistent"), tmp_path / "out")

@@ -1,0 +1,282 @@
+r"""Turn a raw source into a prepared dataset (array_record shards, see tfusion.data.prepared).
+
+  python -m tfusion.prepare --config experiments/prepare.py:coco --out /data/coco_256
+  python -m tfusion.prepare --config experiments/prepare.py:folder --config.path ~/cc12m --out /data/cc12m_256
+  python -m tfusion.prepare --config experiments/prepare.py:jsonl --config.path ~/corpus.jsonl --out /data/text
+
+Each split is cut into shards of config.examples_per_shard examples. Shard i of a multi-process job is
+prepared by process i mod process_count, with config.workers worker processes reading, decoding and
+tokenizing (images are encoded to latents, with config.vae, batched on this process's devices). A finished
+shard is renamed into place and followed by its `<shard>.json`; running the same command again skips
+finished shards, so an interrupted job resumes. Bad records are skipped and listed in skipped.jsonl, and
+counted by reason in the manifest, which process 0 writes last.
+"""
+import dataclasses
+import functools
+import hashlib
+import json
+import multiprocessing
+import os
+
+from absl import app, flags, logging
+from array_record.python import array_record_module
+import jax
+from jax.experimental import multihost_utils
+from ml_collections import config_flags
+import numpy as np
+import tqdm
+
+from tfusion import codecs, config as config_lib, distributed, metrics
+from tfusion.data import latent_cache, prepared, raw_sources, tokenizer as tokenizer_lib
+from tfusion.data.images import BadRecord
+
+SETTINGS_FILE = "prepare_config.json"   # the settings the directory is prepared with (resuming checks them)
+IMAGE_FIELDS = {"image": "latents", "input_image": "input_latents", "output_image": "output_latents"}
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardJob:
+  split: str
+  index: int
+  count: int
+  start: int
+  stop: int
+
+  @property
+  def file(self) -> str:
+    return prepared.shard_file(self.split, self.index, self.count)
+
+
+def make_reader(config):
+  if config.source == "image_folder":
+    return raw_sources.ImageFolder(config.path, config.split, config.captions)
+  if config.source == "jsonl":
+    return raw_sources.TextJsonl(config.path, config.split, config.examples_per_shard)
+  if config.source == "edit_jsonl":
+    return raw_sources.EditJsonl(config.path, config.split, config.examples_per_shard)
+  t = config.tfds
+  return raw_sources.Tfds(config.path, t.splits, t.data_dir, t.kind, t.image_key, t.caption_key, t.text_key)
+
+
+def shard_jobs(reader, examples_per_shard: int) -> list[ShardJob]:
+  jobs = []
+  for split in reader.splits():
+    n = reader.count(split)
+    count = max(1, -(-n // examples_per_shard))
+    jobs += [ShardJob(split, i, count, i * examples_per_shard, min(n, (i + 1) * examples_per_shard))
+             for i in range(count)]
+  return jobs
+
+
+# ----------------------------------------------------------------------------------------------
+# One shard: read and convert its records (in a worker), encode latents and write it (in the main process).
+# ----------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=1)
+def _worker_state(settings: str, out: str):
+  config = config_lib.from_json(settings, SETTINGS_FILE, config_lib.default_prepare_config())
+  reader = make_reader(config)
+  tokenizer = (tokenizer_lib.Tokenizer.load(os.path.join(out, prepared.TOKENIZER))
+               if reader.kind == "text" else None)
+  return config, reader, tokenizer
+
+
+def build_records(settings: str, out: str, job: ShardJob) -> tuple[ShardJob, list[dict], list[dict]]:
+  """(job, records, skipped) of one shard; skipped entries are {"split", "id", "reason"}."""
+  config, reader, tokenizer = _worker_state(settings, out)
+  records, skipped = [], []
+  for id_, raw in reader.read(job.split, job.start, job.stop):
+    try:
+      if reader.kind == "text":
+        records.append(raw_sources.text_record(raw, tokenizer))
+      elif reader.kind == "edit":
+        records.append(raw_sources.edit_record(raw, config.image_size, config.min_image_size))
+      else:
+        records.append(raw_sources.image_caption_record(raw, config.image_size, config.min_image_size))
+    except BadRecord as e:
+      skipped.append({"split": job.split, "id": id_, "reason": str(e)})
+  return job, records, skipped
+
+
+def encode_images(codec: codecs.VaeCodec, records: list[dict], moments: latent_cache.ChannelMoments) -> None:
+  """Replaces every image field of `records` by the VAE's raw latents (in place)."""
+  for image_key, latent_key in IMAGE_FIELDS.items():
+    if records and image_key in records[0]:
+      latents = codec.raw_latents(np.stack([r.pop(image_key) for r in records]))
+      moments.add(latents)
+      for record, latent in zip(records, latents):
+        record[latent_key] = latent
+
+
+def sha256_of(path: str) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def write_shard(out: str, job: ShardJob, records: list[dict], skipped: list[dict], codec) -> dict:
+  """Writes the shard (temporary file, then rename) and then its .json; returns that summary."""
+  moments = None
+  if codec is not None:
+    moments = latent_cache.ChannelMoments(codec.vae.latent_channels)
+    encode_images(codec, records, moments)
+  path = os.path.join(out, job.file)
+  writer = array_record_module.ArrayRecordWriter(path + ".tmp", "group_size:1")
+  try:
+    for record in records:
+      writer.write(prepared.encode_record(record))
+  finally:
+    writer.close()
+  os.replace(path + ".tmp", path)
+  summary = dict(file=job.file, split=job.split, examples=len(records), bytes=os.path.getsize(path),
+                 sha256=sha256_of(path), skipped=skipped,
+                 moments=None if moments is None or not moments.count else
+                 dict(count=moments.count, sum=moments.sum.tolist(), sum_sq=moments.sum_sq.tolist()))
+  _write_json(path + ".json", summary)
+  return summary
+
+
+def _write_json(path: str, value) -> None:
+  with open(path + ".tmp", "w") as f:
+    json.dump(value, f, indent=2)
+  os.replace(path + ".tmp", path)
+
+
+def _read_json(path: str):
+  with open(path) as f:
+    return json.load(f)
+
+
+# ----------------------------------------------------------------------------------------------
+# The job.
+# ----------------------------------------------------------------------------------------------
+def check_settings(config, out: str) -> str:
+  """The settings as JSON; a directory begun with other settings is refused (workers may differ)."""
+  settings = config.to_dict()
+  settings.pop("workers")
+  text = json.dumps(settings, indent=2, sort_keys=True)
+  path = os.path.join(out, SETTINGS_FILE)
+  if os.path.isfile(path) and _read_json(path) != json.loads(text):
+    raise config_lib.ConfigError(f"{out} was begun with other settings ({path}); prepare into a new directory "
+                                 "or restore those settings to resume")
+  if distributed.is_chief():
+    _write_json(path, json.loads(text))
+  return json.dumps(dict(settings, workers=0))
+
+
+def prepare_tokenizer(config, reader, out: str) -> tokenizer_lib.Tokenizer:
+  """The tokenizer of a text source: config.tokenizer, or one trained on the first documents."""
+  path = os.path.join(out, prepared.TOKENIZER)
+  if os.path.isfile(path):
+    return tokenizer_lib.Tokenizer.load(path)
+  if config.tokenizer:
+    tok = tokenizer_lib.Tokenizer.load(os.path.expanduser(config.tokenizer))
+  else:
+    def sample():
+      for split in reader.splits():
+        for _, raw in reader.read(split, 0, min(reader.count(split), config.tokenizer_sample)):
+          try:
+            yield raw_sources.decode_text(raw, "text")
+          except BadRecord:
+            continue
+        return                  # the first split only
+    logging.info("training a %d-piece tokenizer on up to %d documents", config.vocab_size, config.tokenizer_sample)
+    tok = tokenizer_lib.train_tokenizer(sample(), config.vocab_size)
+  tok.save(path)
+  return tok
+
+
+def write_manifest(config, reader, out: str, jobs: list[ShardJob], codec) -> dict:
+  """Collects the shard summaries into manifest.json, skipped.jsonl and (with latents) codec.json."""
+  summaries = [_read_json(os.path.join(out, job.file + ".json")) for job in jobs]
+  splits, moments = {}, {}
+  with open(os.path.join(out, prepared.SKIPPED + ".tmp"), "w") as report:
+    for s in summaries:
+      split = splits.setdefault(s["split"], dict(examples=0, skipped=0, skipped_by_reason={}, bytes=0, shards=[]))
+      split["examples"] += s["examples"]
+      split["bytes"] += s["bytes"]
+      split["shards"].append({k: s[k] for k in ("file", "examples", "bytes", "sha256")})
+      for entry in s["skipped"]:
+        report.write(json.dumps(entry) + "\n")
+        reason = entry["reason"].split(":")[0]
+        split["skipped"] += 1
+        split["skipped_by_reason"][reason] = split["skipped_by_reason"].get(reason, 0) + 1
+      if s["moments"]:
+        m = moments.setdefault(s["split"], latent_cache.ChannelMoments(len(s["moments"]["sum"])))
+        m.count += s["moments"]["count"]
+        m.sum += np.array(s["moments"]["sum"])
+        m.sum_sq += np.array(s["moments"]["sum_sq"])
+  os.replace(os.path.join(out, prepared.SKIPPED + ".tmp"), os.path.join(out, prepared.SKIPPED))
+  content = hashlib.sha256("".join(f"{s['file']} {s['sha256']}\n" for s in summaries).encode()).hexdigest()
+  manifest = dict(kind=reader.kind, source=config.source, path=config.path, image_size=config.image_size,
+                  latents=codec is not None, splits=splits, content_hash=content,
+                  tokenizer_sha256=(sha256_of(os.path.join(out, prepared.TOKENIZER)) if reader.kind == "text" else None))
+  if codec is not None:
+    measured_split = "train" if "train" in moments else next(iter(moments))
+    shift, scale = moments[measured_split].mean_std()
+    latent_cache.write_metadata(out, dict(codec.metadata, shift=shift.tolist(), scale=scale.tolist(),
+                                          image_size=config.image_size, measured_on=measured_split,
+                                          splits={k: v["examples"] for k, v in splits.items()}))
+  _write_json(os.path.join(out, prepared.MANIFEST), manifest)
+  return manifest
+
+
+def prepare(config, out: str) -> dict:
+  """Prepare (or finish preparing) config's source into `out`; returns the manifest."""
+  config_lib.validate_prepare(config)
+  out = os.path.abspath(os.path.expanduser(out))
+  os.makedirs(out, exist_ok=True)
+  settings = check_settings(config, out)
+  reader = make_reader(config)
+  if reader.kind == "text":
+    distributed.chief_first("tokenizer", lambda: prepare_tokenizer(config, reader, out))
+  codec = codecs.vae_codec(config.vae) if config.vae and reader.kind != "text" else None
+  if codec is not None and config.image_size % codec.vae.downsample:
+    raise config_lib.ConfigError(f"config.image_size = {config.image_size} is not a multiple of the VAE's "
+                                 f"downsampling factor {codec.vae.downsample}")
+  jobs = shard_jobs(reader, config.examples_per_shard)
+  mine = [j for j in jobs if j.index % jax.process_count() == jax.process_index()]
+  todo = [j for j in mine if not os.path.isfile(os.path.join(out, j.file + ".json"))]
+  logging.info("%d of %d shards to prepare (%d done before)", len(todo), len(mine), len(mine) - len(todo))
+  progress = tqdm.tqdm(total=sum(j.stop - j.start for j in mine), initial=sum(j.stop - j.start for j in mine
+                       if j not in todo), unit="example", disable=not distributed.is_chief())
+  build = functools.partial(build_records, settings, out)
+  pool = multiprocessing.get_context("spawn").Pool(config.workers) if config.workers and todo else None
+  try:
+    for job, records, skipped in (pool.imap(build, todo) if pool else map(build, todo)):
+      write_shard(out, job, records, skipped, codec)
+      progress.update(job.stop - job.start)
+      progress.set_postfix(skipped=len(skipped))
+  finally:
+    progress.close()
+    if pool:
+      pool.terminate()
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("tfusion.prepare: all shards written")
+  manifest = None
+  if distributed.is_chief():
+    manifest = write_manifest(config, reader, out, jobs, codec)
+    for split, s in manifest["splits"].items():
+      logging.info("%s: %d examples in %d shards (%.1f MB), %d skipped %s", split, s["examples"], len(s["shards"]),
+                   s["bytes"] / 1e6, s["skipped"], s["skipped_by_reason"] or "")
+  return manifest
+
+
+def main(argv):
+  metrics.quiet_library_info_logs()
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  args = flags.FLAGS
+  if args.config is None or args.out is None:
+    raise app.UsageError("--config and --out are required")
+  distributed.initialize(args.distributed, args.coordinator_address, args.num_processes, args.process_id)
+  prepare(args.config, args.out)
+
+
+if __name__ == "__main__":
+  config_flags.DEFINE_config_file("config", None, "Prepare config file (see experiments/prepare.py).",
+                                  lock_config=True)
+  flags.DEFINE_string("out", None, "Directory of the prepared dataset (created; a partial one is resumed).")
+  distributed.define_flags()
+  app.run(main)
