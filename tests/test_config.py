@@ -9,10 +9,23 @@ from tfusion import config as config_lib
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "experiments", "*.py"))))
+PREPARE = os.path.join(REPO, "experiments", "prepare.py")
+
+
+@pytest.mark.parametrize("path", sorted(set(glob.glob(os.path.join(REPO, "experiments", "*.py"))) - {PREPARE}))
 def test_every_experiment_file_loads_and_validates(path):
   config = load_experiment(path).get_config()
   (config_lib.validate_vae if "loss" in config else config_lib.validate)(config)
+
+
+def test_every_prepare_preset_validates():
+  module = load_experiment(PREPARE)
+  for preset in module.PRESETS:
+    config = module.get_config(preset)
+    config.path = config.path or "/data/somewhere"
+    config_lib.validate_prepare(config)
+  with pytest.raises(ValueError, match="unknown preset 'laion'"):
+    module.get_config("laion")
 
 
 def load_experiment(path):

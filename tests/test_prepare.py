@@ -3,6 +3,7 @@ import json
 import os
 
 import jax
+import ml_collections
 import numpy as np
 from PIL import Image
 import pytest
@@ -219,3 +220,61 @@ def test_bad_settings_name_the_field(tmp_path):
     prepare_lib.prepare(prepare_config(source="csv", path="x"), tmp_path)
   with pytest.raises(FileNotFoundError, match="image folder not found: /nonexistent"):
     prepare_lib.prepare(prepare_config(path="/nonexistent"), tmp_path / "out")
+
+
+# ---- Training on a mixture of prepared datasets. ------------------------------------------------
+@pytest.fixture(scope="module")
+def prepared_mixture(tmp_path_factory):
+  """A prepared image folder, text corpus and editing set (16 px pixels), 16 or more examples each."""
+  out = tmp_path_factory.mktemp("prepared")
+  root = out / "folder"
+  os.makedirs(root)
+  for i in range(16):
+    Image.fromarray(banded_image(20, 24, 15 * i)).save(root / f"img{i}.png")
+    (root / f"img{i}.txt").write_text(f"a picture with blue {i}")
+  corpus = out / "corpus.jsonl"
+  corpus.write_text("".join(json.dumps({"text": f"Document {i}: the {i % 5} quick foxes jump {i} times."}) + "\n"
+                            for i in range(40)))
+  edits = out / "edits.jsonl"
+  edits.write_text("".join(json.dumps({"input": f"folder/img{i}.png", "instruction": f"turn it {i}",
+                                       "output": f"folder/img{i + 1}.png"}) + "\n" for i in range(5)) * 4)
+  prepare_lib.prepare(prepare_config(path=str(root)), out / "images")
+  prepare_lib.prepare(prepare_config(source="jsonl", path=str(corpus), vocab_size=320), out / "text")
+  prepare_lib.prepare(prepare_config(source="edit_jsonl", path=str(edits)), out / "edits")
+  return out
+
+
+def mixture_config(out, weights=(0.5, 0.3, 0.2)):
+  from tests.test_train import tiny_config   # pylint: disable=import-outside-toplevel
+  c = tiny_config(str(out / "unused_tfds"), total_steps=3, batch_size=8, seq_len=128, ckpt_every=3, sample_every=3)
+  c.data.sample_split = "train"
+  for name, weight in zip(("text", "images", "edits"), weights):
+    c.data.mixture[name] = ml_collections.ConfigDict(dict(path=str(out / name), weight=weight, split="train"))
+  return c
+
+
+def test_training_on_a_prepared_mixture(prepared_mixture, tmp_path):
+  from tfusion import train   # pylint: disable=import-outside-toplevel
+  workdir = tmp_path / "run"
+  train.train_and_evaluate(mixture_config(prepared_mixture), str(workdir))
+  metrics = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+  assert [m["step"] for m in metrics] == [1, 2, 3] and all(m["images"] > 0 for m in metrics)
+  assert (workdir / "tokenizer.model").read_bytes() == (prepared_mixture / "text" / prepared.TOKENIZER).read_bytes()
+  assert (workdir / "samples" / "step_3" / "images.png").is_file()
+  assert not os.path.exists(prepared_mixture / "unused_tfds" / "tfusion_shapes")   # the embedded data is not built
+
+
+def test_mixture_mismatches_name_the_source(prepared_mixture, tmp_path):
+  from tfusion import train   # pylint: disable=import-outside-toplevel
+  config = mixture_config(prepared_mixture)
+  config.data.image_size = 32
+  config.model.patch_size = 8
+  with pytest.raises(config_lib.ConfigError, match="config.data.mixture.edits: .* holds 16 px images"):
+    train.train_and_evaluate(config, str(tmp_path / "size"))
+  config = mixture_config(prepared_mixture, weights=(0.0, 0.0, 0.0))
+  with pytest.raises(config_lib.ConfigError, match="every weight is 0"):
+    train.train_and_evaluate(config, str(tmp_path / "weights"))
+  config = mixture_config(prepared_mixture)
+  config.data.mixture.text.path = str(prepared_mixture / "nowhere")
+  with pytest.raises(FileNotFoundError, match="nowhere is not a prepared dataset"):
+    train.train_and_evaluate(config, str(tmp_path / "missing"))

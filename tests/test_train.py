@@ -14,7 +14,7 @@ from tfusion.training import step as step_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOGGED = {"step", "loss", "text_loss", "image_loss", "lr", "grad_norm", "elements_per_sec", "text_targets", "images",
-          "tflops_per_device", "mfu"}
+          "tflops_per_device", "mfu", "packing_efficiency"}
 
 
 @pytest.fixture(scope="session")
@@ -41,6 +41,7 @@ def test_run_leaves_checkpoints_logs_and_samples(tmp_path, data_dir):
   assert os.path.getsize(os.path.join(workdir, "tokenizer.model")) > 1000
   metrics = read_metrics(workdir)
   assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5, 6] and set(metrics[0]) == LOGGED
+  assert all(0.9 < m["packing_efficiency"] <= 1 for m in metrics)     # text fills what images leave
   assert metrics[0]["lr"] == 0.0 and metrics[2]["lr"] > 0 and all(m["elements_per_sec"] > 0 for m in metrics)
   assert all(0 < m["mfu"] < 1 and m["tflops_per_device"] > 0 for m in metrics)
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(workdir, "tensorboard")))

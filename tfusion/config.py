@@ -62,6 +62,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.caption_dropout_prob = 0.1      # caption-first pairs with an empty caption, for CFG (paper: unstated)
   c.data.vocab_size = 1024
   c.data.text_test_fraction = 0.1        # documents held out from the text stream
+  c.data.mixture = ml_collections.ConfigDict()  # name -> {path, weight, split} of tfusion.prepare directories;
+  #                                       empty: the embedded shapes + text_source, mixed by text_fraction
+  c.data.tokenizer = ""                  # a sentencepiece .model; "" = the prepared text's, else trained
+  c.data.sample_split = "test"           # mixture: samples show this split of the first image-caption source
   c.data.workers = 0                     # grain worker processes per host (0: pack in the main process)
   c.data.prefetch = 2                    # rows buffered ahead (per worker with workers > 0)
 
@@ -392,3 +396,20 @@ def validate(config: ml_collections.ConfigDict) -> None:
     fail("sample.cfg_scale", "must be >= 0 (1 = no guidance)")
   if config.optim.lr <= 0:
     fail("optim.lr", "must be > 0")
+  _validate_mixture(config)
+
+
+MIXTURE_FIELDS = ("path", "weight", "split")
+
+
+def _validate_mixture(config) -> None:
+  for name, entry in config.data.mixture.items():
+    field = f"data.mixture.{name}"
+    if not isinstance(entry, ml_collections.ConfigDict) or sorted(entry.keys()) != sorted(MIXTURE_FIELDS):
+      raise ConfigError(f"config.{field} must have exactly the fields {list(MIXTURE_FIELDS)}")
+    if not entry.path:
+      _fail(config, f"{field}.path", "is empty: a directory written by python -m tfusion.prepare")
+    if not entry.weight >= 0:
+      _fail(config, f"{field}.weight", "must be >= 0")
+  if config.data.mixture and not any(e.weight > 0 for e in config.data.mixture.values()):
+    raise ConfigError("config.data.mixture: every weight is 0")

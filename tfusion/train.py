@@ -5,7 +5,6 @@ Running the same command again in the same workdir resumes from the latest check
 `arg` to the experiment's get_config.
 """
 import functools
-import json
 import os
 import time
 
@@ -16,77 +15,24 @@ import numpy as np
 from ml_collections import config_flags
 import tqdm
 
-from tfusion import codecs, config as config_lib, decoding, diffusion, distributed, flops, generate, sharding, visualize
-from tfusion.data import latent_cache, pipeline, sequence, shapes, text_corpus, tokenizer as tokenizer_lib
+from tfusion import config as config_lib, decoding, diffusion, distributed, flops, generate, sharding, visualize
+from tfusion.data import mixture, pipeline, sequence
 from tfusion import metrics as metrics_lib
 from tfusion.training import checkpoint, optim, state as state_lib, step as step_lib
-
-TOKENIZER_FILE = "tokenizer.model"
-TOKENIZER_SAMPLE_CAPTIONS = 5000
-
-
-# ----------------------------------------------------------------------------------------------
-# Data: tokenizer, text stream, image-caption examples.
-# ----------------------------------------------------------------------------------------------
-def decode_caption(example) -> str:
-  return example["caption"].decode("utf-8")
-
-
-def load_data(config, workdir):
-  """Returns (tokenizer, token ids of the train split's text documents, train image-caption source, test
-  images). The train source holds pixels ("image") or, with the vae codec, cached latents ("latents")."""
-  data_dir = os.path.expanduser(config.data.data_dir)
-  train_images, test_images = distributed.chief_first("build shapes", lambda: (
-      shapes.load_shapes(data_dir, "train", config.data.image_size),
-      shapes.load_shapes(data_dir, "test", config.data.image_size)))
-  if config.data.codec == "vae":
-    train_images = latent_cache.LatentSource(os.path.expanduser(config.data.latent_cache), "train")
-  documents = text_corpus.load_text_documents(config.data.text_source)
-  train_docs, _ = text_corpus.split_documents(documents, config.data.text_test_fraction, config.seed)
-
-  def tokenizer_texts():
-    sample = range(min(TOKENIZER_SAMPLE_CAPTIONS, len(train_images)))
-    return [decode_caption(e) for e in train_images.__getitems__(list(sample))] + train_docs
-
-  tok = distributed.chief_first("tokenizer", lambda: tokenizer_lib.load_or_train_tokenizer(
-      os.path.join(workdir, TOKENIZER_FILE), tokenizer_texts, config.data.vocab_size))
-  text_ids = [np.array(tok.encode(d), np.int32) for d in train_docs]
-  return tok, text_ids, train_images, test_images
-
-
-def run_codec(config, workdir):
-  """The run's latent codec. With the vae codec, the latent cache's codec.json is recorded in the workdir
-  on the first run; a resumed run refuses a cache re-encoded with another VAE or statistics."""
-  if config.data.codec != "vae":
-    return codecs.make_codec(config.data)
-  if not config.data.latent_cache:
-    raise config_lib.ConfigError("config.data.latent_cache is empty: the vae codec trains on latents written by "
-                                 "python -m tfusion.encode_latents")
-  metadata = codecs.read_codec_metadata(os.path.expanduser(config.data.latent_cache))
-  recorded = os.path.join(workdir, codecs.CODEC_FILE)
-  if os.path.isfile(recorded) and codecs.read_codec_metadata(recorded) != metadata:
-    raise config_lib.ConfigError(f"config.data.latent_cache = {config.data.latent_cache!r} was encoded with another "
-                                 f"VAE or statistics than this run was trained on ({recorded})")
-  if distributed.is_chief():
-    with open(recorded, "w") as f:
-      json.dump(metadata, f, indent=2)
-  codec = codecs.codec_from_metadata(metadata)
-  codecs.check_latent_shape(codec, config.data)
-  return codec
 
 
 # ----------------------------------------------------------------------------------------------
 # Samples: images from fixed test captions, captions for fixed test images.
 # ----------------------------------------------------------------------------------------------
-def write_samples(step, state, mesh, tok, codec, test_images, config, workdir):
+def write_samples(step, state, mesh, tok, codec, sample_examples, config, workdir):
   """Every process samples (the params are spread over all of them); process 0 writes the files."""
   n = max(config.sample.num_images, config.sample.num_captions)
-  examples = test_images.__getitems__(list(range(n)))
+  examples = sample_examples.__getitems__(list(range(n)))
   sampler = generate.Sampler(config, state.params, tok, mesh, codec)
   options = decoding.SamplingOptions(diffusion_steps=config.sample.diffusion_steps, sampler=config.sample.sampler,
                                      cfg_scale=config.sample.cfg_scale, max_new_tokens=config.sample.max_caption_tokens)
   key = jax.random.fold_in(jax.random.key(config.seed), 1_000_000 + step)
-  prompts = [decode_caption(e) for e in examples[:config.sample.num_images]]
+  prompts = [mixture.decode_caption(e) for e in examples[:config.sample.num_images]]
   images = sampler.text_to_image(prompts, options, key)
   shown = np.stack([e["image"] for e in examples[:config.sample.num_captions]])
   captions = sampler.caption(shown, options, key)
@@ -98,7 +44,7 @@ def write_samples(step, state, mesh, tok, codec, test_images, config, workdir):
   visualize.save_image_grid(os.path.join(out, "captioned.png"), shown, captions)
   with open(os.path.join(out, "captions.txt"), "w") as f:
     for e, c in zip(examples, captions):
-      f.write(f"truth: {decode_caption(e)}\nmodel: {c}\n\n")
+      f.write(f"truth: {mixture.decode_caption(e)}\nmodel: {c}\n\n")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -116,8 +62,9 @@ def train_and_evaluate(config, workdir: str) -> None:
   logging.info("mesh %s over %d devices, %d processes", dict(mesh.shape), jax.device_count(), jax.process_count())
 
   # --- Data. ------------------------------------------------------------------------------------
-  codec = run_codec(config, workdir)
-  tok, text_ids, train_images, test_images = load_data(config, workdir)
+  codec = mixture.run_codec(config, workdir)
+  data = mixture.training_data(config, workdir, codec)
+  tok = data.tokenizer
   special = sequence.SpecialIds.of(tok)
   model, layout = state_lib.model_and_layout(config, tok.vocab_size)
   mix = pipeline.MixOptions(caption_first_prob=config.data.caption_first_prob,
@@ -125,13 +72,7 @@ def train_and_evaluate(config, workdir: str) -> None:
                             num_timesteps=config.diffusion.num_timesteps,
                             image_first_max_t=config.diffusion.image_first_max_t, seed=config.seed)
 
-  def prepare_image(example):
-    latents = codec.normalize(example["latents"]) if "latents" in example else codec.encode(example["image"])
-    return tok.encode(decode_caption(example)), latents
-
-  sources = [pipeline.Source("text", "text", text_ids, lambda ids: ids, config.data.text_fraction),
-             pipeline.Source("images", "image_caption", train_images, prepare_image, 1 - config.data.text_fraction)]
-  data_iterator = pipeline.train_batches(sources, layout, special, mix, config.batch_size, jax.process_index(),
+  data_iterator = pipeline.train_batches(data.sources, layout, special, mix, config.batch_size, jax.process_index(),
                                          jax.process_count(), config.data.workers, config.data.prefetch)
 
   # --- Model, optimizer and state. ------------------------------------------------------------
@@ -159,8 +100,8 @@ def train_and_evaluate(config, workdir: str) -> None:
                                        alpha_bar=alpha_bar, loss_weight=config.diffusion.loss_weight,
                                        train_key=train_key, microbatches=config.microbatches)
   batch_sharding = sharding.batch_sharding(mesh)
-  samples = functools.partial(write_samples, mesh=mesh, tok=tok, codec=codec, test_images=test_images, config=config,
-                              workdir=workdir)
+  samples = functools.partial(write_samples, mesh=mesh, tok=tok, codec=codec, sample_examples=data.sample_examples,
+                              config=config, workdir=workdir)
 
   # --- Train loop. ------------------------------------------------------------------------------
   progress = tqdm.tqdm(total=config.total_steps, initial=start_step, unit="step", dynamic_ncols=True,
@@ -190,6 +131,7 @@ def train_and_evaluate(config, workdir: str) -> None:
       if log:
         now = time.time()
         metrics["elements_per_sec"] = elements / (now - last_time)
+        metrics["packing_efficiency"] = elements / (steps_timed * config.batch_size * config.seq_len)
         metrics["tflops_per_device"] = step_flops * steps_timed / (now - last_time) / jax.device_count() / 1e12
         metrics["mfu"] = metrics["tflops_per_device"] / peak
         elements, steps_timed, last_time = 0, 0, now
@@ -201,7 +143,7 @@ def train_and_evaluate(config, workdir: str) -> None:
       if preempted:
         logging.warning("preempted: saved step %d; run the same command to resume", step)
         break
-      if step % config.sample_every == 0 or is_last:
+      if (step % config.sample_every == 0 or is_last) and data.sample_examples is not None:
         samples(step, state)
   finally:  # also on errors and interrupts: finish writing the checkpoints already started
     progress.close()

@@ -59,12 +59,12 @@ class Source:
       raise ValueError(f"data source {self.name!r}: weight must be >= 0, got {self.weight}")
 
 
-def shard_and_shuffle(source, seed: int, shard: int, num_shards: int) -> grain.MapDataset:
+def shard_and_shuffle(source, seed: int, shard: int, num_shards: int, name: str = "") -> grain.MapDataset:
   """Share `shard` of `num_shards` of a random-access source; index i >= len continues into reshuffled
   epochs."""
   ds = grain.MapDataset.source(source)[shard::num_shards]
   if len(ds) == 0:
-    raise ValueError(f"a source of {len(source)} examples has none for row stream {shard} of {num_shards} "
+    raise ValueError(f"data source {name!r} of {len(source)} examples has none for row stream {shard} of {num_shards} "
                      f"(every row of the global batch needs its own share: use a smaller batch_size or more data)")
   return ds.shuffle(seed=seed)
 
@@ -264,6 +264,6 @@ def train_batches(sources: Sequence[Source], layout: sequence.RowLayout, special
   rows_per_process = global_rows // process_count
   streams = []
   for row in range(process_index * rows_per_process, (process_index + 1) * rows_per_process):
-    shares = [shard_and_shuffle(s.examples, mix.seed + k, row, global_rows) for k, s in enumerate(sources)]
+    shares = [shard_and_shuffle(s.examples, mix.seed + k, row, global_rows, s.name) for k, s in enumerate(sources)]
     streams.append(RowStream(tuple(sources), tuple(shares), layout, special, mix, stream=row))
   return TrainBatches(streams, workers, prefetch)

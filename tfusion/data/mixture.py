@@ -1,0 +1,195 @@
+"""A run's training data: the latent codec, the tokenizer, the weighted sources, and the images samples use.
+
+Without `config.data.mixture` a run trains on the embedded data: shapes image-caption pairs (or their cached
+VAE latents) and the pydoc / .jsonl text stream, mixed by data.text_fraction. With it, every entry names a
+directory written by `python -m tfusion.prepare`, a split and a weight (its share of the packed elements).
+
+The run's tokenizer is data.tokenizer, else the one the prepared text sources were tokenized with (they
+must agree), else one of data.vocab_size pieces trained on the run's captions and text; it is kept in the
+workdir, a resumed run refuses a different one, and the model's vocabulary is the tokenizer's. Latent sources must have been encoded with the run's VAE and statistics.
+"""
+import dataclasses
+import filecmp
+import json
+import os
+import shutil
+
+from absl import logging
+import numpy as np
+
+from tfusion import codecs, config as config_lib, distributed
+from tfusion.data import latent_cache, pipeline, prepared, shapes, text_corpus, tokenizer as tokenizer_lib
+
+TOKENIZER_FILE = "tokenizer.model"
+TOKENIZER_SAMPLE_CAPTIONS = 5000
+_CODEC_IDENTITY = ("vae", "vae_step", "shift", "scale")   # codec.json fields two latent datasets must share
+
+
+@dataclasses.dataclass
+class TrainingData:
+  tokenizer: tokenizer_lib.Tokenizer
+  sources: list[pipeline.Source]
+  sample_examples: object | None    # random access {"caption": bytes, "image": uint8 [S, S, 3]}, or None
+
+
+def decode_caption(example) -> str:
+  return example["caption"].decode("utf-8")
+
+
+def _latent_dirs(config) -> list[tuple[str, str]]:
+  """(mixture entry, path) of the prepared image sources that hold latents."""
+  found = []
+  for name, entry in config.data.mixture.items():
+    manifest = prepared.read_manifest(entry.path)
+    if manifest["kind"] != "text" and manifest["latents"]:
+      found.append((name, os.path.expanduser(entry.path)))
+  return found
+
+
+def run_codec(config, workdir):
+  """The run's latent codec. With the vae codec, the latents' codec.json (data.latent_cache, else the first
+  prepared latent source) is recorded in the workdir on the first run; a resumed run refuses latents
+  re-encoded with another VAE or statistics."""
+  if config.data.codec != "vae":
+    return codecs.make_codec(config.data)
+  metadata_dir = os.path.expanduser(config.data.latent_cache) if config.data.latent_cache else None
+  if metadata_dir is None and config.data.mixture:
+    metadata_dir = next((path for _, path in _latent_dirs(config)), None)
+  if metadata_dir is None:
+    raise config_lib.ConfigError("config.data.latent_cache is empty: the vae codec trains on latents written by "
+                                 "python -m tfusion.encode_latents (or prepared with --config.vae)")
+  metadata = codecs.read_codec_metadata(metadata_dir)
+  recorded = os.path.join(workdir, codecs.CODEC_FILE)
+  if os.path.isfile(recorded) and codecs.read_codec_metadata(recorded) != metadata:
+    raise config_lib.ConfigError(f"the latents in {metadata_dir} were encoded with another VAE or statistics than "
+                                 f"this run was trained on ({recorded})")
+  if distributed.is_chief():
+    with open(recorded, "w") as f:
+      json.dump(metadata, f, indent=2)
+  codec = codecs.codec_from_metadata(metadata)
+  codecs.check_latent_shape(codec, config.data)
+  return codec
+
+
+def run_tokenizer(config, workdir: str, sample_texts, prepared_tokenizers: dict[str, str]):
+  """The run's tokenizer, kept as <workdir>/tokenizer.model (see the module docstring)."""
+  kept = os.path.join(workdir, TOKENIZER_FILE)
+  given = os.path.expanduser(config.data.tokenizer) if config.data.tokenizer else None
+  for name, path in prepared_tokenizers.items():
+    given = given or path
+    if not filecmp.cmp(given, path, shallow=False):
+      raise config_lib.ConfigError(f"config.data.mixture.{name} was tokenized with {path}, not with {given}")
+  if given is None:
+    return tokenizer_lib.load_or_train_tokenizer(kept, sample_texts, config.data.vocab_size)
+  if os.path.isfile(kept) and not filecmp.cmp(given, kept, shallow=False):
+    raise config_lib.ConfigError(f"this run was trained with the tokenizer {kept}, not {given}")
+  tok = tokenizer_lib.Tokenizer.load(given)
+  if distributed.is_chief() and not os.path.isfile(kept):
+    shutil.copyfile(given, kept)
+  return tok
+
+
+def image_of(example, codec) -> np.ndarray:
+  """uint8 [S, S, 3] of an image-caption example holding pixels or raw latents."""
+  return example["image"] if "image" in example else codec.decode(codec.normalize(example["latents"]))
+
+
+def _latents_fn(codec):
+  def latents(example, key="") -> np.ndarray:
+    raw = example.get(f"{key}latents")
+    return codec.normalize(raw) if raw is not None else codec.encode(example[f"{key}image"])
+  return latents
+
+
+def _builtin_data(config, workdir, codec) -> TrainingData:
+  """Shapes (or their cached latents) and the pydoc / .jsonl text stream, mixed by data.text_fraction."""
+  data_dir = os.path.expanduser(config.data.data_dir)
+  train_images, test_images = distributed.chief_first("build shapes", lambda: (
+      shapes.load_shapes(data_dir, "train", config.data.image_size),
+      shapes.load_shapes(data_dir, "test", config.data.image_size)))
+  if config.data.codec == "vae":
+    train_images = latent_cache.LatentSource(os.path.expanduser(config.data.latent_cache), "train")
+  documents = text_corpus.load_text_documents(config.data.text_source)
+  train_docs, _ = text_corpus.split_documents(documents, config.data.text_test_fraction, config.seed)
+
+  def sample_texts():
+    sample = range(min(TOKENIZER_SAMPLE_CAPTIONS, len(train_images)))
+    return [decode_caption(e) for e in train_images.__getitems__(list(sample))] + train_docs
+
+  tok = distributed.chief_first("tokenizer", lambda: run_tokenizer(config, workdir, sample_texts, {}))
+  text_ids = [np.array(tok.encode(d), np.int32) for d in train_docs]
+  latents = _latents_fn(codec)
+  sources = [pipeline.Source("text", "text", text_ids, lambda ids: ids, config.data.text_fraction),
+             pipeline.Source("images", "image_caption", train_images,
+                             lambda e: (tok.encode(decode_caption(e)), latents(e)), 1 - config.data.text_fraction)]
+  return TrainingData(tok, sources, test_images)
+
+
+def _check_prepared(config, name: str, manifest: dict, path: str, codec) -> None:
+  """ConfigError when a prepared image source does not fit the run's image size or codec."""
+  if manifest["kind"] == "text":
+    return
+  field = f"config.data.mixture.{name}"
+  if manifest["image_size"] != config.data.image_size:
+    raise config_lib.ConfigError(f"{field}: {path} holds {manifest['image_size']} px images, the run trains on "
+                                 f"config.data.image_size = {config.data.image_size}")
+  if manifest["latents"]:
+    if config.data.codec != "vae":
+      raise config_lib.ConfigError(f"{field}: {path} holds VAE latents; set config.data.codec = 'vae'")
+    theirs = codecs.read_codec_metadata(path)
+    if any(theirs.get(k) != codec.metadata.get(k) for k in _CODEC_IDENTITY):
+      raise config_lib.ConfigError(f"{field}: {path} was encoded with another VAE or statistics than the run's "
+                                   f"codec ({codec.metadata['vae']})")
+
+
+def _prepared_data(config, workdir, codec) -> TrainingData:
+  entries = {name: (e, prepared.read_manifest(e.path)) for name, e in config.data.mixture.items()}
+  for name, (entry, manifest) in entries.items():
+    _check_prepared(config, name, manifest, entry.path, codec)
+  inputs = {name: prepared.PreparedSource(e.path, e.split) for name, (e, _) in entries.items()}
+  tokenized = {name: os.path.join(os.path.expanduser(e.path), prepared.TOKENIZER)
+               for name, (e, m) in entries.items() if m["kind"] == "text"}
+  image_sets = [name for name, (_, m) in entries.items() if m["kind"] == "image_caption"]
+
+  def sample_texts():
+    return [decode_caption(inputs[name][i]) for name in image_sets
+            for i in range(min(TOKENIZER_SAMPLE_CAPTIONS, len(inputs[name])))]
+
+  tok = distributed.chief_first("tokenizer", lambda: run_tokenizer(config, workdir, sample_texts, tokenized))
+  latents = _latents_fn(codec)
+  prepare_fns = {
+      "text": lambda e: e["ids"],
+      "image_caption": lambda e: (tok.encode(decode_caption(e)), latents(e)),
+      "edit": lambda e: (latents(e, "input_"), tok.encode(e["instruction"].decode("utf-8")), latents(e, "output_")),
+  }
+  sources = [pipeline.Source(name, m["kind"], inputs[name], prepare_fns[m["kind"]], e.weight)
+             for name, (e, m) in entries.items()]
+  samples = None
+  for name in image_sets:
+    entry, manifest = entries[name]
+    if config.data.sample_split in manifest["splits"]:
+      prepared_samples = prepared.PreparedSource(entry.path, config.data.sample_split)
+      samples = SampleImages(prepared_samples, codec)
+      break
+  if samples is None:
+    logging.warning("no image-caption source of config.data.mixture has a %r split: no samples are written",
+                    config.data.sample_split)
+  return TrainingData(tok, sources, samples)
+
+
+class SampleImages:
+  """Pixels and captions of a prepared split that may hold latents (decoded with the run's codec)."""
+
+  def __init__(self, source, codec):
+    self.source, self.codec = source, codec
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def __getitems__(self, indices) -> list[dict]:
+    return [dict(caption=e["caption"], image=image_of(e, self.codec)) for e in self.source.__getitems__(indices)]
+
+
+def training_data(config, workdir: str, codec) -> TrainingData:
+  """The run's tokenizer, weighted sources and sample images (see the module docstring)."""
+  return _prepared_data(config, workdir, codec) if config.data.mixture else _builtin_data(config, workdir, codec)
