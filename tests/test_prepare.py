@@ -278,3 +278,23 @@ def test_mixture_mismatches_name_the_source(prepared_mixture, tmp_path):
   config.data.mixture.text.path = str(prepared_mixture / "nowhere")
   with pytest.raises(FileNotFoundError, match="nowhere is not a prepared dataset"):
     train.train_and_evaluate(config, str(tmp_path / "missing"))
+
+
+def test_two_processes_prepare_disjoint_shards_that_cover_the_source(image_folder, tmp_path, monkeypatch):
+  """Process p of 2 writes shards p, p + 2, ...; process 0 writes the manifest once every shard is there.
+  The processes run one after the other here, each told its index (the barrier between them is a no-op)."""
+  root, _ = image_folder
+  config = prepare_config(path=str(root), examples_per_shard=2)
+  single = prepare_lib.prepare(config, tmp_path / "one")
+  monkeypatch.setattr(prepare_lib.multihost_utils, "sync_global_devices", lambda name: None)
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  written = {}
+  for process in (1, 0):
+    monkeypatch.setattr(jax, "process_index", lambda p=process: p)
+    before = set(os.listdir(tmp_path / "two")) if os.path.isdir(tmp_path / "two") else set()
+    result = prepare_lib.prepare(config, tmp_path / "two")
+    written[process] = sorted(f for f in set(os.listdir(tmp_path / "two")) - before if f.endswith(".array_record"))
+    assert (result is None) == (process == 1)          # only process 0 writes the manifest
+  assert written[1] == [f"train-{i:05d}-of-00006.array_record" for i in (1, 3, 5)]
+  assert written[0] == [f"train-{i:05d}-of-00006.array_record" for i in (0, 2, 4)]
+  assert result == single
