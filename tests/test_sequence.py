@@ -270,3 +270,19 @@ def test_worker_processes_give_the_same_batches_and_state_moves_between_worker_c
 def test_worker_count_must_divide_the_rows():
   with pytest.raises(ValueError, match="config.data.workers = 3 must be 0 .* divide the 4 rows"):
     make_stream(workers=3)
+
+
+def test_a_run_saved_by_two_processes_resumes_on_one():
+  shares = [make_stream(process_index=p, process_count=2) for p in range(2)]
+  for share in shares:
+    for _ in range(3):
+      next(share)
+  states = [share.get_state() for share in shares]
+  halves = [next(share) for share in shares]
+  whole = make_stream()
+  whole.restore_from_processes(states)
+  got = next(whole)
+  for k in got:
+    np.testing.assert_array_equal(got[k], np.concatenate([h[k] for h in halves]))
+  with pytest.raises(ValueError, match=r"holds row streams \[0, 1\], not this process's \[2, 3\]"):
+    make_stream().restore_from_processes(states[:1])

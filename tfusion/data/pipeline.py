@@ -13,7 +13,9 @@ its rows only, so each host reads only its share and the global batch is the sam
 processes. A stream's position is three integers per source and every row carries the position of its
 stream after it, so the batch iterator knows where each stream stands after the rows it returned, whichever
 worker made them. Those positions are the iterator state saved in every checkpoint: a restored run
-continues with exactly the next batch, with any number of grain worker processes.
+continues with exactly the next batch, with any number of grain worker processes, and with any number of
+processes (each takes its streams' positions from the files all processes saved; the global batch_size
+must stay the same).
 
 With W grain workers (mp_prefetch), worker w packs streams w, w + W, ... of this process and grain takes
 one row from each worker in turn, so rows arrive in stream order.
@@ -249,6 +251,16 @@ class TrainBatches(grain.DatasetIterator):
                        f"reads row streams {self.ids}: resume with the same batch_size and number of processes")
     self.close()
     self.positions = dict(zip(self.ids, state["positions"]))
+
+  def restore_from_processes(self, states: Sequence[dict]) -> None:
+    """Restore from the states every process of a run saved, whatever their number: this process takes
+    the positions of its own row streams (the global batch_size must be the same)."""
+    saved = {stream: position for state in states for stream, position in zip(state["streams"], state["positions"])}
+    missing = [i for i in self.ids if i not in saved]
+    if missing:
+      raise ValueError(f"the data state holds row streams {sorted(saved)}, not this process's {missing}: resume "
+                       "with the batch_size the run was saved with")
+    self.set_state(dict(streams=self.ids, positions=[saved[i] for i in self.ids]))
 
   def close(self) -> None:
     """Stops the worker processes (a new iteration starts them again)."""

@@ -1,4 +1,8 @@
 """Orbax checkpoints of the train state together with the grain data iterator state."""
+import glob
+import json
+import os
+
 import grain
 import jax
 import orbax.checkpoint as ocp
@@ -22,11 +26,23 @@ class Checkpointer:
         state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator)), force=True)
 
   def restore(self, step: int, abstract_state, data_iterator):
-    """Restore into the shardings of `abstract_state`; sets `data_iterator` to the saved position."""
-    restored = self._restore(step, f"checkpoint {self.directory}/{step}",
-                             " It was left untouched; move it away to resume from an earlier step.",
-                             state=ocp.args.StandardRestore(abstract_state),
-                             data=grain.checkpoint.CheckpointRestore(data_iterator))
+    """Restore into the shardings of `abstract_state`; sets `data_iterator` to the saved position. An
+    iterator with `restore_from_processes` (pipeline.TrainBatches) reads every process's saved state, so the
+    run may resume on another number of processes."""
+    what = f"checkpoint {self.directory}/{step}"
+    advice = " It was left untouched; move it away to resume from an earlier step."
+    if not hasattr(data_iterator, "restore_from_processes"):
+      return self._restore(step, what, advice, state=ocp.args.StandardRestore(abstract_state),
+                           data=grain.checkpoint.CheckpointRestore(data_iterator)).state
+    restored = self._restore(step, what, advice, state=ocp.args.StandardRestore(abstract_state))
+    files = sorted(glob.glob(os.path.join(self.directory, str(step), "data", "process_*-of-*.json")))
+    if not files:
+      raise RuntimeError(f"{what} has no data position (data/process_*.json).{advice}")
+    states = []
+    for file in files:
+      with open(file) as f:
+        states.append(json.load(f))
+    data_iterator.restore_from_processes(states)
     return restored.state
 
   def all_steps(self) -> list[int]:
