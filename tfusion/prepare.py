@@ -209,9 +209,10 @@ def write_manifest(config, reader, out: str, jobs: list[ShardJob], codec) -> dic
         m.sum_sq += np.array(s["moments"]["sum_sq"])
   os.replace(os.path.join(out, prepared.SKIPPED + ".tmp"), os.path.join(out, prepared.SKIPPED))
   content = hashlib.sha256("".join(f"{s['file']} {s['sha256']}\n" for s in summaries).encode()).hexdigest()
+  tokenizer = os.path.join(out, prepared.TOKENIZER)
   manifest = dict(kind=reader.kind, source=config.source, path=config.path, image_size=config.image_size,
                   latents=codec is not None, splits=splits, content_hash=content,
-                  tokenizer_sha256=(sha256_of(os.path.join(out, prepared.TOKENIZER)) if reader.kind == "text" else None))
+                  tokenizer_sha256=sha256_of(tokenizer) if reader.kind == "text" else None)
   if codec is not None:
     measured_split = "train" if "train" in moments else next(iter(moments))
     shift, scale = moments[measured_split].mean_std()

@@ -6,7 +6,8 @@ directory written by `python -m tfusion.prepare`, a split and a weight (its shar
 
 The run's tokenizer is data.tokenizer, else the one the prepared text sources were tokenized with (they
 must agree), else one of data.vocab_size pieces trained on the run's captions and text; it is kept in the
-workdir, a resumed run refuses a different one, and the model's vocabulary is the tokenizer's. Latent sources must have been encoded with the run's VAE and statistics.
+workdir, a resumed run refuses a different one, and the model's vocabulary is the tokenizer's. Latent
+sources must have been encoded with the run's VAE and statistics.
 """
 import dataclasses
 import filecmp
