@@ -1,6 +1,8 @@
 """python -m tfusion.prepare: every source type, bad-record accounting, resuming, workers, latents."""
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import ml_collections
@@ -298,3 +300,17 @@ def test_two_processes_prepare_disjoint_shards_that_cover_the_source(image_folde
   assert written[1] == [f"train-{i:05d}-of-00006.array_record" for i in (1, 3, 5)]
   assert written[0] == [f"train-{i:05d}-of-00006.array_record" for i in (0, 2, 4)]
   assert result == single
+
+
+def test_command_line(tmp_path):
+  corpus = tmp_path / "corpus.jsonl"
+  corpus.write_bytes(b"\n".join(TEXT_LINES) + b"\n")
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  command = [sys.executable, "-m", "tfusion.prepare", "--config", os.path.join(repo, "experiments", "prepare.py:jsonl"),
+             f"--config.path={corpus}", "--config.vocab_size=300", "--config.workers=2"]
+  done = subprocess.run(command + [f"--out={tmp_path / 'out'}"], capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert "train: 3 examples in 1 shards" in done.stderr
+  assert json.load(open(tmp_path / "out" / prepared.MANIFEST))["splits"]["train"]["skipped"] == 5
+  missing = subprocess.run(command, capture_output=True, text=True, timeout=300)
+  assert missing.returncode != 0 and "--config and --out are required" in missing.stderr

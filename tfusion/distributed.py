@@ -52,17 +52,23 @@ def define_flags() -> None:
   flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
 
 
-def start_entry_point(argv) -> tuple:
-  """The common start of the training commands (flags --config, --workdir and define_flags()): checks the
-  flags, quiets orbax's INFO logs, joins the multi-process runtime and keeps compilations in the workdir.
-  Returns (config, workdir)."""
+def start_command(argv, required: tuple[str, ...]) -> None:
+  """The common start of the commands: checks argv and the `required` flags, quiets orbax's INFO logs and
+  joins the multi-process runtime (flags of define_flags())."""
   metrics.quiet_library_info_logs()
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   args = flags.FLAGS
-  if args.workdir is None or args.config is None:
-    raise app.UsageError("--config and --workdir are required")
+  if any(args[name].value is None for name in required):
+    raise app.UsageError(" and ".join(f"--{name}" for name in required) + " are required")
   initialize(args.distributed, args.coordinator_address, args.num_processes, args.process_id)
+
+
+def start_entry_point(argv) -> tuple:
+  """The start of the training commands (flags --config, --workdir): start_command, and compilations kept
+  in the workdir. Returns (config, workdir)."""
+  start_command(argv, ("config", "workdir"))
+  args = flags.FLAGS
   jax.config.update("jax_compilation_cache_dir", os.path.join(args.workdir, "jax_cache"))
   return args.config, args.workdir
 

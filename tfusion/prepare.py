@@ -26,7 +26,7 @@ from ml_collections import config_flags
 import numpy as np
 import tqdm
 
-from tfusion import codecs, config as config_lib, distributed, metrics
+from tfusion import codecs, config as config_lib, distributed
 from tfusion.data import latent_cache, prepared, raw_sources, tokenizer as tokenizer_lib
 from tfusion.data.images import BadRecord
 
@@ -265,14 +265,8 @@ def prepare(config, out: str) -> dict:
 
 
 def main(argv):
-  metrics.quiet_library_info_logs()
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  args = flags.FLAGS
-  if args.config is None or args.out is None:
-    raise app.UsageError("--config and --out are required")
-  distributed.initialize(args.distributed, args.coordinator_address, args.num_processes, args.process_id)
-  prepare(args.config, args.out)
+  distributed.start_command(argv, ("config", "out"))
+  prepare(flags.FLAGS.config, flags.FLAGS.out)
 
 
 if __name__ == "__main__":

@@ -88,11 +88,7 @@ def train_and_evaluate(config, workdir: str) -> None:
                peak_source)
 
   # --- Restore. ---------------------------------------------------------------------------------
-  ckpt = checkpoint.Checkpointer(os.path.join(os.path.abspath(workdir), "checkpoints"), config.max_to_keep)
-  start_step = ckpt.latest_step() or 0
-  if start_step:
-    logging.info("resuming from step %d", start_step)
-    state = ckpt.restore(start_step, checkpoint.abstract_like(state, state_shardings), data_iterator)
+  ckpt, state, start_step = checkpoint.open_run(workdir, config.max_to_keep, state, state_shardings, data_iterator)
   writer = metrics_lib.MetricWriter(workdir, start_step, active=distributed.is_chief())
 
   alpha_bar = diffusion.make_alpha_bar(config.diffusion.schedule, config.diffusion.num_timesteps)

@@ -106,11 +106,7 @@ def train_vae(config, workdir: str) -> None:
                state_lib.count_params(state.disc_params))
   frozen = load_frozen_networks(config.loss, mesh)
 
-  ckpt = checkpoint.Checkpointer(os.path.join(os.path.abspath(workdir), "checkpoints"), config.max_to_keep)
-  start_step = ckpt.latest_step() or 0
-  if start_step:
-    logging.info("resuming from step %d", start_step)
-    state = ckpt.restore(start_step, checkpoint.abstract_like(state, state_shardings), data_iterator)
+  ckpt, state, start_step = checkpoint.open_run(workdir, config.max_to_keep, state, state_shardings, data_iterator)
   writer = metrics_lib.MetricWriter(workdir, start_step, active=distributed.is_chief())
 
   steps = {adversarial: vae_step.jit_train_step(

@@ -3,6 +3,7 @@ import glob
 import json
 import os
 
+from absl import logging
 import grain
 import jax
 import orbax.checkpoint as ocp
@@ -69,6 +70,17 @@ class Checkpointer:
 
   def close(self) -> None:
     self.manager.close()
+
+
+def open_run(workdir: str, max_to_keep: int, state, shardings, data_iterator) -> tuple[Checkpointer, object, int]:
+  """(checkpointer of <workdir>/checkpoints, state, step): the latest checkpoint restored into `shardings`
+  together with the data position, or `state` as given at step 0."""
+  ckpt = Checkpointer(os.path.join(os.path.abspath(workdir), "checkpoints"), max_to_keep)
+  step = ckpt.latest_step() or 0
+  if step:
+    logging.info("resuming from step %d", step)
+    state = ckpt.restore(step, abstract_like(state, shardings), data_iterator)
+  return ckpt, state, step
 
 
 def abstract_like(state, shardings):
