@@ -1,6 +1,6 @@
 """Two local processes (4 CPU devices each, JAX's gloo collectives) train exactly like one process
 with 8 devices, write one set of logs, and save and restore checkpoints together, also onto a
-hybrid (dcn x ici) mesh."""
+hybrid (dcn x ici) mesh; the run then resumes on one process, with the same data continuation."""
 import os
 import socket
 import subprocess
@@ -58,7 +58,7 @@ def two_processes(workdir, data_dir, total_steps, extra=()):
 
 @pytest.mark.slow
 def test_two_processes_match_one_process_and_resume_together(tmp_path, data_dir):  # noqa: F811
-  wait([launch(str(tmp_path / "one"), data_dir, 6, 8)])
+  wait([launch(str(tmp_path / "one"), data_dir, 8, 8)])
   one = read_metrics(str(tmp_path / "one"))
 
   two = str(tmp_path / "two")
@@ -74,8 +74,13 @@ def test_two_processes_match_one_process_and_resume_together(tmp_path, data_dir)
   outputs = two_processes(two, data_dir, 6, ["--config.mesh.ici_data_parallelism=1",
                                              "--config.mesh.dcn_data_parallelism=2"])
   assert any("resuming from step 4" in out for out in outputs)
+  assert [m["step"] for m in read_metrics(two)] == [1, 2, 3, 4, 5, 6]
+
+  # The host count changes: one process takes every row stream's position from both processes' files.
+  outputs = wait([launch(two, data_dir, 8, 8)])
+  assert "resuming from step 6" in outputs[0]
   resumed = read_metrics(two)
-  assert [m["step"] for m in resumed] == [1, 2, 3, 4, 5, 6]
+  assert [m["step"] for m in resumed] == [1, 2, 3, 4, 5, 6, 7, 8]
   for a, b in zip(one, resumed):
     for k in COMPARED:
       np.testing.assert_allclose(b[k], a[k], rtol=2e-5, err_msg=f"step {a['step']} {k}")
