@@ -1,6 +1,6 @@
 r"""Input-pipeline throughput at seq_len 4096 on prepared latents, next to what the 0.16B train step consumes.
 
-  python benchmarks/data.py [--rows 64] [--workers 0,2] [--images 4096] [--docs 1024]
+  python benchmarks/data.py [--rows 512] [--workers 0,2] [--images 4096] [--docs 1024]
 
 Writes a prepared text corpus (tfusion.prepare on a generated .jsonl) and a prepared
 image-caption set of raw 32x32x8 latents (256 px images under an f = 8 VAE, written directly: encoding is
@@ -122,7 +122,7 @@ def step_consumption(config, vocab_size: int) -> dict:
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--rows", type=int, default=64, help="rows timed per worker setting")
+  parser.add_argument("--rows", type=int, default=512, help="rows timed per worker setting")
   parser.add_argument("--workers", default="0,2")
   parser.add_argument("--images", type=int, default=4096)
   parser.add_argument("--docs", type=int, default=1024)
