@@ -1,4 +1,5 @@
 """python -m tfusion.prepare: every source type, bad-record accounting, resuming, workers, latents."""
+import hashlib
 import json
 import os
 import subprocess
@@ -87,6 +88,8 @@ def test_image_folder_with_sidecar_captions(image_folder, tmp_path):
     assert abs(int(np.median(image[..., 2])) - int(array[array.shape[0] // 2, array.shape[1] // 2, 2])) <= tolerance
   for shard in split["shards"]:
     assert prepare_lib.sha256_of(tmp_path / shard["file"]) == shard["sha256"]
+  assert manifest["content_hash"] == hashlib.sha256(
+      "".join(f"{s['file']} {s['sha256']}\n" for s in split["shards"]).encode()).hexdigest()
 
 
 @pytest.mark.parametrize("manifest_format", ["csv", "jsonl"])
@@ -162,6 +165,23 @@ def test_text_jsonl_is_tokenized_with_a_trained_tokenizer(tmp_path):
   again = prepare_lib.prepare(prepare_config(source="jsonl", path=str(corpus), examples_per_shard=3,
                                              tokenizer=str(tmp_path / "out" / prepared.TOKENIZER)), tmp_path / "given")
   assert again["tokenizer_sha256"] == manifest["tokenizer_sha256"] and again["content_hash"] == manifest["content_hash"]
+
+
+def test_tokenizer_trains_on_the_first_tokenizer_sample_documents(tmp_path, monkeypatch):
+  corpus = tmp_path / "corpus.jsonl"
+  corpus.write_bytes(b"\n".join(TEXT_LINES) + b"\n")
+  seen, train = [], tokenizer_lib.train_tokenizer
+
+  def spy(texts, vocab_size):
+    texts = list(texts)
+    seen.extend(texts)
+    return train(texts, vocab_size)
+
+  monkeypatch.setattr(tokenizer_lib, "train_tokenizer", spy)
+  prepare_lib.prepare(prepare_config(source="jsonl", path=str(corpus), vocab_size=300, examples_per_shard=3,
+                                     tokenizer_sample=7), tmp_path / "out")
+  assert seen == ["The quick brown fox jumps over the lazy dog.",
+                  "Pack my box with five dozen liquor jugs.\nSecond line."]   # line 8 is past the sample
 
 
 def test_edit_jsonl(image_folder, tmp_path):
@@ -314,3 +334,17 @@ def test_command_line(tmp_path):
   assert json.load(open(tmp_path / "out" / prepared.MANIFEST))["splits"]["train"]["skipped"] == 5
   missing = subprocess.run(command, capture_output=True, text=True, timeout=300)
   assert missing.returncode != 0 and "--config and --out are required" in missing.stderr
+
+
+def test_mixture_of_text_sources_with_different_tokenizers_is_refused(prepared_mixture, tmp_path):
+  from tfusion import train   # pylint: disable=import-outside-toplevel
+  corpus = tmp_path / "other.jsonl"
+  corpus.write_text("".join(json.dumps({"text": f"Another corpus, line {i}: zebras and yaks."}) + "\n"
+                            for i in range(20)))
+  prepare_lib.prepare(prepare_config(source="jsonl", path=str(corpus), vocab_size=300), tmp_path / "other")
+  config = mixture_config(prepared_mixture)
+  config.data.mixture["other"] = ml_collections.ConfigDict(dict(path=str(tmp_path / "other"), weight=0.1,
+                                                                split="train"))
+  with pytest.raises(config_lib.ConfigError, match=r"config\.data\.mixture\.text was tokenized with .*, but "
+                                                   r"config\.data\.mixture\.other uses .*: a run has one tokenizer"):
+    train.train_and_evaluate(config, str(tmp_path / "run"))

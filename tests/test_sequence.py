@@ -286,3 +286,52 @@ def test_a_run_saved_by_two_processes_resumes_on_one():
     np.testing.assert_array_equal(got[k], np.concatenate([h[k] for h in halves]))
   with pytest.raises(ValueError, match=r"holds row streams \[0, 1\], not this process's \[2, 3\]"):
     make_stream().restore_from_processes(states[:1])
+
+
+# ---- Cuts next to an image. --------------------------------------------------------------------
+def caption_image_eos(n):
+  """[BOS c * n] [image: 6 elements] [EOS]."""
+  return sequence.image_caption_document(list(range(40, 40 + n)), np.zeros(LAYOUT.latent_shape, np.float32),
+                                         True, SPECIAL, 1000, 500)
+
+
+def test_longest_prefix_stops_before_an_image_that_does_not_fit():
+  doc = caption_image_eos(3)
+
+  def lengths(pieces):
+    return [LAYOUT.piece_length(p) for p in pieces]
+
+  assert lengths(sequence.longest_prefix(LAYOUT, doc, room=9, image_room=2)) == [4]       # 4 + 6 > 9
+  assert lengths(sequence.longest_prefix(LAYOUT, doc, room=10, image_room=2)) == [4, 6]
+  assert lengths(sequence.longest_prefix(LAYOUT, doc, room=10, image_room=0)) == [4]
+  assert lengths(sequence.longest_prefix(LAYOUT, doc, room=11, image_room=1)) == [4, 6, 1]
+
+
+def test_drop_elements_resumes_right_after_an_image():
+  doc = caption_image_eos(3)
+  rest = sequence.drop_elements(LAYOUT, doc, 10)
+  assert len(rest) == 1 and list(rest[0].ids) == [SPECIAL.eos]
+  assert isinstance(sequence.drop_elements(LAYOUT, doc, 4)[0], sequence.ImagePiece)
+  with pytest.raises(ValueError, match="into an image"):
+    sequence.drop_elements(LAYOUT, doc, 6)
+
+
+def long_caption_source():
+  def prepare(example):
+    return list(range(40, 60)), np.full((4, 4, 3), example, np.float32)
+  return [pipeline.Source("images", "image_caption", list(range(30)), prepare, 1.0)]
+
+
+def test_split_document_image_at_the_row_end_waits_for_the_next_row():
+  it = make_stream(sources=long_caption_source(), seq_len=24, caption_first_prob=1.0)
+  rows = [{k: v[0] for k, v in next(it).items()} for _ in range(2)]
+  np.testing.assert_array_equal(rows[0]["tokens"], [2] + list(range(40, 60)) + [0, 0, 0])
+  assert rows[0]["image_valid"].sum() == 0
+  np.testing.assert_array_equal(rows[1]["tokens"][:7], [4, 0, 0, 0, 0, 5, 3])
+
+
+def test_document_continues_right_after_an_image_that_ended_a_row():
+  it = make_stream(sources=long_caption_source(), seq_len=7, caption_first_prob=0.0)  # row 0: BOS BOI pppp EOI
+  rows = [{k: v[0] for k, v in next(it).items()} for _ in range(5)]
+  np.testing.assert_array_equal(rows[0]["tokens"], [2, 4, 0, 0, 0, 0, 5])
+  np.testing.assert_array_equal(np.concatenate([r["tokens"] for r in rows[1:4]]), list(range(40, 60)) + [3])

@@ -76,10 +76,13 @@ def run_tokenizer(config, workdir: str, sample_texts, prepared_tokenizers: dict[
   """The run's tokenizer, kept as <workdir>/tokenizer.model (see the module docstring)."""
   kept = os.path.join(workdir, TOKENIZER_FILE)
   given = os.path.expanduser(config.data.tokenizer) if config.data.tokenizer else None
+  given_by = "config.data.tokenizer"
   for name, path in prepared_tokenizers.items():
-    given = given or path
-    if not filecmp.cmp(given, path, shallow=False):
-      raise config_lib.ConfigError(f"config.data.mixture.{name} was tokenized with {path}, not with {given}")
+    if given is None:
+      given, given_by = path, f"config.data.mixture.{name}"
+    elif not filecmp.cmp(given, path, shallow=False):
+      raise config_lib.ConfigError(f"config.data.mixture.{name} was tokenized with {path}, but {given_by} uses "
+                                   f"{given}: a run has one tokenizer")
   if given is None:
     return tokenizer_lib.load_or_train_tokenizer(kept, sample_texts, config.data.vocab_size)
   if os.path.isfile(kept) and not filecmp.cmp(given, kept, shallow=False):
