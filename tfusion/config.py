@@ -24,6 +24,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.sample_every = 500
   c.max_to_keep = 3
   c.peak_tflops_per_device = 0.0  # MFU denominator; 0 = known peak of the device kind (CPU: measured)
+  c.init_from = ""               # fine-tuning: start from the params (and tokenizer) of a training workdir's
+  #                                latest checkpoint or of <workdir>/checkpoints/<step>; fresh optimizer and data
 
   c.model = ml_collections.ConfigDict()
   c.model.num_layers = 4

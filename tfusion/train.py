@@ -88,7 +88,8 @@ def train_and_evaluate(config, workdir: str) -> None:
                peak_source)
 
   # --- Restore. ---------------------------------------------------------------------------------
-  ckpt, state, start_step = checkpoint.open_run(workdir, config.max_to_keep, state, state_shardings, data_iterator)
+  ckpt, state, start_step = checkpoint.open_run(workdir, config.max_to_keep, state, state_shardings, data_iterator,
+                                                config.init_from)
   writer = metrics_lib.MetricWriter(workdir, start_step, active=distributed.is_chief())
 
   alpha_bar = diffusion.make_alpha_bar(config.diffusion.schedule, config.diffusion.num_timesteps)

@@ -4,8 +4,8 @@ Without `config.data.mixture` a run trains on the embedded data: shapes image-ca
 VAE latents) and the pydoc / .jsonl text stream, mixed by data.text_fraction. With it, every entry names a
 directory written by `python -m tfusion.prepare`, a split and a weight (its share of the packed elements).
 
-The run's tokenizer is data.tokenizer, else the one the prepared text sources were tokenized with (they
-must agree), else one of data.vocab_size pieces trained on the run's captions and text; it is kept in the
+The run's tokenizer is data.tokenizer, else init_from's, else the one the prepared text sources were
+tokenized with (they must agree), else one of data.vocab_size pieces trained on the run's captions and text; it is kept in the
 workdir, a resumed run refuses a different one, and the model's vocabulary is the tokenizer's. Latent
 sources must have been encoded with the run's VAE and statistics.
 """
@@ -19,6 +19,7 @@ from absl import logging
 import numpy as np
 
 from tfusion import codecs, config as config_lib, distributed
+from tfusion.training import checkpoint
 from tfusion.data import latent_cache, pipeline, prepared, shapes, text_corpus, tokenizer as tokenizer_lib
 
 TOKENIZER_FILE = "tokenizer.model"
@@ -77,6 +78,8 @@ def run_tokenizer(config, workdir: str, sample_texts, prepared_tokenizers: dict[
   kept = os.path.join(workdir, TOKENIZER_FILE)
   given = os.path.expanduser(config.data.tokenizer) if config.data.tokenizer else None
   given_by = "config.data.tokenizer"
+  if given is None and config.init_from:
+    given, given_by = os.path.join(checkpoint.init_workdir(config.init_from), TOKENIZER_FILE), "config.init_from"
   for name, path in prepared_tokenizers.items():
     if given is None:
       given, given_by = path, f"config.data.mixture.{name}"
@@ -154,10 +157,11 @@ def _prepared_data(config, workdir, codec) -> TrainingData:
   tokenized = {name: os.path.join(os.path.expanduser(e.path), prepared.TOKENIZER)
                for name, (e, m) in entries.items() if m["kind"] == "text"}
   image_sets = [name for name, (_, m) in entries.items() if m["kind"] == "image_caption"]
+  text_field = {"image_caption": "caption", "edit": "instruction"}
 
   def sample_texts():
-    return [decode_caption(inputs[name][i]) for name in image_sets
-            for i in range(min(TOKENIZER_SAMPLE_CAPTIONS, len(inputs[name])))]
+    return [inputs[name][i][text_field[m["kind"]]].decode("utf-8") for name, (_, m) in entries.items()
+            if m["kind"] in text_field for i in range(min(TOKENIZER_SAMPLE_CAPTIONS, len(inputs[name])))]
 
   tok = distributed.chief_first("tokenizer", lambda: run_tokenizer(config, workdir, sample_texts, tokenized))
   latents = _latents_fn(codec)

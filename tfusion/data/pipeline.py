@@ -249,6 +249,10 @@ class TrainBatches(grain.DatasetIterator):
     if list(state["streams"]) != self.ids:
       raise ValueError(f"the data state was saved for row streams {list(state['streams'])}, but this process "
                        f"reads row streams {self.ids}: resume with the same batch_size and number of processes")
+    saved, sources = len(state["positions"][0]["index"]), len(self.streams[0].sources)
+    if saved != sources:
+      raise ValueError(f"the data state was saved for a mixture of {saved} sources, this run has {sources}: a "
+                       "changed mixture needs a new workdir (config.init_from starts it from this run's params)")
     self.close()
     self.positions = dict(zip(self.ids, state["positions"]))
 

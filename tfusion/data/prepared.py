@@ -18,7 +18,6 @@ import os
 
 from array_record.python import array_record_data_source
 from flax import serialization
-import numpy as np
 
 MANIFEST = "manifest.json"
 SKIPPED = "skipped.jsonl"
@@ -35,11 +34,7 @@ def encode_record(record: dict) -> bytes:
 
 
 def decode_record(data: bytes) -> dict:
-  record = serialization.msgpack_restore(data)
-  for key, value in record.items():
-    if isinstance(value, np.ndarray) and value.dtype == np.float64:
-      record[key] = value.astype(np.float32)
-  return record
+  return serialization.msgpack_restore(data)
 
 
 def read_manifest(path: str) -> dict:

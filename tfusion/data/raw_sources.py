@@ -17,6 +17,7 @@ import os
 from typing import Iterator
 
 import numpy as np
+import tensorflow_datasets as tfds
 
 from tfusion.data.images import BadRecord, load_image
 
@@ -162,7 +163,6 @@ class Tfds:
 
   def __init__(self, name: str, splits: str, data_dir: str, kind: str, image_key: str, caption_key: str,
                text_key: str):
-    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
     self.kind, self.keys = kind, dict(image=image_key, caption=caption_key, text=text_key)
     self.sources = {split: tfds.data_source(name, split=split, data_dir=os.path.expanduser(data_dir))
                     for split in [s.strip() for s in splits.split(",") if s.strip()]}

@@ -72,15 +72,44 @@ class Checkpointer:
     self.manager.close()
 
 
-def open_run(workdir: str, max_to_keep: int, state, shardings, data_iterator) -> tuple[Checkpointer, object, int]:
+def open_run(workdir: str, max_to_keep: int, state, shardings, data_iterator,
+             init_from: str = "") -> tuple[Checkpointer, object, int]:
   """(checkpointer of <workdir>/checkpoints, state, step): the latest checkpoint restored into `shardings`
-  together with the data position, or `state` as given at step 0."""
+  together with the data position; else, at step 0, `state` with the params of `init_from` (see
+  init_checkpoint) if given, or as it is."""
   ckpt = Checkpointer(os.path.join(os.path.abspath(workdir), "checkpoints"), max_to_keep)
   step = ckpt.latest_step() or 0
   if step:
     logging.info("resuming from step %d", step)
     state = ckpt.restore(step, abstract_like(state, shardings), data_iterator)
+  elif init_from:
+    source, source_step = init_checkpoint(init_from)
+    logging.info("initialising the params from %s, step %d", source.directory, source_step)
+    state = state.replace(params=source.restore_params(source_step, abstract_like(state.params, shardings.params)))
+    source.close()
   return ckpt, state, step
+
+
+def init_checkpoint(path: str) -> tuple[Checkpointer, int]:
+  """(checkpointer, step) of `path`: a training workdir (its latest checkpoint) or one checkpoint
+  directory <workdir>/checkpoints/<step>."""
+  path = os.path.abspath(os.path.expanduser(path))
+  if os.path.isdir(os.path.join(path, "checkpoints")):
+    ckpt = Checkpointer(os.path.join(path, "checkpoints"), 1, create=False)
+    step = ckpt.latest_step()
+  elif os.path.basename(path).isdigit() and os.path.isdir(path):
+    ckpt, step = Checkpointer(os.path.dirname(path), 1, create=False), int(os.path.basename(path))
+  else:
+    raise FileNotFoundError(f"config.init_from = {path!r}: neither a training workdir nor <workdir>/checkpoints/<step>")
+  if step is None:
+    raise FileNotFoundError(f"config.init_from = {path!r}: the run has no checkpoint yet")
+  return ckpt, step
+
+
+def init_workdir(path: str) -> str:
+  """The training workdir of an init_from path (see init_checkpoint)."""
+  path = os.path.abspath(os.path.expanduser(path))
+  return path if os.path.isdir(os.path.join(path, "checkpoints")) else os.path.dirname(os.path.dirname(path))
 
 
 def abstract_like(state, shardings):
