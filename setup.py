@@ -23,6 +23,7 @@ setup(
         "tensorboardX>=2.6.5,<3",  # TensorBoard event files without TensorFlow
         "tqdm>=4.70,<5",           # progress bar with ETA
         "safetensors>=0.8,<0.9",   # VAE / LPIPS weights in the format diffusers and torch users exchange
+        "scipy>=1.17,<2",          # connected components (ndimage) of the shapes checker; already a jax dependency
     ],
     extras_require={
         "test": ["pytest>=9.2,<10", "pytest-xdist>=3.8,<4", "scipy>=1.17,<2"],
