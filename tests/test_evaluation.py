@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from tfusion.data import shapes
-from tfusion.evaluation import shapes_checker as checker
+from tfusion.evaluation import metrics, shapes_checker as checker
 
 
 def test_scenes(size, n):
@@ -81,3 +81,57 @@ def test_caption_attributes():
   assert checker.check_caption("two green circles above a blue square", scene)["colors"] is False
   assert checker.check_caption("blue square", scene) == dict(parsed=False, colors=False, shapes=False,
                                                              counting=False, position=False, exact=False)
+
+
+# ---- Metrics. -------------------------------------------------------------------------------------
+CIDER_REFERENCES = [
+    ["a red circle", "one red circle", "a red round shape"],
+    ["two blue squares left of a green triangle", "two blue squares to the left of a green triangle"],
+    ["a yellow triangle above a red square", "a yellow triangle over a red square", "yellow triangle above red square"],
+    ["a man riding a horse on a beach", "a person rides a horse along the shore"]]
+CIDER_CANDIDATES = ["a red circle", "two blue squares left of a triangle", "a red square above a yellow triangle",
+                    "a dog on a beach"]
+# pycocoevalcap 1.2, Cider().compute_score on the same lower-cased, punctuation-free words.
+CIDER_TOOLKIT = (3.8095673313576284, [3.893201398548391, 5.680413910713465, 4.418055975725914, 1.2465980404427432])
+
+
+def test_cider_matches_the_coco_caption_toolkit():
+  score, scores = metrics.cider_d(CIDER_CANDIDATES, CIDER_REFERENCES)
+  assert score == pytest.approx(CIDER_TOOLKIT[0], abs=1e-12)
+  np.testing.assert_allclose(scores, CIDER_TOOLKIT[1], atol=1e-12)
+  # Punctuation and case do not count; a word order change does.
+  assert metrics.cider_d(["A red, circle."] + CIDER_CANDIDATES[1:], CIDER_REFERENCES)[1][0] == pytest.approx(scores[0])
+  assert metrics.cider_d(["circle red a"] + CIDER_CANDIDATES[1:], CIDER_REFERENCES)[1][0] < scores[0] / 2
+  with pytest.raises(ValueError, match="4 candidates but 3 reference sets"):
+    metrics.cider_d(CIDER_CANDIDATES, CIDER_REFERENCES[:3])
+
+
+def test_frechet_distance_of_known_gaussians():
+  rng = np.random.default_rng(0)
+  a = rng.standard_normal((5, 5))
+  sigma = a @ a.T + np.eye(5)
+  mu = rng.standard_normal(5)
+  assert abs(metrics.frechet_distance(mu, sigma, mu, sigma)) < 1e-8
+  # Diagonal covariances: |mu1 - mu2|^2 + sum (sqrt(v1) - sqrt(v2))^2.
+  v1, v2 = np.array([1.0, 4.0, 9.0]), np.array([4.0, 4.0, 1.0])
+  mu1, mu2 = np.array([0.0, 1.0, 2.0]), np.array([3.0, 1.0, 0.0])
+  assert metrics.frechet_distance(mu1, np.diag(v1), mu2, np.diag(v2)) == pytest.approx(9 + 4 + 1 + 0 + 4, abs=1e-9)
+  # Invariant under a rotation of the feature space.
+  q, _ = np.linalg.qr(rng.standard_normal((5, 5)))
+  b = rng.standard_normal((5, 5))
+  sigma2 = b @ b.T
+  want = metrics.frechet_distance(mu, sigma, -mu, sigma2)
+  assert metrics.frechet_distance(q @ mu, q @ sigma @ q.T, -q @ mu, q @ sigma2 @ q.T) == pytest.approx(want, rel=1e-9)
+  # From samples: the estimate approaches the closed form.
+  x = rng.multivariate_normal(mu1, np.diag(v1), size=200_000)
+  y = rng.multivariate_normal(mu2, np.diag(v2), size=200_000)
+  assert metrics.frechet_distance(*metrics.gaussian_statistics(x), *metrics.gaussian_statistics(y)) == pytest.approx(
+      18.0, rel=0.01)
+
+
+def test_clip_score_and_perplexity():
+  image = np.array([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]])
+  text = np.array([[3.0, 0.0], [1.0, 0.0], [-1.0, -1.0]])    # cos 1, 0, -1 (clipped to 0)
+  assert metrics.clip_score(image, text) == pytest.approx(100 / 3)
+  assert metrics.clip_score(image, text, weight=2.5) == pytest.approx(2.5 / 3)
+  assert metrics.perplexity(np.log(7.0) * 10, 10) == pytest.approx(7.0)
