@@ -133,3 +133,38 @@ def test_batches_are_full_size_so_one_compilation_serves_all(run_dir, tmp_path, 
   summary = generate.run(cli_args(run_dir, str(tmp_path / "b"), prompt=prompts, batch_size=2, diffusion_steps=2))
   assert sizes == [2, 2] and [o["prompt"] for o in summary["outputs"]] == prompts
   assert len(os.listdir(tmp_path / "b")) == 3 + 2        # 3 images, grid.png, generations.json
+
+
+# ---- python -m tfusion.evaluate on the same run. -------------------------------------------------
+def test_text_perplexity_counts_every_held_out_target(run_dir):
+  from tfusion import evaluate   # pylint: disable=import-outside-toplevel
+  sampler = generate.load(run_dir)
+  docs = evaluate.held_out_documents(sampler.config, sampler.tokenizer)
+  result = evaluate.text_perplexity(sampler, docs, rows_per_batch=8)
+  # Every document gives len + 1 targets ([BOS ids] -> [ids EOS]), minus one per extra row it continues into.
+  model, layout = evaluate.state_lib.model_and_layout(sampler.config, sampler.tokenizer.vocab_size)
+  rows = evaluate.text_rows(docs, layout, evaluate.sequence.SpecialIds.of(sampler.tokenizer), 1000)
+  assert result["text_targets"] == sum(int(r["text_loss_mask"].sum()) for r in rows)
+  assert sum(len(d) + 1 for d in docs) - len(rows) <= result["text_targets"] <= sum(len(d) + 1 for d in docs)
+  assert 1 < result["perplexity"] < sampler.tokenizer.vocab_size * 2     # a 6-step model: near uniform
+  # The same computation by hand, one row at a time, without the mesh.
+  import optax   # pylint: disable=import-outside-toplevel
+  total = 0.0
+  for r in rows:
+    logits, _ = model.apply({"params": jax.device_get(sampler.params)}, *[r[k][None] for k in (
+        "tokens", "segment_ids", "positions", "image_ids", "latents", "t_max")])
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits[0, :-1], r["tokens"][1:])
+    total += float((ce * r["text_loss_mask"][:-1]).sum())
+  assert result["perplexity"] == pytest.approx(np.exp(total / result["text_targets"]), rel=1e-4)
+
+
+def test_evaluate_command_writes_a_report(run_dir):
+  done = subprocess.run([sys.executable, "-m", "tfusion.evaluate", "--workdir", run_dir, "--num_examples", "4"],
+                        cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  report = json.load(open(os.path.join(run_dir, "eval", "step_6.json")))
+  assert report["step"] == 6 and report["image_to_text"]["examples"] == 4
+  assert 0 <= report["image_to_text"]["cider"] and 0 <= report["image_to_text"]["shapes_exact"] <= 1
+  assert report["text_to_image"]["reference_all"] == 1.0           # the checker reads the true images
+  assert set(report["text_to_image"]) >= {f"shapes_{k}" for k in ("objects", "colors", "binding", "all")}
+  assert json.loads(done.stdout)["eval/text/perplexity"] == report["text"]["perplexity"]

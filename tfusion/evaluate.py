@@ -1,0 +1,155 @@
+r"""Evaluate a training run: python -m tfusion.evaluate --workdir RUN [--step N] [--num_examples 64].
+
+  text perplexity   token-level, on the held-out documents (every text target of [BOS doc EOS], documents
+                    packed into seq_len rows as in training)
+  image-to-text     greedy captions of held-out images: CIDEr-D against their captions, and on the shapes
+                    data the analytic checker's exact match and per-attribute accuracy
+  text-to-image     on the shapes data: images from held-out captions, scored by the analytic checker
+
+The report goes to <workdir>/eval/step_<N>.json; process 0 writes it.
+"""
+import functools
+import json
+import os
+
+from absl import app, flags, logging
+import flax.linen as nn
+import jax
+import numpy as np
+import optax
+
+from tfusion import decoding, distributed, generate, sharding
+from tfusion.data import sequence, shapes, text_corpus
+from tfusion.evaluation import metrics, shapes_checker
+from tfusion.training import state as state_lib, step as step_lib
+
+
+def held_out_documents(config, tokenizer) -> list[np.ndarray]:
+  """Token ids of the text documents the run holds out (data.text_test_fraction of the text source)."""
+  documents = text_corpus.load_text_documents(config.data.text_source)
+  _, test = text_corpus.split_documents(documents, config.data.text_test_fraction, config.seed)
+  return [np.array(tokenizer.encode(d), np.int32) for d in test]
+
+
+def text_rows(documents, layout: sequence.RowLayout, special: sequence.SpecialIds, num_timesteps: int) -> list[dict]:
+  """[BOS doc EOS] documents packed in order into rows; a document longer than the room continues in the next
+  row."""
+  rows, row = [], sequence.RowBuilder(layout, special, num_timesteps)
+  for ids in documents:
+    pieces = sequence.text_document(ids, special)
+    while pieces:
+      if row.room == 0:
+        rows.append(row.arrays())
+        row = sequence.RowBuilder(layout, special, num_timesteps)
+      head = sequence.longest_prefix(layout, pieces, row.room, row.image_room)
+      row.add(head)
+      pieces = sequence.drop_elements(layout, pieces, layout.document_length(head))
+  if row.length:
+    rows.append(row.arrays())
+  return rows
+
+
+@functools.partial(jax.jit, static_argnames="model")
+def _text_loss(model, params, batch):
+  """(summed cross-entropy over the text targets, their number)."""
+  logits, _ = model.apply({"params": params}, batch["tokens"], batch["segment_ids"], batch["positions"],
+                          batch["image_ids"], batch["latents"], batch["t_max"])
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, step_lib.text_targets(batch["tokens"]))
+  return (ce * batch["text_loss_mask"]).sum(), batch["text_loss_mask"].sum()
+
+
+def text_perplexity(sampler: generate.Sampler, documents, rows_per_batch: int = 8) -> dict:
+  """Token-level perplexity of `documents` (token ids) under the sampler's model."""
+  config, tok = sampler.config, sampler.tokenizer
+  model, layout = state_lib.model_and_layout(config, tok.vocab_size)
+  rows = text_rows(documents, layout, sequence.SpecialIds.of(tok), config.diffusion.num_timesteps)
+  shards = sampler.mesh.shape["data"] * sampler.mesh.shape["fsdp"]
+  rows_per_batch = -(-rows_per_batch // shards) * shards
+  empty = {k: np.zeros_like(v) for k, v in rows[0].items()}
+  loss_sum, targets = 0.0, 0
+  with jax.set_mesh(sampler.mesh), nn.logical_axis_rules(sharding.RULES):
+    for start in range(0, len(rows), rows_per_batch):
+      part = rows[start:start + rows_per_batch]
+      part += [empty] * (rows_per_batch - len(part))
+      batch = jax.device_put({k: np.stack([r[k] for r in part]) for k in part[0]},
+                             sharding.batch_sharding(sampler.mesh))
+      s, n = jax.device_get(_text_loss(model, sampler.params, batch))
+      loss_sum, targets = loss_sum + float(s), targets + int(n)
+  return dict(perplexity=metrics.perplexity(loss_sum, targets), text_targets=targets, documents=len(documents))
+
+
+def caption_report(sampler: generate.Sampler, examples: list[dict], options, key) -> dict:
+  """CIDEr-D of greedy captions against each image's caption, plus the checker's scores on shapes."""
+  images = np.stack([e["image"] for e in examples])
+  truths = [e["caption"].decode("utf-8") for e in examples]
+  captions = sampler.caption(images, options, key)
+  report = dict(cider=metrics.cider_d(captions, [[t] for t in truths])[0], examples=len(examples))
+  scenes = [shapes_checker.parse_caption(t) for t in truths]
+  if all(scenes):
+    checks = shapes_checker.accuracy([shapes_checker.check_caption(c, s) for c, s in zip(captions, scenes)])
+    report.update({f"shapes_{k}": v for k, v in checks.items()})
+  report["samples"] = [dict(truth=t, model=c) for t, c in zip(truths[:8], captions[:8])]
+  return report
+
+
+def image_report(sampler: generate.Sampler, examples: list[dict], options, key) -> dict:
+  """On the shapes data: per-attribute accuracy of images generated from the examples' captions."""
+  truths = [e["caption"].decode("utf-8") for e in examples]
+  scenes = [shapes_checker.parse_caption(t) for t in truths]
+  if not all(scenes):
+    return {}
+  images = sampler.text_to_image(truths, options, key)
+  checks = [shapes_checker.check_image(image, scene) for image, scene in zip(images, scenes)]
+  reference = [shapes_checker.check_image(e["image"], s) for e, s in zip(examples, scenes)]
+  return dict(examples=len(examples), **{f"shapes_{k}": v for k, v in shapes_checker.accuracy(checks).items()},
+              reference_all=shapes_checker.accuracy(reference)["all"])
+
+
+def evaluate(sampler: generate.Sampler, test_examples, step: int, num_examples: int = 64, seed: int = 0) -> dict:
+  """The report of one checkpoint (see the module docstring); test_examples: random access
+  {"image": uint8 [S, S, 3], "caption": bytes}."""
+  config = sampler.config
+  examples = test_examples.__getitems__(list(range(min(num_examples, len(test_examples)))))
+  options = decoding.SamplingOptions(diffusion_steps=config.sample.diffusion_steps, sampler=config.sample.sampler,
+                                     cfg_scale=config.sample.cfg_scale, max_new_tokens=config.sample.max_caption_tokens)
+  key = jax.random.fold_in(jax.random.key(seed), step)
+  caption_key, image_key = jax.random.split(key)
+  return dict(step=step,
+              text=text_perplexity(sampler, held_out_documents(config, sampler.tokenizer)),
+              image_to_text=caption_report(sampler, examples, options, caption_key),
+              text_to_image=image_report(sampler, examples, options, image_key))
+
+
+def write_report(workdir: str, report: dict) -> str:
+  path = os.path.join(workdir, "eval", f"step_{report['step']}.json")
+  if distributed.is_chief():
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+      json.dump(report, f, indent=2)
+  return path
+
+
+def scalars(report: dict) -> dict[str, float]:
+  """The report's numbers as flat eval/<group>/<name> metrics."""
+  return {f"eval/{group}/{name}": float(value) for group, values in report.items() if isinstance(values, dict)
+          for name, value in values.items() if isinstance(value, (int, float)) and not isinstance(value, bool)}
+
+
+def main(argv):
+  distributed.start_command(argv, ("workdir",))
+  args = flags.FLAGS
+  sampler = generate.load(args.workdir, args.step)
+  test = shapes.load_shapes(os.path.expanduser(sampler.config.data.data_dir), "test", sampler.config.data.image_size)
+  step = args.step or max(int(s) for s in os.listdir(os.path.join(args.workdir, "checkpoints")) if s.isdigit())
+  report = evaluate(sampler, test, step, args.num_examples)
+  path = write_report(args.workdir, report)
+  logging.info("wrote %s", path)
+  print(json.dumps({k: v for k, v in scalars(report).items()}, indent=2))
+
+
+if __name__ == "__main__":
+  flags.DEFINE_string("workdir", None, "Training run directory (config.json, tokenizer.model, checkpoints/).")
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+  flags.DEFINE_integer("num_examples", 64, "Held-out images captioned and captions drawn.")
+  distributed.define_flags()
+  app.run(main)
