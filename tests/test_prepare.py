@@ -215,17 +215,24 @@ def test_tfds_image_and_text_datasets_by_name(tmp_path):
   assert text["kind"] == "text" and text["splits"]["train"]["examples"] + text["splits"]["train"]["skipped"] == 6
 
 
-def test_latents_are_the_vae_encoding_with_train_statistics(image_folder, tmp_path):
-  root, _ = image_folder
+@pytest.fixture(scope="module")
+def tiny_vae(tmp_path_factory):
+  """A random f = 2, 4-channel VAE in the diffusers layout."""
+  path = tmp_path_factory.mktemp("vae")
   vae = vae_lib.VAEConfig(block_out_channels=(8, 8), layers_per_block=1, latent_channels=4, norm_num_groups=4)
   params = vae_lib.AutoencoderKL(vae).init(jax.random.key(0), np.zeros((1, SIZE, SIZE, 3), np.float32))["params"]
-  vae_lib.save_diffusers(str(tmp_path / "vae"), vae, jax.tree.map(np.asarray, params))
+  vae_lib.save_diffusers(str(path), vae, jax.tree.map(np.asarray, params))
+  return path
+
+
+def test_latents_are_the_vae_encoding_with_train_statistics(image_folder, tiny_vae, tmp_path):
+  root, _ = image_folder
   pixels = prepare_lib.prepare(prepare_config(path=str(root)), tmp_path / "pixels")
-  latents = prepare_lib.prepare(prepare_config(path=str(root), vae=str(tmp_path / "vae")), tmp_path / "latents")
+  latents = prepare_lib.prepare(prepare_config(path=str(root), vae=str(tiny_vae)), tmp_path / "latents")
   assert latents["latents"] and latents["splits"]["train"]["examples"] == pixels["splits"]["train"]["examples"]
   images = prepared.PreparedSource(tmp_path / "pixels", "train")
   encoded = prepared.PreparedSource(tmp_path / "latents", "train")
-  codec = codecs.vae_codec(str(tmp_path / "vae"))
+  codec = codecs.vae_codec(str(tiny_vae))
   raw = codec.raw_latents(np.stack([images[i]["image"] for i in range(len(images))]))
   got = np.stack([encoded[i]["latents"] for i in range(len(encoded))])
   assert got.shape == (7, SIZE // 2, SIZE // 2, 4)
@@ -300,7 +307,7 @@ def test_mixture_mismatches_name_the_source(prepared_mixture, tmp_path):
     train.train_and_evaluate(config, str(tmp_path / "weights"))
   config = mixture_config(prepared_mixture)
   config.data.mixture.text.path = str(prepared_mixture / "nowhere")
-  with pytest.raises(FileNotFoundError, match="nowhere is not a prepared dataset"):
+  with pytest.raises(config_lib.ConfigError, match="config.data.mixture.text.path: .*nowhere is not a prepared"):
     train.train_and_evaluate(config, str(tmp_path / "missing"))
 
 
@@ -366,7 +373,8 @@ def test_fine_tuning_on_editing_data_starts_from_a_pretrained_run(prepared_mixtu
   config.data.mixture = ml_collections.ConfigDict({"edits": config.data.mixture.edits})
   config.data.mixture.edits.weight = 1.0
   config.data.sample_split = "none"
-  with pytest.raises(ValueError, match="a mixture of 3 sources, this run has 1: a changed mixture needs a new"):
+  with pytest.raises(ValueError, match=r"saved for the sources \['edits \(edit, 20 examples\)', 'images .*, this run "
+                                       r"has \['edits \(edit, 20 examples\)'\]: a changed mixture needs a new"):
     resumed = dataclasses_copy(config, total_steps=6)
     resumed.data.tokenizer = os.path.join(pretrained, "tokenizer.model")
     train.train_and_evaluate(resumed, pretrained)
@@ -390,3 +398,31 @@ def dataclasses_copy(config, **top):
   copy = ml_collections.ConfigDict(config.to_dict())
   copy.update(top)
   return copy
+
+
+def test_training_on_two_latent_datasets_of_one_vae(prepared_mixture, tiny_vae, tmp_path):
+  """Each prepared latent set has its own statistics; the run normalises all of them with those of the first
+  latent source in name order (the ConfigDict sorts names): "edits" here."""
+  from tfusion import train   # pylint: disable=import-outside-toplevel
+  folder = prepared_mixture / "folder"
+  for name, indices in (("a", range(8)), ("b", range(8, 16))):
+    os.makedirs(tmp_path / name)
+    for path in (folder / f"img{i}.png" for i in indices):
+      os.link(path, tmp_path / name / path.name)
+      os.link(path.with_suffix(".txt"), tmp_path / name / path.with_suffix(".txt").name)
+    prepare_lib.prepare(prepare_config(path=str(tmp_path / name), vae=str(tiny_vae)), tmp_path / f"{name}_latents")
+  config = mixture_config(prepared_mixture, weights=(0.5, 0.0, 0.0))
+  config.data.codec, config.data.latent_channels, config.data.latent_downsample = "vae", 4, 2
+  config.model.patch_size = 2
+  config.data.mixture.images.path = str(tmp_path / "a_latents")
+  config.data.mixture.images.weight = 0.25
+  config.data.mixture.edits = ml_collections.ConfigDict(dict(path=str(tmp_path / "b_latents"), weight=0.25,
+                                                             split="train"))
+  config.data.workers = 2
+  workdir = tmp_path / "run"
+  train.train_and_evaluate(config, str(workdir))
+  recorded = codecs.read_codec_metadata(str(workdir))
+  assert recorded == codecs.read_codec_metadata(str(tmp_path / "b_latents"))
+  assert recorded["shift"] != codecs.read_codec_metadata(str(tmp_path / "a_latents"))["shift"]
+  assert [json.loads(line)["images"] > 0 for line in open(workdir / "metrics.jsonl")] == [True] * 3
+  assert (workdir / "samples" / "step_3" / "captioned.png").is_file()

@@ -24,7 +24,7 @@ from tfusion.data import latent_cache, pipeline, prepared, shapes, text_corpus, 
 
 TOKENIZER_FILE = "tokenizer.model"
 TOKENIZER_SAMPLE_CAPTIONS = 5000
-_CODEC_IDENTITY = ("vae", "vae_step", "shift", "scale")   # codec.json fields two latent datasets must share
+_VAE_IDENTITY = ("vae", "vae_step", "latent_channels", "downsample")   # codec.json fields latent sources share
 
 
 @dataclasses.dataclass
@@ -42,16 +42,17 @@ def _latent_dirs(config) -> list[tuple[str, str]]:
   """(mixture entry, path) of the prepared image sources that hold latents."""
   found = []
   for name, entry in config.data.mixture.items():
-    manifest = prepared.read_manifest(entry.path)
+    manifest = _read_manifest(name, entry.path)
     if manifest["kind"] != "text" and manifest["latents"]:
       found.append((name, os.path.expanduser(entry.path)))
   return found
 
 
 def run_codec(config, workdir):
-  """The run's latent codec. With the vae codec, the latents' codec.json (data.latent_cache, else the first
-  prepared latent source) is recorded in the workdir on the first run; a resumed run refuses latents
-  re-encoded with another VAE or statistics."""
+  """The run's latent codec. With the vae codec, the latents' codec.json (data.latent_cache, else that of the
+  first prepared latent source in name order) is recorded in the workdir on the first run; a resumed run
+  refuses latents re-encoded with another VAE or statistics. Every latent source is normalised with this
+  shift and scale (they store raw posterior means)."""
   if config.data.codec != "vae":
     return codecs.make_codec(config.data)
   metadata_dir = os.path.expanduser(config.data.latent_cache) if config.data.latent_cache else None
@@ -65,9 +66,10 @@ def run_codec(config, workdir):
   if os.path.isfile(recorded) and codecs.read_codec_metadata(recorded) != metadata:
     raise config_lib.ConfigError(f"the latents in {metadata_dir} were encoded with another VAE or statistics than "
                                  f"this run was trained on ({recorded})")
-  if distributed.is_chief():
-    with open(recorded, "w") as f:
+  if distributed.is_chief() and not os.path.isfile(recorded):
+    with open(recorded + ".tmp", "w") as f:
       json.dump(metadata, f, indent=2)
+    os.replace(recorded + ".tmp", recorded)
   codec = codecs.codec_from_metadata(metadata)
   codecs.check_latent_shape(codec, config.data)
   return codec
@@ -101,11 +103,21 @@ def image_of(example, codec) -> np.ndarray:
   return example["image"] if "image" in example else codec.decode(codec.normalize(example["latents"]))
 
 
-def _latents_fn(codec):
-  def latents(example, key="") -> np.ndarray:
-    raw = example.get(f"{key}latents")
-    return codec.normalize(raw) if raw is not None else codec.encode(example[f"{key}image"])
-  return latents
+def _latents_fn(codec, pixels: bool):
+  """example -> model latents of its image ("image" or f"{key}image" fields): stored raw latents normalised with
+  the run's shift and scale, or (pixels=True) images encoded by the codec. Without pixels the function holds
+  only numpy shift and scale, so grain worker processes receive no VAE."""
+  shift, scale = (codec.shift, codec.scale) if isinstance(codec, codecs.VaeCodec) else (None, None)
+
+  def from_latents(example, key=""):
+    return ((example[f"{key}latents"] - shift) / scale).astype(np.float32)
+
+  def from_either(example, key=""):
+    if f"{key}latents" in example:
+      return from_latents(example, key)
+    return codec.encode(example[f"{key}image"])
+
+  return from_either if pixels else from_latents
 
 
 def _builtin_data(config, workdir, codec) -> TrainingData:
@@ -125,7 +137,7 @@ def _builtin_data(config, workdir, codec) -> TrainingData:
 
   tok = distributed.chief_first("tokenizer", lambda: run_tokenizer(config, workdir, sample_texts, {}))
   text_ids = [np.array(tok.encode(d), np.int32) for d in train_docs]
-  latents = _latents_fn(codec)
+  latents = _latents_fn(codec, pixels=config.data.codec != "vae")
   sources = [pipeline.Source("text", "text", text_ids, lambda ids: ids, config.data.text_fraction),
              pipeline.Source("images", "image_caption", train_images,
                              lambda e: (tok.encode(decode_caption(e)), latents(e)), 1 - config.data.text_fraction)]
@@ -137,6 +149,7 @@ def _check_prepared(config, name: str, manifest: dict, path: str, codec) -> None
   if manifest["kind"] == "text":
     return
   field = f"config.data.mixture.{name}"
+  path = os.path.expanduser(path)
   if manifest["image_size"] != config.data.image_size:
     raise config_lib.ConfigError(f"{field}: {path} holds {manifest['image_size']} px images, the run trains on "
                                  f"config.data.image_size = {config.data.image_size}")
@@ -144,16 +157,31 @@ def _check_prepared(config, name: str, manifest: dict, path: str, codec) -> None
     if config.data.codec != "vae":
       raise config_lib.ConfigError(f"{field}: {path} holds VAE latents; set config.data.codec = 'vae'")
     theirs = codecs.read_codec_metadata(path)
-    if any(theirs.get(k) != codec.metadata.get(k) for k in _CODEC_IDENTITY):
-      raise config_lib.ConfigError(f"{field}: {path} was encoded with another VAE or statistics than the run's "
-                                   f"codec ({codec.metadata['vae']})")
+    if any(theirs.get(k) != codec.metadata.get(k) for k in _VAE_IDENTITY):
+      raise config_lib.ConfigError(f"{field}: {path} was encoded with another VAE ({theirs.get('vae')}, step "
+                                   f"{theirs.get('vae_step')}) than the run's ({codec.metadata['vae']}, step "
+                                   f"{codec.metadata['vae_step']})")
+
+
+def _read_manifest(name: str, path: str) -> dict:
+  try:
+    return prepared.read_manifest(path)
+  except (FileNotFoundError, ValueError) as e:
+    raise config_lib.ConfigError(f"config.data.mixture.{name}.path: {e}") from e
+
+
+def _prepared_split(field: str, path: str, split: str) -> prepared.PreparedSource:
+  try:
+    return prepared.PreparedSource(path, split)
+  except ValueError as e:
+    raise config_lib.ConfigError(f"{field} = {split!r}: {e}") from e
 
 
 def _prepared_data(config, workdir, codec) -> TrainingData:
-  entries = {name: (e, prepared.read_manifest(e.path)) for name, e in config.data.mixture.items()}
+  entries = {name: (e, _read_manifest(name, e.path)) for name, e in config.data.mixture.items()}
   for name, (entry, manifest) in entries.items():
     _check_prepared(config, name, manifest, entry.path, codec)
-  inputs = {name: prepared.PreparedSource(e.path, e.split) for name, (e, _) in entries.items()}
+  inputs = {name: _prepared_split(f"config.data.mixture.{name}.split", e.path, e.split) for name, (e, _) in entries.items()}
   tokenized = {name: os.path.join(os.path.expanduser(e.path), prepared.TOKENIZER)
                for name, (e, m) in entries.items() if m["kind"] == "text"}
   image_sets = [name for name, (_, m) in entries.items() if m["kind"] == "image_caption"]
@@ -164,7 +192,7 @@ def _prepared_data(config, workdir, codec) -> TrainingData:
             if m["kind"] in text_field for i in range(min(TOKENIZER_SAMPLE_CAPTIONS, len(inputs[name])))]
 
   tok = distributed.chief_first("tokenizer", lambda: run_tokenizer(config, workdir, sample_texts, tokenized))
-  latents = _latents_fn(codec)
+  latents = _latents_fn(codec, pixels=any(m["kind"] != "text" and not m["latents"] for _, m in entries.values()))
   prepare_fns = {
       "text": lambda e: e["ids"],
       "image_caption": lambda e: (tok.encode(decode_caption(e)), latents(e)),
@@ -176,7 +204,11 @@ def _prepared_data(config, workdir, codec) -> TrainingData:
   for name in image_sets:
     entry, manifest = entries[name]
     if config.data.sample_split in manifest["splits"]:
-      prepared_samples = prepared.PreparedSource(entry.path, config.data.sample_split)
+      prepared_samples = _prepared_split("config.data.sample_split", entry.path, config.data.sample_split)
+      wanted = max(config.sample.num_images, config.sample.num_captions)
+      if len(prepared_samples) < wanted:
+        raise config_lib.ConfigError(f"config.data.sample_split = {config.data.sample_split!r}: {entry.path} holds "
+                                     f"{len(prepared_samples)} examples, the samples show {wanted}")
       samples = SampleImages(prepared_samples, codec)
       break
   if samples is None:

@@ -218,6 +218,7 @@ class TrainBatches(grain.DatasetIterator):
                        f"{len(streams)} rows each process packs (batch_size / process count)")
     self.streams, self.workers, self.prefetch = list(streams), workers, prefetch
     self.ids = [s.stream for s in self.streams]
+    self.sources = [f"{s.name} ({s.kind}, {len(s.examples)} examples)" for s in self.streams[0].sources]
     self.positions = {s.stream: s.start_position() for s in self.streams}
 
   def _start(self):
@@ -243,16 +244,16 @@ class TrainBatches(grain.DatasetIterator):
     return {k: np.stack([row[k] for row in rows]) for k in rows[0]}
 
   def get_state(self) -> dict:
-    return dict(streams=self.ids, positions=[self.positions[i] for i in self.ids])
+    return dict(streams=self.ids, sources=self.sources, positions=[self.positions[i] for i in self.ids])
 
   def set_state(self, state: dict) -> None:
     if list(state["streams"]) != self.ids:
       raise ValueError(f"the data state was saved for row streams {list(state['streams'])}, but this process "
                        f"reads row streams {self.ids}: resume with the same batch_size and number of processes")
-    saved, sources = len(state["positions"][0]["index"]), len(self.streams[0].sources)
-    if saved != sources:
-      raise ValueError(f"the data state was saved for a mixture of {saved} sources, this run has {sources}: a "
-                       "changed mixture needs a new workdir (config.init_from starts it from this run's params)")
+    if list(state["sources"]) != self.sources:
+      raise ValueError(f"the data state was saved for the sources {list(state['sources'])}, this run has "
+                       f"{self.sources}: a changed mixture needs a new workdir (config.init_from starts it from "
+                       "this run's params)")
     self.close()
     self.positions = dict(zip(self.ids, state["positions"]))
 
@@ -264,7 +265,7 @@ class TrainBatches(grain.DatasetIterator):
     if missing:
       raise ValueError(f"the data state holds row streams {sorted(saved)}, not this process's {missing}: resume "
                        "with the batch_size the run was saved with")
-    self.set_state(dict(streams=self.ids, positions=[saved[i] for i in self.ids]))
+    self.set_state(dict(streams=self.ids, sources=states[0]["sources"], positions=[saved[i] for i in self.ids]))
 
   def close(self) -> None:
     """Stops the worker processes (a new iteration starts them again)."""
