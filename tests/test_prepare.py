@@ -426,3 +426,78 @@ def test_training_on_two_latent_datasets_of_one_vae(prepared_mixture, tiny_vae, 
   assert recorded["shift"] != codecs.read_codec_metadata(str(tmp_path / "a_latents"))["shift"]
   assert [json.loads(line)["images"] > 0 for line in open(workdir / "metrics.jsonl")] == [True] * 3
   assert (workdir / "samples" / "step_3" / "captioned.png").is_file()
+
+
+def test_malformed_inputs_are_skipped_and_reported(tmp_path, monkeypatch):
+  """Lone surrogates, decompression bombs, bad manifest rows, non-path fields: skipped, never fatal."""
+  corpus = tmp_path / "corpus.jsonl"
+  corpus.write_text('{"text": "fine text"}\n{"text": "bad \\ud83d half emoji"}\n' + "[" * 100_000 + "\n")
+  text = prepare_lib.prepare(prepare_config(source="jsonl", path=str(corpus), vocab_size=270), tmp_path / "text")
+  assert text["splits"]["train"]["skipped_by_reason"] == {"non-UTF-8 text": 1, "invalid JSON line": 1}
+
+  folder = tmp_path / "folder"
+  os.makedirs(folder)
+  Image.fromarray(banded_image(20, 20, 7)).save(folder / "ok.png")
+  Image.fromarray(banded_image(40, 40, 7)).save(folder / "big.png")
+  manifest = folder / "captions.csv"
+  manifest.write_text("\ufefffile,caption\nok.png,a fine one\nbig.png,too many pixels\n", encoding="utf-8")
+  monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)      # 40 x 40 is over twice this: a "bomb"
+  images = prepare_lib.prepare(prepare_config(path=str(folder), captions=str(manifest)), tmp_path / "images")
+  assert images["splits"]["train"]["examples"] == 1
+  assert images["splits"]["train"]["skipped_by_reason"] == {"too large image": 1}
+  rows = folder / "captions.jsonl"
+  rows.write_text('{"file": "ok.png", "caption": "\\ufeffa fine one"}\n{"file": null, "caption": "x"}\n{"file": \n')
+  images = prepare_lib.prepare(prepare_config(path=str(folder), captions=str(rows)), tmp_path / "rows")
+  assert images["splits"]["train"]["skipped_by_reason"] == {"missing fields": 1, "invalid JSON line": 1}
+  assert [json.loads(line)["id"] for line in open(tmp_path / "rows" / prepared.SKIPPED)] == [
+      "captions.jsonl:2", "captions.jsonl:3"]
+  assert prepared.PreparedSource(tmp_path / "rows", "train")[0]["caption"] == b"a fine one"
+
+  edits = tmp_path / "edits.jsonl"
+  edits.write_text(json.dumps({"input": ["ok.png"], "instruction": "x", "output": "ok.png"}) + "\n"
+                   + json.dumps({"input": "folder/ok.png", "instruction": "x", "output": "folder/ok.png"}) + "\n")
+  edit = prepare_lib.prepare(prepare_config(source="edit_jsonl", path=str(edits)), tmp_path / "edits")
+  assert edit["splits"]["train"]["skipped_by_reason"] == {"missing fields": 1}
+  empty = tmp_path / "empty.jsonl"
+  empty.write_text("")
+  with pytest.raises(ValueError, match="empty.jsonl is empty"):
+    prepare_lib.prepare(prepare_config(source="jsonl", path=str(empty)), tmp_path / "empty")
+
+
+def test_images_are_read_as_displayed(tmp_path):
+  from tfusion.data import images as images_lib   # pylint: disable=import-outside-toplevel
+  transparent = np.zeros((20, 20, 4), np.uint8)
+  transparent[5:15, 5:15] = (255, 0, 0, 255)                 # an opaque red square on a clear background
+  rgb = images_lib.to_rgb(Image.fromarray(transparent))
+  assert np.asarray(rgb)[0, 0].tolist() == [255, 255, 255] and np.asarray(rgb)[10, 10].tolist() == [255, 0, 0]
+  deep = Image.fromarray(np.full((20, 20), 32768, np.uint16))   # 16-bit grey at half intensity
+  assert np.asarray(images_lib.to_rgb(deep))[0, 0].tolist() == [128, 128, 128]
+  upright = np.zeros((20, 30, 3), np.uint8)
+  upright[:, :15] = (0, 0, 255)                              # blue left half
+  sideways = Image.fromarray(np.rot90(upright).copy())       # stored turned left; EXIF 6: turn right to show
+  exif = sideways.getexif()
+  exif[0x0112] = 6
+  sideways.save(tmp_path / "photo.jpg", exif=exif, quality=95)
+  shown = np.asarray(images_lib.to_rgb(Image.open(tmp_path / "photo.jpg")))
+  assert shown.shape == (20, 30, 3) and shown[10, 2, 2] > 200 and shown[10, 27, 2] < 50
+
+
+def test_resume_refuses_a_changed_source(tmp_path):
+  folder = tmp_path / "folder"
+  os.makedirs(folder)
+  for name in ("b", "d", "f"):
+    Image.fromarray(banded_image(20, 20, 7)).save(folder / f"{name}.png")
+    (folder / f"{name}.txt").write_text(name)
+  config = prepare_config(path=str(folder), examples_per_shard=2)
+  prepare_lib.prepare(config, tmp_path / "out")
+  os.remove(tmp_path / "out" / (prepared.shard_file("train", 1, 2) + ".json"))    # interrupted
+  Image.fromarray(banded_image(20, 20, 7)).save(folder / "a.png")                 # and the folder grew
+  (folder / "a.txt").write_text("a")
+  with pytest.raises(config_lib.ConfigError, match="another state of the source"):
+    prepare_lib.prepare(config, tmp_path / "out")
+
+
+def test_latents_of_a_split_with_no_good_record_name_the_skips(image_folder, tiny_vae, tmp_path):
+  root, _ = image_folder
+  with pytest.raises(ValueError, match=r"no train example .* was prepared \(skipped: .*'too small image': 8.*see skipped"):
+    prepare_lib.prepare(prepare_config(path=str(root), vae=str(tiny_vae), min_image_size=1000), tmp_path / "out")

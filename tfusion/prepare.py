@@ -12,7 +12,6 @@ finished shards, so an interrupted job resumes. Bad records are skipped and list
 counted by reason in the manifest, which process 0 writes last.
 """
 import dataclasses
-import functools
 import hashlib
 import json
 import multiprocessing
@@ -71,18 +70,20 @@ def shard_jobs(reader, examples_per_shard: int) -> list[ShardJob]:
 # ----------------------------------------------------------------------------------------------
 # One shard: read and convert its records (in a worker), encode latents and write it (in the main process).
 # ----------------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=1)
-def _worker_state(settings: str, out: str):
+_WORKER = {}    # what build_records reads: set by start_worker in every worker process (and inline)
+
+
+def start_worker(reader, settings: str, out: str) -> None:
+  """Pool initializer: the reader (its file list or line offsets come pickled, not re-scanned), the
+  settings and, for text, the tokenizer."""
   config = config_lib.from_json(settings, SETTINGS_FILE, config_lib.default_prepare_config())
-  reader = make_reader(config)
-  tokenizer = (tokenizer_lib.Tokenizer.load(os.path.join(out, prepared.TOKENIZER))
-               if reader.kind == "text" else None)
-  return config, reader, tokenizer
+  tokenizer = tokenizer_lib.Tokenizer.load(os.path.join(out, prepared.TOKENIZER)) if reader.kind == "text" else None
+  _WORKER.update(reader=reader, config=config, tokenizer=tokenizer)
 
 
-def build_records(settings: str, out: str, job: ShardJob) -> tuple[ShardJob, list[dict], list[dict]]:
+def build_records(job: ShardJob) -> tuple[ShardJob, list[dict], list[dict]]:
   """(job, records, skipped) of one shard; skipped entries are {"split", "id", "reason"}."""
-  config, reader, tokenizer = _worker_state(settings, out)
+  reader, config, tokenizer = _WORKER["reader"], _WORKER["config"], _WORKER["tokenizer"]
   records, skipped = [], []
   for id_, raw in reader.read(job.split, job.start, job.stop):
     try:
@@ -95,6 +96,19 @@ def build_records(settings: str, out: str, job: ShardJob) -> tuple[ShardJob, lis
     except BadRecord as e:
       skipped.append({"split": job.split, "id": id_, "reason": str(e)})
   return job, records, skipped
+
+
+def built_shards(reader, settings: str, out: str, jobs: list[ShardJob], workers: int):
+  """(job, records, skipped) of every job in order; with workers, at most 2 shards per worker are in flight, so
+  finished shards never pile up in memory while the main process encodes and writes."""
+  if not workers:
+    start_worker(reader, settings, out)
+    yield from map(build_records, jobs)
+    return
+  with multiprocessing.get_context("spawn").Pool(workers, start_worker, (reader, settings, out)) as pool:
+    window = 2 * workers
+    for begin in range(0, len(jobs), window):
+      yield from pool.imap(build_records, jobs[begin:begin + window])
 
 
 def encode_images(codec: codecs.VaeCodec, records: list[dict], moments: latent_cache.ChannelMoments) -> None:
@@ -151,17 +165,20 @@ def _read_json(path: str):
 # ----------------------------------------------------------------------------------------------
 # The job.
 # ----------------------------------------------------------------------------------------------
-def check_settings(config, out: str) -> str:
-  """The settings as JSON; a directory begun with other settings is refused (workers may differ)."""
+def check_settings(config, reader, out: str) -> str:
+  """The settings and the source's fingerprint as JSON; a directory begun with other settings or from a changed
+  source is refused (workers may differ)."""
   settings = config.to_dict()
   settings.pop("workers")
+  settings["source_fingerprint"] = {split: reader.fingerprint(split) for split in reader.splits()}
   text = json.dumps(settings, indent=2, sort_keys=True)
   path = os.path.join(out, SETTINGS_FILE)
   if os.path.isfile(path) and _read_json(path) != json.loads(text):
-    raise config_lib.ConfigError(f"{out} was begun with other settings ({path}); prepare into a new directory "
-                                 "or restore those settings to resume")
+    raise config_lib.ConfigError(f"{out} was begun with other settings or from another state of the source "
+                                 f"({path}); prepare into a new directory, or restore those settings to resume")
   if distributed.is_chief():
     _write_json(path, json.loads(text))
+  settings.pop("source_fingerprint")
   return json.dumps(dict(settings, workers=0))
 
 
@@ -214,7 +231,11 @@ def write_manifest(config, reader, out: str, jobs: list[ShardJob], codec) -> dic
                   latents=codec is not None, splits=splits, content_hash=content,
                   tokenizer_sha256=sha256_of(tokenizer) if reader.kind == "text" else None)
   if codec is not None:
-    measured_split = "train" if "train" in moments else next(iter(moments))
+    measured_split = "train" if "train" in splits else next(iter(splits))
+    if measured_split not in moments:
+      raise ValueError(f"no {measured_split} example of {config.path} was prepared (skipped: "
+                       f"{splits[measured_split]['skipped_by_reason']}, see {prepared.SKIPPED}): nothing to measure "
+                       "the latent statistics on")
     shift, scale = moments[measured_split].mean_std()
     latent_cache.write_metadata(out, dict(codec.metadata, shift=shift.tolist(), scale=scale.tolist(),
                                           image_size=config.image_size, measured_on=measured_split,
@@ -228,8 +249,8 @@ def prepare(config, out: str) -> dict:
   config_lib.validate_prepare(config)
   out = os.path.abspath(os.path.expanduser(out))
   os.makedirs(out, exist_ok=True)
-  settings = check_settings(config, out)
   reader = make_reader(config)
+  settings = check_settings(config, reader, out)
   if reader.kind == "text":
     distributed.chief_first("tokenizer", lambda: prepare_tokenizer(config, reader, out))
   codec = codecs.vae_codec(config.vae) if config.vae and reader.kind != "text" else None
@@ -242,17 +263,13 @@ def prepare(config, out: str) -> dict:
   logging.info("%d of %d shards to prepare (%d done before)", len(todo), len(mine), len(mine) - len(todo))
   progress = tqdm.tqdm(total=sum(j.stop - j.start for j in mine), initial=sum(j.stop - j.start for j in mine
                        if j not in todo), unit="example", disable=not distributed.is_chief())
-  build = functools.partial(build_records, settings, out)
-  pool = multiprocessing.get_context("spawn").Pool(config.workers) if config.workers and todo else None
   try:
-    for job, records, skipped in (pool.imap(build, todo) if pool else map(build, todo)):
+    for job, records, skipped in built_shards(reader, settings, out, todo, config.workers):
       write_shard(out, job, records, skipped, codec)
       progress.update(job.stop - job.start)
       progress.set_postfix(skipped=len(skipped))
   finally:
     progress.close()
-    if pool:
-      pool.terminate()
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices("tfusion.prepare: all shards written")
   manifest = None

@@ -12,6 +12,7 @@ names it in the skip report (a file, a file:line, or a TFDS index).
   tfds          any TFDS dataset by name (`tfds.data_source`, array_record), fields picked by the config
 """
 import csv
+import hashlib
 import json
 import os
 from typing import Iterator
@@ -35,9 +36,14 @@ def decode_text(value, what: str) -> str:
       raise BadRecord(f"non-UTF-8 {what}: {e}") from e
   if not isinstance(value, str):
     raise BadRecord(f"{what} is a {type(value).__name__}, not text")
-  if not value.strip():
+  try:
+    value.encode("utf-8")
+  except UnicodeEncodeError as e:      # e.g. an unpaired surrogate from a JSON "\ud83d"
+    raise BadRecord(f"non-UTF-8 {what}: {e}") from e
+  value = value.lstrip("\ufeff").strip()
+  if not value:
     raise BadRecord(f"empty {what}")
-  return value.strip()
+  return value
 
 
 class ImageFolder:
@@ -61,8 +67,15 @@ class ImageFolder:
   def count(self, split: str) -> int:
     return len(self.items)
 
+  def fingerprint(self, split: str) -> str:
+    listing = "".join(f"{file}\t{caption if isinstance(caption, str) else ''}\n" for file, caption in self.items)
+    return f"{len(self.items)} images, sha256 {hashlib.sha256(listing.encode('utf-8', 'replace')).hexdigest()}"
+
   def read(self, split: str, start: int, stop: int) -> Iterator[tuple[str, tuple]]:
     for file, caption in self.items[start:stop]:
+      if isinstance(caption, BadRecord):      # a bad manifest row
+        yield file, (None, caption)
+        continue
       path = os.path.join(self.root, file)
       if caption is None:
         sidecar = os.path.splitext(path)[0] + ".txt"
@@ -75,21 +88,36 @@ def _read_bytes(path: str) -> bytes:
     return f.read()
 
 
-def _caption_manifest(path: str) -> list[tuple[str, str]]:
-  """(file, caption) rows of a .csv (header with "file" and "caption") or .jsonl manifest."""
+def _caption_manifest(path: str) -> list[tuple[str, object]]:
+  """(file, caption) rows of a .csv (header with "file" and "caption") or .jsonl manifest; a bad row is
+  (its "manifest:row" id, BadRecord), so it is reported with the skipped records."""
   if not os.path.isfile(path):
     raise FileNotFoundError(f"caption manifest not found: {path}")
-  with open(path, encoding="utf-8", newline="") as f:
+  if not path.endswith((".csv", ".jsonl")):
+    raise ValueError(f"caption manifest {path} must end in .csv or .jsonl")
+  with open(path, encoding="utf-8-sig", newline="") as f:
     if path.endswith(".csv"):
-      rows = list(csv.DictReader(f))
-    elif path.endswith(".jsonl"):
-      rows = [json.loads(line) for line in f if line.strip()]
+      reader = csv.DictReader(f)
+      if not {"file", "caption"} <= set(reader.fieldnames or ()):
+        raise ValueError(f"{path}: the header needs the columns \"file\" and \"caption\", has {reader.fieldnames}")
+      rows = [(i, row) for i, row in enumerate(reader, start=2)]
     else:
-      raise ValueError(f"caption manifest {path} must end in .csv or .jsonl")
-  for i, row in enumerate(rows, start=1):
-    if not isinstance(row, dict) or "file" not in row or "caption" not in row:
-      raise ValueError(f"{path}: row {i} needs the fields \"file\" and \"caption\"")
-  return [(row["file"], row["caption"]) for row in rows]
+      rows = []
+      for i, line in enumerate(f, start=1):
+        if line.strip():
+          try:
+            rows.append((i, json.loads(line)))
+          except (json.JSONDecodeError, RecursionError) as e:
+            rows.append((i, BadRecord(f"invalid JSON line: {e}")))
+  items, name = [], os.path.basename(path)
+  for i, row in rows:
+    if isinstance(row, BadRecord):
+      items.append((f"{name}:{i}", row))
+    elif not isinstance(row, dict) or not isinstance(row.get("file"), str) or "caption" not in row:
+      items.append((f"{name}:{i}", BadRecord('missing fields: a row needs a "file" path and a "caption"')))
+    else:
+      items.append((row["file"], row["caption"]))
+  return items
 
 
 class JsonLines:
@@ -108,12 +136,17 @@ class JsonLines:
           self.offsets.append(offset)
         offset += len(line)
         self.lines += 1
+    if not self.lines:
+      raise ValueError(f"{path} is empty")
 
   def splits(self) -> list[str]:
     return [self.split]
 
   def count(self, split: str) -> int:
     return self.lines
+
+  def fingerprint(self, split: str) -> str:
+    return f"{self.lines} lines, {os.path.getsize(self.path)} bytes"
 
   def read_lines(self, start: int, stop: int) -> Iterator[tuple[str, bytes]]:
     with open(self.path, "rb") as f:
@@ -129,7 +162,7 @@ class JsonLines:
       raise BadRecord("blank line")
     try:
       record = json.loads(line)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
       raise BadRecord(f"invalid JSON line: {e}") from e
     if not isinstance(record, dict):
       raise BadRecord("a JSON line must hold an object")
@@ -172,6 +205,9 @@ class Tfds:
 
   def count(self, split: str) -> int:
     return len(self.sources[split])
+
+  def fingerprint(self, split: str) -> str:
+    return f"{len(self.sources[split])} examples"
 
   def read(self, split: str, start: int, stop: int):
     source = self.sources[split]
@@ -217,6 +253,9 @@ def edit_record(raw, image_size: int, min_size: int) -> dict:
   missing = [k for k in ("input", "instruction", "output") if k not in record]
   if missing:
     raise BadRecord(f"missing fields: {missing}")
+  for key in ("input", "output"):
+    if not isinstance(record[key], str):
+      raise BadRecord(f"missing fields: {key} is a {type(record[key]).__name__}, not an image path")
   return {"instruction": decode_text(record["instruction"], "instruction").encode("utf-8"),
           "input_image": load_image(os.path.join(root, record["input"]), image_size, min_size),
           "output_image": load_image(os.path.join(root, record["output"]), image_size, min_size)}
