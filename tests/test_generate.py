@@ -168,3 +168,31 @@ def test_evaluate_command_writes_a_report(run_dir):
   assert report["text_to_image"]["reference_all"] == 1.0           # the checker reads the true images
   assert set(report["text_to_image"]) >= {f"shapes_{k}" for k in ("objects", "colors", "binding", "all")}
   assert json.loads(done.stdout)["eval/text/perplexity"] == report["text"]["perplexity"]
+
+
+# ---- python -m tfusion.export and tfusion.load. ---------------------------------------------------
+def test_export_round_trip_generates_what_the_run_generates(run_dir, tmp_path):
+  import safetensors.numpy   # pylint: disable=import-outside-toplevel
+  import tfusion   # pylint: disable=import-outside-toplevel
+  from tfusion import export   # pylint: disable=import-outside-toplevel
+  out = export.export(run_dir, str(tmp_path / "export"))
+  assert sorted(os.listdir(out)) == ["config.json", "export.json", "model.safetensors", "params", "tokenizer.model"]
+  run, exported = generate.load(run_dir), tfusion.load(out)
+  assert exported.step == run.step == 6
+  flat = safetensors.numpy.load_file(os.path.join(out, "model.safetensors"))
+  want = export.flat_params(run.params)
+  assert flat.keys() == want.keys() and all(np.array_equal(flat[k], want[k]) for k in want)
+  options = decoding.SamplingOptions(diffusion_steps=3, max_new_tokens=4)
+  key = jax.random.key(3)
+  images = np.stack([np.full((16, 16, 3), 40 * i, np.uint8) for i in range(2)])
+  assert exported.caption(images, options, key) == run.caption(images, options, key)
+  np.testing.assert_array_equal(exported.text_to_image(["a red circle"], options, key),
+                                run.text_to_image(["a red circle"], options, key))
+  with pytest.raises(FileExistsError, match="already holds an export"):
+    export.export(run_dir, out)
+
+  half = tfusion.load(export.export(run_dir, str(tmp_path / "bf16"), dtype="bfloat16"))
+  assert {leaf.dtype for leaf in jax.tree.leaves(half.params)} == {jax.numpy.dtype("bfloat16")}
+  assert len(half.caption(images, options, key)) == 2
+  with pytest.raises(FileNotFoundError, match="not a tfusion export"):
+    tfusion.load(str(tmp_path))

@@ -197,6 +197,8 @@ def make_codec(data_config, metadata_dir: str | None = None):
     raise ValueError(f"config.data.codec = {data_config.codec!r}: unknown codec (available: identity, vae)")
   if metadata_dir and os.path.isfile(os.path.join(metadata_dir, CODEC_FILE)):
     metadata = read_codec_metadata(metadata_dir)
+    if not os.path.isabs(os.path.expanduser(metadata["vae"])):    # an export's own vae/ directory
+      metadata = dict(metadata, vae=os.path.join(metadata_dir, metadata["vae"]))
   elif data_config.latent_cache:
     metadata = read_codec_metadata(os.path.expanduser(data_config.latent_cache))
   else:

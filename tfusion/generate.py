@@ -34,6 +34,7 @@ class Sampler:
   tokenizer: tokenizer_lib.Tokenizer
   mesh: jax.sharding.Mesh | None = None
   codec: object = None
+  step: int | None = None     # the training step of the params, when known
 
   def __post_init__(self):
     self.model, _ = state_lib.model_and_layout(self.config, self.tokenizer.vocab_size)
@@ -116,7 +117,7 @@ def load(workdir: str, step: int | None = None, mesh=None) -> Sampler:
     step = max(steps) if step is None else step
     if step not in steps:
       raise ValueError(f"no checkpoint for step {step} in {workdir}/checkpoints; saved steps: {sorted(steps)}")
-    mesh = mesh or _generation_mesh(config)
+    mesh = mesh or generation_mesh(config)
     model, layout = state_lib.model_and_layout(config, tok.vocab_size)
     tx, _ = optim.make_optimizer(config.optim, config.total_steps)
     abstract, _ = state_lib.abstract_train_state(model, tx, state_lib.dummy_batch(1, layout), mesh)
@@ -124,10 +125,10 @@ def load(workdir: str, step: int | None = None, mesh=None) -> Sampler:
   finally:
     ckpt.close()
   logging.info("loaded step %d of %s", step, workdir)
-  return Sampler(config, params, tok, mesh, codecs.make_codec(config.data, workdir))
+  return Sampler(config, params, tok, mesh, codecs.make_codec(config.data, workdir), step=step)
 
 
-def _generation_mesh(config):
+def generation_mesh(config):
   """The run's mesh layout over this machine's devices, or plain data parallelism if it does not fit."""
   try:
     return sharding.make_mesh(config.mesh)
