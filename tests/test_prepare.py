@@ -426,6 +426,18 @@ def test_training_on_two_latent_datasets_of_one_vae(prepared_mixture, tiny_vae, 
   assert recorded["shift"] != codecs.read_codec_metadata(str(tmp_path / "a_latents"))["shift"]
   assert [json.loads(line)["images"] > 0 for line in open(workdir / "metrics.jsonl")] == [True] * 3
   assert (workdir / "samples" / "step_3" / "captioned.png").is_file()
+  # The export carries the VAE: moved elsewhere, it still decodes and captions exactly like the run.
+  import tfusion   # pylint: disable=import-outside-toplevel
+  from tfusion import decoding, export, generate   # pylint: disable=import-outside-toplevel
+  out = export.export(str(workdir), str(tmp_path / "export"))
+  os.rename(out, tmp_path / "moved")
+  assert sorted(os.listdir(tmp_path / "moved" / "vae")) == ["config.json", "diffusion_pytorch_model.safetensors"]
+  run, exported = generate.load(str(workdir)), tfusion.load(str(tmp_path / "moved"))
+  options, key = decoding.SamplingOptions(diffusion_steps=2, max_new_tokens=4), jax.random.key(0)
+  images = np.stack([banded_image(16, 16, 30 * i) for i in range(2)])
+  assert exported.caption(images, options, key) == run.caption(images, options, key)
+  np.testing.assert_array_equal(exported.text_to_image(["a picture"], options, key),
+                                run.text_to_image(["a picture"], options, key))
 
 
 def test_malformed_inputs_are_skipped_and_reported(tmp_path, monkeypatch):
@@ -501,15 +513,3 @@ def test_latents_of_a_split_with_no_good_record_name_the_skips(image_folder, tin
   root, _ = image_folder
   with pytest.raises(ValueError, match=r"no train example .* was prepared \(skipped: .*'too small image': 8.*see skipped"):
     prepare_lib.prepare(prepare_config(path=str(root), vae=str(tiny_vae), min_image_size=1000), tmp_path / "out")
-  # The export carries the VAE: moved elsewhere, it still decodes and captions exactly like the run.
-  import tfusion   # pylint: disable=import-outside-toplevel
-  from tfusion import decoding, export, generate   # pylint: disable=import-outside-toplevel
-  out = export.export(str(workdir), str(tmp_path / "export"))
-  os.rename(out, tmp_path / "moved")
-  assert sorted(os.listdir(tmp_path / "moved" / "vae")) == ["config.json", "diffusion_pytorch_model.safetensors"]
-  run, exported = generate.load(str(workdir)), tfusion.load(str(tmp_path / "moved"))
-  options, key = decoding.SamplingOptions(diffusion_steps=2, max_new_tokens=4), jax.random.key(0)
-  images = np.stack([banded_image(16, 16, 30 * i) for i in range(2)])
-  assert exported.caption(images, options, key) == run.caption(images, options, key)
-  np.testing.assert_array_equal(exported.text_to_image(["a picture"], options, key),
-                                run.text_to_image(["a picture"], options, key))
