@@ -19,7 +19,7 @@ from tests.test_train import REPO, data_dir, tiny_config  # noqa: F401,F811  (da
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, data_dir):  # noqa: F811
   workdir = str(tmp_path_factory.mktemp("gen") / "run")
-  train.train_and_evaluate(tiny_config(data_dir, sample_every=100), workdir)
+  train.train_and_evaluate(tiny_config(data_dir, sample_every=100, eval_every=6, eval_examples=2), workdir)
   return workdir
 
 
@@ -156,6 +156,14 @@ def test_text_perplexity_counts_every_held_out_target(run_dir):
     ce = optax.softmax_cross_entropy_with_integer_labels(logits[0, :-1], r["tokens"][1:])
     total += float((ce * r["text_loss_mask"][:-1]).sum())
   assert result["perplexity"] == pytest.approx(np.exp(total / result["text_targets"]), rel=1e-4)
+
+
+def test_training_evaluates_every_eval_every_steps(run_dir):
+  from tfusion.metrics import read_metrics   # pylint: disable=import-outside-toplevel
+  evals = [m for m in read_metrics(run_dir) if "eval/text/perplexity" in m]
+  assert [m["step"] for m in evals] == [6]
+  assert evals[0]["eval/image_to_text/examples"] == 2 and evals[0]["eval/text_to_image/reference_all"] == 1.0
+  assert 1 < evals[0]["eval/text/perplexity"] < 2 * 512
 
 
 def test_evaluate_command_writes_a_report(run_dir):

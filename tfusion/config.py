@@ -22,6 +22,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.log_every = 10
   c.ckpt_every = 200
   c.sample_every = 500
+  c.eval_every = 0               # held-out evaluation (tfusion.evaluate) every this many steps; 0 = off
+  c.eval_examples = 64           # held-out images captioned and captions drawn per evaluation
   c.max_to_keep = 3
   c.peak_tflops_per_device = 0.0  # MFU denominator; 0 = known peak of the device kind (CPU: measured)
   c.init_from = ""               # fine-tuning: start from the params (and tokenizer) of a training workdir's
@@ -278,7 +280,7 @@ def validate_vae(config: ml_collections.ConfigDict) -> None:
 
 
 _POSITIVE_INTS = ("total_steps", "batch_size", "microbatches", "seq_len", "log_every", "ckpt_every", "sample_every",
-                  "max_to_keep", "model.num_layers", "model.d_model", "model.num_heads", "model.mlp_dim",
+                  "eval_examples", "max_to_keep", "model.num_layers", "model.d_model", "model.num_heads", "model.mlp_dim",
                   "model.patch_size", "model.attention_chunk", "model.unet_res_blocks",
                   "data.latent_channels", "data.latent_downsample", "diffusion.num_timesteps", "data.image_size", "data.vocab_size",
                   "optim.warmup_steps", "sample.num_images", "sample.num_captions",
@@ -398,6 +400,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     fail("sample.cfg_scale", "must be >= 0 (1 = no guidance)")
   if config.optim.lr <= 0:
     fail("optim.lr", "must be > 0")
+  if config.eval_every < 0:
+    fail("eval_every", "must be >= 0 (0 = no evaluation during training)")
   _validate_mixture(config)
 
 

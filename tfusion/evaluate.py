@@ -19,13 +19,22 @@ import numpy as np
 import optax
 
 from tfusion import decoding, distributed, generate, sharding
-from tfusion.data import sequence, shapes, text_corpus
+from tfusion.data import prepared, sequence, shapes, text_corpus
 from tfusion.evaluation import metrics, shapes_checker
 from tfusion.training import state as state_lib, step as step_lib
 
 
 def held_out_documents(config, tokenizer) -> list[np.ndarray]:
-  """Token ids of the text documents the run holds out (data.text_test_fraction of the text source)."""
+  """Token ids of the text documents the run holds out: with a mixture, the data.sample_split of its prepared
+  text sources; else data.text_test_fraction of the text source."""
+  if config.data.mixture:
+    docs = []
+    for entry in config.data.mixture.values():
+      manifest = prepared.read_manifest(entry.path)
+      if manifest["kind"] == "text" and config.data.sample_split in manifest["splits"]:
+        source = prepared.PreparedSource(entry.path, config.data.sample_split)
+        docs += [np.asarray(source[i]["ids"], np.int32) for i in range(len(source))]
+    return docs
   documents = text_corpus.load_text_documents(config.data.text_source)
   _, test = text_corpus.split_documents(documents, config.data.text_test_fraction, config.seed)
   return [np.array(tokenizer.encode(d), np.int32) for d in test]
@@ -60,6 +69,8 @@ def _text_loss(model, params, batch):
 
 def text_perplexity(sampler: generate.Sampler, documents, rows_per_batch: int = 8) -> dict:
   """Token-level perplexity of `documents` (token ids) under the sampler's model."""
+  if not documents:
+    return {}
   config, tok = sampler.config, sampler.tokenizer
   model, layout = state_lib.model_and_layout(config, tok.vocab_size)
   rows = text_rows(documents, layout, sequence.SpecialIds.of(tok), config.diffusion.num_timesteps)

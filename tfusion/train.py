@@ -15,7 +15,8 @@ import numpy as np
 from ml_collections import config_flags
 import tqdm
 
-from tfusion import config as config_lib, decoding, diffusion, distributed, flops, generate, sharding, visualize
+from tfusion import (config as config_lib, decoding, diffusion, distributed, evaluate, flops, generate, sharding,
+                     visualize)
 from tfusion.data import mixture, pipeline, sequence
 from tfusion import metrics as metrics_lib
 from tfusion.training import checkpoint, optim, state as state_lib, step as step_lib
@@ -142,6 +143,11 @@ def train_and_evaluate(config, workdir: str) -> None:
         break
       if (step % config.sample_every == 0 or is_last) and data.sample_examples is not None:
         samples(step, state)
+      if config.eval_every and (step % config.eval_every == 0 or is_last) and data.sample_examples is not None:
+        sampler = generate.Sampler(config, state.params, tok, mesh, codec, step=step)
+        report = evaluate.evaluate(sampler, data.sample_examples, step, config.eval_examples, config.seed)
+        evaluate.write_report(workdir, report)
+        writer.write(step, evaluate.scalars(report))
   finally:  # also on errors and interrupts: finish writing the checkpoints already started
     progress.close()
     ckpt.wait()
