@@ -15,6 +15,11 @@ PREPARE = os.path.join(REPO, "experiments", "prepare.py")
 @pytest.mark.parametrize("path", sorted(set(glob.glob(os.path.join(REPO, "experiments", "*.py"))) - {PREPARE}))
 def test_every_experiment_file_loads_and_validates(path):
   config = load_experiment(path).get_config()
+  if "variants" in config:                 # an ablation: every variant of its base config
+    from tfusion import ablate   # pylint: disable=import-outside-toplevel
+    for variant in config.variants:
+      ablate.cell_config(config, variant, config.seeds[-1])
+    return
   (config_lib.validate_vae if "loss" in config else config_lib.validate)(config)
 
 

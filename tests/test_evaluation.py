@@ -1,5 +1,6 @@
 """Evaluation metrics on inputs with known answers."""
 import dataclasses
+import os
 
 import numpy as np
 import pytest
@@ -135,3 +136,36 @@ def test_clip_score_and_perplexity():
   assert metrics.clip_score(image, text) == pytest.approx(100 / 3)
   assert metrics.clip_score(image, text, weight=2.5) == pytest.approx(2.5 / 3)
   assert metrics.perplexity(np.log(7.0) * 10, 10) == pytest.approx(7.0)
+
+
+# ---- The ablation runner. -------------------------------------------------------------------------
+def test_ablation_runner_on_a_two_by_two_toy(tmp_path):
+  import ml_collections   # pylint: disable=import-outside-toplevel
+  from tfusion import ablate   # pylint: disable=import-outside-toplevel
+  from tests.test_train import tiny_config   # pylint: disable=import-outside-toplevel
+  ablation = ml_collections.ConfigDict()
+  ablation.base = tiny_config(str(tmp_path / "tfds"), total_steps=2, sample_every=100, eval_examples=2)
+  ablation.variants = ml_collections.ConfigDict({"lambda_1": {"diffusion": {"loss_weight": 1.0}},
+                                                 "lambda_5": {"diffusion": {"loss_weight": 5.0}}})
+  ablation.seeds = (0, 1)
+  workdir = str(tmp_path / "ablation")
+  assert ablate.cell_config(ablation, "lambda_1", 1).diffusion.loss_weight == 1.0
+  for variant in ablation.variants:
+    for seed in ablation.seeds[:1] if variant == "lambda_5" else ablation.seeds:
+      ablate.run_cell(ablation, workdir, variant, seed)
+  table = ablate.collect(ablation, workdir)
+  assert table["lambda_1"]["seeds"] == [0, 1] and table["lambda_5"]["missing_seeds"] == [1]
+  loss = table["lambda_1"]["numbers"]["final/loss"]
+  assert loss["mean"] == pytest.approx(np.mean(loss["values"])) and loss["std"] == pytest.approx(
+      np.std(loss["values"], ddof=1)) and loss["values"][0] != loss["values"][1]      # seeds differ
+  flops = table["lambda_1"]["numbers"]["flops_6nd"]["mean"]
+  assert flops == 6 * table["lambda_1"]["numbers"]["params"]["mean"] * 2 * 8 * 64
+  assert "eval/text/perplexity" in table["lambda_5"]["numbers"]
+  assert "| final/loss |" in open(f"{workdir}/results.md").read()
+  # A finished cell is not rerun.
+  before = os.path.getmtime(f"{workdir}/lambda_1/seed_0/metrics.jsonl")
+  ablate.run_cell(ablation, workdir, "lambda_1", 0)
+  assert os.path.getmtime(f"{workdir}/lambda_1/seed_0/metrics.jsonl") == before
+  with pytest.raises(Exception, match="variants.lambda_1.model.no_such_field"):
+    ablation.variants.lambda_1.model = ml_collections.ConfigDict({"no_such_field": 1})
+    ablate.cell_config(ablation, "lambda_1", 0)

@@ -1,0 +1,153 @@
+r"""Run config variants x seeds and tabulate their evaluations: the paper's ablations at any scale.
+
+  python -m tfusion.ablate --config experiments/ablations.py:lambda --workdir DIR [--only VARIANT:SEED] [--collect]
+
+The config holds `base` (a training config), `variants` (name -> overrides of base, nested like the config)
+and `seeds`. Every (variant, seed) trains in DIR/<variant>/seed_<seed> with evaluation at its last step, one
+after the other here; on a cluster, launch one job per cell with --only and then --collect. A finished cell
+(its final eval report exists) is not rerun, an interrupted one resumes. DIR/results.json and results.md hold
+per variant the mean and standard deviation over seeds of every evaluation number and of the final losses,
+and the training FLOPs counted as 6 N D (N parameters, D elements trained on; paper §4.2).
+"""
+import json
+import os
+
+from absl import app, flags, logging
+import ml_collections
+import numpy as np
+
+from tfusion import config as config_lib, distributed, evaluate, metrics, train
+from tfusion.training import state as state_lib
+
+FINAL_LOSSES = ("loss", "text_loss", "image_loss")
+
+
+def cell_config(ablation, variant: str, seed: int) -> ml_collections.ConfigDict:
+  """The training config of one cell: base, the variant's overrides, the seed, evaluation at the end."""
+  config = ml_collections.ConfigDict(ablation.base.to_dict())
+  flat = {}
+
+  def flatten(prefix, node):
+    for key, value in node.items():
+      if isinstance(value, ml_collections.ConfigDict):
+        flatten(f"{prefix}{key}.", value)
+      else:
+        flat[f"{prefix}{key}"] = value
+
+  flatten("", ablation.variants[variant])
+  for dotted, value in flat.items():
+    *groups, last = dotted.split(".")
+    node = config
+    for group in groups:
+      node = node.get(group) if isinstance(node, ml_collections.ConfigDict) else None
+    if not isinstance(node, ml_collections.ConfigDict) or last not in node:
+      raise config_lib.ConfigError(f"config.variants.{variant}.{dotted}: not a field of the base config")
+    node[last] = value
+  config.seed = seed
+  config.eval_every = config.total_steps
+  config_lib.validate(config)
+  return config
+
+
+def cell_dir(workdir: str, variant: str, seed: int) -> str:
+  return os.path.join(workdir, variant, f"seed_{seed}")
+
+
+def run_cell(ablation, workdir: str, variant: str, seed: int) -> str:
+  config = cell_config(ablation, variant, seed)
+  directory = cell_dir(workdir, variant, seed)
+  if os.path.isfile(_report_path(directory, config.total_steps)):
+    logging.info("%s is finished", directory)
+  else:
+    train.train_and_evaluate(config, directory)
+  return directory
+
+
+def _report_path(directory: str, step: int) -> str:
+  return os.path.join(directory, "eval", f"step_{step}.json")
+
+
+def cell_numbers(ablation, workdir: str, variant: str, seed: int) -> dict[str, float] | None:
+  """The evaluation numbers, final losses and 6ND FLOPs of one finished cell (None if unfinished)."""
+  config = cell_config(ablation, variant, seed)
+  directory = cell_dir(workdir, variant, seed)
+  path = _report_path(directory, config.total_steps)
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    numbers = evaluate.scalars(json.load(f))
+  logged = [m for m in metrics.read_metrics(directory) if "loss" in m]
+  numbers.update({f"final/{k}": logged[-1][k] for k in FINAL_LOSSES})
+  numbers["params"] = float(_param_count(config, directory))
+  numbers["flops_6nd"] = 6.0 * numbers["params"] * config.total_steps * config.batch_size * config.seq_len
+  return numbers
+
+
+def _param_count(config, directory: str) -> int:
+  from tfusion.data import tokenizer as tokenizer_lib   # pylint: disable=import-outside-toplevel
+  import jax   # pylint: disable=import-outside-toplevel
+  vocab = tokenizer_lib.Tokenizer.load(os.path.join(directory, "tokenizer.model")).vocab_size
+  model, layout = state_lib.model_and_layout(config, vocab)
+  batch = state_lib.dummy_batch(1, layout)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), *state_lib.model_inputs(batch)))
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
+
+
+def collect(ablation, workdir: str) -> dict:
+  """results.json and results.md: per variant and number, mean, std (ddof 1) and the seeds it covers."""
+  table = {}
+  for variant in ablation.variants:
+    cells = {seed: cell_numbers(ablation, workdir, variant, seed) for seed in ablation.seeds}
+    done = {seed: numbers for seed, numbers in cells.items() if numbers is not None}
+    keys = sorted(set().union(*[n.keys() for n in done.values()])) if done else []
+    table[variant] = {"seeds": sorted(done), "missing_seeds": sorted(set(cells) - set(done)), "numbers": {
+        key: dict(mean=float(np.mean(values)), std=float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+                  values=values)
+        for key in keys for values in [[done[s][key] for s in sorted(done) if key in done[s]]]}}
+  with open(os.path.join(workdir, "results.json"), "w") as f:
+    json.dump(table, f, indent=2)
+  with open(os.path.join(workdir, "results.md"), "w") as f:
+    f.write(markdown_table(table))
+  return table
+
+
+def markdown_table(table: dict) -> str:
+  """Numbers as rows, variants as columns: "mean ± std (n seeds)"."""
+  variants = list(table)
+  keys = sorted(set().union(*[t["numbers"].keys() for t in table.values()]))
+  lines = ["| number | " + " | ".join(f"{v} ({len(table[v]['seeds'])} seeds)" for v in variants) + " |",
+           "|---|" + "---|" * len(variants)]
+  for key in keys:
+    cells = []
+    for v in variants:
+      n = table[v]["numbers"].get(key)
+      cells.append("" if n is None else f"{n['mean']:.4g} ± {n['std']:.2g}")
+    lines.append(f"| {key} | " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def main(argv):
+  distributed.start_command(argv, ("config", "workdir"))
+  args = flags.FLAGS
+  ablation = args.config
+  if args.only:
+    variant, seed = args.only.rsplit(":", 1)
+    if variant not in ablation.variants or int(seed) not in ablation.seeds:
+      raise app.UsageError(f"--only {args.only}: variants {list(ablation.variants)}, seeds {list(ablation.seeds)}")
+    run_cell(ablation, args.workdir, variant, int(seed))
+    return
+  if not args.collect:
+    for variant in ablation.variants:
+      for seed in ablation.seeds:
+        run_cell(ablation, args.workdir, variant, seed)
+  print(markdown_table(collect(ablation, args.workdir)))
+
+
+if __name__ == "__main__":
+  from ml_collections import config_flags   # pylint: disable=g-import-not-at-top
+  config_flags.DEFINE_config_file("config", None, "Ablation config (base, variants, seeds).", lock_config=False)
+  flags.DEFINE_string("workdir", None, "Directory of the ablation (one subdirectory per variant and seed).")
+  flags.DEFINE_string("only", None, "Run one cell, VARIANT:SEED (a cluster job).")
+  flags.DEFINE_bool("collect", False, "Only collect the finished cells into results.json / results.md.")
+  distributed.define_flags()
+  app.run(main)
