@@ -159,7 +159,8 @@ def test_text_jsonl_is_tokenized_with_a_trained_tokenizer(tmp_path):
   assert manifest["tokenizer_sha256"] == prepare_lib.sha256_of(tmp_path / "out" / prepared.TOKENIZER)
   source = prepared.PreparedSource(tmp_path / "out", "train")
   texts = [tok.decode(source[i]["ids"]) for i in range(len(source))]
-  assert texts == ["The quick brown fox jumps over the lazy dog.", "Pack my box with five dozen liquor jugs.\nSecond line.",
+  assert texts == ["The quick brown fox jumps over the lazy dog.",
+                   "Pack my box with five dozen liquor jugs.\nSecond line.",
                    "How vexingly quick daft zebras jump!"]
   # An existing tokenizer is used as it is.
   again = prepare_lib.prepare(prepare_config(source="jsonl", path=str(corpus), examples_per_shard=3,
@@ -511,5 +512,5 @@ def test_resume_refuses_a_changed_source(tmp_path):
 
 def test_latents_of_a_split_with_no_good_record_name_the_skips(image_folder, tiny_vae, tmp_path):
   root, _ = image_folder
-  with pytest.raises(ValueError, match=r"no train example .* was prepared \(skipped: .*'too small image': 8.*see skipped"):
+  with pytest.raises(ValueError, match=r"no train example .* prepared \(skipped: .*'too small image': 8.*see skipped"):
     prepare_lib.prepare(prepare_config(path=str(root), vae=str(tiny_vae), min_image_size=1000), tmp_path / "out")

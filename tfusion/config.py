@@ -280,9 +280,10 @@ def validate_vae(config: ml_collections.ConfigDict) -> None:
 
 
 _POSITIVE_INTS = ("total_steps", "batch_size", "microbatches", "seq_len", "log_every", "ckpt_every", "sample_every",
-                  "eval_examples", "max_to_keep", "model.num_layers", "model.d_model", "model.num_heads", "model.mlp_dim",
-                  "model.patch_size", "model.attention_chunk", "model.unet_res_blocks",
-                  "data.latent_channels", "data.latent_downsample", "diffusion.num_timesteps", "data.image_size", "data.vocab_size",
+                  "eval_examples", "max_to_keep", "model.num_layers", "model.d_model", "model.num_heads",
+                  "model.mlp_dim", "model.patch_size", "model.attention_chunk", "model.unet_res_blocks",
+                  "data.latent_channels", "data.latent_downsample", "diffusion.num_timesteps", "data.image_size",
+                  "data.vocab_size",
                   "optim.warmup_steps", "sample.num_images", "sample.num_captions",
                   "sample.diffusion_steps", "sample.max_caption_tokens")
 _FRACTIONS = ("data.text_fraction", "data.caption_first_prob", "data.caption_dropout_prob", "data.text_test_fraction",

@@ -5,9 +5,10 @@ VAE latents) and the pydoc / .jsonl text stream, mixed by data.text_fraction. Wi
 directory written by `python -m tfusion.prepare`, a split and a weight (its share of the packed elements).
 
 The run's tokenizer is data.tokenizer, else init_from's, else the one the prepared text sources were
-tokenized with (they must agree), else one of data.vocab_size pieces trained on the run's captions and text; it is kept in the
-workdir, a resumed run refuses a different one, and the model's vocabulary is the tokenizer's. Latent
-sources must have been encoded with the run's VAE and statistics.
+tokenized with (they must agree), else one of data.vocab_size pieces trained on the run's captions and
+text; it is kept in the workdir, a resumed run refuses a different one, and the model's vocabulary is the
+tokenizer's. Latent sources must have been encoded with the run's VAE; all are normalised with the run
+codec's statistics (see run_codec).
 """
 import dataclasses
 import filecmp
@@ -181,7 +182,8 @@ def _prepared_data(config, workdir, codec) -> TrainingData:
   entries = {name: (e, _read_manifest(name, e.path)) for name, e in config.data.mixture.items()}
   for name, (entry, manifest) in entries.items():
     _check_prepared(config, name, manifest, entry.path, codec)
-  inputs = {name: _prepared_split(f"config.data.mixture.{name}.split", e.path, e.split) for name, (e, _) in entries.items()}
+  inputs = {name: _prepared_split(f"config.data.mixture.{name}.split", e.path, e.split)
+            for name, (e, _) in entries.items()}
   tokenized = {name: os.path.join(os.path.expanduser(e.path), prepared.TOKENIZER)
                for name, (e, m) in entries.items() if m["kind"] == "text"}
   image_sets = [name for name, (_, m) in entries.items() if m["kind"] == "image_caption"]
