@@ -90,7 +90,7 @@ def _param_count(config, directory: str) -> int:
   model, layout = state_lib.model_and_layout(config, vocab)
   batch = state_lib.dummy_batch(1, layout)
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), *state_lib.model_inputs(batch)))
-  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
+  return state_lib.count_params(shapes)
 
 
 def collect(ablation, workdir: str) -> dict:
