@@ -2,7 +2,8 @@ r"""The paper's ablations at toy scale on the shapes demo's latents: python -m t
 --config experiments/ablations.py:<name>[,ROOT] --workdir DIR (ROOT holds the demo's vae/ and latents/,
 default workdir/demo: run launch/demo.sh first).
 
-  lambda       diffusion loss weight 1 vs 5 (paper Table 5)
+  mask         bidirectional vs causal attention inside each image, linear encoder (paper Table 5)
+  lambda       diffusion loss weight 1 vs 5 (the paper uses 5 and gives no table)
   noise_limit  image-first pairs noised up to t = 500 vs 1000 (paper Table 8, captioning)
   patch        2x2 vs 4x4 latent patches, linear encoder (paper Table 6)
 
@@ -13,6 +14,8 @@ import ml_collections
 from tfusion.config import shapes_demo_config
 
 ABLATIONS = {
+    "mask": {"bidirectional": {"model": {"image_attention": "bidirectional"}},
+             "causal": {"model": {"image_attention": "causal"}}},
     "lambda": {"lambda_1": {"diffusion": {"loss_weight": 1.0}}, "lambda_5": {"diffusion": {"loss_weight": 5.0}}},
     "noise_limit": {"capped_500": {"diffusion": {"image_first_max_t": 500}},
                     "uncapped": {"diffusion": {"image_first_max_t": 1000}}},

@@ -34,6 +34,12 @@ def model_and_params():
 
 
 @pytest.fixture(scope="module")
+def causal_model_and_params(model_and_params):
+  """The tiny model's params under model.image_attention = causal."""
+  return make_model(tiny_config(image_attention="causal")), model_and_params[1]
+
+
+@pytest.fixture(scope="module")
 def unet_model_and_params():
   """The tiny model with U-Net patch encoder and decoder (2x2 patches: two levels)."""
   model = make_model(tiny_config(patch_encoder="unet", unet_channels=(8, 16), unet_res_blocks=1))
@@ -80,8 +86,8 @@ def test_text_cached_equals_uncached(model_and_params, options):
 
 
 @pytest.mark.parametrize("models, sampler", [("model_and_params", "ddpm"), ("model_and_params", "ddim"),
-                                             ("unet_model_and_params", "ddpm")],
-                         ids=["linear-ddpm", "linear-ddim", "unet-ddpm"])
+                                             ("unet_model_and_params", "ddpm"), ("causal_model_and_params", "ddpm")],
+                         ids=["linear-ddpm", "linear-ddim", "unet-ddpm", "causal-images-ddpm"])
 def test_image_cached_equals_uncached_with_guidance(request, models, sampler):
   model_and_params = request.getfixturevalue(models)
   options = dataclasses.replace(OPTS, sampler=sampler, cfg_scale=3.0)
@@ -102,6 +108,17 @@ def test_interleaved_cached_equals_uncached(model_and_params):
   assert cached[1].image_positions[0] == 0
   assert any(0 < p < len(g.tokens) for g in cached for p in g.image_positions)
   assert all(len(g.images) <= 2 and len(g.images) == len(g.image_positions) for g in cached)
+
+
+def test_causal_image_attention_changes_images_and_captions(model_and_params, causal_model_and_params):
+  """Same params, the other mask: the drawn image and the caption of a given image both change, and the cache
+  still equals full recomputation for captions."""
+  prompts = [text_prompt(10, 11, 12, boi=True)]
+  images = [decode(m, prompts, decoding.IMAGE)[0].images for m in (model_and_params, causal_model_and_params)]
+  assert np.abs(images[0] - images[1]).max() > 1e-3
+  captions = [image_prompt(0), image_prompt(1)]
+  cached = decode(causal_model_and_params, captions, decoding.TEXT)
+  assert_same(cached, decode(causal_model_and_params, captions, decoding.TEXT, cached=False))
 
 
 def test_text_after_an_image_depends_on_the_image(model_and_params):

@@ -145,6 +145,31 @@ def test_output_shapes_and_attention_structure():
   assert np.abs(logits3[0, 21] - logits[0, 21]).max() > 1e-4                 # EOI sees the image
 
 
+def test_causal_image_attention_patches_see_only_earlier_patches():
+  """model.image_attention = causal (paper Table 5's other arm): a change to the last patch reaches no earlier
+  patch; a change to the first reaches all. The three attention implementations agree."""
+  batch = tiny_batch()
+  inputs = state_lib.model_inputs(batch)
+  apply = {}
+  for attention in ("dense", "chunked", "dot_product"):
+    model = make_model(tiny_config(image_attention="causal", attention=attention, attention_chunk=16))
+    apply[attention] = jax.jit(lambda p, *x, model=model: model.apply({"params": p}, *x))
+  params = make_model(tiny_config()).init(jax.random.key(0), *inputs)["params"]
+  params["patch_decoder"]["proj"]["kernel"] = jax.random.normal(jax.random.key(3), (32, 12))
+  logits, eps = apply["dense"](params, *inputs)
+  for attention in ("chunked", "dot_product"):
+    other_logits, other_eps = apply[attention](params, *inputs)
+    np.testing.assert_allclose(other_eps, eps, atol=1e-5)
+    np.testing.assert_allclose(other_logits, logits, atol=1e-4)
+  for corner, earlier_changes in (((-2, None), False), ((0, 2), True)):
+    latents = batch["latents"].copy()
+    latents[0, 0, slice(*corner), slice(*corner)] += 1.0                   # the last / first 2x2 patch
+    _, eps2 = apply["dense"](params, *inputs[:4], latents, inputs[5])
+    changed = np.abs(patching.patchify(eps2[0, 0] - eps[0, 0], 2)).max(axis=-1) > 1e-6
+    assert changed[-1] and changed[0] == earlier_changes and changed[1:-1].all() == earlier_changes
+    assert not changed[1:-1].any() or earlier_changes
+
+
 def test_tiny_model_overfits_one_batch():
   mesh = sharding.make_mesh(config_lib.default_config().mesh, jax.devices()[:1])
   config = tiny_config()

@@ -8,7 +8,8 @@ becomes the next token and LM mode resumes.
 
 Two memories run the same driver and give the same results:
   CachedMemory (a transformer.KVCache): a step computes only its block of new elements, against the
-    cached keys and values of everything before (and of its own block: images are bidirectional).
+    cached keys and values of everything before and of its own block, under the model's mask (an
+    image's patches see the whole image, or only earlier patches with model.image_attention = causal).
   FullMemory: the row's whole arrays; every step reruns the model over the whole sequence. It is the
     reference the cache is tested against and the baseline of benchmarks/sampling.py.
 

@@ -31,6 +31,7 @@ class TransformerConfig:
   remat_policy: str = "none"
   attention: str = "dense"       # dense | chunked | dot_product
   attention_chunk: int = 512     # query block length for chunked attention
+  image_attention: str = "bidirectional"  # bidirectional | causal (patches of one image in raster order)
 
   @property
   def head_dim(self) -> int:
@@ -89,7 +90,7 @@ def apply_rope(x, positions, theta):
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-def attention_over(q, q_ids, parts):
+def attention_over(q, q_ids, parts, bidirectional_images=True):
   """Softmax attention of the queries over one or more key sets at once (one softmax across all of
   them), under the Transfusion mask; logits and softmax in float32.
 
@@ -98,7 +99,7 @@ def attention_over(q, q_ids, parts):
   """
   logits = []
   for k, _, k_ids in parts:
-    mask = masks.mask_block(*q_ids, *k_ids)
+    mask = masks.mask_block(*q_ids, *k_ids, bidirectional_images)
     part = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
     part = part / jnp.sqrt(q.shape[-1]).astype(jnp.float32)
     logits.append(jnp.where(mask[:, None, :, :], part, jnp.finfo(jnp.float32).min))
@@ -111,12 +112,12 @@ def attention_over(q, q_ids, parts):
   return out.astype(parts[0][1].dtype)
 
 
-def dense_attention(q, k, v, q_ids, k_ids):
+def dense_attention(q, k, v, q_ids, k_ids, bidirectional_images=True):
   """attention_over one key set.  q: [B, Q, H, Dh]; k, v: [B, K, H, Dh] -> [B, Q, H, Dh]."""
-  return attention_over(q, q_ids, [(k, v, k_ids)])
+  return attention_over(q, q_ids, [(k, v, k_ids)], bidirectional_images)
 
 
-def chunked_attention(q, q_ids, parts, chunk):
+def chunked_attention(q, q_ids, parts, chunk, bidirectional_images=True):
   """attention_over one block of `chunk` queries at a time, each block rematerialised in the
   backward pass: logits memory is [B, H, chunk, K] instead of [B, H, Q, K]. Same result.
 
@@ -134,25 +135,27 @@ def chunked_attention(q, q_ids, parts, chunk):
   @jax.checkpoint
   def block(args):
     q_block, *q_block_ids = args
-    return attention_over(q_block, q_block_ids, parts)
+    return attention_over(q_block, q_block_ids, parts, bidirectional_images)
 
   out = jax.lax.map(block, tuple(split(pad_rows(a)) for a in (q, segment_ids, image_ids, index)))
   return jnp.moveaxis(out, 0, 1).reshape(batch, blocks * chunk, heads, head_dim)[:, :length]
 
 
-def dot_product_attention(q, k, v, q_ids, k_ids):
+def dot_product_attention(q, k, v, q_ids, k_ids, bidirectional_images=True):
   """jax.nn.dot_product_attention with the mask (cuDNN flash attention on GPUs that support it)."""
-  mask = masks.mask_block(*q_ids, *k_ids)
+  mask = masks.mask_block(*q_ids, *k_ids, bidirectional_images)
   return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None])
 
 
 def attend(cfg: TransformerConfig, q, q_ids, parts):
-  """The attention implementation cfg.attention names; arguments as attention_over."""
+  """The attention implementation cfg.attention names, under the mask cfg.image_attention names; arguments as
+  attention_over."""
+  bidirectional = cfg.image_attention == "bidirectional"
   if cfg.attention == "chunked":
-    return chunked_attention(q, q_ids, parts, min(cfg.attention_chunk, q.shape[1]))
+    return chunked_attention(q, q_ids, parts, min(cfg.attention_chunk, q.shape[1]), bidirectional)
   if cfg.attention == "dot_product" and len(parts) == 1:
-    return dot_product_attention(q, parts[0][0], parts[0][1], q_ids, parts[0][2])
-  return attention_over(q, q_ids, parts)
+    return dot_product_attention(q, parts[0][0], parts[0][1], q_ids, parts[0][2], bidirectional)
+  return attention_over(q, q_ids, parts, bidirectional)
 
 
 def write_slots(buffer, values, slots):

@@ -43,7 +43,7 @@ def config_from(config, vocab_size: int, latent_shape) -> TransfusionConfig:
           num_layers=m.num_layers, d_model=m.d_model, num_heads=m.num_heads, mlp_dim=m.mlp_dim,
           rope_theta=m.rope_theta, norm_eps=m.norm_eps, dtype=jnp.dtype(m.dtype),
           param_dtype=jnp.dtype(m.param_dtype), remat_policy=m.remat_policy, attention=m.attention,
-          attention_chunk=m.attention_chunk),
+          attention_chunk=m.attention_chunk, image_attention=m.image_attention),
       vocab_size=vocab_size, latent_shape=tuple(latent_shape), patch_size=m.patch_size,
       patch_encoder=m.patch_encoder, unet_channels=tuple(m.unet_channels), unet_res_blocks=m.unet_res_blocks)
 
