@@ -128,6 +128,14 @@ def test_frechet_distance_of_known_gaussians():
   y = rng.multivariate_normal(mu2, np.diag(v2), size=200_000)
   assert metrics.frechet_distance(*metrics.gaussian_statistics(x), *metrics.gaussian_statistics(y)) == pytest.approx(
       18.0, rel=0.01)
+  # From features directly, also with fewer samples than dimensions (singular covariances).
+  for n, d in ((50, 5), (6, 40)):
+    x, y = rng.standard_normal((n, d)), 2 * rng.standard_normal((n + 3, d)) + 1
+    stats = metrics.frechet_distance(*metrics.gaussian_statistics(x), *metrics.gaussian_statistics(y))
+    assert metrics.feature_frechet_distance(x, y) == pytest.approx(stats, rel=1e-7)
+    assert abs(metrics.feature_frechet_distance(x, x)) < 1e-9
+  with pytest.raises(ValueError, match=r"\(3, 5\) and \(3, 4\)"):
+    metrics.feature_frechet_distance(x[:3, :5], y[:3, :4])
 
 
 def test_clip_score_and_perplexity():
@@ -136,6 +144,51 @@ def test_clip_score_and_perplexity():
   assert metrics.clip_score(image, text) == pytest.approx(100 / 3)
   assert metrics.clip_score(image, text, weight=2.5) == pytest.approx(2.5 / 3)
   assert metrics.perplexity(np.log(7.0) * 10, 10) == pytest.approx(7.0)
+
+
+# ---- FID and CLIP score hooks on user weight files (random weights here). -------------------------------
+class ImagesFor:
+  """A stand-in sampler whose text_to_image returns given images (the plumbing under test is after sampling)."""
+
+  def __init__(self, images):
+    self.images = images
+
+  def text_to_image(self, captions, options, key):
+    assert len(captions) == len(self.images)
+    return list(self.images)
+
+
+def test_fid_and_clip_score_hooks_load_user_weights(tmp_path):
+  import jax   # pylint: disable=import-outside-toplevel
+  from tfusion import config as config_lib, evaluate   # pylint: disable=import-outside-toplevel
+  from tfusion.models import clip, inception   # pylint: disable=import-outside-toplevel
+  from tests import test_clip, test_inception   # pylint: disable=import-outside-toplevel
+  abstract = jax.eval_shape(inception.FidInception().init, jax.random.key(0), jax.ShapeDtypeStruct((1, 32, 32, 3),
+                                                                                                    np.float32))
+  inception.save_inception_params(str(tmp_path / "fid.safetensors"), test_inception.random_params(abstract["params"]))
+  clip_config = test_clip.config_dict()
+  clip.save_clip(str(tmp_path / "clip"), test_clip.random_params(clip.config_from_dict(clip_config)), clip_config,
+                 test_clip.TOKENIZER)
+  config = config_lib.default_config()
+  config.eval_inception_weights, config.eval_clip = str(tmp_path / "fid.safetensors"), str(tmp_path / "clip")
+  scorers = evaluate.ImageScorers.from_config(config)
+
+  scenes, images = test_scenes(32, 6)
+  examples = [dict(image=i, caption=shapes.caption_for(s).encode()) for s, i in zip(scenes, images)]
+  same = evaluate.image_report(ImagesFor(images), examples, None, None, scorers)
+  features = inception.inception_features(scorers.inception_params, np.stack(images))
+  assert same["shapes_all"] == 1.0 and abs(same["fid"]) < 1e-6 * np.trace(np.cov(features, rowvar=False))
+  darker = evaluate.image_report(ImagesFor([i // 2 for i in images]), examples, None, None, scorers)
+  assert darker["fid"] > 1.0 and darker["shapes_all"] < 1.0
+  model = clip.load_clip(str(tmp_path / "clip"))
+  want = metrics.clip_score(model.embed_images(np.stack(images)), model.embed_texts([e["caption"].decode()
+                                                                                    for e in examples]))
+  assert same["clip_score"] == pytest.approx(want, rel=1e-6) and darker["clip_score"] != pytest.approx(want)
+  # Without weights neither number is reported; a bad file names its config field.
+  assert {"fid", "clip_score"}.isdisjoint(evaluate.image_report(ImagesFor(images), examples, None, None))
+  config.eval_inception_weights = str(tmp_path / "missing.safetensors")
+  with pytest.raises(config_lib.ConfigError, match="config.eval_inception_weights: .*missing.safetensors"):
+    evaluate.ImageScorers.from_config(config)
 
 
 # ---- The ablation runner. -------------------------------------------------------------------------

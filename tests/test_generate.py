@@ -166,9 +166,14 @@ def test_training_evaluates_every_eval_every_steps(run_dir):
   assert 1 < evals[0]["eval/text/perplexity"] < 2 * 512
 
 
-def test_evaluate_command_writes_a_report(run_dir):
-  done = subprocess.run([sys.executable, "-m", "tfusion.evaluate", "--workdir", run_dir, "--num_examples", "4"],
-                        cwd=REPO, capture_output=True, text=True, timeout=600)
+def test_evaluate_command_writes_a_report(run_dir, tmp_path):
+  from tfusion.models import clip   # pylint: disable=import-outside-toplevel
+  from tests import test_clip   # pylint: disable=import-outside-toplevel
+  clip_config = test_clip.config_dict()
+  clip.save_clip(str(tmp_path / "clip"), test_clip.random_params(clip.config_from_dict(clip_config)), clip_config,
+                 test_clip.TOKENIZER)
+  done = subprocess.run([sys.executable, "-m", "tfusion.evaluate", "--workdir", run_dir, "--num_examples", "4",
+                         "--eval_clip", str(tmp_path / "clip")], cwd=REPO, capture_output=True, text=True, timeout=600)
   assert done.returncode == 0, done.stderr[-3000:]
   report = json.load(open(os.path.join(run_dir, "eval", "step_6.json")))
   assert report["step"] == 6 and report["image_to_text"]["examples"] == 4
@@ -176,6 +181,7 @@ def test_evaluate_command_writes_a_report(run_dir):
   assert report["text_to_image"]["reference_all"] == 1.0           # the checker reads the true images
   assert set(report["text_to_image"]) >= {f"shapes_{k}" for k in ("objects", "colors", "binding", "all")}
   assert json.loads(done.stdout)["eval/text/perplexity"] == report["text"]["perplexity"]
+  assert 0 <= report["text_to_image"]["clip_score"] <= 100 and "fid" not in report["text_to_image"]
 
 
 # ---- python -m tfusion.export and tfusion.load. ---------------------------------------------------

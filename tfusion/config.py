@@ -24,6 +24,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.sample_every = 500
   c.eval_every = 0               # held-out evaluation (tfusion.evaluate) every this many steps; 0 = off
   c.eval_examples = 64           # held-out images captioned and captions drawn per evaluation
+  c.eval_inception_weights = ""  # FID Inception-v3 safetensors (tfusion.models.inception); "" = no FID
+  c.eval_clip = ""               # Hugging Face CLIP directory (tfusion.models.clip); "" = no CLIP score
   c.max_to_keep = 3
   c.peak_tflops_per_device = 0.0  # MFU denominator; 0 = known peak of the device kind (CPU: measured)
   c.init_from = ""               # fine-tuning: start from the params (and tokenizer) of a training workdir's

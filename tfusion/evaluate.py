@@ -4,10 +4,16 @@ r"""Evaluate a training run: python -m tfusion.evaluate --workdir RUN [--step N]
                     packed into seq_len rows as in training)
   image-to-text     greedy captions of held-out images: CIDEr-D against their captions, and on the shapes
                     data the analytic checker's exact match and per-attribute accuracy
-  text-to-image     on the shapes data: images from held-out captions, scored by the analytic checker
+  text-to-image     images from held-out captions: on the shapes data scored by the analytic checker; FID
+                    against the held-out images with config.eval_inception_weights, CLIP score against the
+                    captions with config.eval_clip (user-supplied weights; see tfusion.models.inception / clip)
+
+FID here is over eval_examples images on each side (64 by default): strongly biased upwards at such counts, so
+compare runs at equal counts only; the paper's protocol is 30K COCO prompts.
 
 The report goes to <workdir>/eval/step_<N>.json; process 0 writes it.
 """
+import dataclasses
 import functools
 import json
 import os
@@ -18,9 +24,10 @@ import jax
 import numpy as np
 import optax
 
-from tfusion import decoding, distributed, generate, sharding
-from tfusion.data import prepared, sequence, shapes, text_corpus
+from tfusion import config as config_lib, decoding, distributed, generate, sharding
+from tfusion.data import mixture, prepared, sequence, text_corpus
 from tfusion.evaluation import metrics, shapes_checker
+from tfusion.models import clip as clip_lib, inception
 from tfusion.training import state as state_lib, step as step_lib
 
 
@@ -103,20 +110,54 @@ def caption_report(sampler: generate.Sampler, examples: list[dict], options, key
   return report
 
 
-def image_report(sampler: generate.Sampler, examples: list[dict], options, key) -> dict:
-  """On the shapes data: per-attribute accuracy of images generated from the examples' captions."""
+@dataclasses.dataclass(frozen=True)
+class ImageScorers:
+  """The networks of the weight-file metrics: FID Inception params and a CLIP model, each None when not given."""
+  inception_params: dict | None = None
+  clip: clip_lib.Clip | None = None
+
+  @classmethod
+  def from_config(cls, config) -> "ImageScorers":
+    """Loads config.eval_inception_weights and config.eval_clip; a bad file raises a ConfigError naming the field."""
+    def load(field, loader):
+      path = os.path.expanduser(config[field])
+      if not path:
+        return None
+      try:
+        return loader(path)
+      except (FileNotFoundError, ValueError) as e:
+        raise config_lib.ConfigError(f"config.{field}: {e}") from e
+    return cls(load("eval_inception_weights", inception.load_inception_params), load("eval_clip", clip_lib.load_clip))
+
+
+def image_report(sampler: generate.Sampler, examples: list[dict], options, key,
+                 scorers: ImageScorers = ImageScorers()) -> dict:
+  """Images generated from the examples' captions: on the shapes data the checker's per-attribute accuracy (and
+  its score on the true images), FID against the true images and CLIP score against the captions when the
+  scorers have weights."""
   truths = [e["caption"].decode("utf-8") for e in examples]
   scenes = [shapes_checker.parse_caption(t) for t in truths]
-  if not all(scenes):
+  if not all(scenes) and scorers == ImageScorers():
     return {}
   images = sampler.text_to_image(truths, options, key)
-  checks = [shapes_checker.check_image(image, scene) for image, scene in zip(images, scenes)]
-  reference = [shapes_checker.check_image(e["image"], s) for e, s in zip(examples, scenes)]
-  return dict(examples=len(examples), **{f"shapes_{k}": v for k, v in shapes_checker.accuracy(checks).items()},
-              reference_all=shapes_checker.accuracy(reference)["all"])
+  report = dict(examples=len(examples))
+  if all(scenes):
+    checks = [shapes_checker.check_image(image, scene) for image, scene in zip(images, scenes)]
+    reference = [shapes_checker.check_image(e["image"], s) for e, s in zip(examples, scenes)]
+    report.update({f"shapes_{k}": v for k, v in shapes_checker.accuracy(checks).items()},
+                  reference_all=shapes_checker.accuracy(reference)["all"])
+  if scorers.inception_params is not None:
+    real = np.stack([e["image"] for e in examples])
+    report["fid"] = metrics.feature_frechet_distance(
+        *(inception.inception_features(scorers.inception_params, x) for x in (np.asarray(images), real)))
+  if scorers.clip is not None:
+    report["clip_score"] = metrics.clip_score(scorers.clip.embed_images(np.asarray(images)),
+                                              scorers.clip.embed_texts(truths))
+  return report
 
 
-def evaluate(sampler: generate.Sampler, test_examples, step: int, num_examples: int = 64, seed: int = 0) -> dict:
+def evaluate(sampler: generate.Sampler, test_examples, step: int, num_examples: int = 64, seed: int = 0,
+             scorers: ImageScorers = ImageScorers()) -> dict:
   """The report of one checkpoint (see the module docstring); test_examples: random access
   {"image": uint8 [S, S, 3], "caption": bytes}."""
   config = sampler.config
@@ -128,7 +169,7 @@ def evaluate(sampler: generate.Sampler, test_examples, step: int, num_examples: 
   return dict(step=step,
               text=text_perplexity(sampler, held_out_documents(config, sampler.tokenizer)),
               image_to_text=caption_report(sampler, examples, options, caption_key),
-              text_to_image=image_report(sampler, examples, options, image_key))
+              text_to_image=image_report(sampler, examples, options, image_key, scorers))
 
 
 def write_report(workdir: str, report: dict) -> str:
@@ -150,9 +191,16 @@ def main(argv):
   distributed.start_command(argv, ("workdir",))
   args = flags.FLAGS
   sampler = generate.load(args.workdir, args.step)
-  test = shapes.load_shapes(os.path.expanduser(sampler.config.data.data_dir), "test", sampler.config.data.image_size)
-  step = args.step or max(int(s) for s in os.listdir(os.path.join(args.workdir, "checkpoints")) if s.isdigit())
-  report = evaluate(sampler, test, step, args.num_examples)
+  config = sampler.config
+  with config.unlocked():
+    for field in ("eval_inception_weights", "eval_clip"):
+      config[field] = args[field].value or config[field]
+  scorers = ImageScorers.from_config(config)
+  test = mixture.training_data(config, args.workdir, sampler.codec).sample_examples
+  if test is None:
+    raise config_lib.ConfigError(f"{args.workdir}: the run has no held-out images (config.data.sample_split = "
+                                 f"{config.data.sample_split!r})")
+  report = evaluate(sampler, test, sampler.step, args.num_examples, config.seed, scorers)
   path = write_report(args.workdir, report)
   logging.info("wrote %s", path)
   print(json.dumps({k: v for k, v in scalars(report).items()}, indent=2))
@@ -162,5 +210,7 @@ if __name__ == "__main__":
   flags.DEFINE_string("workdir", None, "Training run directory (config.json, tokenizer.model, checkpoints/).")
   flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
   flags.DEFINE_integer("num_examples", 64, "Held-out images captioned and captions drawn.")
+  flags.DEFINE_string("eval_inception_weights", "", "FID Inception-v3 safetensors (default: the run's config).")
+  flags.DEFINE_string("eval_clip", "", "Hugging Face CLIP directory (default: the run's config).")
   distributed.define_flags()
   app.run(main)

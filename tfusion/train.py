@@ -65,6 +65,7 @@ def train_and_evaluate(config, workdir: str) -> None:
   # --- Data. ------------------------------------------------------------------------------------
   codec = mixture.run_codec(config, workdir)
   data = mixture.training_data(config, workdir, codec)
+  scorers = evaluate.ImageScorers.from_config(config) if config.eval_every else evaluate.ImageScorers()
   tok = data.tokenizer
   special = sequence.SpecialIds.of(tok)
   model, layout = state_lib.model_and_layout(config, tok.vocab_size)
@@ -145,7 +146,7 @@ def train_and_evaluate(config, workdir: str) -> None:
         samples(step, state)
       if config.eval_every and (step % config.eval_every == 0 or is_last) and data.sample_examples is not None:
         sampler = generate.Sampler(config, state.params, tok, mesh, codec, step=step)
-        report = evaluate.evaluate(sampler, data.sample_examples, step, config.eval_examples, config.seed)
+        report = evaluate.evaluate(sampler, data.sample_examples, step, config.eval_examples, config.seed, scorers)
         evaluate.write_report(workdir, report)
         writer.write(step, evaluate.scalars(report))
   finally:  # also on errors and interrupts: finish writing the checkpoints already started

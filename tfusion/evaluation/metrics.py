@@ -5,7 +5,6 @@ import math
 import re
 
 import numpy as np
-from scipy import linalg
 
 CIDER_SIGMA = 6.0       # CIDEr-D's length penalty exp(-(len(c) - len(r))^2 / (2 sigma^2))
 CIDER_MAX_N = 4
@@ -60,18 +59,36 @@ def cider_d(candidates: list[str], references: list[list[str]]) -> tuple[float, 
 
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
-  """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)): the FID of two Gaussians (float64)."""
+  """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)): the FID of two Gaussians (float64).
+
+  tr (S1 S2)^(1/2) is the sum of the square roots of the eigenvalues of the symmetric S1^(1/2) S2 S1^(1/2),
+  which are those of S1 S2: two symmetric eigendecompositions, exact also for singular covariances (where a
+  general matrix square root of S1 S2 fails or needs a regulariser)."""
   mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
   sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
   if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
     raise ValueError(f"mismatched statistics: means {mu1.shape} vs {mu2.shape}, covariances {sigma1.shape} "
                      f"vs {sigma2.shape}")
-  root = linalg.sqrtm(sigma1 @ sigma2)
-  if not np.isfinite(root).all():   # a singular product: regularise both covariances
-    eps = 1e-6 * np.eye(len(sigma1))
-    root = linalg.sqrtm((sigma1 + eps) @ (sigma2 + eps))
-  root = np.real(root)
-  return float(np.sum((mu1 - mu2) ** 2) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(root))
+  values, vectors = np.linalg.eigh(sigma1)
+  root1 = (vectors * np.sqrt(np.maximum(values, 0))) @ vectors.T
+  product = root1 @ sigma2 @ root1
+  trace_root = np.sqrt(np.maximum(np.linalg.eigvalsh((product + product.T) / 2), 0)).sum()
+  return float(np.sum((mu1 - mu2) ** 2) + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_root)
+
+
+def feature_frechet_distance(x: np.ndarray, y: np.ndarray) -> float:
+  """frechet_distance of the gaussian_statistics of features x [N, d] and y [M, d], computed from the samples:
+  with centred A = x - mean, B = y - mean, S1 S2 = A^T A B^T B / ((N-1)(M-1)) has the nonzero eigenvalues of
+  (A B^T)^T (A B^T) / ((N-1)(M-1)), so tr (S1 S2)^(1/2) is the sum of the singular values of A B^T over
+  sqrt((N-1)(M-1)): an [N, M] problem instead of two [d, d] ones (64 images vs 2048 Inception features)."""
+  x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+  if x.shape[1:] != y.shape[1:] or x.ndim != 2 or min(len(x), len(y)) < 2:
+    raise ValueError(f"need two feature sets [N >= 2, d] of one width: got {x.shape} and {y.shape}")
+  a, b = x - x.mean(0), y - y.mean(0)
+  scale = (len(x) - 1) * (len(y) - 1)
+  trace_root = np.linalg.svd(a @ b.T, compute_uv=False).sum() / math.sqrt(scale)
+  traces = (a * a).sum() / (len(x) - 1) + (b * b).sum() / (len(y) - 1)
+  return float(np.sum((x.mean(0) - y.mean(0)) ** 2) + traces - 2 * trace_root)
 
 
 def gaussian_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
