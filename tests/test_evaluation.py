@@ -189,6 +189,14 @@ def test_fid_and_clip_score_hooks_load_user_weights(tmp_path):
   config.eval_inception_weights = str(tmp_path / "missing.safetensors")
   with pytest.raises(config_lib.ConfigError, match="config.eval_inception_weights: .*missing.safetensors"):
     evaluate.ImageScorers.from_config(config)
+  (tmp_path / "corrupt.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00not json")
+  config.eval_inception_weights = str(tmp_path / "corrupt.safetensors")
+  with pytest.raises(config_lib.ConfigError, match="config.eval_inception_weights: cannot load .*corrupt"):
+    evaluate.ImageScorers.from_config(config)
+  (tmp_path / "clip" / "tokenizer.json").write_text("{")
+  config.eval_inception_weights = ""
+  with pytest.raises(config_lib.ConfigError, match="config.eval_clip: cannot load"):
+    evaluate.ImageScorers.from_config(config)
 
 
 # ---- The ablation runner. -------------------------------------------------------------------------

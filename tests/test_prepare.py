@@ -13,7 +13,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from tfusion import codecs, config as config_lib, prepare as prepare_lib
-from tfusion.data import prepared, tokenizer as tokenizer_lib
+from tfusion.data import mixture, prepared, tokenizer as tokenizer_lib
 from tfusion.models import vae as vae_lib
 
 SIZE = 16
@@ -294,6 +294,10 @@ def test_training_on_a_prepared_mixture(prepared_mixture, tmp_path):
   assert (workdir / "tokenizer.model").read_bytes() == (prepared_mixture / "text" / prepared.TOKENIZER).read_bytes()
   assert (workdir / "samples" / "step_3" / "images.png").is_file()
   assert not os.path.exists(prepared_mixture / "unused_tfds" / "tfusion_shapes")   # the embedded data is not built
+  # Evaluation's held-out images: the sample split of the image source.
+  samples = mixture.sample_examples(config, codecs.IdentityCodec())
+  assert sorted(e["caption"] for e in samples.__getitems__(list(range(len(samples))))) == sorted(
+      f"a picture with blue {i}".encode() for i in range(16))
 
 
 def test_mixture_mismatches_name_the_source(prepared_mixture, tmp_path):

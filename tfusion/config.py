@@ -44,7 +44,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.remat_policy = "none"  # none | full | dots_saveable (on the scanned layers)
   c.model.attention = "dense"     # dense (einsum + mask) | chunked (query blocks) | dot_product (jax.nn)
   c.model.attention_chunk = 512   # query block length of the chunked attention
-  c.model.image_attention = "bidirectional"  # inside an image: bidirectional (the paper) | causal (Table 5 ablation)
+  c.model.image_attention = "bidirectional"  # inside an image: bidirectional (the paper) | causal (Table 5
+  #                                            ablation; in the transformer only: a U-Net encoder still mixes patches)
   c.model.patch_encoder = "linear"  # linear | unet
   c.model.unet_channels = (256, 512)  # U-Net width per resolution level (log2(patch_size) + 1 levels)
   c.model.unet_res_blocks = 2

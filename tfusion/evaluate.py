@@ -110,34 +110,40 @@ def caption_report(sampler: generate.Sampler, examples: list[dict], options, key
   return report
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class ImageScorers:
-  """The networks of the weight-file metrics: FID Inception params and a CLIP model, each None when not given."""
+  """The networks of the weight-file metrics: FID Inception params (on the default device) and a CLIP model,
+  each None when not given."""
   inception_params: dict | None = None
   clip: clip_lib.Clip | None = None
 
   @classmethod
   def from_config(cls, config) -> "ImageScorers":
-    """Loads config.eval_inception_weights and config.eval_clip; a bad file raises a ConfigError naming the field."""
+    """Loads config.eval_inception_weights and config.eval_clip; a file that fails to load (missing, corrupt,
+    wrong keys) raises a ConfigError naming the field."""
     def load(field, loader):
       path = os.path.expanduser(config[field])
       if not path:
         return None
       try:
         return loader(path)
-      except (FileNotFoundError, ValueError) as e:
-        raise config_lib.ConfigError(f"config.{field}: {e}") from e
-    return cls(load("eval_inception_weights", inception.load_inception_params), load("eval_clip", clip_lib.load_clip))
+      except Exception as e:  # safetensors and tokenizers raise their own exception types for corrupt files
+        raise config_lib.ConfigError(f"config.{field}: cannot load {path}: {e}") from e
+    inception_params = load("eval_inception_weights", inception.load_inception_params)
+    return cls(None if inception_params is None else jax.device_put(inception_params),
+               load("eval_clip", clip_lib.load_clip))
 
 
 def image_report(sampler: generate.Sampler, examples: list[dict], options, key,
                  scorers: ImageScorers = ImageScorers()) -> dict:
   """Images generated from the examples' captions: on the shapes data the checker's per-attribute accuracy (and
-  its score on the true images), FID against the true images and CLIP score against the captions when the
-  scorers have weights."""
+  its score on the true images), FID against the examples' images and CLIP score against the captions when the
+  scorers have weights. examples: [{"image": uint8 [S, S, 3], "caption": bytes}]; for a source that stores
+  only latents the examples' images are VAE reconstructions, so its FID is not comparable with a pixel
+  source's."""
   truths = [e["caption"].decode("utf-8") for e in examples]
   scenes = [shapes_checker.parse_caption(t) for t in truths]
-  if not all(scenes) and scorers == ImageScorers():
+  if not all(scenes) and scorers.inception_params is None and scorers.clip is None:
     return {}
   images = sampler.text_to_image(truths, options, key)
   report = dict(examples=len(examples))
@@ -194,9 +200,10 @@ def main(argv):
   config = sampler.config
   with config.unlocked():
     for field in ("eval_inception_weights", "eval_clip"):
-      config[field] = args[field].value or config[field]
+      if args[field].present:
+        config[field] = args[field].value
   scorers = ImageScorers.from_config(config)
-  test = mixture.training_data(config, args.workdir, sampler.codec).sample_examples
+  test = mixture.sample_examples(config, sampler.codec)
   if test is None:
     raise config_lib.ConfigError(f"{args.workdir}: the run has no held-out images (config.data.sample_split = "
                                  f"{config.data.sample_split!r})")
@@ -210,7 +217,8 @@ if __name__ == "__main__":
   flags.DEFINE_string("workdir", None, "Training run directory (config.json, tokenizer.model, checkpoints/).")
   flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
   flags.DEFINE_integer("num_examples", 64, "Held-out images captioned and captions drawn.")
-  flags.DEFINE_string("eval_inception_weights", "", "FID Inception-v3 safetensors (default: the run's config).")
-  flags.DEFINE_string("eval_clip", "", "Hugging Face CLIP directory (default: the run's config).")
+  flags.DEFINE_string("eval_inception_weights", "", "FID Inception-v3 safetensors (default: the run's config; "
+                      "'' = no FID).")
+  flags.DEFINE_string("eval_clip", "", "Hugging Face CLIP directory (default: the run's config; '' = no CLIP score).")
   distributed.define_flags()
   app.run(main)

@@ -55,6 +55,7 @@ def train_and_evaluate(config, workdir: str) -> None:
   """Train (or resume) the run in `workdir` to config.total_steps."""
   # --- Setup: validate before any compute, record the config. ---------------------------------
   config_lib.validate(config)
+  scorers = evaluate.ImageScorers.from_config(config) if config.eval_every else evaluate.ImageScorers()
   distributed.record_config(config, workdir)
 
   # --- Mesh. ------------------------------------------------------------------------------------
@@ -65,7 +66,6 @@ def train_and_evaluate(config, workdir: str) -> None:
   # --- Data. ------------------------------------------------------------------------------------
   codec = mixture.run_codec(config, workdir)
   data = mixture.training_data(config, workdir, codec)
-  scorers = evaluate.ImageScorers.from_config(config) if config.eval_every else evaluate.ImageScorers()
   tok = data.tokenizer
   special = sequence.SpecialIds.of(tok)
   model, layout = state_lib.model_and_layout(config, tok.vocab_size)

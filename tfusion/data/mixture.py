@@ -124,9 +124,8 @@ def _latents_fn(codec, pixels: bool):
 def _builtin_data(config, workdir, codec) -> TrainingData:
   """Shapes (or their cached latents) and the pydoc / .jsonl text stream, mixed by data.text_fraction."""
   data_dir = os.path.expanduser(config.data.data_dir)
-  train_images, test_images = distributed.chief_first("build shapes", lambda: (
-      shapes.load_shapes(data_dir, "train", config.data.image_size),
-      shapes.load_shapes(data_dir, "test", config.data.image_size)))
+  train_images = distributed.chief_first("build shapes", lambda: shapes.load_shapes(data_dir, "train",
+                                                                                    config.data.image_size))
   if config.data.codec == "vae":
     train_images = latent_cache.LatentSource(os.path.expanduser(config.data.latent_cache), "train")
   documents = text_corpus.load_text_documents(config.data.text_source)
@@ -142,7 +141,7 @@ def _builtin_data(config, workdir, codec) -> TrainingData:
   sources = [pipeline.Source("text", "text", text_ids, lambda ids: ids, config.data.text_fraction),
              pipeline.Source("images", "image_caption", train_images,
                              lambda e: (tok.encode(decode_caption(e)), latents(e)), 1 - config.data.text_fraction)]
-  return TrainingData(tok, sources, test_images)
+  return TrainingData(tok, sources, sample_examples(config, codec))
 
 
 def _check_prepared(config, name: str, manifest: dict, path: str, codec) -> None:
@@ -186,7 +185,6 @@ def _prepared_data(config, workdir, codec) -> TrainingData:
             for name, (e, _) in entries.items()}
   tokenized = {name: os.path.join(os.path.expanduser(e.path), prepared.TOKENIZER)
                for name, (e, m) in entries.items() if m["kind"] == "text"}
-  image_sets = [name for name, (_, m) in entries.items() if m["kind"] == "image_caption"]
   text_field = {"image_caption": "caption", "edit": "instruction"}
 
   def sample_texts():
@@ -202,21 +200,7 @@ def _prepared_data(config, workdir, codec) -> TrainingData:
   }
   sources = [pipeline.Source(name, m["kind"], inputs[name], prepare_fns[m["kind"]], e.weight)
              for name, (e, m) in entries.items()]
-  samples = None
-  for name in image_sets:
-    entry, manifest = entries[name]
-    if config.data.sample_split in manifest["splits"]:
-      prepared_samples = _prepared_split("config.data.sample_split", entry.path, config.data.sample_split)
-      wanted = max(config.sample.num_images, config.sample.num_captions)
-      if len(prepared_samples) < wanted:
-        raise config_lib.ConfigError(f"config.data.sample_split = {config.data.sample_split!r}: {entry.path} holds "
-                                     f"{len(prepared_samples)} examples, the samples show {wanted}")
-      samples = SampleImages(prepared_samples, codec)
-      break
-  if samples is None:
-    logging.warning("no image-caption source of config.data.mixture has a %r split: no samples are written",
-                    config.data.sample_split)
-  return TrainingData(tok, sources, samples)
+  return TrainingData(tok, sources, sample_examples(config, codec))
 
 
 class SampleImages:
@@ -230,6 +214,27 @@ class SampleImages:
 
   def __getitems__(self, indices) -> list[dict]:
     return [dict(caption=e["caption"], image=image_of(e, self.codec)) for e in self.source.__getitems__(indices)]
+
+
+def sample_examples(config, codec):
+  """The run's held-out images for samples and evaluation, random access {"caption": bytes, "image": uint8
+  [S, S, 3]} (latents decoded with the codec), or None: without a mixture the shapes test split, else the
+  data.sample_split of the first image-caption source that has one."""
+  if not config.data.mixture:
+    return distributed.chief_first("shapes test split", lambda: shapes.load_shapes(
+        os.path.expanduser(config.data.data_dir), "test", config.data.image_size))
+  for name, entry in config.data.mixture.items():
+    manifest = _read_manifest(name, entry.path)
+    if manifest["kind"] == "image_caption" and config.data.sample_split in manifest["splits"]:
+      samples = _prepared_split("config.data.sample_split", entry.path, config.data.sample_split)
+      wanted = max(config.sample.num_images, config.sample.num_captions)
+      if len(samples) < wanted:
+        raise config_lib.ConfigError(f"config.data.sample_split = {config.data.sample_split!r}: {entry.path} holds "
+                                     f"{len(samples)} examples, the samples show {wanted}")
+      return SampleImages(samples, codec)
+  logging.warning("no image-caption source of config.data.mixture has a %r split: no samples are written",
+                  config.data.sample_split)
+  return None
 
 
 def training_data(config, workdir: str, codec) -> TrainingData:

@@ -33,6 +33,10 @@ class TransformerConfig:
   attention_chunk: int = 512     # query block length for chunked attention
   image_attention: str = "bidirectional"  # bidirectional | causal (patches of one image in raster order)
 
+  def __post_init__(self):
+    if self.image_attention not in ("bidirectional", "causal"):
+      raise ValueError(f"image_attention must be 'bidirectional' or 'causal', got {self.image_attention!r}")
+
   @property
   def head_dim(self) -> int:
     return self.d_model // self.num_heads
