@@ -158,11 +158,44 @@ def test_text_perplexity_counts_every_held_out_target(run_dir):
   assert result["perplexity"] == pytest.approx(np.exp(total / result["text_targets"]), rel=1e-4)
 
 
+def test_held_out_image_loss_is_the_training_objective_at_fixed_timesteps(run_dir):
+  from tfusion import diffusion, evaluate   # pylint: disable=import-outside-toplevel
+  from tfusion.data import shapes   # pylint: disable=import-outside-toplevel
+  sampler = generate.load(run_dir)
+  test = shapes.load_shapes(sampler.config.data.data_dir, "test", sampler.config.data.image_size)
+  examples = test.__getitems__(list(range(5)))
+  result = evaluate.held_out_image_loss(sampler, examples, jax.random.key(3), timesteps=(200, 800), rows_per_batch=2)
+  assert set(result) == {"eps_mse", "eps_mse_t200", "eps_mse_t800"}
+  assert result["eps_mse"] == pytest.approx((result["eps_mse_t200"] + result["eps_mse_t800"]) / 2)
+  assert result == evaluate.held_out_image_loss(sampler, examples, jax.random.key(3), (200, 800), rows_per_batch=2)
+  # By hand, one document per row: noise each image at t with the same per-row noise, MSE of the predicted eps.
+  model, layout = evaluate.state_lib.model_and_layout(sampler.config, sampler.tokenizer.vocab_size)
+  special = evaluate.sequence.SpecialIds.of(sampler.tokenizer)
+  rows = evaluate.whole_document_rows([evaluate.sequence.image_caption_document(
+      sampler.tokenizer.encode(e["caption"].decode()), x, True, special, 1000, 1000)
+      for e, x in zip(examples, sampler.encode_images(np.stack([e["image"] for e in examples])))],
+      layout, special, 1000)
+  assert sum(int(r["image_valid"].sum()) for r in rows) == 5 and len(rows) > 1
+  ab = diffusion.make_alpha_bar("cosine", 1000)[200]
+  errors, per_batch = [], -(-2 // (sampler.mesh.shape["data"] * sampler.mesh.shape["fsdp"])) * (
+      sampler.mesh.shape["data"] * sampler.mesh.shape["fsdp"])     # rows_per_batch, rounded up to the mesh
+  for i, row in enumerate(rows):                                 # noise is drawn per batch of rows
+    start = i // per_batch * per_batch
+    eps = jax.random.normal(jax.random.fold_in(jax.random.key(3), start), (per_batch, *row["latents"].shape))
+    eps = np.asarray(eps)[i - start]
+    x_t = np.sqrt(ab) * row["latents"] + np.sqrt(1 - ab) * eps
+    _, eps_hat = model.apply({"params": jax.device_get(sampler.params)}, *[row[k][None] for k in (
+        "tokens", "segment_ids", "positions", "image_ids")], x_t[None], np.full((1, layout.max_images), 200))
+    errors += list(np.mean(np.square(np.asarray(eps_hat[0]) - eps), axis=(1, 2, 3))[row["image_valid"]])
+  assert result["eps_mse_t200"] == pytest.approx(np.mean(errors), rel=1e-4)
+
+
 def test_training_evaluates_every_eval_every_steps(run_dir):
   from tfusion.metrics import read_metrics   # pylint: disable=import-outside-toplevel
   evals = [m for m in read_metrics(run_dir) if "eval/text/perplexity" in m]
   assert [m["step"] for m in evals] == [6]
   assert evals[0]["eval/image_to_text/examples"] == 2 and evals[0]["eval/text_to_image/reference_all"] == 1.0
+  assert 0 < evals[0]["eval/image_loss/eps_mse_t900"] < evals[0]["eval/image_loss/eps_mse_t100"]
   assert 1 < evals[0]["eval/text/perplexity"] < 2 * 512
 
 
