@@ -222,7 +222,13 @@ def test_ablation_runner_on_a_two_by_two_toy(tmp_path):
   flops = table["lambda_1"]["numbers"]["flops_6nd"]["mean"]
   assert flops == 6 * table["lambda_1"]["numbers"]["params"]["mean"] * 2 * 8 * 64
   assert "eval/text/perplexity" in table["lambda_5"]["numbers"]
-  assert "| final/loss |" in open(f"{workdir}/results.md").read()
+  # lambda_5 against the baseline lambda_1, paired over the one seed both have.
+  paired = table["lambda_5"]["paired"]
+  assert paired["baseline"] == "lambda_1" and paired["seeds"] == [0] and "paired" not in table["lambda_1"]
+  assert paired["differences"]["final/loss"]["values"] == [
+      table["lambda_5"]["numbers"]["final/loss"]["values"][0] - loss["values"][0]]
+  markdown = open(f"{workdir}/results.md").read()
+  assert "| final/loss |" in markdown and "lambda_5 - lambda_1 (paired, 1 seeds)" in markdown
   # A finished cell is not rerun.
   before = os.path.getmtime(f"{workdir}/lambda_1/seed_0/metrics.jsonl")
   ablate.run_cell(ablation, workdir, "lambda_1", 0)

@@ -93,17 +93,30 @@ def _param_count(config, directory: str) -> int:
   return state_lib.count_params(shapes)
 
 
+def _summary(values: list[float]) -> dict:
+  return dict(mean=float(np.mean(values)), std=float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+              values=values)
+
+
 def collect(ablation, workdir: str) -> dict:
-  """results.json and results.md: per variant and number, mean, std (ddof 1) and the seeds it covers."""
-  table = {}
+  """results.json and results.md: per variant and number, mean, std (ddof 1) and the seeds it covers; for every
+  variant after the first (the baseline), the per-seed differences to the baseline over the seeds both have:
+  seeds move both arms alike (same data order, held-out split and noise), so paired differences are far less
+  noisy than the two means."""
+  table, cells = {}, {}
   for variant in ablation.variants:
-    cells = {seed: cell_numbers(ablation, workdir, variant, seed) for seed in ablation.seeds}
-    done = {seed: numbers for seed, numbers in cells.items() if numbers is not None}
+    numbers = {seed: cell_numbers(ablation, workdir, variant, seed) for seed in ablation.seeds}
+    cells[variant] = {seed: n for seed, n in numbers.items() if n is not None}
+    done = cells[variant]
     keys = sorted(set().union(*[n.keys() for n in done.values()])) if done else []
-    table[variant] = {"seeds": sorted(done), "missing_seeds": sorted(set(cells) - set(done)), "numbers": {
-        key: dict(mean=float(np.mean(values)), std=float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
-                  values=values)
-        for key in keys for values in [[done[s][key] for s in sorted(done) if key in done[s]]]}}
+    table[variant] = {"seeds": sorted(done), "missing_seeds": sorted(set(numbers) - set(done)), "numbers": {
+        key: _summary([done[s][key] for s in sorted(done) if key in done[s]]) for key in keys}}
+  baseline, *others = list(ablation.variants)
+  for variant in others:
+    seeds = sorted(set(cells[variant]) & set(cells[baseline]))
+    keys = sorted(set().union(*[cells[variant][s].keys() & cells[baseline][s].keys() for s in seeds])) if seeds else []
+    table[variant]["paired"] = {"baseline": baseline, "seeds": seeds, "differences": {
+        key: _summary([cells[variant][s][key] - cells[baseline][s][key] for s in seeds]) for key in keys}}
   with open(os.path.join(workdir, "results.json"), "w") as f:
     json.dump(table, f, indent=2)
   with open(os.path.join(workdir, "results.md"), "w") as f:
@@ -112,16 +125,20 @@ def collect(ablation, workdir: str) -> dict:
 
 
 def markdown_table(table: dict) -> str:
-  """Numbers as rows, variants as columns: "mean ± std (n seeds)"."""
+  """Numbers as rows; variants as columns ("mean ± std"), then each variant's paired difference to the
+  baseline ("mean ± std, n seeds")."""
   variants = list(table)
+  paired = [v for v in variants if "paired" in table[v]]
   keys = sorted(set().union(*[t["numbers"].keys() for t in table.values()]))
-  lines = ["| number | " + " | ".join(f"{v} ({len(table[v]['seeds'])} seeds)" for v in variants) + " |",
-           "|---|" + "---|" * len(variants)]
+  lines = ["| number | " + " | ".join(
+      [f"{v} ({len(table[v]['seeds'])} seeds)" for v in variants]
+      + [f"{v} - {table[v]['paired']['baseline']} (paired, {len(table[v]['paired']['seeds'])} seeds)"
+         for v in paired]) + " |",
+           "|---|" + "---|" * (len(variants) + len(paired))]
   for key in keys:
-    cells = []
-    for v in variants:
-      n = table[v]["numbers"].get(key)
-      cells.append("" if n is None else f"{n['mean']:.4g} ± {n['std']:.2g}")
+    summaries = [table[v]["numbers"].get(key) for v in variants]
+    summaries += [table[v]["paired"]["differences"].get(key) for v in paired]
+    cells = ["" if n is None else f"{n['mean']:.4g} ± {n['std']:.2g}" for n in summaries]
     lines.append(f"| {key} | " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"
 
