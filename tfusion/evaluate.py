@@ -83,6 +83,18 @@ def whole_document_rows(documents, layout: sequence.RowLayout, special: sequence
   return rows + [row.arrays()]
 
 
+def _row_batches(mesh, rows: list[dict], rows_per_batch: int):
+  """(index of the first row, batch) for rows_per_batch rows at a time (rounded up to a multiple of the mesh's
+  batch shards, the last batch padded with empty rows), each batch placed on the mesh."""
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  rows_per_batch = -(-rows_per_batch // shards) * shards
+  empty = {k: np.zeros_like(v) for k, v in rows[0].items()}
+  for start in range(0, len(rows), rows_per_batch):
+    part = rows[start:start + rows_per_batch]
+    part += [empty] * (rows_per_batch - len(part))
+    yield start, jax.device_put({k: np.stack([r[k] for r in part]) for k in part[0]}, sharding.batch_sharding(mesh))
+
+
 @functools.partial(jax.jit, static_argnames="model")
 def _text_loss(model, params, batch):
   """(summed cross-entropy over the text targets, their number)."""
@@ -99,16 +111,9 @@ def text_perplexity(sampler: generate.Sampler, documents, rows_per_batch: int = 
   config, tok = sampler.config, sampler.tokenizer
   model, layout = state_lib.model_and_layout(config, tok.vocab_size)
   rows = text_rows(documents, layout, sequence.SpecialIds.of(tok), config.diffusion.num_timesteps)
-  shards = sampler.mesh.shape["data"] * sampler.mesh.shape["fsdp"]
-  rows_per_batch = -(-rows_per_batch // shards) * shards
-  empty = {k: np.zeros_like(v) for k, v in rows[0].items()}
   loss_sum, targets = 0.0, 0
   with jax.set_mesh(sampler.mesh), nn.logical_axis_rules(sharding.RULES):
-    for start in range(0, len(rows), rows_per_batch):
-      part = rows[start:start + rows_per_batch]
-      part += [empty] * (rows_per_batch - len(part))
-      batch = jax.device_put({k: np.stack([r[k] for r in part]) for k in part[0]},
-                             sharding.batch_sharding(sampler.mesh))
+    for _, batch in _row_batches(sampler.mesh, rows, rows_per_batch):
       s, n = jax.device_get(_text_loss(model, sampler.params, batch))
       loss_sum, targets = loss_sum + float(s), targets + int(n)
   return dict(perplexity=metrics.perplexity(loss_sum, targets), text_targets=targets, documents=len(documents))
@@ -134,16 +139,9 @@ def held_out_image_loss(sampler: generate.Sampler, examples: list[dict], key, ti
                                                config.diffusion.num_timesteps, config.diffusion.num_timesteps)
                for e, x in zip(examples, latents)]
   rows = whole_document_rows(documents, layout, special, config.diffusion.num_timesteps)
-  shards = sampler.mesh.shape["data"] * sampler.mesh.shape["fsdp"]
-  rows_per_batch = -(-rows_per_batch // shards) * shards
-  empty = {k: np.zeros_like(v) for k, v in rows[0].items()}
   sums = {t: [0.0, 0] for t in timesteps}
   with jax.set_mesh(sampler.mesh), nn.logical_axis_rules(sharding.RULES):
-    for start in range(0, len(rows), rows_per_batch):
-      part = rows[start:start + rows_per_batch]
-      part += [empty] * (rows_per_batch - len(part))
-      batch = jax.device_put({k: np.stack([r[k] for r in part]) for k in part[0]},
-                             sharding.batch_sharding(sampler.mesh))
+    for start, batch in _row_batches(sampler.mesh, rows, rows_per_batch):
       eps = jax.random.normal(jax.random.fold_in(key, start), batch["latents"].shape, jnp.float32)
       for t in timesteps:
         s, n = jax.device_get(_image_loss(model, sampler.params, batch, jnp.full(batch["t_max"].shape, t), eps,
