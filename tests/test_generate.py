@@ -149,9 +149,9 @@ def test_text_perplexity_counts_every_held_out_target(run_dir):
   assert 1 < result["perplexity"] < sampler.tokenizer.vocab_size * 2     # a 6-step model: near uniform
   # The same computation by hand, one row at a time, without the mesh.
   import optax   # pylint: disable=import-outside-toplevel
-  total = 0.0
+  total, params, apply = 0.0, jax.device_get(sampler.params), jax.jit(model.apply)
   for r in rows:
-    logits, _ = model.apply({"params": jax.device_get(sampler.params)}, *[r[k][None] for k in (
+    logits, _ = apply({"params": params}, *[r[k][None] for k in (
         "tokens", "segment_ids", "positions", "image_ids", "latents", "t_max")])
     ce = optax.softmax_cross_entropy_with_integer_labels(logits[0, :-1], r["tokens"][1:])
     total += float((ce * r["text_loss_mask"][:-1]).sum())
