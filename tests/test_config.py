@@ -55,6 +55,7 @@ def test_experiment_argument_sets_the_image_size():
     ("seq_len", 100, "config.seq_len = 100: must hold one image (256 patches"),
     ("diffusion.image_first_max_t", 2000, "config.diffusion.image_first_max_t = 2000"),
     ("data.codec", "vqgan", "config.data.codec = 'vqgan': must be one of"),
+    ("model.image_attention", "sideways", "config.model.image_attention = 'sideways': must be one of"),
     ("mesh.ici_fsdp_parallelism", 0, "config.mesh.ici_fsdp_parallelism = 0"),
 ])
 def test_invalid_values_name_the_field(field, value, message):

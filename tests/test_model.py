@@ -7,7 +7,7 @@ import pytest
 
 from tfusion import config as config_lib, diffusion, sharding
 from tfusion.data import sequence
-from tfusion.models import patching, transfusion
+from tfusion.models import patching, transformer, transfusion
 from tfusion.training import optim, state as state_lib, step as step_lib
 from tests.helpers import SPECIAL, image_doc, packed_rows, text_doc
 
@@ -161,6 +161,8 @@ def test_causal_image_attention_patches_see_only_earlier_patches():
     other_logits, other_eps = apply[attention](params, *inputs)
     np.testing.assert_allclose(other_eps, eps, atol=1e-5)
     np.testing.assert_allclose(other_logits, logits, atol=1e-4)
+  with pytest.raises(ValueError, match="image_attention must be 'bidirectional' or 'causal', got 'sideways'"):
+    transformer.TransformerConfig(2, 32, 4, 64, image_attention="sideways")
   for corner, earlier_changes in (((-2, None), False), ((0, 2), True)):
     latents = batch["latents"].copy()
     latents[0, 0, slice(*corner), slice(*corner)] += 1.0                   # the last / first 2x2 patch
