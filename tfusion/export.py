@@ -25,7 +25,6 @@ import safetensors.numpy
 from tfusion import codecs, config as config_lib, distributed, generate
 from tfusion.data import tokenizer as tokenizer_lib
 from tfusion.models import vae as vae_lib
-from tfusion.training import optim, state as state_lib
 
 DTYPES = ("float32", "bfloat16")
 
@@ -75,11 +74,8 @@ def load(path: str, mesh=None) -> generate.Sampler:
     config = config_lib.from_json(f.read(), os.path.join(path, "config.json"))
   tok = tokenizer_lib.Tokenizer.load(os.path.join(path, "tokenizer.model"))
   mesh = mesh or generate.generation_mesh(config)
-  model, layout = state_lib.model_and_layout(config, tok.vocab_size)
-  tx, _ = optim.make_optimizer(config.optim, config.total_steps)
-  abstract, _ = state_lib.abstract_train_state(model, tx, state_lib.dummy_batch(1, layout), mesh)
   target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.dtype(info["dtype"]), sharding=a.sharding),
-                        abstract.params)
+                        generate.abstract_params(config, tok.vocab_size, mesh))
   with ocp.StandardCheckpointer() as checkpointer:
     params = checkpointer.restore(os.path.join(path, "params"), target)
   logging.info("loaded the export %s (step %d of %s, %s)", path, info["step"], info["workdir"], info["dtype"])

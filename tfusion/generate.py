@@ -118,14 +118,19 @@ def load(workdir: str, step: int | None = None, mesh=None) -> Sampler:
     if step not in steps:
       raise ValueError(f"no checkpoint for step {step} in {workdir}/checkpoints; saved steps: {sorted(steps)}")
     mesh = mesh or generation_mesh(config)
-    model, layout = state_lib.model_and_layout(config, tok.vocab_size)
-    tx, _ = optim.make_optimizer(config.optim, config.total_steps)
-    abstract, _ = state_lib.abstract_train_state(model, tx, state_lib.dummy_batch(1, layout), mesh)
-    params = ckpt.restore_params(step, abstract.params)
+    params = ckpt.restore_params(step, abstract_params(config, tok.vocab_size, mesh))
   finally:
     ckpt.close()
   logging.info("loaded step %d of %s", step, workdir)
   return Sampler(config, params, tok, mesh, codecs.make_codec(config.data, workdir), step=step)
+
+
+def abstract_params(config, vocab_size: int, mesh):
+  """The run's params as ShapeDtypeStructs with their shardings on `mesh`: the restore target of a checkpoint."""
+  model, layout = state_lib.model_and_layout(config, vocab_size)
+  tx, _ = optim.make_optimizer(config.optim, config.total_steps)
+  abstract, _ = state_lib.abstract_train_state(model, tx, state_lib.dummy_batch(1, layout), mesh)
+  return abstract.params
 
 
 def generation_mesh(config):
