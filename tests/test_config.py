@@ -1,5 +1,6 @@
 import glob
 import importlib.util
+import json
 import os
 
 import pytest
@@ -57,6 +58,10 @@ def test_experiment_argument_sets_the_image_size():
     ("data.codec", "vqgan", "config.data.codec = 'vqgan': must be one of"),
     ("model.image_attention", "sideways", "config.model.image_attention = 'sideways': must be one of"),
     ("mesh.ici_fsdp_parallelism", 0, "config.mesh.ici_fsdp_parallelism = 0"),
+    ("diffusion.prediction", "x0", "config.diffusion.prediction = 'x0': must be one of ('eps', 'v')"),
+    ("diffusion.min_snr_gamma", -1.0, "config.diffusion.min_snr_gamma = -1.0: must be >= 0"),
+    ("ema_decay", 1.0, "config.ema_decay = 1.0: must be in [0, 1)"),
+    ("model.decoder_head", "mlp", "config.model.decoder_head = 'mlp': must be one of ('linear', 'adaln_zero')"),
 ])
 def test_invalid_values_name_the_field(field, value, message):
   config = config_lib.default_config()
@@ -73,3 +78,24 @@ def test_unknown_field_is_rejected():
   config.model.depth = 3
   with pytest.raises(config_lib.ConfigError, match=r"config.model has unknown or missing fields: \['depth'\]"):
     config_lib.validate(config)
+
+
+def test_unet_refuses_the_linear_decoder_options():
+  config = config_lib.default_config()
+  config.model.patch_encoder, config.model.unet_channels, config.model.decoder_skip = "unet", (8, 16), True
+  with pytest.raises(config_lib.ConfigError, match="config.model.decoder_skip = True: applies to the linear patch"):
+    config_lib.validate(config)
+
+
+def test_a_recorded_config_without_newer_fields_keeps_the_behaviour_it_was_trained_with():
+  """A config.json written before diffusion.prediction, ema_decay, ... existed loads with the values of that
+  time (eps, no EMA, ...), not with today's defaults; recorded values win over both."""
+  recorded = config_lib.default_config()
+  assert (recorded.diffusion.prediction, recorded.ema_decay) == ("v", 0.9999)
+  old = json.loads(recorded.to_json())
+  for dotted in config_lib.VALUES_BEFORE_FIELD_EXISTED:
+    *group, name = dotted.split(".")
+    del (old[group[0]] if group else old)[name]
+  loaded = config_lib.from_json(json.dumps(old))
+  assert (loaded.diffusion.prediction, loaded.ema_decay, loaded.model.decoder_input) == ("eps", 0.0, "final_norm")
+  assert config_lib.from_json(recorded.to_json()).diffusion.prediction == "v"

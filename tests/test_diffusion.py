@@ -109,3 +109,59 @@ def test_classifier_free_guidance():
   np.testing.assert_array_equal(diffusion.guide(cond, uncond, 1.0), cond)
   np.testing.assert_array_equal(diffusion.guide(cond, uncond, 0.0), uncond)
   np.testing.assert_allclose(diffusion.guide(cond, uncond, 3.0), [2.0, 8.0])
+
+
+def test_v_target_and_its_eps_estimate():
+  """v = sqrt(a) eps - sqrt(1 - a) x0 (Salimans & Ho eq. 2); the exact v gives back the exact eps, and an error
+  in v reaches eps scaled by sqrt(a) (so not at all as alpha_bar -> 0)."""
+  rng = np.random.default_rng(0)
+  x0, eps = (jnp.asarray(rng.standard_normal((2, 4, 4, 3)), jnp.float32) for _ in range(2))
+  a = jnp.array([0.9, 1e-6], jnp.float32)
+  v = diffusion.prediction_target("v", x0, eps, a)
+  np.testing.assert_allclose(v[0], np.sqrt(0.9) * eps[0] - np.sqrt(0.1) * x0[0], rtol=1e-6)
+  x_t = diffusion.q_sample(x0, eps, a)
+  np.testing.assert_allclose(diffusion.eps_from_prediction("v", v, x_t, a), eps, atol=1e-5)
+  error = diffusion.eps_from_prediction("v", v + 1.0, x_t, a) - eps
+  np.testing.assert_allclose(error[0], np.sqrt(0.9), rtol=1e-5)
+  np.testing.assert_allclose(error[1], 1e-3, rtol=1e-3)
+  # eps prediction is the identity both ways.
+  assert diffusion.prediction_target("eps", x0, eps, a) is eps
+  assert diffusion.eps_from_prediction("eps", x0, x_t, a) is x0
+
+
+def test_min_snr_weights():
+  a = jnp.array([0.5, 0.9, 0.99])                    # SNR 1, 9, 99
+  np.testing.assert_array_equal(diffusion.loss_weights("eps", a, 0.0), [1, 1, 1])
+  np.testing.assert_allclose(diffusion.loss_weights("eps", a, 5.0), [1, 5 / 9, 5 / 99], rtol=1e-4)
+  np.testing.assert_allclose(diffusion.loss_weights("v", a, 5.0), [1 / 2, 5 / 10, 5 / 100], rtol=1e-4)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+@pytest.mark.parametrize("prediction,clip_x0", [("eps", 1.0), ("eps", 6.0), ("v", None), ("v", 6.0)])
+def test_default_chain_bounds_the_amplification_of_prediction_errors(sampler, prediction, clip_x0):
+  """At every step of the 250-step chain, an error of 0.1 per element in the model's output moves x_prev by at
+  most 0.1 (RMS): v outputs by construction, eps outputs with x0 clipped to the codec's range (pixels 1, latents
+  their measured range). Without the clip, eps errors at the first step (alpha_bar 2.4e-9 -> 3.9e-5) are
+  amplified about 127 times."""
+  ab = diffusion.cosine_alpha_bar(1000)
+  ts = diffusion.respaced_timesteps(1000, 250)
+  rng = np.random.default_rng(0)
+
+  def amplification(i, clip):
+    t, t_prev = ts[i], ts[i + 1]
+    x0 = rng.uniform(-1, 1, (16, 48)).astype(np.float32)
+    eps, noise, error = (rng.standard_normal((16, 48)).astype(np.float32) for _ in range(3))
+    a = jnp.full(16, ab[t], jnp.float32)
+    x_t = diffusion.q_sample(x0, eps, a)
+    output = diffusion.prediction_target(prediction, x0, eps, a)
+
+    def step(out):
+      eps_hat = diffusion.eps_from_prediction(prediction, out, x_t, a)
+      if sampler == "ddpm":
+        return diffusion.ddpm_step(x_t, eps_hat, ab[t], ab[t_prev], noise, clip)
+      return diffusion.ddim_step(x_t, eps_hat, ab[t], ab[t_prev], noise, 0.0, clip)
+    return float(jnp.sqrt(jnp.mean(jnp.square(step(output + 0.1 * error) - step(output))))) / 0.1
+
+  assert max(amplification(i, clip_x0) for i in range(len(ts) - 1)) < 1.0
+  if prediction == "eps":
+    assert amplification(0, None) > 100

@@ -236,3 +236,30 @@ def test_ablation_runner_on_a_two_by_two_toy(tmp_path):
   with pytest.raises(Exception, match="variants.lambda_1.model.no_such_field"):
     ablation.variants.lambda_1.model = ml_collections.ConfigDict({"no_such_field": 1})
     ablate.cell_config(ablation, "lambda_1", 0)
+
+
+def test_reference_denoisers_against_a_float64_computation():
+  """evaluate.reference_eps: the mean training image as x0, and the ideal denoiser of the training set (softmax
+  over -|x_t - sqrt(a) x_i|^2 / 2(1 - a) of the training latents x_i), written out in float64."""
+  import jax.numpy as jnp
+  from tfusion import evaluate
+  rng = np.random.default_rng(0)
+  train = rng.standard_normal((50, 2, 2, 3))
+  x0, eps = train[:3] + 0.01 * rng.standard_normal((3, 2, 2, 3)), rng.standard_normal((3, 2, 2, 3))
+  for a in (0.999, 0.5, 0.01):
+    x_t = np.sqrt(a) * x0 + np.sqrt(1 - a) * eps
+    mean_eps, ideal_eps = evaluate.reference_eps(jnp.asarray(x_t, jnp.float32), jnp.float32(a),
+                                                 jnp.asarray(train, jnp.float32))
+    flat, data = x_t.reshape(3, -1), train.reshape(50, -1)
+    logits = -((flat[:, None] - np.sqrt(a) * data[None]) ** 2).sum(-1) / (2 * (1 - a))
+    weights = np.exp(logits - logits.max(1, keepdims=True))
+    weights /= weights.sum(1, keepdims=True)
+    to_eps = lambda x0_hat: (flat - np.sqrt(a) * x0_hat) / np.sqrt(1 - a)  # noqa: E731
+    np.testing.assert_allclose(np.asarray(ideal_eps).reshape(3, -1), to_eps(weights @ data), rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(np.asarray(mean_eps).reshape(3, -1), to_eps(data.mean(0)), rtol=1e-4, atol=1e-4)
+  # At a training image at low noise the ideal denoiser finds it: its eps is almost the true one, the mean
+  # image's is far off.
+  x_t = np.sqrt(0.999) * train[:3] + np.sqrt(0.001) * eps
+  mean_eps, ideal_eps = evaluate.reference_eps(jnp.asarray(x_t, jnp.float32), jnp.float32(0.999),
+                                               jnp.asarray(train, jnp.float32))
+  assert np.mean((np.asarray(ideal_eps) - eps) ** 2) < 1e-3 < 10 < np.mean((np.asarray(mean_eps) - eps) ** 2)

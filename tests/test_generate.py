@@ -24,7 +24,7 @@ def run_dir(tmp_path_factory, data_dir):  # noqa: F811
 
 
 def cli_args(workdir, out, **overrides):
-  values = dict(workdir=workdir, step=None, mode="image", prompt=None, prompt_file=None, image=None, test_examples=0,
+  values = dict(workdir=workdir, step=None, weights="ema", mode="image", prompt=None, prompt_file=None, image=None, test_examples=0,
                 out=out, batch_size=8, seed=0, diffusion_steps=3, sampler="ddpm", ddim_eta=0.0, cfg_scale=3.0,
                 temperature=0.0, top_k=0, top_p=1.0, max_new_tokens=6, max_images=1)
   values.update(overrides)
@@ -71,12 +71,19 @@ def test_text_and_interleaved_modes(run_dir, tmp_path):
 
 
 def test_load_restores_only_the_saved_params_bit_for_bit(run_dir):
+  """The EMA of the params by default, the raw params on request, each equal to what the checkpoint holds."""
   sampler = generate.load(run_dir, step=3)
+  raw = generate.load(run_dir, step=3, weights="raw")
+  assert (sampler.weights, raw.weights) == ("ema", "raw")
   saved = ocp.StandardCheckpointer().restore(os.path.join(run_dir, "checkpoints", "3", "state"))
-  jax.tree.map(np.testing.assert_array_equal, jax.device_get(sampler.params), saved["params"])
-  latest = generate.load(run_dir)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(sampler.params), saved["ema_params"])
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(raw.params), saved["params"])
   leaf = lambda p: np.asarray(p["lm_head"]["kernel"])  # noqa: E731
+  assert not np.array_equal(leaf(sampler.params), leaf(raw.params))
+  latest = generate.load(run_dir)
   assert not np.array_equal(leaf(latest.params), leaf(sampler.params))   # step 6, not 3
+  with pytest.raises(ValueError, match="weights = 'best': one of"):
+    generate.load(run_dir, weights="best")
 
 
 def test_bad_inputs_are_named(run_dir, tmp_path):
@@ -225,7 +232,7 @@ def test_export_round_trip_generates_what_the_run_generates(run_dir, tmp_path):
   out = export.export(run_dir, str(tmp_path / "export"))
   assert sorted(os.listdir(out)) == ["config.json", "export.json", "model.safetensors", "params", "tokenizer.model"]
   run, exported = generate.load(run_dir), tfusion.load(out)
-  assert exported.step == run.step == 6
+  assert exported.step == run.step == 6 and exported.weights == run.weights == "ema"
   flat = safetensors.numpy.load_file(os.path.join(out, "model.safetensors"))
   want = export.flat_params(run.params)
   assert flat.keys() == want.keys() and all(np.array_equal(flat[k], want[k]) for k in want)
@@ -238,6 +245,9 @@ def test_export_round_trip_generates_what_the_run_generates(run_dir, tmp_path):
   with pytest.raises(FileExistsError, match="already holds an export"):
     export.export(run_dir, out)
 
+  raw = tfusion.load(export.export(run_dir, str(tmp_path / "raw"), weights="raw"))
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(raw.params),
+               jax.device_get(generate.load(run_dir, weights="raw").params))
   half = tfusion.load(export.export(run_dir, str(tmp_path / "bf16"), dtype="bfloat16"))
   assert {leaf.dtype for leaf in jax.tree.leaves(half.params)} == {jax.numpy.dtype("bfloat16")}
   assert len(half.caption(images, options, key)) == 2

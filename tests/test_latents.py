@@ -117,6 +117,9 @@ def test_cache_holds_the_codec_and_equals_encoding_on_the_fly(cache, vae_run, da
   normalized = codec.normalize(train_latents).reshape(-1, 4)
   np.testing.assert_allclose(normalized.mean(0), 0, atol=1e-4)
   np.testing.assert_allclose(normalized.std(0), 1, atol=1e-4)
+  # value_range is the largest |normalised train latent|: what the sampler clips its x0 estimates to.
+  assert metadata["value_range"] == pytest.approx(np.abs(normalized).max(), rel=1e-4)
+  assert codec.value_range == metadata["value_range"]
 
 
 def test_encoding_again_keeps_the_cache(cache, vae_run, data_dir):  # noqa: F811

@@ -241,6 +241,8 @@ def test_latents_are_the_vae_encoding_with_train_statistics(image_folder, tiny_v
   metadata = codecs.read_codec_metadata(str(tmp_path / "latents"))
   np.testing.assert_allclose(metadata["shift"], raw.reshape(-1, 4).mean(0), atol=1e-5)
   np.testing.assert_allclose(metadata["scale"], raw.reshape(-1, 4).std(0), rtol=1e-4)
+  normalized = (raw.reshape(-1, 4) - raw.reshape(-1, 4).mean(0)) / raw.reshape(-1, 4).std(0)
+  assert metadata["value_range"] == pytest.approx(np.abs(normalized).max(), rel=1e-4)
 
 
 def test_bad_settings_name_the_field(tmp_path):

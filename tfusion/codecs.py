@@ -16,6 +16,7 @@ import json
 import os
 from typing import Any
 
+from absl import logging
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -92,7 +93,7 @@ class VaeCodec:
   scale: np.ndarray           # [c]
   metadata: dict              # what codec.json records
   name: str = "vae"
-  value_range: float | None = None
+  value_range: float | None = None   # the largest |normalised latent| measured on the training images
 
   def raw_latents(self, images: np.ndarray) -> np.ndarray:
     """uint8 [N, S, S, 3] -> posterior means [N, S/f, S/f, c] float32, before normalisation."""
@@ -154,15 +155,20 @@ def load_vae(path: str) -> tuple[vae_lib.VAEConfig, Any, dict]:
                           f"checkpoints/) nor a diffusers AutoencoderKL directory or .safetensors file")
 
 
-def vae_codec(path: str, shift=None, scale=None, measured: dict | None = None) -> VaeCodec:
-  """The codec of the VAE at `path`; without shift and scale, raw latents (shift 0, scale 1)."""
+def vae_codec(path: str, shift=None, scale=None, measured: dict | None = None,
+              value_range: float | None = None) -> VaeCodec:
+  """The codec of the VAE at `path`; without shift and scale, raw latents (shift 0, scale 1). value_range: the
+  largest |normalised latent| of the training images, if measured."""
   vae, params, provenance = load_vae(path)
   c = vae.latent_channels
   shift = np.zeros(c, np.float32) if shift is None else np.asarray(shift, np.float32).reshape(c)
   scale = np.ones(c, np.float32) if scale is None else np.asarray(scale, np.float32).reshape(c)
   metadata = dict(codec="vae", **provenance, latent_channels=c, downsample=vae.downsample,
                   shift=shift.tolist(), scale=scale.tolist(), **(measured or {}))
-  return VaeCodec(vae, jax.device_put(params, _local_shardings()[0]), shift, scale, metadata)
+  if value_range is not None:
+    metadata["value_range"] = value_range
+  return VaeCodec(vae, jax.device_put(params, _local_shardings()[0]), shift, scale, metadata,
+                  value_range=value_range)
 
 
 def read_codec_metadata(path: str) -> dict:
@@ -175,8 +181,11 @@ def read_codec_metadata(path: str) -> dict:
 
 
 def codec_from_metadata(metadata: dict) -> VaeCodec:
+  if "value_range" not in metadata:
+    logging.warning("the codec of %s records no value_range (latents encoded by an older tfusion): sampled x0 "
+                    "estimates are not clipped; encode the latents again to measure it", metadata["vae"])
   return vae_codec(metadata["vae"], metadata["shift"], metadata["scale"],
-                   {k: metadata[k] for k in ("images_measured",) if k in metadata})
+                   {k: metadata[k] for k in ("images_measured",) if k in metadata}, metadata.get("value_range"))
 
 
 def latent_shape(data_config) -> tuple[int, int, int]:

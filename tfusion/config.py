@@ -9,6 +9,7 @@ import json
 import ml_collections
 
 from tfusion import diffusion
+from tfusion.models import patching
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -27,6 +28,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.eval_inception_weights = ""  # FID Inception-v3 safetensors (tfusion.models.inception); "" = no FID
   c.eval_clip = ""               # Hugging Face CLIP directory (tfusion.models.clip); "" = no CLIP score
   c.max_to_keep = 3
+  c.ema_decay = 0.9999           # EMA of the params (warmed up), used by samples, evaluation, generate and export;
+  #                                0 = off (the paper states none)
   c.peak_tflops_per_device = 0.0  # MFU denominator; 0 = known peak of the device kind (CPU: measured)
   c.init_from = ""               # fine-tuning: start from the params (and tokenizer) of a training workdir's
   #                                latest checkpoint or of <workdir>/checkpoints/<step>; fresh optimizer and data
@@ -49,12 +52,19 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.patch_encoder = "linear"  # linear | unet
   c.model.unet_channels = (256, 512)  # U-Net width per resolution level (log2(patch_size) + 1 levels)
   c.model.unet_res_blocks = 2
+  c.model.decoder_input = "final_norm"  # the patch decoder reads the final RMSNorm's output (as the LM head) |
+  #                                       pre_norm: the residual stream before it
+  c.model.decoder_head = "linear"       # linear patch decoder: linear | adaln_zero (DiT's timestep-modulated final layer)
+  c.model.decoder_skip = False          # linear patch decoder: add a timestep-gated copy of the noisy input patch
 
   c.diffusion = ml_collections.ConfigDict()
   c.diffusion.num_timesteps = 1000
   c.diffusion.schedule = "cosine"
   c.diffusion.loss_weight = 5.0          # lambda in L = L_LM + lambda * L_DDPM
   c.diffusion.image_first_max_t = 500    # noise limiting cap for image-before-caption pairs
+  c.diffusion.prediction = "v"           # the patch decoder predicts v (velocity; ours, see docs/results.md) |
+  #                                        eps (the paper; paper_config keeps it)
+  c.diffusion.min_snr_gamma = 0.0        # Min-SNR-gamma weighting of the image MSE; 0 = off (the paper)
 
   c.data = ml_collections.ConfigDict()
   c.data.data_dir = "~/tensorflow_datasets"
@@ -137,6 +147,7 @@ def paper_config(size: str, patch_encoder: str = "linear") -> ml_collections.Con
   c.model.unet_channels = (512, 1024)    # ~0.27B encoder + decoder, as the paper's U-Net
   c.model.unet_res_blocks = 3
   c.model.dtype = "bfloat16"
+  c.diffusion.prediction = "eps"         # the paper's parameterisation (x0 estimates clipped to the codec's range)
   c.model.remat_policy = "full"
   c.model.attention = "chunked"
   c.model.attention_chunk = 1024
@@ -172,6 +183,7 @@ def shapes_demo_config(image_size: int = 32) -> ml_collections.ConfigDict:
   c.optim.lr = 2e-3
   c.optim.warmup_steps = 50
   c.sample.diffusion_steps = 250
+  c.ema_decay = 0.999            # a 1000-step run: the average spans the last ~1000 updates
   return c
 
 
@@ -299,17 +311,38 @@ _CHOICES = {
     "model.attention": ("dense", "chunked", "dot_product"),
     "model.image_attention": ("bidirectional", "causal"),
     "model.patch_encoder": ("linear", "unet"),
+    "model.decoder_input": ("final_norm", "pre_norm"),
+    "model.decoder_head": patching.DECODER_HEADS,
+    "diffusion.prediction": diffusion.PREDICTIONS,
     "diffusion.schedule": diffusion.SCHEDULES,
     "data.codec": ("identity", "vae"),
     "sample.sampler": ("ddpm", "ddim"),
 }
 
 
+# Fields added after runs were first recorded, with the value that reproduces those runs: a recorded config
+# without the field was written when tfusion behaved this way, whatever today's default is.
+VALUES_BEFORE_FIELD_EXISTED = {
+    "ema_decay": 0.0,
+    "model.decoder_input": "final_norm",
+    "model.decoder_head": "linear",
+    "model.decoder_skip": False,
+    "diffusion.prediction": "eps",
+    "diffusion.min_snr_gamma": 0.0,
+}
+
+
 def from_json(text: str, source: str = "config.json",
               defaults: ml_collections.ConfigDict | None = None) -> ml_collections.ConfigDict:
-  """The config a run recorded (ConfigDict.to_json), over today's defaults (default_config() unless
-  given); ConfigError names a field the defaults do not have."""
-  config = default_config() if defaults is None else defaults
+  """The config a run recorded (ConfigDict.to_json), over today's defaults (default_config() unless given, with
+  VALUES_BEFORE_FIELD_EXISTED for the fields the record lacks); ConfigError names a field the defaults do not
+  have."""
+  config = defaults
+  if config is None:
+    config = default_config()
+    for dotted, value in VALUES_BEFORE_FIELD_EXISTED.items():
+      *group, name = dotted.split(".")
+      (config[group[0]] if group else config)[name] = value
   for group, values in json.loads(text).items():
     if group not in config:
       raise ConfigError(f"{source}: unknown field {group!r}")
@@ -372,6 +405,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
   if config.diffusion.loss_weight < 0:
     fail("diffusion.loss_weight", "must be >= 0")
+  if config.diffusion.min_snr_gamma < 0:
+    fail("diffusion.min_snr_gamma", "must be >= 0 (0 = off)")
+  if not 0.0 <= config.ema_decay < 1.0:
+    fail("ema_decay", "must be in [0, 1) (0 = no EMA)")
+  if config.model.patch_encoder == "unet":
+    for field, plain in (("decoder_head", "linear"), ("decoder_skip", False)):
+      if config.model[field] != plain:
+        fail(f"model.{field}", "applies to the linear patch decoder only (model.patch_encoder = 'linear')")
   if not 1 <= config.diffusion.image_first_max_t <= config.diffusion.num_timesteps:
     fail("diffusion.image_first_max_t", "must be in [1, diffusion.num_timesteps]")
   if config.sample.diffusion_steps > config.diffusion.num_timesteps:

@@ -310,8 +310,8 @@ def image_phase(model, params, state: DecodeState, special, task: Task, alpha_ba
   def denoise(i, carry):
     x, memory = carry
     t, t_prev = timesteps[i], timesteps[i + 1]
-    _, eps, memory = memory.feed(model, params, image_block(x, t), with_logits=False)
-    eps = eps[:, 0]
+    _, output, memory = memory.feed(model, params, image_block(x, t), with_logits=False)
+    eps = diffusion.eps_from_prediction(cfg.prediction, output[:, 0], x, alpha_bar[t])
     if guided:
       eps = diffusion.guide(eps[:half], eps[half:], cfg_scale)
       eps = jnp.concatenate([eps, eps])

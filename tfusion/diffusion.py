@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 SCHEDULES = ("cosine", "linear")
+PREDICTIONS = ("eps", "v")   # what the patch decoder outputs (see prediction_target)
 
 
 def cosine_alpha_bar(num_timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> np.ndarray:
@@ -47,10 +48,47 @@ def sample_timesteps(key: jax.Array, t_max: jax.Array) -> jax.Array:
   return jnp.minimum(jnp.floor(u * t_max).astype(jnp.int32) + 1, t_max)
 
 
+def _per_image(alpha_bar_t, x):
+  """alpha_bar_t [N] (or a scalar) broadcast against x [N, ...]."""
+  alpha_bar_t = jnp.asarray(alpha_bar_t)
+  return alpha_bar_t.reshape(alpha_bar_t.shape + (1,) * (x.ndim - alpha_bar_t.ndim)).astype(x.dtype)
+
+
 def q_sample(x0: jax.Array, eps: jax.Array, alpha_bar_t: jax.Array) -> jax.Array:
   """x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps.  x0, eps: [N, ...]; alpha_bar_t: [N]."""
-  a = alpha_bar_t.reshape(alpha_bar_t.shape + (1,) * (x0.ndim - alpha_bar_t.ndim)).astype(x0.dtype)
+  a = _per_image(alpha_bar_t, x0)
   return jnp.sqrt(a) * x0 + jnp.sqrt(1 - a) * eps
+
+
+def prediction_target(prediction: str, x0, eps, alpha_bar_t):
+  """What the patch decoder learns to output, by its MSE: eps (the paper) or the velocity
+  v = sqrt(a_t) eps - sqrt(1 - a_t) x0 (Salimans & Ho 2022). x0, eps: [N, ...]; alpha_bar_t: [N]."""
+  if prediction == "eps":
+    return eps
+  a = _per_image(alpha_bar_t, x0)
+  return jnp.sqrt(a) * eps - jnp.sqrt(1 - a) * x0
+
+
+def eps_from_prediction(prediction: str, output, x_t, alpha_bar_t):
+  """The eps estimate of a decoder output: itself, or sqrt(a_t) v + sqrt(1 - a_t) x_t for v.
+
+  With v, eps_hat -> x_t as alpha_bar -> 0 whatever the network outputs, so the near-pure-noise
+  steps need no exact copy of x_t through the transformer. output, x_t: [N, ...]; alpha_bar_t: [N].
+  """
+  if prediction == "eps":
+    return output
+  a = _per_image(alpha_bar_t, x_t)
+  return jnp.sqrt(a) * output + jnp.sqrt(1 - a) * x_t
+
+
+def loss_weights(prediction: str, alpha_bar_t, min_snr_gamma: float):
+  """Per-image weights of the decoder MSE: 1, or Min-SNR-gamma (Hang et al. 2023), which weights every
+  t like an x0 loss capped at SNR = gamma: min(SNR, gamma) / SNR for eps, min(SNR, gamma) / (SNR + 1)
+  for v. alpha_bar_t: [...] -> [...] float32; gamma 0 = off."""
+  if not min_snr_gamma:
+    return jnp.ones_like(alpha_bar_t, jnp.float32)
+  snr = alpha_bar_t / (1 - alpha_bar_t)
+  return jnp.minimum(snr, min_snr_gamma) / (snr if prediction == "eps" else snr + 1)
 
 
 def respaced_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:

@@ -4,7 +4,8 @@ r"""Encode the image-caption dataset once with a frozen VAE, for training on cac
 
 Reads config.data (image_size, data_dir, vae, latent_cache), encodes the train and test splits into
 config.data.latent_cache (see tfusion.data.latent_cache) and measures the per-channel latent shift and
-scale on the train split. A cache already written with the same VAE checkpoint and image size is kept.
+scale, and the range of the normalised latents, on the train split. A cache already written with the same VAE
+checkpoint and image size (and these statistics) is kept.
 """
 import os
 
@@ -34,8 +35,9 @@ def encode_dataset(config) -> dict:
   codecs.check_latent_shape(codec, data)
   if os.path.isfile(os.path.join(cache, codecs.CODEC_FILE)):
     existing = codecs.read_codec_metadata(cache)
-    if all(existing.get(k) == v for k, v in dict(codec.metadata, image_size=data.image_size).items()
-           if k in ("vae", "vae_step", "image_size")):
+    same = all(existing.get(k) == v for k, v in dict(codec.metadata, image_size=data.image_size).items()
+               if k in ("vae", "vae_step", "image_size"))
+    if same and "value_range" in existing:
       logging.info("latent cache %s is up to date (VAE %s step %s)", cache, existing["vae"], existing["vae_step"])
       return existing
   os.makedirs(cache, exist_ok=True)
@@ -46,12 +48,12 @@ def encode_dataset(config) -> dict:
     for split, source in sources.items():
       moments[split] = latent_cache.encode_split(codec, source, latent_cache.split_path(cache, split),
                                                  progress=progress)
-  shift, scale = moments["train"].mean_std()
-  metadata = dict(codec.metadata, shift=shift.tolist(), scale=scale.tolist(), image_size=data.image_size,
+  metadata = dict(codec.metadata, **moments["train"].codec_statistics(), image_size=data.image_size,
                   images_measured=len(sources["train"]), splits={s: len(src) for s, src in sources.items()})
   latent_cache.write_metadata(cache, metadata)
-  logging.info("encoded %s into %s; latent mean %s, std %s", dict(metadata["splits"]), cache,
-               np.round(shift, 3).tolist(), np.round(scale, 3).tolist())
+  logging.info("encoded %s into %s; latent mean %s, std %s, normalised range +-%.2f", dict(metadata["splits"]),
+               cache, np.round(metadata["shift"], 3).tolist(), np.round(metadata["scale"], 3).tolist(),
+               metadata["value_range"])
   return metadata
 
 

@@ -27,14 +27,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from tfusion import config as config_lib, decoding, distributed, generate, sharding
+from tfusion import config as config_lib, decoding, diffusion, distributed, generate, sharding
 from tfusion.data import mixture, prepared, sequence, text_corpus
 from tfusion.evaluation import metrics, shapes_checker
 from tfusion.models import clip as clip_lib, inception
 from tfusion.training import state as state_lib, step as step_lib
 
 
-IMAGE_LOSS_TIMESTEPS = (100, 300, 500, 700, 900)
+IMAGE_LOSS_TIMESTEPS = (100, 300, 500, 700, 900, 990)
 
 
 def held_out_documents(config, tokenizer) -> list[np.ndarray]:
@@ -121,16 +121,36 @@ def text_perplexity(sampler: generate.Sampler, documents, rows_per_batch: int = 
 
 @functools.partial(jax.jit, static_argnames="model")
 def _image_loss(model, params, batch, t, eps, alpha_bar):
-  """(summed per-image eps MSE over the real images, their number) at timesteps t [B, M]."""
-  _, image_sum = step_lib.loss_sums(params, batch, t, eps, model=model, alpha_bar=alpha_bar)
-  return image_sum, batch["image_valid"].sum()
+  """(summed per-image eps MSE over the real images, their number) at timesteps t [B, M]; a v decoder's eps
+  estimate is derived from its v."""
+  _, output, x_t = step_lib.forward(params, batch, t, eps, model=model, alpha_bar=alpha_bar)
+  eps_hat = diffusion.eps_from_prediction(model.cfg.prediction, output, x_t, alpha_bar[t])
+  per_image = jnp.mean(jnp.square(eps_hat - eps), axis=(2, 3, 4))
+  return (per_image * batch["image_valid"]).sum(), batch["image_valid"].sum()
+
+
+@jax.jit
+def reference_eps(x_t, alpha_bar_t, train_latents):
+  """eps estimates of two reference denoisers at noise level alpha_bar_t (a scalar), for x_t [N, h, w, c]:
+  the mean training image as x0, and the ideal denoiser of the training set, whose x0 is the posterior mean
+  over train_latents [K, h, w, c] (the exact minimiser of the training loss on that set). -> (mean, ideal)."""
+  x = x_t.reshape(x_t.shape[0], -1)
+  train = train_latents.reshape(train_latents.shape[0], -1)
+  root_a, var = jnp.sqrt(alpha_bar_t), 1.0 - alpha_bar_t
+  distances = (jnp.sum(x * x, 1, keepdims=True) - 2 * root_a * x @ train.T + alpha_bar_t * jnp.sum(train * train, 1))
+  x0_ideal = jax.nn.softmax(-distances / (2 * var), axis=-1) @ train
+  x0_mean = jnp.mean(train, axis=0, keepdims=True)
+  to_eps = lambda x0: ((x - root_a * x0) / jnp.sqrt(var)).reshape(x_t.shape)  # noqa: E731
+  return to_eps(x0_mean), to_eps(x0_ideal)
 
 
 def held_out_image_loss(sampler: generate.Sampler, examples: list[dict], key, timesteps=IMAGE_LOSS_TIMESTEPS,
-                        rows_per_batch: int = 8) -> dict:
-  """The training objective's eps MSE on held-out [BOS caption (image) EOS] documents, at each of `timesteps`
-  with noise fixed by `key` (the same for every t and every run given the key): a low-variance image metric
-  for runs whose samples are not yet judged by FID or the checker. -> {"eps_mse": mean over t, "eps_mse_t<t>"}."""
+                        rows_per_batch: int = 8, train_latents: np.ndarray | None = None) -> dict:
+  """The eps MSE of held-out [BOS caption (image) EOS] documents (the paper's training objective), at each of
+  `timesteps` with noise fixed by `key` (the same for every t and every run given the key): a low-variance image
+  metric for runs whose samples are not yet judged by FID or the checker. -> {"eps_mse": mean over t,
+  "eps_mse_t<t>"}; with train_latents [K, h, w, c] also the reference_eps denoisers' "mean_image_eps_mse_t<t>"
+  and "ideal_eps_mse_t<t>" on the same noisy images."""
   config, tok = sampler.config, sampler.tokenizer
   model, layout = state_lib.model_and_layout(config, tok.vocab_size)
   special = sequence.SpecialIds.of(tok)
@@ -139,16 +159,25 @@ def held_out_image_loss(sampler: generate.Sampler, examples: list[dict], key, ti
                                                config.diffusion.num_timesteps, config.diffusion.num_timesteps)
                for e, x in zip(examples, latents)]
   rows = whole_document_rows(documents, layout, special, config.diffusion.num_timesteps)
-  sums = {t: [0.0, 0] for t in timesteps}
+  names = ["eps_mse"] + ([] if train_latents is None else ["mean_image_eps_mse", "ideal_eps_mse"])
+  sums = {(name, t): 0.0 for name in names for t in timesteps}
+  count = 0
   with jax.set_mesh(sampler.mesh), nn.logical_axis_rules(sharding.RULES):
     for start, batch in _row_batches(sampler.mesh, rows, rows_per_batch):
       eps = jax.random.normal(jax.random.fold_in(key, start), batch["latents"].shape, jnp.float32)
+      valid = np.asarray(batch["image_valid"])
+      count += int(valid.sum())
       for t in timesteps:
-        s, n = jax.device_get(_image_loss(model, sampler.params, batch, jnp.full(batch["t_max"].shape, t), eps,
+        s, _ = jax.device_get(_image_loss(model, sampler.params, batch, jnp.full(batch["t_max"].shape, t), eps,
                                           sampler.alpha_bar))
-        sums[t] = [sums[t][0] + float(s), sums[t][1] + int(n)]
-  per_t = {f"eps_mse_t{t}": s / n for t, (s, n) in sums.items()}
-  return dict(eps_mse=float(np.mean(list(per_t.values()))), **per_t)
+        sums["eps_mse", t] += float(s)
+        if train_latents is not None:
+          clean, noise = np.asarray(batch["latents"])[valid], np.asarray(eps)[valid]
+          x_t = diffusion.q_sample(clean, noise, np.full(len(clean), sampler.alpha_bar[t], np.float32))
+          for name, eps_hat in zip(names[1:], reference_eps(x_t, np.float32(sampler.alpha_bar[t]), train_latents)):
+            sums[name, t] += float(jnp.sum(jnp.mean(jnp.square(eps_hat - noise), axis=(1, 2, 3))))
+  report = {f"{name}_t{t}": total / count for (name, t), total in sums.items()}
+  return dict(eps_mse=float(np.mean([report[f"eps_mse_t{t}"] for t in timesteps])), **report)
 
 
 def caption_report(sampler: generate.Sampler, examples: list[dict], options, key) -> dict:
@@ -218,20 +247,30 @@ def image_report(sampler: generate.Sampler, examples: list[dict], options, key,
 
 
 def evaluate(sampler: generate.Sampler, test_examples, step: int, num_examples: int = 64, seed: int = 0,
-             scorers: ImageScorers = ImageScorers()) -> dict:
+             scorers: ImageScorers = ImageScorers(), train_latents: np.ndarray | None = None) -> dict:
   """The report of one checkpoint (see the module docstring); test_examples: random access
-  {"image": uint8 [S, S, 3], "caption": bytes}."""
+  {"image": uint8 [S, S, 3], "caption": bytes}; train_latents [K, h, w, c]: the reference denoisers' training set
+  (see held_out_image_loss), e.g. reference_latents(config, codec)."""
   config = sampler.config
   examples = test_examples.__getitems__(list(range(min(num_examples, len(test_examples)))))
   options = decoding.SamplingOptions(diffusion_steps=config.sample.diffusion_steps, sampler=config.sample.sampler,
                                      cfg_scale=config.sample.cfg_scale, max_new_tokens=config.sample.max_caption_tokens)
   key = jax.random.fold_in(jax.random.key(seed), step)
   caption_key, image_key = jax.random.split(key)
-  return dict(step=step,
+  return dict(step=step, weights=sampler.weights,
               text=text_perplexity(sampler, held_out_documents(config, sampler.tokenizer)),
-              image_loss=held_out_image_loss(sampler, examples, jax.random.key(seed)),
+              image_loss=held_out_image_loss(sampler, examples, jax.random.key(seed), train_latents=train_latents),
               image_to_text=caption_report(sampler, examples, options, caption_key),
               text_to_image=image_report(sampler, examples, options, image_key, scorers))
+
+
+REFERENCE_TRAIN_IMAGES = 20_000   # the first training images the reference denoisers know (shapes: all of them)
+
+
+def reference_latents(config, codec) -> np.ndarray | None:
+  """Latents of the first REFERENCE_TRAIN_IMAGES training images, on the default device (or None)."""
+  latents = mixture.train_image_latents(config, codec, REFERENCE_TRAIN_IMAGES)
+  return None if latents is None else jax.device_put(latents)
 
 
 def write_report(workdir: str, report: dict) -> str:
@@ -252,7 +291,7 @@ def scalars(report: dict) -> dict[str, float]:
 def main(argv):
   distributed.start_command(argv, ("workdir",))
   args = flags.FLAGS
-  sampler = generate.load(args.workdir, args.step)
+  sampler = generate.load(args.workdir, args.step, weights=args.weights)
   config = sampler.config
   with config.unlocked():
     for field in ("eval_inception_weights", "eval_clip"):
@@ -263,7 +302,8 @@ def main(argv):
   if test is None:
     raise config_lib.ConfigError(f"{args.workdir}: the run has no held-out images (config.data.sample_split = "
                                  f"{config.data.sample_split!r})")
-  report = evaluate(sampler, test, sampler.step, args.num_examples, config.seed, scorers)
+  report = evaluate(sampler, test, sampler.step, args.num_examples, config.seed, scorers,
+                    reference_latents(config, sampler.codec))
   path = write_report(args.workdir, report)
   logging.info("wrote %s", path)
   print(json.dumps({k: v for k, v in scalars(report).items()}, indent=2))
@@ -272,6 +312,8 @@ def main(argv):
 if __name__ == "__main__":
   flags.DEFINE_string("workdir", None, "Training run directory (config.json, tokenizer.model, checkpoints/).")
   flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+  flags.DEFINE_enum("weights", "ema", generate.WEIGHTS, "ema: the params' moving average when the run keeps one; "
+                    "raw: the trained params.")
   flags.DEFINE_integer("num_examples", 64, "Held-out images captioned and captions drawn.")
   flags.DEFINE_string("eval_inception_weights", "", "FID Inception-v3 safetensors (default: the run's config; "
                       "'' = no FID).")

@@ -35,11 +35,12 @@ def flat_params(params) -> dict[str, np.ndarray]:
   return {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(jax.device_get(v)) for path, v in flat}
 
 
-def export(workdir: str, out: str, step: int | None = None, dtype: str = "float32") -> str:
-  """Write the export of `workdir`'s checkpoint (latest, or `step`) to `out`; returns out."""
+def export(workdir: str, out: str, step: int | None = None, dtype: str = "float32", weights: str = "ema") -> str:
+  """Write the export of `workdir`'s checkpoint (latest, or `step`) to `out`: the params' EMA when the run keeps
+  one, unless weights = "raw"; returns out."""
   if dtype not in DTYPES:
     raise ValueError(f"--dtype {dtype!r}: one of {DTYPES}")
-  sampler = generate.load(workdir, step)
+  sampler = generate.load(workdir, step, weights=weights)
   params = jax.tree.map(lambda p: p.astype(jnp.dtype(dtype)), sampler.params)
   out = os.path.abspath(os.path.expanduser(out))
   if os.path.exists(os.path.join(out, "params")):
@@ -58,7 +59,8 @@ def export(workdir: str, out: str, step: int | None = None, dtype: str = "float3
       with open(os.path.join(out, codecs.CODEC_FILE), "w") as f:
         json.dump(metadata, f, indent=2)
     with open(os.path.join(out, "export.json"), "w") as f:
-      json.dump(dict(workdir=os.path.abspath(workdir), step=sampler.step, dtype=dtype), f, indent=2)
+      json.dump(dict(workdir=os.path.abspath(workdir), step=sampler.step, dtype=dtype, weights=sampler.weights), f,
+                indent=2)
   return out
 
 
@@ -79,13 +81,14 @@ def load(path: str, mesh=None) -> generate.Sampler:
   with ocp.StandardCheckpointer() as checkpointer:
     params = checkpointer.restore(os.path.join(path, "params"), target)
   logging.info("loaded the export %s (step %d of %s, %s)", path, info["step"], info["workdir"], info["dtype"])
-  return generate.Sampler(config, params, tok, mesh, codecs.make_codec(config.data, path), step=info["step"])
+  return generate.Sampler(config, params, tok, mesh, codecs.make_codec(config.data, path), step=info["step"],
+                          weights=info.get("weights"))
 
 
 def main(argv):
   distributed.start_command(argv, ("workdir", "out"))
   args = flags.FLAGS
-  print(export(args.workdir, args.out, args.step, args.dtype))
+  print(export(args.workdir, args.out, args.step, args.dtype, args.weights))
 
 
 if __name__ == "__main__":
@@ -93,5 +96,7 @@ if __name__ == "__main__":
   flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
   flags.DEFINE_string("out", None, "Export directory (created; must not hold an export).")
   flags.DEFINE_enum("dtype", "float32", DTYPES, "Params dtype of the export.")
+  flags.DEFINE_enum("weights", "ema", generate.WEIGHTS, "ema: the params' moving average when the run keeps one; "
+                    "raw: the trained params.")
   distributed.define_flags()
   app.run(main)

@@ -35,6 +35,7 @@ class Sampler:
   mesh: jax.sharding.Mesh | None = None
   codec: object = None
   step: int | None = None     # the training step of the params, when known
+  weights: str | None = None  # "ema" (the params' moving average) or "raw", when known
 
   def __post_init__(self):
     self.model, _ = state_lib.model_and_layout(self.config, self.tokenizer.vocab_size)
@@ -98,8 +99,14 @@ class Sampler:
     return results
 
 
-def load(workdir: str, step: int | None = None, mesh=None) -> Sampler:
-  """The Sampler of a training run directory, from its latest (or `step`) checkpoint: params only."""
+WEIGHTS = ("ema", "raw")
+
+
+def load(workdir: str, step: int | None = None, mesh=None, weights: str = "ema") -> Sampler:
+  """The Sampler of a training run directory, from its latest (or `step`) checkpoint: params only, their EMA
+  when the run keeps one (config.ema_decay > 0) unless weights = "raw"."""
+  if weights not in WEIGHTS:
+    raise ValueError(f"weights = {weights!r}: one of {WEIGHTS}")
   config_path = os.path.join(workdir, "config.json")
   if not os.path.isfile(config_path):
     raise FileNotFoundError(f"{config_path} not found: --workdir must be a tfusion training run directory")
@@ -118,11 +125,13 @@ def load(workdir: str, step: int | None = None, mesh=None) -> Sampler:
     if step not in steps:
       raise ValueError(f"no checkpoint for step {step} in {workdir}/checkpoints; saved steps: {sorted(steps)}")
     mesh = mesh or generation_mesh(config)
-    params = ckpt.restore_params(step, abstract_params(config, tok.vocab_size, mesh))
+    item = "ema_params" if weights == "ema" and config.ema_decay > 0 else "params"
+    params = ckpt.restore_params(step, abstract_params(config, tok.vocab_size, mesh), item)
   finally:
     ckpt.close()
-  logging.info("loaded step %d of %s", step, workdir)
-  return Sampler(config, params, tok, mesh, codecs.make_codec(config.data, workdir), step=step)
+  logging.info("loaded the %s of step %d of %s", item, step, workdir)
+  return Sampler(config, params, tok, mesh, codecs.make_codec(config.data, workdir), step=step,
+                 weights="ema" if item == "ema_params" else "raw")
 
 
 def abstract_params(config, vocab_size: int, mesh):
@@ -204,7 +213,7 @@ def run(args) -> dict:
     raise ValueError(f"--mode={args.mode}: prompts must not be empty")
   options = options_from_flags(args)
   options.validate(num_timesteps=10**9)   # before the (slow) load; the step count is checked against T later
-  sampler = load(args.workdir, args.step)
+  sampler = load(args.workdir, args.step, weights=args.weights)
   options.validate(sampler.config.diffusion.num_timesteps)
   key = jax.random.key(args.seed)
   summary = {"workdir": args.workdir, "mode": args.mode, "options": dataclasses.asdict(options), "outputs": []}
@@ -274,6 +283,8 @@ def main(argv):
 def define_flags():
   flags.DEFINE_string("workdir", None, "Training run directory (config.json, tokenizer.model, checkpoints/).")
   flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+  flags.DEFINE_enum("weights", "ema", WEIGHTS, "ema: the params' moving average when the run keeps one; raw: the "
+                    "trained params.")
   flags.DEFINE_enum("mode", "image", MODES, "text: continue prompts; image: text to image; caption: image to "
                     "text; interleaved: the model decides when to draw images.")
   flags.DEFINE_multi_string("prompt", None, "A prompt (repeatable).")

@@ -145,8 +145,7 @@ def write_shard(out: str, job: ShardJob, records: list[dict], skipped: list[dict
   os.replace(path + ".tmp", path)
   summary = dict(file=job.file, split=job.split, examples=len(records), bytes=os.path.getsize(path),
                  sha256=sha256_of(path), skipped=skipped,
-                 moments=None if moments is None or not moments.count else
-                 dict(count=moments.count, sum=moments.sum.tolist(), sum_sq=moments.sum_sq.tolist()))
+                 moments=None if moments is None or not moments.count else moments.to_json())
   _write_json(path + ".json", summary)
   return summary
 
@@ -221,9 +220,7 @@ def write_manifest(config, reader, out: str, jobs: list[ShardJob], codec) -> dic
         split["skipped_by_reason"][reason] = split["skipped_by_reason"].get(reason, 0) + 1
       if s["moments"]:
         m = moments.setdefault(s["split"], latent_cache.ChannelMoments(len(s["moments"]["sum"])))
-        m.count += s["moments"]["count"]
-        m.sum += np.array(s["moments"]["sum"])
-        m.sum_sq += np.array(s["moments"]["sum_sq"])
+        m.merge(latent_cache.ChannelMoments.from_json(s["moments"]))
   os.replace(os.path.join(out, prepared.SKIPPED + ".tmp"), os.path.join(out, prepared.SKIPPED))
   content = hashlib.sha256("".join(f"{s['file']} {s['sha256']}\n" for s in summaries).encode()).hexdigest()
   tokenizer = os.path.join(out, prepared.TOKENIZER)
@@ -236,8 +233,7 @@ def write_manifest(config, reader, out: str, jobs: list[ShardJob], codec) -> dic
       raise ValueError(f"no {measured_split} example of {config.path} was prepared (skipped: "
                        f"{splits[measured_split]['skipped_by_reason']}, see {prepared.SKIPPED}): nothing to measure "
                        "the latent statistics on")
-    shift, scale = moments[measured_split].mean_std()
-    latent_cache.write_metadata(out, dict(codec.metadata, shift=shift.tolist(), scale=scale.tolist(),
+    latent_cache.write_metadata(out, dict(codec.metadata, **moments[measured_split].codec_statistics(),
                                           image_size=config.image_size, measured_on=measured_split,
                                           splits={k: v["examples"] for k, v in splits.items()}))
   _write_json(os.path.join(out, prepared.MANIFEST), manifest)

@@ -29,7 +29,7 @@ def write_samples(step, state, mesh, tok, codec, sample_examples, config, workdi
   """Every process samples (the params are spread over all of them); process 0 writes the files."""
   n = max(config.sample.num_images, config.sample.num_captions)
   examples = sample_examples.__getitems__(list(range(n)))
-  sampler = generate.Sampler(config, state.params, tok, mesh, codec)
+  sampler = generate.Sampler(config, state.sampling_params, tok, mesh, codec)
   options = decoding.SamplingOptions(diffusion_steps=config.sample.diffusion_steps, sampler=config.sample.sampler,
                                      cfg_scale=config.sample.cfg_scale, max_new_tokens=config.sample.max_caption_tokens)
   key = jax.random.fold_in(jax.random.key(config.seed), 1_000_000 + step)
@@ -81,7 +81,8 @@ def train_and_evaluate(config, workdir: str) -> None:
   tx, schedule = optim.make_optimizer(config.optim, config.total_steps)
   init_key, train_key = jax.random.split(jax.random.key(config.seed))
   init_batch = state_lib.dummy_batch(1, layout)
-  state, state_shardings = state_lib.create_train_state(model, tx, init_batch, init_key, mesh)
+  state, state_shardings = state_lib.create_train_state(model, tx, init_batch, init_key, mesh,
+                                                        ema=config.ema_decay > 0)
   logging.info("parameters: %d", state_lib.count_params(state.params))
   global_batch = jax.eval_shape(lambda: state_lib.dummy_batch(config.batch_size, layout))
   step_flops = flops.train_flops(model, state.params, state_lib.model_inputs(global_batch))
@@ -97,8 +98,10 @@ def train_and_evaluate(config, workdir: str) -> None:
   alpha_bar = diffusion.make_alpha_bar(config.diffusion.schedule, config.diffusion.num_timesteps)
   train_step = step_lib.jit_train_step(mesh, state_shardings, model=model, tx=tx, schedule=schedule,
                                        alpha_bar=alpha_bar, loss_weight=config.diffusion.loss_weight,
+                                       min_snr_gamma=config.diffusion.min_snr_gamma, ema_decay=config.ema_decay,
                                        train_key=train_key, microbatches=config.microbatches)
   batch_sharding = sharding.batch_sharding(mesh)
+  reference = evaluate.reference_latents(config, codec) if config.eval_every else None
   samples = functools.partial(write_samples, mesh=mesh, tok=tok, codec=codec, sample_examples=data.sample_examples,
                               config=config, workdir=workdir)
 
@@ -145,8 +148,10 @@ def train_and_evaluate(config, workdir: str) -> None:
       if (step % config.sample_every == 0 or is_last) and data.sample_examples is not None:
         samples(step, state)
       if config.eval_every and (step % config.eval_every == 0 or is_last) and data.sample_examples is not None:
-        sampler = generate.Sampler(config, state.params, tok, mesh, codec, step=step)
-        report = evaluate.evaluate(sampler, data.sample_examples, step, config.eval_examples, config.seed, scorers)
+        sampler = generate.Sampler(config, state.sampling_params, tok, mesh, codec, step=step,
+                                   weights="raw" if state.ema_params is None else "ema")
+        report = evaluate.evaluate(sampler, data.sample_examples, step, config.eval_examples, config.seed, scorers,
+                                   reference)
         evaluate.write_report(workdir, report)
         writer.write(step, evaluate.scalars(report))
   finally:  # also on errors and interrupts: finish writing the checkpoints already started

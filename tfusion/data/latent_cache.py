@@ -3,7 +3,7 @@
 A cache directory holds one array_record file per split, `<split>.array_record`, whose records are
 msgpack dicts {"caption": utf-8 bytes, "latents": float32 [h, w, c]} (the raw posterior means, in the
 order of the image source), and `codec.json`: the VAE it was encoded with, the per-channel shift and
-scale measured on the train split, and the record counts. codec.json is written last, so a cache
+scale measured on the train split, the range of the normalised latents there, and the record counts. codec.json is written last, so a cache
 without it is incomplete and is encoded again.
 """
 import json
@@ -21,20 +21,45 @@ def split_path(cache_dir: str, split: str) -> str:
 
 
 class ChannelMoments:
-  """Running per-channel mean and standard deviation of latents [..., c] (float64 sums)."""
+  """Running per-channel count, sums (float64) and extremes of latents [..., c]: their mean, standard
+  deviation and the range of the normalised latents (what the sampler clips x0 estimates to)."""
 
   def __init__(self, channels: int):
     self.count, self.sum, self.sum_sq = 0, np.zeros(channels), np.zeros(channels)
+    self.low, self.high = np.full(channels, np.inf), np.full(channels, -np.inf)
 
   def add(self, latents: np.ndarray) -> None:
     flat = np.asarray(latents, np.float64).reshape(-1, latents.shape[-1])
     self.count += len(flat)
     self.sum += flat.sum(0)
     self.sum_sq += np.square(flat).sum(0)
+    self.low, self.high = np.minimum(self.low, flat.min(0)), np.maximum(self.high, flat.max(0))
+
+  def merge(self, other: "ChannelMoments") -> None:
+    self.count += other.count
+    self.sum, self.sum_sq = self.sum + other.sum, self.sum_sq + other.sum_sq
+    self.low, self.high = np.minimum(self.low, other.low), np.maximum(self.high, other.high)
+
+  def to_json(self) -> dict:
+    return dict(count=self.count, sum=self.sum.tolist(), sum_sq=self.sum_sq.tolist(), low=self.low.tolist(),
+                high=self.high.tolist())
+
+  @classmethod
+  def from_json(cls, d: dict) -> "ChannelMoments":
+    m = cls(len(d["sum"]))
+    m.count, m.sum, m.sum_sq = d["count"], np.array(d["sum"]), np.array(d["sum_sq"])
+    m.low, m.high = np.array(d["low"]), np.array(d["high"])
+    return m
 
   def mean_std(self) -> tuple[np.ndarray, np.ndarray]:
     mean = self.sum / self.count
     return mean, np.sqrt(np.maximum(self.sum_sq / self.count - np.square(mean), 1e-12))
+
+  def codec_statistics(self) -> dict:
+    """codec.json's shift and scale (per channel) and value_range: the largest |normalised latent| seen."""
+    shift, scale = self.mean_std()
+    value_range = float(np.max(np.maximum(self.high - shift, shift - self.low) / scale))
+    return dict(shift=shift.tolist(), scale=scale.tolist(), value_range=value_range)
 
 
 def encode_split(codec: codecs.VaeCodec, source, path: str, batch_size: int = 256, progress=None) -> ChannelMoments:

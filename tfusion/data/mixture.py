@@ -121,13 +121,38 @@ def _latents_fn(codec, pixels: bool):
   return from_either if pixels else from_latents
 
 
-def _builtin_data(config, workdir, codec) -> TrainingData:
-  """Shapes (or their cached latents) and the pydoc / .jsonl text stream, mixed by data.text_fraction."""
+def _builtin_train_images(config):
+  """The shapes train split, or its cached latents with the vae codec."""
   data_dir = os.path.expanduser(config.data.data_dir)
   train_images = distributed.chief_first("build shapes", lambda: shapes.load_shapes(data_dir, "train",
                                                                                     config.data.image_size))
   if config.data.codec == "vae":
     train_images = latent_cache.LatentSource(os.path.expanduser(config.data.latent_cache), "train")
+  return train_images
+
+
+def train_image_latents(config, codec, limit: int, batch: int = 1024) -> np.ndarray | None:
+  """Model latents [K, h, w, c] of the first `limit` training images: the shapes train split, or the training
+  split of a mixture's first image-caption source (None if it has none). Evaluation's reference denoisers
+  use them."""
+  source = None
+  if not config.data.mixture:
+    source = _builtin_train_images(config)
+  for name, entry in config.data.mixture.items():
+    if _read_manifest(name, entry.path)["kind"] == "image_caption":
+      source = _prepared_split(f"config.data.mixture.{name}.split", entry.path, entry.split)
+      break
+  if source is None:
+    return None
+  latents = _latents_fn(codec, pixels=True)
+  count = min(limit, len(source))
+  return np.stack([latents(e) for start in range(0, count, batch)
+                   for e in source.__getitems__(range(start, min(start + batch, count)))])
+
+
+def _builtin_data(config, workdir, codec) -> TrainingData:
+  """Shapes (or their cached latents) and the pydoc / .jsonl text stream, mixed by data.text_fraction."""
+  train_images = _builtin_train_images(config)
   documents = text_corpus.load_text_documents(config.data.text_source)
   train_docs, _ = text_corpus.split_documents(documents, config.data.text_test_fraction, config.seed)
 

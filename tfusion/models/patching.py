@@ -68,14 +68,43 @@ class LinearPatchEncoder(nn.Module):
                     bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))(x)
 
 
+DECODER_HEADS = ("linear", "adaln_zero")
+
+
+def _dense(features, name, axes, init, dtype, param_dtype):
+  return nn.Dense(features, dtype=dtype, param_dtype=param_dtype, name=name,
+                  kernel_init=nn.with_logical_partitioning(init, axes),
+                  bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axes[1],)))
+
+
 class LinearPatchDecoder(nn.Module):
-  """Dense(d_model -> p), zero-initialised so the first eps prediction is 0.  [..., D] -> [..., p]."""
+  """Dense(d_model -> p), zero-initialised so the first prediction is 0.  h: [B, M, n, D] -> [B, M, n, p].
+
+  Options (each zero-initialised, so a fresh decoder outputs 0 as the paper's does):
+    head "adaln_zero": DiT's final layer: LayerNorm, then a shift and scale computed from the timestep
+      embedding (t [B, M]), before the Dense.
+    skip: adds g(t) * noisy_patches [B, M, n, p], a per-channel gain g from the timestep embedding: the
+      noisy input reaches the output without passing through the transformer's normalised stream.
+  """
   patch_dim: int
+  head: str = "linear"
+  skip: bool = False
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, h):
-    return nn.Dense(self.patch_dim, dtype=self.dtype, param_dtype=self.param_dtype, name="proj",
-                    kernel_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed", "patch")),
-                    bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("patch",)))(h)
+  def __call__(self, h, t=None, noisy_patches=None):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    zeros = nn.initializers.zeros
+    d_model = h.shape[-1]
+    if self.head == "adaln_zero":
+      temb = nn.silu(TimestepEmbedding(d_model, name="head_timestep_embedding", **kw)(t))
+      shift, scale = jnp.split(_dense(2 * d_model, "modulation", ("time_hidden", "embed"), zeros, **kw)(temb), 2, axis=-1)
+      h = nn.LayerNorm(use_bias=False, use_scale=False, name="head_norm", **kw)(h)
+      h = h * (1 + scale[:, :, None, :]) + shift[:, :, None, :]
+    out = _dense(self.patch_dim, "proj", ("embed", "patch"), zeros, **kw)(h)
+    if self.skip:
+      temb = nn.silu(TimestepEmbedding(self.patch_dim, name="skip_timestep_embedding", **kw)(t))
+      gain = _dense(self.patch_dim, "skip_gain", ("time_hidden", "patch"), zeros, **kw)(temb)
+      out = out + gain[:, :, None, :] * noisy_patches.astype(out.dtype)
+    return out

@@ -265,9 +265,10 @@ REMAT_POLICIES = {
 class Transformer(nn.Module):
   """num_layers Blocks scanned over a leading `layers` axis, then a final RMSNorm.
 
-  x: [B, L, D]; segment_ids, image_ids, positions: [B, L] int -> [B, L, D].
+  x: [B, L, D]; segment_ids, image_ids, positions: [B, L] int -> (normed, residual) [B, L, D] each: the
+  output of the final RMSNorm and the residual stream it normalises.
   With a KVCache, the L elements are a block written at cache slots write_index [B, L] (slots out
-  of range are not written) and attend to everything cached -> ([B, L, D], updated cache).
+  of range are not written) and attend to everything cached -> ((normed, residual), updated cache).
   """
   cfg: TransformerConfig
 
@@ -294,5 +295,5 @@ class Transformer(nn.Module):
       cache = KVCache(keys=write(cache.keys, keys, write_index), values=write(cache.values, values, write_index),
                       segment_ids=write_slots(cache.segment_ids, segment_ids, write_index),
                       image_ids=write_slots(cache.image_ids, image_ids, write_index))
-    x = RMSNorm(cfg.norm_eps, cfg.dtype, cfg.param_dtype, name="final_norm")(x)
-    return x if cache is None else (x, cache)
+    out = RMSNorm(cfg.norm_eps, cfg.dtype, cfg.param_dtype, name="final_norm")(x), x
+    return out if cache is None else (out, cache)

@@ -24,6 +24,10 @@ class TransfusionConfig:
   patch_encoder: str = "linear"                 # linear | unet
   unet_channels: tuple[int, ...] = (256, 512)
   unet_res_blocks: int = 2
+  prediction: str = "eps"                       # what the patch decoder outputs: eps | v (diffusion.PREDICTIONS)
+  decoder_input: str = "final_norm"             # final_norm (the LM head's input) | pre_norm (the residual stream)
+  decoder_head: str = "linear"                  # linear decoder: linear | adaln_zero (patching.DECODER_HEADS)
+  decoder_skip: bool = False                    # linear decoder: timestep-gated skip from the noisy patch
 
   @property
   def patches_per_image(self) -> int:
@@ -45,7 +49,9 @@ def config_from(config, vocab_size: int, latent_shape) -> TransfusionConfig:
           param_dtype=jnp.dtype(m.param_dtype), remat_policy=m.remat_policy, attention=m.attention,
           attention_chunk=m.attention_chunk, image_attention=m.image_attention),
       vocab_size=vocab_size, latent_shape=tuple(latent_shape), patch_size=m.patch_size,
-      patch_encoder=m.patch_encoder, unet_channels=tuple(m.unet_channels), unet_res_blocks=m.unet_res_blocks)
+      patch_encoder=m.patch_encoder, unet_channels=tuple(m.unet_channels), unet_res_blocks=m.unet_res_blocks,
+      prediction=config.diffusion.prediction, decoder_input=m.decoder_input, decoder_head=m.decoder_head,
+      decoder_skip=m.decoder_skip)
 
 
 def patch_slot_positions(image_ids, num_slots):
@@ -75,7 +81,8 @@ class TokenEmbedding(nn.Module):
 
 class Transfusion(nn.Module):
   """tokens, segment_ids, positions, image_ids: [B, L] int; noisy_latents: [B, M, h, w, c];
-  timesteps: [B, M] int  ->  (logits [B, L, V] float32, eps_hat [B, M, h, w, c] float32).
+  timesteps: [B, M] int  ->  (logits [B, L, V] float32, prediction [B, M, h, w, c] float32), the
+  prediction being eps_hat or v_hat (cfg.prediction; diffusion.eps_from_prediction converts).
 
   Decoding (tfusion.decoding): with a KVCache, the L elements are a block written at cache slots
   write_index [B, L] that attends to everything cached, and the updated cache is returned third.
@@ -110,9 +117,9 @@ class Transfusion(nn.Module):
 
     transformer = Transformer(tcfg, name="transformer")
     if cache is None:
-      h = transformer(x, segment_ids, image_ids, positions)
+      h, residual = transformer(x, segment_ids, image_ids, positions)
     else:
-      h, cache = transformer(x, segment_ids, image_ids, positions, cache, write_index)
+      (h, residual), cache = transformer(x, segment_ids, image_ids, positions, cache, write_index)
 
     logits = None
     if with_logits:
@@ -120,15 +127,17 @@ class Transfusion(nn.Module):
                           tcfg.dtype, tcfg.param_dtype, name="lm_head")(h)
       logits = nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "act_vocab"))
 
-    eps = jnp.zeros(noisy_latents.shape, jnp.float32)
+    out = jnp.zeros(noisy_latents.shape, jnp.float32)
     if num_images:
-      h_patch = jnp.take_along_axis(h, patch_slot_positions(image_ids, num_slots)[..., None], axis=1)
+      stream = h if cfg.decoder_input == "final_norm" else residual
+      h_patch = jnp.take_along_axis(stream, patch_slot_positions(image_ids, num_slots)[..., None], axis=1)
       h_patch = h_patch.reshape(batch, num_images, cfg.patches_per_image, tcfg.d_model)
       if cfg.patch_encoder == "unet":
-        eps = unet.UNetPatchDecoder(cfg.patch_size, cfg.latent_shape[2], cfg.unet_channels, cfg.unet_res_blocks,
+        out = unet.UNetPatchDecoder(cfg.patch_size, cfg.latent_shape[2], cfg.unet_channels, cfg.unet_res_blocks,
                                     name="patch_decoder", **dtypes)(h_patch, timesteps, skips)
       else:
-        eps = patching.LinearPatchDecoder(cfg.patch_dim, name="patch_decoder", **dtypes)(h_patch)
-        eps = patching.unpatchify(eps, cfg.patch_size, *cfg.latent_shape[:2])
-    eps = eps.astype(jnp.float32)
-    return (logits, eps) if cache is None else (logits, eps, cache)
+        out = patching.LinearPatchDecoder(cfg.patch_dim, cfg.decoder_head, cfg.decoder_skip, name="patch_decoder",
+                                          **dtypes)(h_patch, timesteps, patching.patchify(noisy_latents, cfg.patch_size))
+        out = patching.unpatchify(out, cfg.patch_size, *cfg.latent_shape[:2])
+    out = out.astype(jnp.float32)
+    return (logits, out) if cache is None else (logits, out, cache)

@@ -49,15 +49,15 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self.manager.all_steps())
 
-  def restore_params(self, step: int, abstract_params):
-    """Only the params of a saved train state (no optimizer state, no data position), into the
-    shardings of `abstract_params`."""
-    target = {"params": abstract_params}
-    restored = self._restore(step, f"params of checkpoint {self.directory}/{step}", "",
+  def restore_params(self, step: int, abstract_params, item: str = "params"):
+    """Only the params (item "params") or their EMA ("ema_params") of a saved train state (no optimizer
+    state, no data position), into the shardings of `abstract_params`."""
+    target = {item: abstract_params}
+    restored = self._restore(step, f"{item} of checkpoint {self.directory}/{step}", "",
                              state=ocp.args.PyTreeRestore(
                                  target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
                                  partial_restore=True))
-    return restored.state["params"]
+    return restored.state[item]
 
   def _restore(self, step: int, what: str, advice: str, **items):
     try:
@@ -85,7 +85,9 @@ def open_run(workdir: str, max_to_keep: int, state, shardings, data_iterator,
   elif init_from:
     source, source_step = init_checkpoint(init_from)
     logging.info("initialising the params from %s, step %d", source.directory, source_step)
-    state = state.replace(params=source.restore_params(source_step, abstract_like(state.params, shardings.params)))
+    params = source.restore_params(source_step, abstract_like(state.params, shardings.params))
+    state = state.replace(params=params,
+                          ema_params=None if state.ema_params is None else jax.tree.map(jax.numpy.copy, params))
     source.close()
   return ckpt, state, step
 

@@ -15,9 +15,16 @@ from tfusion.training import checkpoint
 
 @flax.struct.dataclass
 class TrainState:
+  """step; params; opt_state; ema_params: the exponential moving average of params (None without EMA)."""
   step: jax.Array
   params: Any
   opt_state: Any
+  ema_params: Any = None
+
+  @property
+  def sampling_params(self):
+    """The params samples and evaluations use: the EMA when there is one."""
+    return self.params if self.ema_params is None else self.ema_params
 
 
 def model_and_layout(config, vocab_size: int) -> tuple[transfusion.Transfusion, sequence.RowLayout]:
@@ -43,10 +50,11 @@ def dummy_batch(rows: int, layout: sequence.RowLayout) -> dict:
               image_valid=z(rows, max_images, dtype=bool), t_max=z(rows, max_images))
 
 
-def _init_fn(model: nn.Module, tx: optax.GradientTransformation, init_batch: dict):
+def _init_fn(model: nn.Module, tx: optax.GradientTransformation, init_batch: dict, ema: bool):
   def init(key):
     params = model.init(key, *model_inputs(init_batch))["params"]
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      ema_params=jax.tree.map(jnp.copy, params) if ema else None)
   return init
 
 
@@ -68,15 +76,16 @@ def create_sharded(init: Callable, key: jax.Array, mesh) -> tuple[Any, Any]:
   return state, shardings
 
 
-def abstract_train_state(model: nn.Module, tx: optax.GradientTransformation, init_batch: dict, mesh):
+def abstract_train_state(model: nn.Module, tx: optax.GradientTransformation, init_batch: dict, mesh,
+                         ema: bool = False):
   """abstract_state of the Transfusion train state; init_batch may hold abstract values."""
-  return abstract_state(_init_fn(model, tx, init_batch), mesh)
+  return abstract_state(_init_fn(model, tx, init_batch, ema), mesh)
 
 
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation, init_batch: dict, key: jax.Array,
-                       mesh) -> tuple[TrainState, Any]:
-  """Initialise params and optimizer state directly into their shardings on `mesh`."""
-  return create_sharded(_init_fn(model, tx, init_batch), key, mesh)
+                       mesh, ema: bool = False) -> tuple[TrainState, Any]:
+  """Initialise params, optimizer state (and the params' EMA) directly into their shardings on `mesh`."""
+  return create_sharded(_init_fn(model, tx, init_batch, ema), key, mesh)
 
 
 def count_params(params) -> int:

@@ -1,4 +1,7 @@
-"""The loss and the train step: L = mean CE over text targets + lambda * mean per-image eps MSE.
+"""The loss and the train step: L = mean CE over text targets + lambda * mean per-image decoder MSE.
+
+The decoder MSE is the paper's eps MSE, or with diffusion.prediction = v the v MSE, optionally weighted per
+image by Min-SNR-gamma (diffusion.loss_weights).
 
 One jax.jit covers noising, the forward pass, both losses, gradients and the optimizer update. With
 gradient accumulation the batch runs as sequential microbatches whose summed losses are divided by
@@ -30,14 +33,23 @@ def draw_noise(key, batch):
           jax.random.normal(eps_key, batch["latents"].shape, jnp.float32))
 
 
-def loss_sums(params, batch, t, eps, *, model, alpha_bar):
-  """(summed CE over text targets, summed per-image eps MSE over real images) for a batch."""
+def forward(params, batch, t, eps, *, model, alpha_bar):
+  """The model on the batch's images noised to t [B, M] with eps -> (logits, decoder output, x_t)."""
   x_t = diffusion.q_sample(batch["latents"], eps, alpha_bar[t])
-  logits, eps_hat = model.apply({"params": params}, batch["tokens"], batch["segment_ids"],
-                                batch["positions"], batch["image_ids"], x_t, t)
+  logits, output = model.apply({"params": params}, batch["tokens"], batch["segment_ids"],
+                               batch["positions"], batch["image_ids"], x_t, t)
+  return logits, output, x_t
+
+
+def loss_sums(params, batch, t, eps, *, model, alpha_bar, min_snr_gamma=0.0):
+  """(summed CE over text targets, summed weighted per-image decoder MSE over real images) for a batch."""
+  prediction = model.cfg.prediction
+  logits, output, _ = forward(params, batch, t, eps, model=model, alpha_bar=alpha_bar)
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, text_targets(batch["tokens"]))
   text_sum = (ce * batch["text_loss_mask"]).sum()
-  per_image = jnp.mean(jnp.square(eps_hat - eps), axis=(2, 3, 4))   # [B, M]
+  target = diffusion.prediction_target(prediction, batch["latents"], eps, alpha_bar[t])
+  per_image = jnp.mean(jnp.square(output - target), axis=(2, 3, 4))   # [B, M]
+  per_image *= diffusion.loss_weights(prediction, alpha_bar[t], min_snr_gamma)
   image_sum = (per_image * batch["image_valid"]).sum()
   return text_sum, image_sum
 
@@ -51,7 +63,7 @@ def microbatch_slices(tree, k):
   return jax.tree.map(split, tree)
 
 
-def loss_and_grads(params, batch, key, *, model, alpha_bar, loss_weight, microbatches=1):
+def loss_and_grads(params, batch, key, *, model, alpha_bar, loss_weight, min_snr_gamma=0.0, microbatches=1):
   """Returns (metrics, grads) of L = text_sum / num_targets + lambda * image_sum / num_images."""
   t, eps = draw_noise(key, batch)
   num_targets = batch["text_loss_mask"].sum().astype(jnp.float32)
@@ -59,7 +71,7 @@ def loss_and_grads(params, batch, key, *, model, alpha_bar, loss_weight, microba
   text_scale, image_scale = 1.0 / jnp.maximum(num_targets, 1.0), loss_weight / jnp.maximum(num_images, 1.0)
 
   def scaled_loss(params, inputs):
-    text_sum, image_sum = loss_sums(params, *inputs, model=model, alpha_bar=alpha_bar)
+    text_sum, image_sum = loss_sums(params, *inputs, model=model, alpha_bar=alpha_bar, min_snr_gamma=min_snr_gamma)
     return text_sum * text_scale + image_sum * image_scale, (text_sum, image_sum)
 
   grad_fn = jax.value_and_grad(scaled_loss, has_aux=True)
@@ -79,25 +91,37 @@ def loss_and_grads(params, batch, key, *, model, alpha_bar, loss_weight, microba
   return metrics, grads
 
 
+def ema_update(ema_params, params, step, decay: float):
+  """EMA of the params after `step` updates, with the decay warmed up as min(decay, (1 + step) / (10 + step)),
+  so early averages do not hold on to the random initialisation."""
+  step = step.astype(jnp.float32)
+  d = jnp.minimum(decay, (1 + step) / (10 + step))
+  return jax.tree.map(lambda e, p: d * e + (1 - d) * p, ema_params, params)
+
+
 def train_step(state: TrainState, batch: dict, *, model, tx, schedule, alpha_bar, loss_weight, train_key,
-               microbatches=1):
+               min_snr_gamma=0.0, ema_decay=0.0, microbatches=1):
   """One optimizer step. The step's randomness is fold_in(train_key, step): resumable exactly."""
   key = jax.random.fold_in(train_key, state.step)
   metrics, grads = loss_and_grads(state.params, batch, key, model=model, alpha_bar=alpha_bar,
-                                  loss_weight=loss_weight, microbatches=microbatches)
+                                  loss_weight=loss_weight, min_snr_gamma=min_snr_gamma, microbatches=microbatches)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
+  ema_params = state.ema_params
+  if ema_params is not None:
+    ema_params = ema_update(ema_params, params, state.step, ema_decay)
   metrics = dict(metrics, grad_norm=optax.tree.norm(grads), lr=schedule(state.step),
                  elements=(batch["segment_ids"] > 0).sum())
-  return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+  return TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema_params), metrics
 
 
 def jit_train_step(mesh, state_shardings, *, model, tx, schedule, alpha_bar, loss_weight, train_key,
-                   microbatches=1):
+                   min_snr_gamma=0.0, ema_decay=0.0, microbatches=1):
   """train_step jitted with explicit shardings: batch rows over (data, fsdp), state donated."""
   step = functools.partial(train_step, model=model, tx=tx, schedule=schedule,
                            alpha_bar=jnp.asarray(alpha_bar, jnp.float32), loss_weight=loss_weight,
-                           train_key=train_key, microbatches=microbatches)
+                           train_key=train_key, min_snr_gamma=min_snr_gamma, ema_decay=ema_decay,
+                           microbatches=microbatches)
 
   def run(state, batch):
     with nn.logical_axis_rules(sharding.RULES):
