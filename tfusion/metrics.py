@@ -60,9 +60,10 @@ class MetricWriter:
       self.tb.close()
 
 
-def read_metrics(workdir: str) -> list[dict]:
-  """All entries of <workdir>/metrics.jsonl, in order (a torn last line is dropped with a warning)."""
-  return [entry for _, entry in _read_lines(os.path.join(workdir, "metrics.jsonl"))]
+def read_metrics(workdir: str, name: str = "metrics.jsonl") -> list[dict]:
+  """All entries of <workdir>/metrics.jsonl (or of `name`, e.g. DROPPED), in order; a torn last line is
+  dropped with a warning."""
+  return [entry for _, entry in _read_lines(os.path.join(workdir, name))]
 
 
 def _read_lines(path: str) -> list[tuple[str, dict]]:
