@@ -57,6 +57,15 @@ def test_experiment_argument_sets_the_image_size():
     ("data.codec", "vqgan", "config.data.codec = 'vqgan': must be one of"),
     ("model.image_attention", "sideways", "config.model.image_attention = 'sideways': must be one of"),
     ("mesh.ici_fsdp_parallelism", 0, "config.mesh.ici_fsdp_parallelism = 0"),
+    ("optim.lr", 1e39, "config.optim.lr = 1e+39: must be finite in float32"),
+    ("optim.lr", float("nan"), "config.optim.lr = nan: must be finite in float32"),
+    ("optim.lr", 0.0, "config.optim.lr = 0.0: must be > 0"),
+    ("optim.lr", -1e-4, "config.optim.lr = -0.0001: must be > 0"),
+    ("optim.b2", 1.0, "config.optim.b2 = 1.0: must be < 1"),
+    ("optim.eps", 0.0, "config.optim.eps = 0.0: must be > 0"),
+    ("optim.weight_decay", -0.1, "config.optim.weight_decay = -0.1: must be >= 0"),
+    ("optim.grad_clip", float("inf"), "config.optim.grad_clip = inf: must be finite"),
+    ("nonfinite_skip_limit", -1, "config.nonfinite_skip_limit = -1: must be >= 0"),
 ])
 def test_invalid_values_name_the_field(field, value, message):
   config = config_lib.default_config()
@@ -73,3 +82,10 @@ def test_unknown_field_is_rejected():
   config.model.depth = 3
   with pytest.raises(config_lib.ConfigError, match=r"config.model has unknown or missing fields: \['depth'\]"):
     config_lib.validate(config)
+
+
+def test_vae_optimizer_values_are_checked_too():
+  config = config_lib.default_vae_config()
+  config.optim.lr = float("inf")
+  with pytest.raises(config_lib.ConfigError, match="config.optim.lr = inf: must be finite in float32"):
+    config_lib.validate_vae(config)

@@ -293,7 +293,7 @@ def _validate_optimizer(config) -> None:
     if name not in config.optim:
       continue
     value = config.optim[name]
-    if not np.isfinite(np.float32(value)):
+    if not abs(value) <= np.finfo(np.float32).max:      # also NaN
       _fail(config, f"optim.{name}", "must be finite in float32 (|x| < 3.4e38)")
     if value < 0 or (value == 0 and not inclusive):
       _fail(config, f"optim.{name}", f"must be {'>=' if inclusive else '>'} 0")
@@ -423,7 +423,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.sample.cfg_scale < 0:
     fail("sample.cfg_scale", "must be >= 0 (1 = no guidance)")
   _validate_optimizer(config)
-  if config.nonfinite_skip_limit < 0:
+  if not isinstance(config.nonfinite_skip_limit, int) or config.nonfinite_skip_limit < 0:
     fail("nonfinite_skip_limit", "must be >= 0 (0 = stop at the first non-finite step)")
   if config.eval_every < 0:
     fail("eval_every", "must be >= 0 (0 = no evaluation during training)")

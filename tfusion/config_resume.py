@@ -66,6 +66,9 @@ def check_and_record(config, workdir: str, resuming: bool, defaults: ml_collecti
   fields existed compares their defaults) when `resuming`; refuse, accept and record as the module says.
   Then process 0 writes `config` to config.json. Returns the accepted {field: (old, new)}."""
   path = os.path.join(workdir, CONFIG)
+  unknown = [name for name in allow if not any(_matches(f, [name]) for f in flatten(config))]
+  if unknown:
+    raise config_lib.ConfigError(f"--allow_config_change names fields the config does not have: {unknown}")
   found = {}
   if resuming and os.path.isfile(path):
     with open(path) as f:

@@ -39,9 +39,14 @@ class Checkpointer:
   def save(self, step: int, state, data_iterator) -> None:
     """Starts an asynchronous save; the state arrays are copied before this returns."""
     if distributed.is_chief():
-      self._finalizing.append(step)
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator)), force=True)
+      self._finalizing.append(step)   # before save(): its commit may come before save() returns
+    try:
+      self.manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator)), force=True)
+    except BaseException:
+      if distributed.is_chief() and self._finalizing and self._finalizing[-1] == step:
+        self._finalizing.pop()        # never started: no commit will come for it
+      raise
 
   def restore(self, step: int, abstract_state, data_iterator):
     """Restore into the shardings of `abstract_state`; sets `data_iterator` to the saved position. An
