@@ -293,7 +293,7 @@ def _validate_optimizer(config) -> None:
     if name not in config.optim:
       continue
     value = config.optim[name]
-    if not abs(value) <= np.finfo(np.float32).max:      # also NaN
+    if not abs(value) <= float(np.finfo(np.float32).max):      # also NaN
       _fail(config, f"optim.{name}", "must be finite in float32 (|x| < 3.4e38)")
     if value < 0 or (value == 0 and not inclusive):
       _fail(config, f"optim.{name}", f"must be {'>=' if inclusive else '>'} 0")
