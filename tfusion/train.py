@@ -61,7 +61,7 @@ def train_and_evaluate(config, workdir: str, allow_config_change: tuple[str, ...
 
 
 def _train(config, workdir: str, allow_config_change: tuple[str, ...]) -> int:
-  # --- Setup: validate before any compute, check and record the config. -----------------------
+  # --- Setup: check the config against the run's recorded one, record it. --------------------
   scorers = evaluate.ImageScorers.from_config(config) if config.eval_every else evaluate.ImageScorers()
   steps_saved = checkpoint.saved_steps(checkpoint.checkpoint_dir(workdir))
   config_resume.check_and_record(config, workdir, bool(steps_saved), config_lib.default_config(),

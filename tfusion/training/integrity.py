@@ -12,8 +12,6 @@ import hashlib
 import json
 import os
 
-from absl import logging
-
 MANIFEST = "checksums.json"
 UNCHECKED = ("_CHECKPOINT_METADATA",)     # orbax's step metadata: it stamps the commit time in after our hashing
 TMP_SUFFIX = ".orbax-checkpoint-tmp"      # orbax's name for a step directory still being written
