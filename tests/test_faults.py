@@ -85,7 +85,7 @@ def wait_until(predicate, process, log, timeout=240):
     if process.poll() is not None:
       raise AssertionError(f"exited early with {process.returncode}:\n{open(log).read()[-3000:]}")
     assert time.time() < deadline, open(log).read()[-3000:]
-    time.sleep(0.05)
+    time.sleep(0.02)
 
 
 def saved_state(workdir, step) -> dict:
@@ -121,19 +121,27 @@ def test_signals_second_launch_and_kill_resume_bit_exactly(tmp_path, data_dir, r
   long_run = fields(data_dir, total_steps=1000, ckpt_every=1000)      # saves only when told to stop
   lock = os.path.join(workdir, workdir_lock.LOCK_FILE)
 
-  # A second launch while the first one runs is refused, naming the holder; the first goes on.
+  # A second launch while the first one trains is refused, naming the holder. (The first is paused
+  # meanwhile, so that it stops at an early step below however fast this machine is.)
   first = launch(workdir, long_run, f"{logs}/1.log")
-  wait_until(lambda: os.path.exists(lock) and os.path.getsize(lock) > 0, first, f"{logs}/1.log")
+  wait_until(lambda: len(logged_steps(workdir)) >= 2, first, f"{logs}/1.log")
+  first.send_signal(signal.SIGSTOP)
   code, out = finish(launch(workdir, long_run, f"{logs}/2.log"), f"{logs}/2.log")
   assert code != 0 and f"is in use by pid {first.pid} on host {socket.gethostname()}, started " in out
+  first.send_signal(signal.SIGCONT)
 
-  # SIGTERM (twice: the second arrives while the first is being handled) saves the current step, exit 0.
-  wait_until(lambda: len(logged_steps(workdir)) >= 2, first, f"{logs}/1.log")
+  # SIGTERM saves the current step and exits 0; a SIGTERM and a SIGINT that arrive while it stops (held
+  # back by a pause until then) are ignored.
   first.send_signal(signal.SIGTERM)
+  wait_until(lambda: "SIGTERM received" in open(f"{logs}/1.log").read(), first, f"{logs}/1.log")
+  first.send_signal(signal.SIGSTOP)
   first.send_signal(signal.SIGTERM)
+  first.send_signal(signal.SIGINT)
+  first.send_signal(signal.SIGCONT)
   code, out = finish(first, f"{logs}/1.log")
   s1 = logged_steps(workdir)[-1]
-  assert code == 0 and "SIGTERM received" in out and f"stopped by SIGTERM: saved step {s1}" in out
+  assert code == 0 and f"stopped by SIGTERM: saved step {s1}" in out
+  assert "SIGTERM received while stopping: ignored" in out and "SIGINT received while stopping: ignored" in out
   assert checkpoint.saved_steps(checkpoint.checkpoint_dir(workdir)) == [s1]
   assert integrity.verify(os.path.join(workdir, "checkpoints", str(s1)))
   assert os.path.getsize(lock) == 0                                   # released on a clean exit

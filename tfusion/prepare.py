@@ -249,6 +249,7 @@ def prepare(config, out: str) -> dict:
   """Prepare (or finish preparing) config's source into `out`; returns the manifest."""
   config_lib.validate_prepare(config)
   out = os.path.abspath(os.path.expanduser(out))
+  os.makedirs(out, exist_ok=True)
   with workdir_lock.hold(out):
     return _prepare(config, out)
 
