@@ -65,7 +65,11 @@ def launch(workdir, values: dict, log: str, *extra) -> subprocess.Popen:
 
 
 def finish(process, log, timeout=300) -> tuple[int, str]:
-  process.wait(timeout=timeout)
+  try:
+    process.wait(timeout=timeout)
+  except subprocess.TimeoutExpired:
+    process.kill()
+    raise
   with open(log) as f:
     return process.returncode, f.read()
 
