@@ -62,6 +62,15 @@ def test_experiment_argument_sets_the_image_size():
     ("diffusion.min_snr_gamma", -1.0, "config.diffusion.min_snr_gamma = -1.0: must be >= 0"),
     ("ema_decay", 1.0, "config.ema_decay = 1.0: must be in [0, 1)"),
     ("model.decoder_head", "mlp", "config.model.decoder_head = 'mlp': must be one of ('linear', 'adaln_zero')"),
+    ("optim.lr", 1e39, "config.optim.lr = 1e+39: must be finite in float32"),
+    ("optim.lr", float("nan"), "config.optim.lr = nan: must be finite in float32"),
+    ("optim.lr", 0.0, "config.optim.lr = 0.0: must be > 0"),
+    ("optim.lr", -1e-4, "config.optim.lr = -0.0001: must be > 0"),
+    ("optim.b2", 1.0, "config.optim.b2 = 1.0: must be < 1"),
+    ("optim.eps", 0.0, "config.optim.eps = 0.0: must be > 0"),
+    ("optim.weight_decay", -0.1, "config.optim.weight_decay = -0.1: must be >= 0"),
+    ("optim.grad_clip", float("inf"), "config.optim.grad_clip = inf: must be finite"),
+    ("nonfinite_skip_limit", -1, "config.nonfinite_skip_limit = -1: must be >= 0"),
 ])
 def test_invalid_values_name_the_field(field, value, message):
   config = config_lib.default_config()
@@ -99,3 +108,10 @@ def test_a_recorded_config_without_newer_fields_keeps_the_behaviour_it_was_train
   loaded = config_lib.from_json(json.dumps(old))
   assert (loaded.diffusion.prediction, loaded.ema_decay, loaded.model.decoder_input) == ("eps", 0.0, "final_norm")
   assert config_lib.from_json(recorded.to_json()).diffusion.prediction == "v"
+
+
+def test_vae_optimizer_values_are_checked_too():
+  config = config_lib.default_vae_config()
+  config.optim.lr = float("inf")
+  with pytest.raises(config_lib.ConfigError, match="config.optim.lr = inf: must be finite in float32"):
+    config_lib.validate_vae(config)

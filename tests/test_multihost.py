@@ -1,15 +1,19 @@
 """Two local processes (4 CPU devices each, JAX's gloo collectives) train exactly like one process
 with 8 devices, write one set of logs, and save and restore checkpoints together, also onto a
-hybrid (dcn x ici) mesh; the run then resumes on one process, with the same data continuation."""
+hybrid (dcn x ici) mesh; the run then resumes on one process, with the same data continuation. Ctrl-C on
+one process stops both at one step, saved."""
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 
 from tfusion.metrics import read_metrics
+from tfusion.training import checkpoint, integrity
 from tests.test_train import data_dir  # noqa: F401  (a fixture: the 16 px shapes data, built once per worker)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -84,3 +88,24 @@ def test_two_processes_match_one_process_and_resume_together(tmp_path, data_dir)
   for a, b in zip(one, resumed):
     for k in COMPARED:
       np.testing.assert_allclose(b[k], a[k], rtol=2e-5, err_msg=f"step {a['step']} {k}")
+
+
+@pytest.mark.slow
+def test_ctrl_c_on_one_process_stops_both_at_one_saved_step(tmp_path, data_dir):  # noqa: F811
+  workdir, port = str(tmp_path / "run"), free_port()
+  processes = [launch(workdir, data_dir, 1000, 4, [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                                                   f"--process_id={i}", "--config.ckpt_every=1000"])
+               for i in range(2)]
+  metrics = os.path.join(workdir, "metrics.jsonl")
+  deadline = time.time() + 400
+  while not (os.path.exists(metrics) and len(open(metrics).readlines()) >= 2):
+    assert time.time() < deadline and all(p.poll() is None for p in processes)
+    time.sleep(0.1)
+  processes[0].send_signal(signal.SIGINT)          # forwarded to JAX's preemption notifier as a SIGTERM
+  outputs = [p.communicate(timeout=400)[0] for p in processes]
+  assert [p.returncode for p in processes] == [130, 0], outputs[0][-3000:]
+  step = read_metrics(workdir)[-1]["step"]
+  assert f"stopped by SIGINT: saved step {step}" in outputs[0]
+  assert f"stopped by a signal to another process: saved step {step}" in outputs[1]
+  assert checkpoint.saved_steps(checkpoint.checkpoint_dir(workdir)) == [step]
+  assert integrity.verify(os.path.join(workdir, "checkpoints", str(step)))    # both processes' files

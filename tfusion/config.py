@@ -7,6 +7,7 @@ fields users turn most are top level; the rest is grouped (`model`, `diffusion`,
 import json
 
 import ml_collections
+import numpy as np
 
 from tfusion import diffusion
 from tfusion.models import patching
@@ -33,6 +34,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.peak_tflops_per_device = 0.0  # MFU denominator; 0 = known peak of the device kind (CPU: measured)
   c.init_from = ""               # fine-tuning: start from the params (and tokenizer) of a training workdir's
   #                                latest checkpoint or of <workdir>/checkpoints/<step>; fresh optimizer and data
+  c.nonfinite_skip_limit = 0     # 0: a NaN / inf loss or update stops the run; N: such steps are skipped (update
+  #                                dropped, counted in metrics as skipped_steps), more than N in a row stop it
 
   c.model = ml_collections.ConfigDict()
   c.model.num_layers = 4
@@ -291,8 +294,23 @@ def validate_vae(config: ml_collections.ConfigDict) -> None:
                 "loss.moco_weight"):
     if _get(config, field) < 0:
       _fail(config, field, "must be >= 0")
-  if config.optim.lr <= 0:
-    _fail(config, "optim.lr", "must be > 0")
+  _validate_optimizer(config)
+
+
+def _validate_optimizer(config) -> None:
+  """Learning rate finite in float32 (the optimizer's dtype) and > 0, Adam betas in [0, 1), eps > 0,
+  weight decay >= 0, gradient clip > 0: other values make the first updates NaN or inf."""
+  low_inclusive = {"lr": False, "b1": True, "b2": True, "eps": False, "weight_decay": True, "grad_clip": False}
+  for name, inclusive in low_inclusive.items():
+    if name not in config.optim:
+      continue
+    value = config.optim[name]
+    if not abs(value) <= float(np.finfo(np.float32).max):      # also NaN
+      _fail(config, f"optim.{name}", "must be finite in float32 (|x| < 3.4e38)")
+    if value < 0 or (value == 0 and not inclusive):
+      _fail(config, f"optim.{name}", f"must be {'>=' if inclusive else '>'} 0")
+    if name in ("b1", "b2") and value >= 1:
+      _fail(config, f"optim.{name}", "must be < 1")
 
 
 _POSITIVE_INTS = ("total_steps", "batch_size", "microbatches", "seq_len", "log_every", "ckpt_every", "sample_every",
@@ -445,8 +463,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     fail("seq_len", f"must hold one image ({patches} patches + BOS, BOI, EOI, EOS)")
   if config.sample.cfg_scale < 0:
     fail("sample.cfg_scale", "must be >= 0 (1 = no guidance)")
-  if config.optim.lr <= 0:
-    fail("optim.lr", "must be > 0")
+  _validate_optimizer(config)
+  if not isinstance(config.nonfinite_skip_limit, int) or config.nonfinite_skip_limit < 0:
+    fail("nonfinite_skip_limit", "must be >= 0 (0 = stop at the first non-finite step)")
   if config.eval_every < 0:
     fail("eval_every", "must be >= 0 (0 = no evaluation during training)")
   _validate_mixture(config)

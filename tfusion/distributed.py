@@ -9,6 +9,7 @@ import os
 from absl import app, flags
 import jax
 from jax.experimental import multihost_utils
+import numpy as np
 
 from tfusion import metrics
 
@@ -66,19 +67,24 @@ def start_command(argv, required: tuple[str, ...]) -> None:
 
 def start_entry_point(argv) -> tuple:
   """The start of the training commands (flags --config, --workdir): start_command, and compilations kept
-  in the workdir. Returns (config, workdir)."""
+  in the workdir unless the environment names a cache (JAX_COMPILATION_CACHE_DIR, e.g. one shared by many
+  runs). Returns (config, workdir)."""
   start_command(argv, ("config", "workdir"))
   args = flags.FLAGS
-  jax.config.update("jax_compilation_cache_dir", os.path.join(args.workdir, "jax_cache"))
+  if not jax.config.jax_compilation_cache_dir:
+    jax.config.update("jax_compilation_cache_dir", os.path.join(args.workdir, "jax_cache"))
   return args.config, args.workdir
 
 
 def record_config(config, workdir: str) -> None:
-  """Create the workdir; process 0 writes the run's full config to <workdir>/config.json."""
+  """Create the workdir; process 0 writes the run's full config to <workdir>/config.json (a .tmp file
+  renamed into place, so a reader never sees half of it)."""
   os.makedirs(workdir, exist_ok=True)
   if is_chief():
-    with open(os.path.join(workdir, "config.json"), "w") as f:
+    path = os.path.join(workdir, "config.json")
+    with open(path + ".tmp", "w") as f:
       f.write(config.to_json_best_effort(indent=2))
+    os.replace(path + ".tmp", path)
 
 
 def is_chief() -> bool:
@@ -93,4 +99,24 @@ def chief_first(name: str, fn):
   multihost_utils.sync_global_devices(name)
   if not is_chief():
     result = fn()
+  return result
+
+
+def chief_only(name: str, fn):
+  """fn() on process 0 only (e.g. a decision about shared files), its outcome shared with every process:
+  returns fn()'s result on process 0 and None on the others once it succeeded; if it raised, process 0
+  re-raises and the others raise a RuntimeError pointing at process 0's log."""
+  if jax.process_count() == 1:
+    return fn()
+  result, error = None, None
+  if is_chief():
+    try:
+      result = fn()
+    except Exception as e:  # pylint: disable=broad-except  (re-raised below, after the others learn of it)
+      error = e
+  failed = multihost_utils.broadcast_one_to_all(np.int32(error is not None))
+  if error is not None:
+    raise error
+  if failed:
+    raise RuntimeError(f"{name} failed on process 0: see its log")
   return result

@@ -6,12 +6,17 @@ from absl import logging
 import tensorboardX
 
 
+DROPPED = "metrics_dropped.jsonl"
+
+
 class MetricWriter:
   """Writes scalars to <workdir>/metrics.jsonl and <workdir>/tensorboard.
 
   On resume from step S, logged entries after S (written before a crash, past the last
-  checkpoint) are dropped so the files describe exactly one run history. In a multi-process run
-  only one process writes (active=True); the others' writers do nothing.
+  checkpoint) leave metrics.jsonl so it describes exactly one run history; they are appended to
+  <workdir>/metrics_dropped.jsonl, never erased (also when no checkpoint is left at all). A torn last
+  line (a kill or a full disk during a write) is dropped with a warning. In a multi-process run only
+  one process writes (active=True); the others' writers do nothing.
   """
 
   def __init__(self, workdir: str, resume_step: int = 0, active: bool = True):
@@ -24,8 +29,17 @@ class MetricWriter:
   def _truncate_after(self, step: int) -> None:
     if not os.path.exists(self.path):
       return
-    with open(self.path) as f:
-      kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    entries = _read_lines(self.path)
+    kept = [line for line, entry in entries if entry["step"] <= step]
+    dropped = [line for line, entry in entries if entry["step"] > step]
+    if dropped:
+      steps = [entry["step"] for _, entry in entries if entry["step"] > step]
+      aside = os.path.join(os.path.dirname(self.path), DROPPED)
+      with open(aside, "a") as f:
+        f.writelines(dropped)
+      logging.warning("%s: %d entries of steps %d..%d were logged after step %d, the step this run resumes "
+                      "from%s; they were moved to %s", self.path, len(dropped), min(steps), max(steps), step,
+                      "" if step else " (no checkpoint)", aside)
     tmp = self.path + ".tmp"
     with open(tmp, "w") as f:
       f.writelines(kept)
@@ -46,10 +60,32 @@ class MetricWriter:
       self.tb.close()
 
 
-def read_metrics(workdir: str) -> list[dict]:
-  """All entries of <workdir>/metrics.jsonl, in order."""
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f if line.strip()]
+def read_metrics(workdir: str, name: str = "metrics.jsonl") -> list[dict]:
+  """All entries of <workdir>/metrics.jsonl (or of `name`, e.g. DROPPED), in order; a torn last line is
+  dropped with a warning."""
+  return [entry for _, entry in _read_lines(os.path.join(workdir, name))]
+
+
+def _read_lines(path: str) -> list[tuple[str, dict]]:
+  """(line, entry) of each line of a metrics file. The last line may be torn (cut short by a kill or a full
+  disk): it is dropped with a warning. ValueError names the file and line of any other unreadable line."""
+  with open(path) as f:
+    lines = f.readlines()
+  entries = []
+  for number, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    try:
+      entry = json.loads(line) if line.endswith("\n") else None
+    except ValueError:
+      entry = None
+    if entry is None or not isinstance(entry, dict) or "step" not in entry:
+      if number == len(lines):
+        logging.warning("%s: dropping the torn last line %d (%r): a write was cut short", path, number, line[:80])
+        continue
+      raise ValueError(f"{path}: line {number} is not a metrics entry ({line[:80]!r}); fix or remove it")
+    entries.append((line, entry))
+  return entries
 
 
 def quiet_library_info_logs() -> None:

@@ -9,7 +9,8 @@ prepared by process i mod process_count, with config.workers worker processes re
 tokenizing (images are encoded to latents, with config.vae, batched on this process's devices). A finished
 shard is renamed into place and followed by its `<shard>.json`; running the same command again skips
 finished shards, so an interrupted job resumes. Bad records are skipped and listed in skipped.jsonl, and
-counted by reason in the manifest, which process 0 writes last.
+counted by reason in the manifest, which process 0 writes last. A second job on the same directory is
+refused while the first runs (tfusion.workdir_lock).
 """
 import dataclasses
 import hashlib
@@ -25,7 +26,7 @@ from ml_collections import config_flags
 import numpy as np
 import tqdm
 
-from tfusion import codecs, config as config_lib, distributed
+from tfusion import codecs, config as config_lib, distributed, workdir_lock
 from tfusion.data import latent_cache, prepared, raw_sources, tokenizer as tokenizer_lib
 from tfusion.data.images import BadRecord
 
@@ -245,6 +246,11 @@ def prepare(config, out: str) -> dict:
   config_lib.validate_prepare(config)
   out = os.path.abspath(os.path.expanduser(out))
   os.makedirs(out, exist_ok=True)
+  with workdir_lock.hold(out):
+    return _prepare(config, out)
+
+
+def _prepare(config, out: str) -> dict:
   reader = make_reader(config)
   settings = check_settings(config, reader, out)
   if reader.kind == "text":

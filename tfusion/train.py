@@ -1,8 +1,9 @@
 r"""Train Transfusion: python -m tfusion.train --config experiments/shapes_tiny.py --workdir DIR.
 
-Running the same command again in the same workdir resumes from the latest checkpoint. Overrides:
---config.total_steps=2000 --config.model.num_layers=8 ...; `--config experiments/x.py:arg` passes
-`arg` to the experiment's get_config.
+Running the same command again in the same workdir resumes from the latest checkpoint that verifies,
+with the same config (docs/reliability.md: what may change, --allow_config_change). SIGTERM or SIGINT
+saves a checkpoint at the current step and stops. Overrides: --config.total_steps=2000
+--config.model.num_layers=8 ...; `--config experiments/x.py:arg` passes `arg` to the experiment's get_config.
 """
 import functools
 import os
@@ -10,16 +11,15 @@ import time
 
 from absl import app, flags, logging
 import jax
-from jax.experimental import multihost_utils
 import numpy as np
 from ml_collections import config_flags
 import tqdm
 
-from tfusion import (config as config_lib, decoding, diffusion, distributed, evaluate, flops, generate, sharding,
-                     visualize)
+from tfusion import (config as config_lib, config_resume, decoding, diffusion, distributed, evaluate, flops,
+                     generate, sharding, visualize, workdir_lock)
 from tfusion.data import mixture, pipeline, sequence
 from tfusion import metrics as metrics_lib
-from tfusion.training import checkpoint, optim, state as state_lib, step as step_lib
+from tfusion.training import checkpoint, nonfinite, optim, preemption, state as state_lib, step as step_lib
 
 
 # ----------------------------------------------------------------------------------------------
@@ -51,12 +51,21 @@ def write_samples(step, state, mesh, tok, codec, sample_examples, config, workdi
 # ----------------------------------------------------------------------------------------------
 # The run.
 # ----------------------------------------------------------------------------------------------
-def train_and_evaluate(config, workdir: str) -> None:
-  """Train (or resume) the run in `workdir` to config.total_steps."""
-  # --- Setup: validate before any compute, record the config. ---------------------------------
+def train_and_evaluate(config, workdir: str, allow_config_change: tuple[str, ...] = ()) -> int:
+  """Train (or resume) the run in `workdir` to config.total_steps, holding the workdir's lock. Returns the
+  process exit status: 0, or 130 after a clean stop on SIGINT. allow_config_change: config fields (or
+  groups) that may differ from the recorded config on resume although they change the run."""
   config_lib.validate(config)
+  with workdir_lock.hold(workdir):
+    return _train(config, workdir, tuple(allow_config_change))
+
+
+def _train(config, workdir: str, allow_config_change: tuple[str, ...]) -> int:
+  # --- Setup: check the config against the run's recorded one, record it. --------------------
   scorers = evaluate.ImageScorers.from_config(config) if config.eval_every else evaluate.ImageScorers()
-  distributed.record_config(config, workdir)
+  steps_saved = checkpoint.saved_steps(checkpoint.checkpoint_dir(workdir))
+  config_resume.check_and_record(config, workdir, bool(steps_saved), None, allow_config_change,
+                                 max(steps_saved, default=None))
 
   # --- Mesh. ------------------------------------------------------------------------------------
   mesh = sharding.make_mesh(config.mesh)
@@ -102,6 +111,10 @@ def train_and_evaluate(config, workdir: str) -> None:
                                        train_key=train_key, microbatches=config.microbatches)
   batch_sharding = sharding.batch_sharding(mesh)
   reference = evaluate.reference_latents(config, codec) if config.eval_every else None
+  skip_guard = None
+  if config.nonfinite_skip_limit:
+    skip_guard = nonfinite.SkipGuard(config.nonfinite_skip_limit)
+    train_step = skip_guard.wrap(train_step, state_shardings, batch_sharding, sharding.replicated(mesh))
   samples = functools.partial(write_samples, mesh=mesh, tok=tok, codec=codec, sample_examples=data.sample_examples,
                               config=config, workdir=workdir)
 
@@ -109,25 +122,26 @@ def train_and_evaluate(config, workdir: str) -> None:
   progress = tqdm.tqdm(total=config.total_steps, initial=start_step, unit="step", dynamic_ncols=True,
                        disable=jax.process_index() != 0)
   elements, steps_timed, last_time = 0, 0, time.time()
+  stop = preemption.StopSignals()
   try:
+    stop.install()
     for step in range(start_step + 1, config.total_steps + 1):
       local = next(data_iterator)
       batch = jax.tree.map(lambda x: jax.make_array_from_process_local_data(batch_sharding, x), local)
       with jax.set_mesh(mesh):
         state, metrics = train_step(state, batch)
+      skipped = skip_guard is not None and skip_guard.after_step(step, metrics)
       progress.update(1)
       steps_timed += 1
       elements += int(local["segment_ids"].astype(bool).sum()) * jax.process_count()
       is_last = step == config.total_steps
-      # A multi-process run that receives SIGTERM (e.g. a TPU maintenance event) saves and stops at a
-      # step all processes agree on.
-      preempted = jax.process_count() > 1 and multihost_utils.reached_preemption_sync_point(step)
+      preempted = stop.reached(step)    # SIGTERM / SIGINT: all processes save and stop at this step
       log = step % config.log_every == 0 or is_last
       save = step % config.ckpt_every == 0 or is_last or preempted
       if log or save:
         metrics = jax.device_get(metrics)
-        if not np.isfinite(metrics["loss"]):
-          raise FloatingPointError(
+        if not np.isfinite(metrics["loss"]) and not skipped:
+          raise nonfinite.NonFiniteUpdate(
               f"loss is {metrics['loss']} at step {step} (text_loss {metrics['text_loss']}, image_loss "
               f"{metrics['image_loss']}); stopped without saving, last checkpoint: step {ckpt.latest_step()}")
       if log:
@@ -137,13 +151,16 @@ def train_and_evaluate(config, workdir: str) -> None:
         metrics["tflops_per_device"] = step_flops * steps_timed / (now - last_time) / jax.device_count() / 1e12
         metrics["mfu"] = metrics["tflops_per_device"] / peak
         elements, steps_timed, last_time = 0, 0, now
-        writer.write(step, {k: v for k, v in metrics.items() if k != "elements"})
+        if skip_guard is not None:
+          metrics["skipped_steps"] = skip_guard.take_count()
+        writer.write(step, {k: v for k, v in metrics.items() if k not in ("elements", "skipped")})
         progress.set_postfix(loss=f"{metrics['loss']:.3f}", text=f"{metrics['text_loss']:.3f}",
                              image=f"{metrics['image_loss']:.3f}")
       if save:
+        nonfinite.check_state(state, step, ckpt.latest_step())
         ckpt.save(step, state, data_iterator)
       if preempted:
-        logging.warning("preempted: saved step %d; run the same command to resume", step)
+        logging.warning("stopped by %s: saved step %d; run the same command to resume", stop.reason, step)
         break
       if (step % config.sample_every == 0 or is_last) and data.sample_examples is not None:
         samples(step, state)
@@ -159,16 +176,19 @@ def train_and_evaluate(config, workdir: str) -> None:
     ckpt.wait()
     ckpt.close()
     writer.close()
+    stop.uninstall()          # signals stay harmless until the last save is committed
+  return stop.exit_code
 
 
 def main(argv):
-  train_and_evaluate(*distributed.start_entry_point(argv))
+  return train_and_evaluate(*distributed.start_entry_point(argv), flags.FLAGS.allow_config_change)
 
 
 def define_flags():
   """Command-line flags, defined only when this module is the program (so libraries can import it)."""
   config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
   flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
+  config_resume.define_flags()
   distributed.define_flags()
 
 

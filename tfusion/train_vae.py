@@ -3,7 +3,9 @@ r"""Train the image VAE: python -m tfusion.train_vae --config experiments/vae_sh
 The KL-VAE of tfusion.models.vae with the paper's loss (tfusion.training.vae_step), sharded like the
 Transfusion trainer (params by logical axis names, image rows over data x fsdp), orbax checkpoints
 with the input position, metrics.jsonl + TensorBoard, and reconstruction grids of test images with the
-test PSNR. Running the same command again resumes. A finished workdir is a VAE that
+test PSNR. Running the same command again resumes (with the same config, as tfusion.train: the workdir
+lock, SIGTERM / SIGINT saves, checkpoint checksums and the non-finite check before saves apply here too;
+docs/reliability.md). A finished workdir is a VAE that
 `config.data.vae` of a Transfusion run (and tfusion.encode_latents) can point at.
 """
 import os
@@ -17,10 +19,11 @@ from ml_collections import config_flags
 import numpy as np
 import tqdm
 
-from tfusion import codecs, config as config_lib, distributed, metrics as metrics_lib, sharding, visualize
+from tfusion import (codecs, config as config_lib, config_resume, distributed, metrics as metrics_lib, sharding,
+                     visualize, workdir_lock)
 from tfusion.data import shapes
 from tfusion.models import discriminator as disc_lib, lpips as lpips_lib, moco as moco_lib, vae as vae_lib
-from tfusion.training import checkpoint, state as state_lib, vae_step
+from tfusion.training import checkpoint, nonfinite, preemption, state as state_lib, vae_step
 
 GRID_IMAGES = 8        # test images shown with their reconstructions
 EVAL_IMAGES = 1000     # test images the PSNR is measured on
@@ -78,10 +81,18 @@ def evaluate(step: int, params, vae, test_images: np.ndarray, workdir: str) -> f
   return image_psnr(test_images, reconstructions)
 
 
-def train_vae(config, workdir: str) -> None:
-  """Train (or resume) the VAE run in `workdir` to config.total_steps."""
+def train_vae(config, workdir: str, allow_config_change: tuple[str, ...] = ()) -> int:
+  """Train (or resume) the VAE run in `workdir` to config.total_steps, holding the workdir's lock; returns
+  the exit status (130 after a clean stop on SIGINT). allow_config_change: as tfusion.train's."""
   config_lib.validate_vae(config)
-  distributed.record_config(config, workdir)
+  with workdir_lock.hold(workdir):
+    return _train_vae(config, workdir, tuple(allow_config_change))
+
+
+def _train_vae(config, workdir: str, allow_config_change: tuple[str, ...]) -> int:
+  steps_saved = checkpoint.saved_steps(checkpoint.checkpoint_dir(workdir))
+  config_resume.check_and_record(config, workdir, bool(steps_saved), config_lib.default_vae_config(),
+                                 allow_config_change, max(steps_saved, default=None))
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch_size(mesh, config.batch_size)
 
@@ -116,7 +127,9 @@ def train_vae(config, workdir: str) -> None:
   progress = tqdm.tqdm(total=config.total_steps, initial=start_step, unit="step", dynamic_ncols=True,
                        disable=not distributed.is_chief())
   images_seen, last_time = 0, time.time()
+  stop = preemption.StopSignals()
   try:
+    stop.install()
     for step in range(start_step + 1, config.total_steps + 1):
       local = next(data_iterator)
       batch = jax.make_array_from_process_local_data(batch_sharding, local)
@@ -126,13 +139,14 @@ def train_vae(config, workdir: str) -> None:
       progress.update(1)
       images_seen += config.batch_size
       is_last = step == config.total_steps
-      log, save = step % config.log_every == 0 or is_last, step % config.ckpt_every == 0 or is_last
+      preempted = stop.reached(step)
+      log, save = step % config.log_every == 0 or is_last, step % config.ckpt_every == 0 or is_last or preempted
       if log or save:
         metrics = jax.device_get(metrics)
         if not np.isfinite(metrics["loss"]):
-          raise FloatingPointError(f"VAE loss is {metrics['loss']} at step {step} ({metrics}); stopped without "
-                                   f"saving, last checkpoint: step {ckpt.latest_step()}")
-      if step % config.sample_every == 0 or is_last:
+          raise nonfinite.NonFiniteUpdate(f"VAE loss is {metrics['loss']} at step {step} ({metrics}); stopped "
+                                          f"without saving, last checkpoint: step {ckpt.latest_step()}")
+      if (step % config.sample_every == 0 or is_last) and not preempted:
         metrics = dict(jax.device_get(metrics), test_psnr=evaluate(step, state.params, vae, test_images, workdir))
         log = True
       if log:
@@ -142,20 +156,27 @@ def train_vae(config, workdir: str) -> None:
         writer.write(step, metrics)
         progress.set_postfix(l1=f"{metrics['l1']:.4f}", psnr=f"{metrics['psnr']:.1f}")
       if save:
+        nonfinite.check_state(state, step, ckpt.latest_step())
         ckpt.save(step, state, data_iterator)
+      if preempted:
+        logging.warning("stopped by %s: saved step %d; run the same command to resume", stop.reason, step)
+        break
   finally:
     progress.close()
     ckpt.wait()
     ckpt.close()
     writer.close()
+    stop.uninstall()
+  return stop.exit_code
 
 
 def main(argv):
-  train_vae(*distributed.start_entry_point(argv))
+  return train_vae(*distributed.start_entry_point(argv), flags.FLAGS.allow_config_change)
 
 
 if __name__ == "__main__":
   config_flags.DEFINE_config_file("config", None, "VAE experiment config file.", lock_config=True)
   flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and reconstructions.")
+  config_resume.define_flags()
   distributed.define_flags()
   app.run(main)

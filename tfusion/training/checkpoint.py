@@ -1,30 +1,52 @@
-"""Orbax checkpoints of the train state together with the grain data iterator state."""
+"""Orbax checkpoints of the train state together with the grain data iterator state, with checksums."""
+import collections
 import glob
 import json
 import os
+import time
 
 from absl import logging
 import grain
 import jax
 import orbax.checkpoint as ocp
 
+from tfusion import distributed
+from tfusion.training import integrity
+
 
 class Checkpointer:
-  """<workdir>/checkpoints/<step>/{state, data}: params, optimizer state, step, and input position."""
+  """<workdir>/checkpoints/<step>/{state, data, checksums.json}: params, optimizer state, step, input position,
+  and the checksums of those files (training/integrity.py), written by process 0 before the commit."""
 
   def __init__(self, directory: str, max_to_keep: int, create: bool = True):
     self.directory = directory
+    self._finalizing = collections.deque()    # steps saved and not yet committed, oldest first (process 0)
     self.manager = ocp.CheckpointManager(
-        directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create,
-                                                        enable_async_checkpointing=True))
+        directory, options=ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, create=create, enable_async_checkpointing=True,
+            cleanup_tmp_directories=create,
+            async_options=ocp.AsyncOptions(post_finalization_callback=self._write_checksums)))
+
+  def _write_checksums(self) -> None:
+    """Orbax calls this on process 0 once every process has written the oldest pending step, before it
+    renames <step>.orbax-checkpoint-tmp into place: the checksums are committed with the files."""
+    step = self._finalizing.popleft()
+    integrity.write_manifest(os.path.join(self.directory, f"{step}{integrity.TMP_SUFFIX}"))
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
   def save(self, step: int, state, data_iterator) -> None:
     """Starts an asynchronous save; the state arrays are copied before this returns."""
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator)), force=True)
+    if distributed.is_chief():
+      self._finalizing.append(step)   # before save(): its commit may come before save() returns
+    try:
+      self.manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator)), force=True)
+    except BaseException:
+      if distributed.is_chief() and self._finalizing and self._finalizing[-1] == step:
+        self._finalizing.pop()        # never started: no commit will come for it
+      raise
 
   def restore(self, step: int, abstract_state, data_iterator):
     """Restore into the shardings of `abstract_state`; sets `data_iterator` to the saved position. An
@@ -53,11 +75,16 @@ class Checkpointer:
     """Only the params (item "params") or their EMA ("ema_params") of a saved train state (no optimizer
     state, no data position), into the shardings of `abstract_params`."""
     target = {item: abstract_params}
+    if not integrity.verify(self.step_dir(step)):
+      logging.warning("checkpoint %s has no %s: restored unverified", self.step_dir(step), integrity.MANIFEST)
     restored = self._restore(step, f"{item} of checkpoint {self.directory}/{step}", "",
                              state=ocp.args.PyTreeRestore(
                                  target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
                                  partial_restore=True))
     return restored.state[item]
+
+  def step_dir(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
 
   def _restore(self, step: int, what: str, advice: str, **items):
     try:
@@ -77,7 +104,9 @@ def open_run(workdir: str, max_to_keep: int, state, shardings, data_iterator,
   """(checkpointer of <workdir>/checkpoints, state, step): the latest checkpoint restored into `shardings`
   together with the data position; else, at step 0, `state` with the params of `init_from` (see
   init_checkpoint) if given, or as it is."""
-  ckpt = Checkpointer(os.path.join(os.path.abspath(workdir), "checkpoints"), max_to_keep)
+  directory = checkpoint_dir(workdir)
+  distributed.chief_only("checking the checkpoints", lambda: set_aside_corrupt(directory))
+  ckpt = Checkpointer(directory, max_to_keep)
   step = ckpt.latest_step() or 0
   if step:
     logging.info("resuming from step %d", step)
@@ -90,6 +119,47 @@ def open_run(workdir: str, max_to_keep: int, state, shardings, data_iterator,
                           ema_params=None if state.ema_params is None else jax.tree.map(jax.numpy.copy, params))
     source.close()
   return ckpt, state, step
+
+
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+def saved_steps(directory: str) -> list[int]:
+  """Steps of the committed checkpoints in `directory`, ascending (none if it does not exist)."""
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(n) for n in os.listdir(directory) if n.isdigit())
+
+
+def set_aside_corrupt(directory: str) -> None:
+  """Before a run resumes: reports the saves that were cut short (orbax removes them), then checks the
+  checkpoints newest first against their checksums. Those that fail are renamed <step>.corrupt-<time>
+  (orbax no longer sees them), so the run resumes from the newest checkpoint that verifies. If none
+  does, nothing is moved and CorruptCheckpoint lists them all."""
+  for tmp in integrity.temporary_dirs(directory):
+    logging.warning("removing %s: a checkpoint save that never completed (the run was stopped during it)", tmp)
+  corrupt = []
+  for step in reversed(saved_steps(directory)):
+    step_dir = os.path.join(directory, str(step))
+    try:
+      if not integrity.verify(step_dir):
+        logging.warning("checkpoint %s has no %s (saved before tfusion wrote checksums): not verified", step_dir,
+                        integrity.MANIFEST)
+    except integrity.CorruptCheckpoint as e:
+      logging.error("%s", e)
+      corrupt.append((step_dir, str(e)))
+      continue
+    for bad_dir, _ in corrupt:
+      aside = f"{bad_dir}.corrupt-{int(time.time())}"
+      os.rename(bad_dir, aside)
+      logging.warning("moved the corrupt checkpoint %s to %s: resuming from step %d, the newest that verifies",
+                      bad_dir, aside, step)
+    return
+  if corrupt:
+    raise integrity.CorruptCheckpoint(
+        "no checkpoint verifies: " + "; ".join(e for _, e in corrupt) + f". Nothing was moved; move the damaged "
+        f"ones away to resume from an older one, or the whole {directory} to start over.")
 
 
 def init_checkpoint(path: str) -> tuple[Checkpointer, int]:

@@ -1,0 +1,354 @@
+"""Fault injection on real training processes: each promise of docs/reliability.md, performed.
+
+Signals, kill -9, a second launch, flipped checkpoint bytes, an unfinished save, a torn metrics line,
+changed configs and a NaN-producing override, on `python -m tfusion.train` subprocesses of a tiny config
+(with a shared compilation cache), checked against one uninterrupted run: bit-exact params, the same
+logged values, exit codes, and messages that name the step, file or field.
+"""
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from tfusion import config as config_lib, config_resume, prepare as prepare_lib, train, train_vae, workdir_lock
+from tfusion.metrics import read_metrics
+from tfusion.training import checkpoint, integrity, nonfinite, step as step_lib
+from tests.test_train import data_dir  # noqa: F401  (a fixture: the 16 px shapes data, built once per worker)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOTAL = 24          # steps of the reference run; every interrupted run stops well before
+TIMING = {"elements_per_sec", "tflops_per_device", "mfu"}
+
+
+def fields(data_dir, **changes):  # noqa: F811
+  """The tiny run: shapes_tiny.py:16 with these fields; constant lr after warmup, so stopping a run and
+  resuming it with another total_steps follows the same schedule."""
+  f = {"total_steps": TOTAL, "batch_size": 8, "seq_len": 64, "log_every": 1, "ckpt_every": 4,
+       "sample_every": 1000, "model.num_layers": 2, "model.d_model": 32, "model.num_heads": 2, "model.mlp_dim": 64,
+       "model.patch_size": 4, "data.vocab_size": 512, "data.data_dir": data_dir, "optim.warmup_steps": 2,
+       "optim.final_lr_fraction": 1.0, "sample.num_images": 2, "sample.num_captions": 2,
+       "sample.diffusion_steps": 4, "sample.max_caption_tokens": 4, "peak_tflops_per_device": 1.0}
+  f.update({k.replace("__", "."): v for k, v in changes.items()})
+  return f
+
+
+def config_of(values: dict):
+  c = config_lib.shapes_demo_config(16)
+  for key, value in values.items():
+    *groups, last = key.split(".")
+    node = c
+    for g in groups:
+      node = node[g]
+    node[last] = value
+  return c
+
+
+def launch(workdir, values: dict, log: str, *extra) -> subprocess.Popen:
+  # Every compilation cached, also the many small ones of a checkpoint save: 15 s less per process.
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir,
+         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+  cmd = [sys.executable, "-m", "tfusion.train", "--config", "experiments/shapes_tiny.py:16", "--workdir", str(workdir),
+         *[f"--config.{k}={v}" for k, v in values.items()], *extra]
+  with open(log, "w") as out:
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+
+def finish(process, log, timeout=300) -> tuple[int, str]:
+  try:
+    process.wait(timeout=timeout)
+  except subprocess.TimeoutExpired:
+    process.kill()
+    raise
+  with open(log) as f:
+    return process.returncode, f.read()
+
+
+def logged_steps(workdir) -> list[int]:
+  """Steps of the complete lines of metrics.jsonl (the file may be in the middle of a write)."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line)["step"] for line in f if line.endswith("\n")]
+
+
+def wait_until(predicate, process, log, timeout=240):
+  deadline = time.time() + timeout
+  while not predicate():
+    if process.poll() is not None:
+      raise AssertionError(f"exited early with {process.returncode}:\n{open(log).read()[-3000:]}")
+    assert time.time() < deadline, open(log).read()[-3000:]
+    time.sleep(0.02)
+
+
+def saved_state(workdir, step) -> dict:
+  with warnings.catch_warnings(), ocp.PyTreeCheckpointer() as c:
+    warnings.simplefilter("ignore")     # "Sharding info not provided": the saved shardings, on 8 devices as saved
+    return jax.device_get(c.restore(os.path.join(workdir, "checkpoints", str(step), "state")))
+
+
+def assert_same_state(a, b):
+  leaves_a, leaves_b = jax.tree_util.tree_flatten_with_path(a)[0], jax.tree_util.tree_flatten_with_path(b)[0]
+  assert [p for p, _ in leaves_a] == [p for p, _ in leaves_b]
+  for (path, x), (_, y) in zip(leaves_a, leaves_b):
+    assert np.array_equal(x, y), jax.tree_util.keystr(path)
+
+
+def without_timing(entries):
+  return [{k: v for k, v in m.items() if k not in TIMING} for m in entries]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, data_dir):  # noqa: F811
+  """An uninterrupted in-process run of TOTAL steps: (workdir, its metrics, its final state)."""
+  workdir = str(tmp_path_factory.mktemp("reference") / "run")
+  train.train_and_evaluate(config_of(fields(data_dir)), workdir)
+  return workdir, read_metrics(workdir), saved_state(workdir, TOTAL)
+
+
+# ----------------------------------------------------------------------------------------------
+# Signals, a second launch, kill -9: one workdir through five processes, then bit-exact.
+# ----------------------------------------------------------------------------------------------
+def test_signals_second_launch_and_kill_resume_bit_exactly(tmp_path, data_dir, reference):  # noqa: F811
+  workdir, logs = str(tmp_path / "run"), str(tmp_path)
+  long_run = fields(data_dir, total_steps=1000, ckpt_every=1000)      # saves only when told to stop
+  lock = os.path.join(workdir, workdir_lock.LOCK_FILE)
+
+  # A second launch while the first one trains is refused, naming the holder. (The first is paused
+  # meanwhile, so that it stops at an early step below however fast this machine is.)
+  first = launch(workdir, long_run, f"{logs}/1.log")
+  wait_until(lambda: len(logged_steps(workdir)) >= 2, first, f"{logs}/1.log")
+  first.send_signal(signal.SIGSTOP)
+  code, out = finish(launch(workdir, long_run, f"{logs}/2.log"), f"{logs}/2.log")
+  assert code != 0 and f"is in use by pid {first.pid} on host {socket.gethostname()}, started " in out
+  first.send_signal(signal.SIGCONT)
+
+  # SIGTERM saves the current step and exits 0; a SIGTERM and a SIGINT that arrive while it stops (held
+  # back by a pause until then) are ignored.
+  first.send_signal(signal.SIGTERM)
+  wait_until(lambda: "SIGTERM received" in open(f"{logs}/1.log").read(), first, f"{logs}/1.log")
+  first.send_signal(signal.SIGSTOP)
+  first.send_signal(signal.SIGTERM)
+  first.send_signal(signal.SIGINT)
+  first.send_signal(signal.SIGCONT)
+  code, out = finish(first, f"{logs}/1.log")
+  s1 = logged_steps(workdir)[-1]
+  assert code == 0 and f"stopped by SIGTERM: saved step {s1}" in out
+  assert "SIGTERM received while stopping: ignored" in out and "SIGINT received while stopping: ignored" in out
+  assert checkpoint.saved_steps(checkpoint.checkpoint_dir(workdir)) == [s1]
+  assert integrity.verify(os.path.join(workdir, "checkpoints", str(s1)))
+  assert os.path.getsize(lock) == 0                                   # released on a clean exit
+
+  # SIGINT (Ctrl-C) also saves; the exit status is 130 as after any Ctrl-C.
+  second = launch(workdir, long_run, f"{logs}/3.log")
+  wait_until(lambda: logged_steps(workdir)[-1] >= s1 + 2, second, f"{logs}/3.log")
+  second.send_signal(signal.SIGINT)
+  code, out = finish(second, f"{logs}/3.log")
+  s2 = logged_steps(workdir)[-1]
+  assert code == 130 and f"resuming from step {s1}" in out and f"stopped by SIGINT: saved step {s2}" in out
+  assert "Traceback" not in out
+
+  # kill -9 right after a checkpoint (ckpt_every may change on resume): the lock is left behind.
+  third = launch(workdir, dict(long_run, ckpt_every=2), f"{logs}/4.log")
+  wait_until(lambda: max(checkpoint.saved_steps(checkpoint.checkpoint_dir(workdir))) > s2, third, f"{logs}/4.log")
+  third.kill()
+  third.wait()
+  killed_at = logged_steps(workdir)[-1]
+  assert killed_at < TOTAL and json.loads(open(lock).read())["pid"] == third.pid
+
+  # The last process takes the stale lock over and finishes exactly as the uninterrupted run.
+  code, out = finish(launch(workdir, fields(data_dir), f"{logs}/5.log"), f"{logs}/5.log")
+  assert code == 0, out[-3000:]
+  assert f"taking over the stale lock {lock} of pid {third.pid}" in out
+  ref_dir, ref_metrics, ref_state = reference
+  assert without_timing(read_metrics(workdir)) == without_timing(ref_metrics)
+  assert_same_state(saved_state(workdir, TOTAL), ref_state)
+
+
+# ----------------------------------------------------------------------------------------------
+# Flipped bytes, an unfinished save and a torn metrics line, all met by one resume.
+# ----------------------------------------------------------------------------------------------
+def test_corrupt_checkpoint_falls_back_to_the_newest_that_verifies(tmp_path, data_dir, reference):  # noqa: F811
+  ref_dir, ref_metrics, ref_state = reference
+  workdir = str(tmp_path / "run")
+  shutil.copytree(ref_dir, workdir)
+  assert checkpoint.saved_steps(checkpoint.checkpoint_dir(workdir)) == [16, 20, 24]
+  # 8 bytes overwritten inside the largest data file of the newest checkpoint, same size.
+  newest = os.path.join(workdir, "checkpoints", str(TOTAL))
+  data = max((os.path.join(root, n) for root, _, names in os.walk(os.path.join(newest, "state")) for n in names),
+             key=os.path.getsize)
+  with open(data, "r+b") as f:
+    f.seek(os.path.getsize(data) // 2)
+    f.write(b"\xff" * 8)
+  unfinished = os.path.join(workdir, "checkpoints", f"{TOTAL + 1}.orbax-checkpoint-tmp")
+  os.makedirs(os.path.join(unfinished, "state"))
+  with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
+    f.write('{"step": 25, "loss": 1.2')                              # a write cut short by a full disk
+
+  code, out = finish(launch(workdir, fields(data_dir), str(tmp_path / "log")), str(tmp_path / "log"))
+  assert code == 0, out[-3000:]
+  assert f"checkpoint {newest}: file {os.path.relpath(data, newest)} differs from its checksum" in out
+  assert "resuming from step 20, the newest that verifies" in out and "resuming from step 20" in out
+  assert f"removing {unfinished}" in out and not os.path.exists(unfinished)
+  assert "dropping the torn last line" in out
+  aside = [n for n in os.listdir(os.path.join(workdir, "checkpoints")) if n.startswith(f"{TOTAL}.corrupt-")]
+  assert len(aside) == 1                                             # kept for inspection, invisible to orbax
+  # Steps 21-24 were trained again exactly; their first logs were kept aside, not erased.
+  assert without_timing(read_metrics(workdir)) == without_timing(ref_metrics)
+  assert [m["step"] for m in read_metrics(workdir, "metrics_dropped.jsonl")] == [21, 22, 23, 24]
+  assert_same_state(saved_state(workdir, TOTAL), ref_state)
+
+
+# ----------------------------------------------------------------------------------------------
+# A changed config on resume.
+# ----------------------------------------------------------------------------------------------
+def test_changed_config_is_refused_naming_each_field_and_config_json_stays(tmp_path, data_dir, reference):  # noqa: F811
+  workdir = str(tmp_path / "run")
+  shutil.copytree(reference[0], workdir)
+  before = open(os.path.join(workdir, "config.json")).read()
+  changed = fields(data_dir, batch_size=4, seed=1, model__d_model=64, log_every=2)
+  code, out = finish(launch(workdir, changed, str(tmp_path / "log")), str(tmp_path / "log"))
+  assert code != 0
+  for message in ("config.batch_size from 8 to 4", "config.seed from 0 to 1", "config.model.d_model from 32 to 64",
+                  "--allow_config_change=batch_size,model.d_model,seed"):
+    assert message in out
+  assert "config.log_every from" not in out                           # a cadence may change
+  assert open(os.path.join(workdir, "config.json")).read() == before
+  assert not os.path.exists(os.path.join(workdir, config_resume.CHANGES))
+
+
+def test_forced_and_allowed_changes_are_logged_and_recorded(tmp_path, data_dir, reference, caplog):  # noqa: F811
+  workdir = str(tmp_path / "run")
+  shutil.copytree(reference[0], workdir)
+  config = config_of(fields(data_dir, log_every=2, optim__lr=1e-3, nonfinite_skip_limit=3))
+  with pytest.raises(config_resume.ConfigChangeError, match=r"config.optim.lr from 0.002 to 0.001"):
+    train.train_and_evaluate(config, workdir)
+  assert train.train_and_evaluate(config, workdir, allow_config_change=["optim"]) == 0
+  assert "config.optim.lr changed on resume: 0.002 -> 0.001 (forced by --allow_config_change)" in caplog.text
+  assert json.load(open(os.path.join(workdir, "config.json")))["optim"]["lr"] == 1e-3
+  (entry,) = [json.loads(line) for line in open(os.path.join(workdir, config_resume.CHANGES))]
+  assert entry["step"] == TOTAL and entry["forced"] == ["optim.lr"]
+  assert entry["changed"] == {"log_every": [1, 2], "nonfinite_skip_limit": [0, 3], "optim.lr": [0.002, 0.001]}
+
+
+def test_a_workdir_recorded_before_newer_fields_existed_resumes(tmp_path, data_dir, reference):  # noqa: F811
+  workdir = str(tmp_path / "run")
+  shutil.copytree(reference[0], workdir)
+  path = os.path.join(workdir, "config.json")
+  old = json.load(open(path))
+  del old["nonfinite_skip_limit"], old["optim"]["grad_clip"]        # fields this workdir's tfusion did not know
+  json.dump(old, open(path, "w"))
+  config = config_of(fields(data_dir))
+  assert config_resume.check_and_record(config, workdir, True, config_lib.default_config()) == {}
+
+
+# ----------------------------------------------------------------------------------------------
+# Non-finite updates.
+# ----------------------------------------------------------------------------------------------
+def test_nan_override_saves_nothing_non_finite_and_skip_mode_skips(tmp_path, data_dir):  # noqa: F811
+  # lr 3.4e38 (finite in float32, so validation lets it through): the first update after warmup overflows,
+  # while the loss of that step, computed before the update, is finite. One checkpoint kept at most.
+  workdir, log = str(tmp_path / "run"), str(tmp_path / "log")
+  blowing_up = fields(data_dir, total_steps=6, ckpt_every=1, max_to_keep=1, optim__lr=3.4e38,
+                      optim__warmup_steps=1)
+  code, out = finish(launch(workdir, blowing_up, log), log)
+  assert code == 1
+  assert "the train state after step 2 is not finite" in out and "last checkpoint: step 1" in out
+  assert checkpoint.saved_steps(checkpoint.checkpoint_dir(workdir)) == [1]    # the good one was not pushed out
+  good = saved_state(workdir, 1)
+  assert nonfinite.all_finite(good)
+
+  # Resumed with skipping on (a field that may change): steps 2 and 3 are skipped, the third in a row stops.
+  with pytest.raises(nonfinite.NonFiniteUpdate, match=r"steps 2\.\.4 all had a non-finite loss or update"):
+    train.train_and_evaluate(config_of(dict(blowing_up, nonfinite_skip_limit=2)), workdir)
+  assert checkpoint.saved_steps(checkpoint.checkpoint_dir(workdir)) == [3]
+  skipped = saved_state(workdir, 3)
+  assert int(skipped["step"]) == 3
+  assert_same_state({k: v for k, v in skipped.items() if k != "step"}, {k: v for k, v in good.items() if k != "step"})
+  assert [(m["step"], m.get("skipped_steps")) for m in read_metrics(workdir)] == [(1, None), (2, 1), (3, 1)]
+
+
+def poisoned_at_step(monkeypatch, bad_step):
+  """The train step, but the params it returns after `bad_step` are NaN (the loss it reports is finite)."""
+  real = step_lib.jit_train_step
+
+  def make(*args, **kwargs):
+    step = real(*args, **kwargs)
+
+    def run(state, batch):
+      poison = jnp.where(state.step + 1 == bad_step, jnp.nan, 1.0)     # before `step` consumes (donates) state
+      new, metrics = step(state, batch)
+      return new.replace(params=jax.tree.map(lambda x: x * poison, new.params)), metrics
+    return run
+  monkeypatch.setattr(step_lib, "jit_train_step", make)
+
+
+def test_a_non_finite_state_after_a_finite_loss_is_not_saved(tmp_path, data_dir, monkeypatch):  # noqa: F811
+  poisoned_at_step(monkeypatch, 3)
+  workdir = str(tmp_path / "run")
+  with pytest.raises(nonfinite.NonFiniteUpdate, match=r"after step 3 is not finite .* last checkpoint: step 2"):
+    train.train_and_evaluate(config_of(fields(data_dir, total_steps=5, ckpt_every=1)), workdir)
+  assert checkpoint.saved_steps(checkpoint.checkpoint_dir(workdir)) == [1, 2]
+  assert np.isfinite(read_metrics(workdir)[-1]["loss"]) and read_metrics(workdir)[-1]["step"] == 3
+
+
+def test_skip_mode_drops_one_bad_update_and_goes_on(tmp_path, data_dir, monkeypatch):  # noqa: F811
+  poisoned_at_step(monkeypatch, 3)
+  workdir = str(tmp_path / "run")
+  config = config_of(fields(data_dir, total_steps=5, ckpt_every=1, max_to_keep=5, nonfinite_skip_limit=1))
+  assert train.train_and_evaluate(config, workdir) == 0
+  assert [m["skipped_steps"] for m in read_metrics(workdir)] == [0, 0, 1, 0, 0]
+  before, skipped, after = (saved_state(workdir, s) for s in (2, 3, 4))
+  assert int(skipped["step"]) == 3
+  assert_same_state(skipped["params"], before["params"])
+  assert_same_state(skipped["opt_state"], before["opt_state"])
+  assert nonfinite.all_finite(after) and not np.array_equal(after["params"]["lm_head"]["kernel"],
+                                                            skipped["params"]["lm_head"]["kernel"])
+
+
+# ----------------------------------------------------------------------------------------------
+# The lock of the VAE trainer and of prepare; metrics history without a checkpoint.
+# ----------------------------------------------------------------------------------------------
+def test_vae_training_and_prepare_refuse_a_locked_directory_and_take_over_a_stale_lock(tmp_path, caplog):
+  directory = str(tmp_path / "dir")
+  holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from tfusion import workdir_lock; "
+                             "lock = workdir_lock.hold(sys.argv[1]); lock.__enter__(); print('held', flush=True); "
+                             "time.sleep(600)", directory], cwd=REPO, stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == "held"
+    named = rf"is in use by pid {holder.pid} on host {socket.gethostname()}, started"
+    vae_config = config_lib.default_vae_config()
+    vae_config.mesh.ici_data_parallelism = 3          # were the lock not to refuse, the mesh would (8 devices)
+    with pytest.raises(workdir_lock.DirectoryInUse, match=named):
+      train_vae.train_vae(vae_config, directory)
+    prepare_config = config_lib.default_prepare_config()
+    prepare_config.path = str(tmp_path / "no_such_folder")
+    with pytest.raises(workdir_lock.DirectoryInUse, match=named):
+      prepare_lib.prepare(prepare_config, directory)
+  finally:
+    holder.kill()
+    holder.wait()
+  with workdir_lock.hold(directory):
+    assert json.load(open(os.path.join(directory, workdir_lock.LOCK_FILE)))["pid"] == os.getpid()
+  assert f"of pid {holder.pid} on host" in caplog.text and "that process is gone" in caplog.text
+
+
+def test_history_without_checkpoints_is_kept_aside(tmp_path, data_dir, reference, caplog):  # noqa: F811
+  workdir = str(tmp_path / "run")
+  shutil.copytree(reference[0], workdir)
+  shutil.rmtree(os.path.join(workdir, "checkpoints"))
+  train.train_and_evaluate(config_of(fields(data_dir, total_steps=2)), workdir)
+  assert [m["step"] for m in read_metrics(workdir)] == [1, 2]
+  assert [m["step"] for m in read_metrics(workdir, "metrics_dropped.jsonl")] == list(range(1, TOTAL + 1))
+  assert f"{TOTAL} entries of steps 1..{TOTAL} were logged after step 0" in caplog.text

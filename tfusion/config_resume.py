@@ -1,0 +1,105 @@
+"""A resumed run keeps its config: compare the new config with the one the workdir recorded.
+
+Fields that change what is trained (model, data, batch, seed, optimizer, diffusion; and any field added
+later, by default) are refused, each named with its old and new value, and config.json stays as it
+was. The fields of MAY_CHANGE only change when and how the same run is computed, logged, saved or
+sampled: their changes are accepted, logged, written to config.json and appended to
+config_changes.jsonl. An explicit override (--allow_config_change=optim.lr,... on the command line)
+forces other changes through, with a warning and the same record.
+"""
+import datetime
+import json
+import os
+
+from absl import flags, logging
+import ml_collections
+
+from tfusion import config as config_lib, distributed
+
+CONFIG = "config.json"
+CHANGES = "config_changes.jsonl"
+
+# Fields (or groups, "mesh" = mesh.*) whose change on resume continues the same run.
+MAY_CHANGE = (
+    "total_steps",             # the lr schedule's horizon moves with it (warned)
+    "log_every", "ckpt_every", "sample_every", "eval_every", "eval_examples", "max_to_keep",
+    "peak_tflops_per_device", "eval_inception_weights", "eval_clip",
+    "nonfinite_skip_limit",    # what happens on a NaN, not what is trained
+    "microbatches",            # the same update, accumulated in another number of slices
+    "model.remat_policy", "model.attention", "model.attention_chunk",   # the same function, computed otherwise
+    "data.workers", "data.prefetch", "data.sample_split",
+    "sample", "mesh",
+)
+
+
+class ConfigChangeError(config_lib.ConfigError):
+  """The new config changes fields a resumed run may not change; the message names each."""
+
+
+def flatten(config: ml_collections.ConfigDict) -> dict:
+  """{"group.field": value} with tuples as lists (as JSON has them)."""
+  flat = {}
+
+  def visit(prefix, value):
+    if isinstance(value, (dict, ml_collections.ConfigDict)):
+      for key, item in value.items():
+        visit(f"{prefix}.{key}" if prefix else key, item)
+    else:
+      flat[prefix] = list(value) if isinstance(value, tuple) else value
+  visit("", config.to_dict() if isinstance(config, ml_collections.ConfigDict) else config)
+  return flat
+
+
+def _matches(field: str, names) -> bool:
+  return any(field == n or field.startswith(n + ".") for n in names)
+
+
+def changes(old: ml_collections.ConfigDict, new: ml_collections.ConfigDict) -> dict:
+  """{field: (old, new)} of the fields that differ; a field only one side has is None on the other."""
+  a, b = flatten(old), flatten(new)
+  return {f: (a.get(f), b.get(f)) for f in sorted(set(a) | set(b)) if f not in a or f not in b or a[f] != b[f]}
+
+
+def check_and_record(config, workdir: str, resuming: bool, defaults: ml_collections.ConfigDict | None = None,
+                     allow: tuple[str, ...] = (), step: int | None = None) -> dict:
+  """Compare `config` with <workdir>/config.json (read by config.from_json over `defaults`, None for a
+  Transfusion run, so a workdir recorded before newer fields existed compares the values of its time) when
+  `resuming`; refuse, accept and record as the module says.
+  Then process 0 writes `config` to config.json. Returns the accepted {field: (old, new)}."""
+  path = os.path.join(workdir, CONFIG)
+  unknown = [name for name in allow if not any(_matches(f, [name]) for f in flatten(config))]
+  if unknown:
+    raise config_lib.ConfigError(f"--allow_config_change names fields the config does not have: {unknown}")
+  found = {}
+  if resuming and os.path.isfile(path):
+    with open(path) as f:
+      saved = config_lib.from_json(f.read(), path, defaults)
+    found = changes(saved, config)
+    refused = {f: v for f, v in found.items() if not _matches(f, MAY_CHANGE) and not _matches(f, allow)}
+    if refused:
+      raise ConfigChangeError(
+          f"{workdir} holds a run with another config; resuming it may not change "
+          + "; ".join(f"config.{f} from {o!r} to {n!r}" for f, (o, n) in refused.items())
+          + f". {path} was left as it was. Use a new workdir for a new run, or pass "
+          f"--allow_config_change={','.join(refused)} to force the change into this run.")
+  if distributed.is_chief():
+    for f, (o, n) in found.items():
+      forced = not _matches(f, MAY_CHANGE)
+      (logging.warning if forced or f == "total_steps" else logging.info)(
+          "config.%s changed on resume: %r -> %r%s", f, o, n,
+          " (forced by --allow_config_change)" if forced else
+          " (the lr schedule follows the new total)" if f == "total_steps" else "")
+    if found:
+      entry = dict(time=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), step=step,
+                   changed={f: [o, n] for f, (o, n) in found.items()},
+                   forced=[f for f in found if not _matches(f, MAY_CHANGE)])
+      with open(os.path.join(workdir, CHANGES), "a") as f:
+        f.write(json.dumps(entry) + "\n")
+  distributed.record_config(config, workdir)
+  return found
+
+
+def define_flags() -> None:
+  """--allow_config_change of the training commands (read by their main)."""
+  flags.DEFINE_list("allow_config_change", [], "Config fields or groups (e.g. optim.lr,optim.warmup_steps or optim) "
+                    "that may change on resume although they change the run; the change is logged and recorded.")
