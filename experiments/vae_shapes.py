@@ -11,7 +11,7 @@ from tfusion.config import default_vae_config
 
 def get_config():
   c = default_vae_config()
-  c.total_steps = 800
+  c.total_steps = 1600           # the shapes checker reads its reconstructions at 100% from about here
   c.batch_size = 16
   c.log_every = 20
   c.ckpt_every = 200
@@ -20,7 +20,7 @@ def get_config():
   c.model.layers_per_block = 1
   c.model.latent_channels = 8
   c.model.norm_num_groups = 8
-  c.optim.lr = 1e-3
+  c.optim.lr = 2e-3
   c.optim.warmup_steps = 50
   c.data.image_size = 32
   return c
