@@ -7,7 +7,9 @@ default workdir/demo: run launch/demo.sh first).
   noise_limit  image-first pairs noised up to t = 500 vs 1000 (paper Table 8, captioning)
   patch        2x2 vs 4x4 latent patches, linear encoder (paper Table 6)
 
-Three seeds each, 400 steps, evaluation on 64 held-out images at the end.
+Three seeds each, 1000 steps of the demo's linear-encoder model (v-prediction, EMA 0.999), evaluation on 64
+held-out images at the end. The first variant of each is the same config (the paper's settings): with one
+--workdir per ablation, its cells can be trained once and linked into the others.
 """
 import ml_collections
 
@@ -32,7 +34,7 @@ def get_config(arg="lambda"):
   base.data.codec, base.data.vae, base.data.latent_cache = "vae", f"{root}/vae", f"{root}/latents"
   base.data.latent_channels, base.data.latent_downsample = 8, 4
   base.model.patch_size = 2
-  base.total_steps, base.sample_every, base.eval_examples = 400, 400, 64
+  base.total_steps, base.sample_every, base.eval_examples = 1000, 1000, 64
   c = ml_collections.ConfigDict()
   c.base = base
   c.variants = ml_collections.ConfigDict(ABLATIONS[name])

@@ -10,7 +10,7 @@ import pytest
 
 from tfusion import decoding, diffusion, sharding
 from tfusion.data import sequence
-from tfusion.models import transformer
+from tfusion.models import transformer, transfusion
 from tests.helpers import SPECIAL
 from tests.test_model import LATENT, VOCAB, make_model, tiny_config
 
@@ -165,7 +165,8 @@ def test_caption_task_bans_eos_only_as_the_first_token():
 # ----------------------------------------------------------------------------------------------
 def reference_image(model, params, caption, sampler, steps, key, row=0):
   """Denoise [BOS caption BOI image] by calling the model on the whole sequence, with the posterior
-  written here from Ho et al. (2020) eq. 6-7 (DDPM, respaced) or Song et al. (2021) eq. 12 (DDIM, eta 0)."""
+  written here from Ho et al. (2020) eq. 6-7 (DDPM, respaced) or Song et al. (2021) eq. 12 (DDIM, eta 0),
+  in float64."""
   layout = sequence.RowLayout(len(caption) + 1 + N + 2, LATENT, 2)
   row_builder = sequence.RowBuilder(layout, SPECIAL, 1000)
   row_builder.add([sequence.TextPiece(np.array([SPECIAL.bos, *caption], np.int32)),
@@ -176,11 +177,15 @@ def reference_image(model, params, caption, sampler, steps, key, row=0):
   ts = diffusion.respaced_timesteps(1000, steps)
   for i in range(steps):
     t, s = ts[i], ts[i + 1]
-    _, eps = model.apply({"params": params}, *(a[k][None] for k in ("tokens", "segment_ids", "positions",
+    _, out = model.apply({"params": params}, *(a[k][None] for k in ("tokens", "segment_ids", "positions",
                                                                       "image_ids")),
                          x[None, None].astype(np.float32), np.full((1, 1), t, np.int32))
-    eps = np.asarray(eps[0, 0], np.float64)
-    x0 = np.clip((x - np.sqrt(1 - AB[t]) * eps) / np.sqrt(AB[t]), -3.0, 3.0)
+    out = np.asarray(out[0, 0], np.float64)
+    if model.cfg.prediction == "eps":
+      eps = out
+      x0 = np.clip((x - np.sqrt(1 - AB[t]) * eps) / np.sqrt(AB[t]), -3.0, 3.0)
+    else:                                            # Salimans & Ho (2022), v = sqrt(a) eps - sqrt(1 - a) x0
+      x0 = np.clip(np.sqrt(AB[t]) * x - np.sqrt(1 - AB[t]) * out, -3.0, 3.0)
     if sampler == "ddim":
       eps = (x - np.sqrt(AB[t]) * x0) / np.sqrt(1 - AB[t])
       x = np.sqrt(AB[s]) * x0 + np.sqrt(1 - AB[s]) * eps
@@ -193,11 +198,13 @@ def reference_image(model, params, caption, sampler, steps, key, row=0):
 
 
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
-def test_sampler_matches_the_formula_reference(model_and_params, sampler):
+@pytest.mark.parametrize("prediction", diffusion.PREDICTIONS)
+def test_sampler_matches_the_formula_reference(model_and_params, sampler, prediction):
   model, params = model_and_params
+  model = transfusion.Transfusion(dataclasses.replace(model.cfg, prediction=prediction))
   options = dataclasses.replace(OPTS, sampler=sampler, ddim_eta=0.0)
-  got = decode(model_and_params, [text_prompt(10, 11, boi=True)], decoding.IMAGE, options, key=7)[0].images[0]
-  # float32 against float64: the first step divides by sqrt(alpha_bar_T) ~ 0.02, so allow 2e-3.
+  got = decode((model, params), [text_prompt(10, 11, boi=True)], decoding.IMAGE, options, key=7)[0].images[0]
+  # float32 against float64 through four calls of a random network (its input Jacobian is large): allow 2e-3.
   np.testing.assert_allclose(got, reference_image(model, params, [10, 11], sampler, 4, jax.random.key(7)),
                              atol=2e-3)
 

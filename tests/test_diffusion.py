@@ -52,17 +52,19 @@ def test_ddpm_step_matches_posterior_formula():
   """Compare against q(x_{t-1} | x_t, x0) of Ho et al. eqs. 6-7, written out with betas."""
   ab = diffusion.cosine_alpha_bar(1000)
   rng = np.random.default_rng(0)
-  x_t, eps_hat, noise = rng.standard_normal((3, 5))
+  x_t, eps_hat, noise = rng.standard_normal((3, 5)).astype(np.float32)
   t = 400
   beta_t = 1 - ab[t] / ab[t - 1]
   x0 = (x_t - np.sqrt(1 - ab[t]) * eps_hat) / np.sqrt(ab[t])
   mean = np.sqrt(ab[t - 1]) * beta_t / (1 - ab[t]) * x0 + np.sqrt(1 - beta_t) * (1 - ab[t - 1]) / (1 - ab[t]) * x_t
   var = (1 - ab[t - 1]) / (1 - ab[t]) * beta_t
-  out = diffusion.ddpm_step(x_t, eps_hat, ab[t], ab[t - 1], noise)
+  x0_hat = diffusion.x0_from_prediction("eps", eps_hat, x_t, ab[t])
+  np.testing.assert_allclose(x0_hat, x0, rtol=1e-5)
+  out = diffusion.ddpm_step(x_t, x0_hat, ab[t], ab[t - 1], noise)
   np.testing.assert_allclose(out, mean + np.sqrt(var) * noise, rtol=1e-5)
   # The last step returns the x0 estimate, with no noise.
-  np.testing.assert_allclose(diffusion.ddpm_step(x_t, eps_hat, ab[t], 1.0, noise), x0, rtol=1e-5)
-  np.testing.assert_allclose(diffusion.ddpm_step(x_t, eps_hat, ab[t], 1.0, noise, clip_x0=0.5),
+  np.testing.assert_allclose(diffusion.ddpm_step(x_t, x0_hat, ab[t], 1.0, noise), x0, rtol=1e-5)
+  np.testing.assert_allclose(diffusion.x0_from_prediction("eps", eps_hat, x_t, ab[t], clip_x0=0.5),
                              np.clip(x0, -0.5, 0.5), rtol=1e-5)
 
 
@@ -70,38 +72,58 @@ def test_respaced_ddpm_chain_with_exact_eps_recovers_x0():
   """With the true noise as prediction, 50 respaced ancestral steps land on x0."""
   ab = diffusion.cosine_alpha_bar(1000)
   rng = np.random.default_rng(0)
-  x0 = rng.uniform(-1, 1, (4, 4))
-  x = rng.standard_normal((4, 4))
+  x0 = rng.uniform(-1, 1, (4, 4)).astype(np.float32)
+  x = rng.standard_normal((4, 4)).astype(np.float32)
   ts = diffusion.respaced_timesteps(1000, 50)
   for i in range(len(ts) - 1):
     eps = (x - np.sqrt(ab[ts[i]]) * x0) / np.sqrt(1 - ab[ts[i]])
-    x = np.asarray(diffusion.ddpm_step(x, eps, ab[ts[i]], ab[ts[i + 1]], rng.standard_normal((4, 4)), 1.0))
+    x0_hat = diffusion.x0_from_prediction("eps", eps, x, ab[ts[i]], clip_x0=1.0)
+    x = np.asarray(diffusion.ddpm_step(x, x0_hat, ab[ts[i]], ab[ts[i + 1]],
+                                       rng.standard_normal((4, 4)).astype(np.float32)))
   np.testing.assert_allclose(x, x0, atol=1e-5)
 
 
 def random_step_inputs(seed=0):
+  """x_t, eps_hat, its x0 estimate, noise at t = 600, and alpha_bar at 600 and 400."""
   rng = np.random.default_rng(seed)
   x_t, eps_hat, noise = (jnp.asarray(rng.standard_normal((3, 4, 4, 2)), jnp.float32) for _ in range(3))
   alpha_bar = diffusion.cosine_alpha_bar(1000)
-  return x_t, eps_hat, noise, jnp.float32(alpha_bar[600]), jnp.float32(alpha_bar[400])
+  a_t = jnp.float32(alpha_bar[600])
+  x0_hat = diffusion.x0_from_prediction("eps", eps_hat, x_t, a_t)
+  return x_t, eps_hat, x0_hat, noise, a_t, jnp.float32(alpha_bar[400])
 
 
 def test_ddim_with_eta_1_is_the_ddpm_step():
-  x_t, eps_hat, noise, a_t, a_prev = random_step_inputs()
-  np.testing.assert_allclose(diffusion.ddim_step(x_t, eps_hat, a_t, a_prev, noise, eta=1.0),
-                             diffusion.ddpm_step(x_t, eps_hat, a_t, a_prev, noise), atol=1e-5)
+  x_t, _, x0_hat, noise, a_t, a_prev = random_step_inputs()
+  np.testing.assert_allclose(diffusion.ddim_step(x_t, x0_hat, a_t, a_prev, noise, eta=1.0),
+                             diffusion.ddpm_step(x_t, x0_hat, a_t, a_prev, noise), atol=1e-5)
 
 
 def test_ddim_with_eta_0_is_deterministic_and_keeps_x0_and_eps():
-  x_t, eps_hat, noise, a_t, a_prev = random_step_inputs()
-  x_prev = diffusion.ddim_step(x_t, eps_hat, a_t, a_prev, noise, eta=0.0)
-  np.testing.assert_array_equal(x_prev, diffusion.ddim_step(x_t, eps_hat, a_t, a_prev, 5 * noise, eta=0.0))
+  x_t, eps_hat, x0_hat, noise, a_t, a_prev = random_step_inputs()
+  x_prev = diffusion.ddim_step(x_t, x0_hat, a_t, a_prev, noise, eta=0.0)
+  np.testing.assert_array_equal(x_prev, diffusion.ddim_step(x_t, x0_hat, a_t, a_prev, 5 * noise, eta=0.0))
   # Song et al. eq. 12 with sigma = 0: same x0 estimate and same noise direction at t_prev.
   x0 = (x_t - jnp.sqrt(1 - a_t) * eps_hat) / jnp.sqrt(a_t)
   np.testing.assert_allclose(x_prev, jnp.sqrt(a_prev) * x0 + jnp.sqrt(1 - a_prev) * eps_hat, atol=1e-5)
   # To t_prev = 0 it returns the x0 estimate.
-  np.testing.assert_allclose(diffusion.ddim_step(x_t, eps_hat, a_t, jnp.float32(1.0), noise, eta=0.0), x0,
+  np.testing.assert_allclose(diffusion.ddim_step(x_t, x0_hat, a_t, jnp.float32(1.0), noise, eta=0.0), x0,
                              atol=1e-5)
+
+
+def test_x0_from_v_is_exact_where_alpha_bar_vanishes():
+  """At t = 1000 (alpha_bar 2.4e-9) the x0 estimate of the exact v is x0 to float32 rounding, and an error
+  in v reaches x0 scaled by sqrt(1 - a) (1 here), where the eps route would multiply it by 2e4."""
+  alpha_bar = diffusion.cosine_alpha_bar(1000)[-1]
+  rng = np.random.default_rng(0)
+  x0, eps = (jnp.asarray(rng.uniform(-1, 1, (2, 8, 8, 3)), jnp.float32) for _ in range(2))
+  a = jnp.full(2, alpha_bar, jnp.float32)
+  x_t = diffusion.q_sample(x0, eps, a)
+  v = diffusion.prediction_target("v", x0, eps, a)
+  np.testing.assert_allclose(diffusion.x0_from_prediction("v", v, x_t, a), x0, atol=1e-6)
+  np.testing.assert_allclose(diffusion.x0_from_prediction("v", v + 0.01, x_t, a) - x0, -0.01, atol=1e-6)
+  eps_route = diffusion.x0_from_prediction("eps", diffusion.eps_from_prediction("v", v, x_t, a), x_t, a)
+  assert float(jnp.abs(eps_route - x0).max()) > 1e-4       # the precision the direct formula keeps
 
 
 def test_classifier_free_guidance():
@@ -156,10 +178,10 @@ def test_default_chain_bounds_the_amplification_of_prediction_errors(sampler, pr
     output = diffusion.prediction_target(prediction, x0, eps, a)
 
     def step(out):
-      eps_hat = diffusion.eps_from_prediction(prediction, out, x_t, a)
+      x0_hat = diffusion.x0_from_prediction(prediction, out, x_t, a, clip)
       if sampler == "ddpm":
-        return diffusion.ddpm_step(x_t, eps_hat, ab[t], ab[t_prev], noise, clip)
-      return diffusion.ddim_step(x_t, eps_hat, ab[t], ab[t_prev], noise, 0.0, clip)
+        return diffusion.ddpm_step(x_t, x0_hat, ab[t], ab[t_prev], noise)
+      return diffusion.ddim_step(x_t, x0_hat, ab[t], ab[t_prev], noise, 0.0)
     return float(jnp.sqrt(jnp.mean(jnp.square(step(output + 0.1 * error) - step(output))))) / 0.1
 
   assert max(amplification(i, clip_x0) for i in range(len(ts) - 1)) < 1.0

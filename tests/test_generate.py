@@ -191,9 +191,11 @@ def test_held_out_image_loss_is_the_training_objective_at_fixed_timesteps(run_di
     eps = jax.random.normal(jax.random.fold_in(jax.random.key(3), start), (per_batch, *row["latents"].shape))
     eps = np.asarray(eps)[i - start]
     x_t = np.sqrt(ab) * row["latents"] + np.sqrt(1 - ab) * eps
-    _, eps_hat = model.apply({"params": jax.device_get(sampler.params)}, *[row[k][None] for k in (
+    _, output = model.apply({"params": jax.device_get(sampler.params)}, *[row[k][None] for k in (
         "tokens", "segment_ids", "positions", "image_ids")], x_t[None], np.full((1, layout.max_images), 200))
-    errors += list(np.mean(np.square(np.asarray(eps_hat[0]) - eps), axis=(1, 2, 3))[row["image_valid"]])
+    assert model.cfg.prediction == "v"                           # eps = sqrt(a) v + sqrt(1 - a) x_t
+    eps_hat = np.sqrt(ab) * np.asarray(output[0]) + np.sqrt(1 - ab) * x_t
+    errors += list(np.mean(np.square(eps_hat - eps), axis=(1, 2, 3))[row["image_valid"]])
   assert result["eps_mse_t200"] == pytest.approx(np.mean(errors), rel=1e-4)
 
 

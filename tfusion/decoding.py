@@ -311,15 +311,16 @@ def image_phase(model, params, state: DecodeState, special, task: Task, alpha_ba
     x, memory = carry
     t, t_prev = timesteps[i], timesteps[i + 1]
     _, output, memory = memory.feed(model, params, image_block(x, t), with_logits=False)
-    eps = diffusion.eps_from_prediction(cfg.prediction, output[:, 0], x, alpha_bar[t])
+    output = output[:, 0]
     if guided:
-      eps = diffusion.guide(eps[:half], eps[half:], cfg_scale)
-      eps = jnp.concatenate([eps, eps])
+      output = diffusion.guide(output[:half], output[half:], cfg_scale)
+      output = jnp.concatenate([output, output])
+    x0 = diffusion.x0_from_prediction(cfg.prediction, output, x, alpha_bar[t], clip_x0)
     noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i), cfg.latent_shape))(image_keys)
     if sampler == "ddim":
-      x_prev = diffusion.ddim_step(x, eps, alpha_bar[t], alpha_bar[t_prev], noise, ddim_eta, clip_x0)
+      x_prev = diffusion.ddim_step(x, x0, alpha_bar[t], alpha_bar[t_prev], noise, ddim_eta)
     else:
-      x_prev = diffusion.ddpm_step(x, eps, alpha_bar[t], alpha_bar[t_prev], noise, clip_x0)
+      x_prev = diffusion.ddpm_step(x, x0, alpha_bar[t], alpha_bar[t_prev], noise)
     return x_prev, memory
 
   x, memory = jax.lax.fori_loop(0, timesteps.shape[0] - 1, denoise, (x, memory))

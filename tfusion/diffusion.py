@@ -99,16 +99,29 @@ def respaced_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
   return np.concatenate([ts, [0]]).astype(np.int32)
 
 
-def ddpm_step(x_t, eps_hat, alpha_bar_t, alpha_bar_prev, noise, clip_x0: float | None = None):
-  """One ancestral DDPM step from t to an earlier t_prev (respaced): sample of q(x_prev | x_t, x0_hat).
+def x0_from_prediction(prediction: str, output, x_t, alpha_bar_t, clip_x0: float | None = None):
+  """The x0 estimate of a decoder output, clipped to [-clip_x0, clip_x0] (the codec's range) if given.
+
+  eps: (x_t - sqrt(1 - a_t) eps) / sqrt(a_t), which multiplies an eps error by sqrt((1 - a_t) / a_t)
+  (2e4 at t = 1000: the clip is what keeps the first steps sane). v: sqrt(a_t) x_t - sqrt(1 - a_t) v,
+  with no division, so exact in float32 down to alpha_bar ~ 1e-9 (converting v to eps and back would
+  lose ulp(x_t) / sqrt(a_t) ~ 1e-3). output, x_t: [N, ...]; alpha_bar_t: scalar or [N].
+  """
+  a = _per_image(alpha_bar_t, x_t)
+  if prediction == "eps":
+    x0_hat = (x_t - jnp.sqrt(1 - a) * output) / jnp.sqrt(a)
+  else:
+    x0_hat = jnp.sqrt(a) * x_t - jnp.sqrt(1 - a) * output
+  return x0_hat if clip_x0 is None else jnp.clip(x0_hat, -clip_x0, clip_x0)
+
+
+def ddpm_step(x_t, x0_hat, alpha_bar_t, alpha_bar_prev, noise):
+  """One ancestral DDPM step from t to an earlier t_prev (respaced): a sample of q(x_prev | x_t, x0_hat).
 
   With respacing the effective beta is 1 - alpha_bar_t / alpha_bar_prev; the variance is the
   posterior one (beta_tilde). When t_prev = 0 (alpha_bar_prev = 1) the variance is 0 and the
-  result is x0_hat. x_t, eps_hat, noise: [N, ...]; alpha_bar_*: scalars.
+  result is x0_hat. x_t, x0_hat, noise: [N, ...]; alpha_bar_*: scalars.
   """
-  x0_hat = (x_t - jnp.sqrt(1 - alpha_bar_t) * eps_hat) / jnp.sqrt(alpha_bar_t)
-  if clip_x0 is not None:
-    x0_hat = jnp.clip(x0_hat, -clip_x0, clip_x0)
   beta = 1 - alpha_bar_t / alpha_bar_prev
   mean = (jnp.sqrt(alpha_bar_prev) * beta / (1 - alpha_bar_t)) * x0_hat + (
       jnp.sqrt(1 - beta) * (1 - alpha_bar_prev) / (1 - alpha_bar_t)) * x_t
@@ -116,21 +129,20 @@ def ddpm_step(x_t, eps_hat, alpha_bar_t, alpha_bar_prev, noise, clip_x0: float |
   return mean + jnp.sqrt(var) * noise
 
 
-def ddim_step(x_t, eps_hat, alpha_bar_t, alpha_bar_prev, noise, eta: float, clip_x0: float | None = None):
-  """One DDIM step from t to an earlier t_prev (Song et al. 2021, eq. 12).
+def ddim_step(x_t, x0_hat, alpha_bar_t, alpha_bar_prev, noise, eta: float):
+  """One DDIM step from t to an earlier t_prev (Song et al. 2021, eq. 12), the noise direction being
+  the eps implied by x0_hat (so a clipped x0 stays consistent with it).
 
   eta = 0 is deterministic (noise unused); eta = 1 has the DDPM posterior variance and equals
-  ddpm_step. x_t, eps_hat, noise: [N, ...]; alpha_bar_*: scalars.
+  ddpm_step. x_t, x0_hat, noise: [N, ...]; alpha_bar_*: scalars.
   """
-  x0_hat = (x_t - jnp.sqrt(1 - alpha_bar_t) * eps_hat) / jnp.sqrt(alpha_bar_t)
-  if clip_x0 is not None:
-    x0_hat = jnp.clip(x0_hat, -clip_x0, clip_x0)
-    eps_hat = (x_t - jnp.sqrt(alpha_bar_t) * x0_hat) / jnp.sqrt(1 - alpha_bar_t)
+  eps_hat = (x_t - jnp.sqrt(alpha_bar_t) * x0_hat) / jnp.sqrt(1 - alpha_bar_t)
   sigma = eta * jnp.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar_t) * (1 - alpha_bar_t / alpha_bar_prev))
   direction = jnp.sqrt(jnp.maximum(1 - alpha_bar_prev - sigma**2, 0.0)) * eps_hat
   return jnp.sqrt(alpha_bar_prev) * x0_hat + direction + sigma * noise
 
 
-def guide(eps_conditional, eps_unconditional, scale: float):
-  """Classifier-free guidance: eps_u + scale (eps_c - eps_u); scale 1 is the conditional prediction."""
-  return eps_unconditional + scale * (eps_conditional - eps_unconditional)
+def guide(conditional, unconditional, scale: float):
+  """Classifier-free guidance: u + scale (c - u) on the decoder outputs (eps or v: both are affine in
+  eps given x_t, so guiding either is guiding eps); scale 1 is the conditional prediction."""
+  return unconditional + scale * (conditional - unconditional)
