@@ -168,19 +168,27 @@ def test_malformed_checksums_unreadable_files_and_lost_checksums_are_corruption(
 
 
 def test_each_process_hashes_its_own_files_and_process_0_the_rest(tmp_path):
+  """Process 1 of 11 hashes its files while orbax still has them in <item>.orbax-checkpoint-tmp; process 0,
+  after orbax renamed the items, merges that with the hashes of the files no part lists."""
   files = {"state/ocdbt.process_0/d/a": b"0", "state/ocdbt.process_1/d/b": b"1", "state/ocdbt.process_10/d/c": b"10",
            "state/array_metadatas/process_1": b"1m", "data/process_1-of-11.json": b"{}", "data/process_0-of-11.json": b"{}",
-           "state/_METADATA": b"m", "state/manifest.ocdbt": b"root", integrity.STEP_METADATA: b"{}"}
+           "state/_METADATA": b"m", integrity.STEP_METADATA: b"{}"}
   for name, content in files.items():
-    os.makedirs(os.path.dirname(tmp_path / name), exist_ok=True)
-    (tmp_path / name).write_bytes(content)
+    item, _, rest = name.partition("/")
+    path = tmp_path / (item + integrity.TMP_SUFFIX) / rest if rest else tmp_path / name
+    os.makedirs(path.parent, exist_ok=True)
+    path.write_bytes(content)
   assert integrity.write_part(str(tmp_path), 1) == 5
   assert sorted(json.load(open(tmp_path / "checksums-process_1.json"))) == [
       "data/process_1-of-11.json", "state/array_metadatas/process_1", "state/ocdbt.process_1/d/b"]
+  for item in ("state", "data"):
+    os.rename(tmp_path / (item + integrity.TMP_SUFFIX), tmp_path / item)
+  (tmp_path / "state/manifest.ocdbt").write_bytes(b"written at the commit")
   (tmp_path / "state/ocdbt.process_1/d/b").write_bytes(b"2")    # process 0 takes process 1's hash, not its own
   integrity.write_manifest(str(tmp_path))
   assert sorted(os.listdir(tmp_path)) == [integrity.STEP_METADATA, integrity.MANIFEST, "data", "state"]
-  assert sorted(json.load(open(tmp_path / integrity.MANIFEST))) == sorted(set(files) - {integrity.STEP_METADATA})
+  assert sorted(json.load(open(tmp_path / integrity.MANIFEST))) == sorted(
+      set(files) - {integrity.STEP_METADATA} | {"state/manifest.ocdbt"})
   with pytest.raises(integrity.CorruptCheckpoint, match=r"file state/ocdbt.process_1/d/b differs"):
     integrity.verify(str(tmp_path))
 

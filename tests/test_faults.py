@@ -390,7 +390,7 @@ def test_a_full_disk_during_a_save_keeps_the_earlier_checkpoints(tmp_path, data_
   shutil.copytree(reference[0], workdir)
   limited = ("bash", "-c", 'set -o pipefail; prlimit --fsize=100000 "$@" 2>&1 | cat', "bash")
   code, out = finish(launch(workdir, fields(data_dir, total_steps=TOTAL + 2, ckpt_every=2), log, prefix=limited), log)
-  assert code == 1 and re.search(rf"Failed writing: .*/checkpoints/{TOTAL + 2}{checkpoint.TMP_SUFFIX}/.*File too large",
+  assert code == 1 and re.search(rf"Failed writing: .*/checkpoints/{TOTAL + 2}{integrity.TMP_SUFFIX}/.*File too large",
                                  out), out[-3000:]
   assert checkpoint.saved_steps(checkpoint.checkpoint_dir(workdir)) == [TOTAL - 8, TOTAL - 4, TOTAL]
   for step in (TOTAL - 8, TOTAL - 4, TOTAL):

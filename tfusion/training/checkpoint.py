@@ -13,9 +13,6 @@ import orbax.checkpoint as ocp
 from tfusion import distributed
 from tfusion.training import integrity
 
-TMP_SUFFIX = ".orbax-checkpoint-tmp"      # orbax's name for a step directory still being written
-
-
 class Checkpointer:
   """<directory>/<step>/{state, data, checksums.json}: params, optimizer state, step, input position, and the
   checksums of those files (training/integrity.py), each process hashing its own files before the commit.
@@ -54,7 +51,7 @@ class Checkpointer:
     integrity.write_manifest(self._tmp_dir(self._saving.popleft()))
 
   def _tmp_dir(self, step: int) -> str:
-    return os.path.join(self.directory, f"{step}{TMP_SUFFIX}")
+    return os.path.join(self.directory, f"{step}{integrity.TMP_SUFFIX}")
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -65,7 +62,7 @@ class Checkpointer:
     try:
       self.manager.save(step, args=ocp.args.Composite(
           state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator)), force=True,
-          custom_metadata=integrity.MARK)
+          custom_metadata=dict(integrity.MARK))
     except BaseException:
       if self._saving and self._saving[-1] == step:
         self._saving.pop()              # never started: no commit will come for it
@@ -173,7 +170,7 @@ def temporary_dirs(directory: str) -> list[str]:
   """Step directories orbax began and never committed (a save cut short by a kill or a crash)."""
   if not os.path.isdir(directory):
     return []
-  return sorted(os.path.join(directory, n) for n in os.listdir(directory) if TMP_SUFFIX in n)
+  return sorted(os.path.join(directory, n) for n in os.listdir(directory) if integrity.TMP_SUFFIX in n)
 
 
 def set_aside_corrupt(directory: str) -> int | None:

@@ -7,7 +7,9 @@ hashing is spread over the processes, each reading back what it wrote:
 
   write_part      each process, once its own files are written (before the processes meet for the commit):
                   the files named after it (orbax's ocdbt.process_<p>/ and array_metadatas/process_<p>,
-                  grain's data/process_<p>-of-<n>.json) into checksums-process_<p>.json.
+                  grain's data/process_<p>-of-<n>.json) into checksums-process_<p>.json, under the paths
+                  they get at the commit (orbax writes each item into <item>.orbax-checkpoint-tmp and
+                  renames it then).
   write_manifest  process 0, just before the rename: merges the parts with the hashes of the files no part
                   lists (the metadata orbax writes for all processes, some at the commit; every file when no
                   part was written, as in a single-process run) into checksums.json, and removes the parts.
@@ -26,6 +28,7 @@ import json
 import os
 import re
 
+TMP_SUFFIX = ".orbax-checkpoint-tmp"      # orbax's name for a directory still being written
 MANIFEST = "checksums.json"
 PART = "checksums-process_{}.json"        # one process's hashes, merged into MANIFEST by process 0
 STEP_METADATA = "_CHECKPOINT_METADATA"    # orbax's step metadata
@@ -62,7 +65,8 @@ def _hashes(step_dir: str, names) -> dict:
 
 def write_part(step_dir: str, process: int) -> int:
   """Hashes the files of step_dir named after `process` into its part; returns their total size."""
-  entries = _hashes(step_dir, _files(step_dir, process))
+  entries = {name.replace(TMP_SUFFIX + os.sep, os.sep): entry
+             for name, entry in _hashes(step_dir, _files(step_dir, process)).items()}
   with open(os.path.join(step_dir, PART.format(process)), "w") as f:
     json.dump(entries, f)
   return sum(e["bytes"] for e in entries.values())
