@@ -52,3 +52,10 @@ def set_fields(config, values: dict):
       node = node[group]
     node[last] = value
   return config
+
+
+def raising(error: BaseException):
+  """A stand-in for any function or method: it raises `error`, whatever it is called with."""
+  def fail(*args, **kwargs):
+    raise error
+  return fail

@@ -8,6 +8,7 @@ import pytest
 
 from tfusion import config as config_lib, sharding
 from tfusion.training import checkpoint, integrity
+from tests.helpers import raising
 from tests.test_model import init_state, tiny_batch, tiny_config, run_steps
 from tests.test_sequence import make_stream
 
@@ -135,7 +136,7 @@ def test_malformed_checksums_unreadable_files_and_lost_checksums_are_corruption(
   ckpt, _ = saved_checkpoints(tmp_path, [1, 2, 3])
   ckpt.close()
   directory = tmp_path / "ckpt"
-  manifest, metadata = directory / "3" / integrity.MANIFEST, directory / "3" / integrity.STEP_METADATA
+  manifest = directory / "3" / integrity.MANIFEST
   original = manifest.read_text()
   for wrong in ("[]", '{"state/x": 3}', '{"state/x": {"bytes": 1}}'):
     manifest.write_text(wrong)
@@ -143,7 +144,7 @@ def test_malformed_checksums_unreadable_files_and_lost_checksums_are_corruption(
       integrity.verify(str(directory / "3"))
   manifest.write_text(original)
   with monkeypatch.context() as patch:
-    patch.setattr(integrity, "sha256_of", lambda path: (_ for _ in ()).throw(OSError(5, "Input/output error")))
+    patch.setattr(integrity, "sha256_of", raising(OSError(5, "Input/output error")))
     with pytest.raises(integrity.CorruptCheckpoint, match=r"ckpt/3: file \S+ cannot be read .*Input/output error"):
       integrity.verify(str(directory / "3"))
   # A lost checksums.json: the step metadata says there was one; or, without that mark, an older checkpoint has one.
@@ -171,8 +172,8 @@ def test_each_process_hashes_its_own_files_and_process_0_the_rest(tmp_path):
   """Process 1 of 11 hashes its files while orbax still has them in <item>.orbax-checkpoint-tmp; process 0,
   after orbax renamed the items, merges that with the hashes of the files no part lists."""
   files = {"state/ocdbt.process_0/d/a": b"0", "state/ocdbt.process_1/d/b": b"1", "state/ocdbt.process_10/d/c": b"10",
-           "state/array_metadatas/process_1": b"1m", "data/process_1-of-11.json": b"{}", "data/process_0-of-11.json": b"{}",
-           "state/_METADATA": b"m", integrity.STEP_METADATA: b"{}"}
+           "state/array_metadatas/process_1": b"1m", "data/process_1-of-11.json": b"{}",
+           "data/process_0-of-11.json": b"{}", "state/_METADATA": b"m", integrity.STEP_METADATA: b"{}"}
   for name, content in files.items():
     item, _, rest = name.partition("/")
     path = tmp_path / (item + integrity.TMP_SUFFIX) / rest if rest else tmp_path / name
@@ -196,7 +197,7 @@ def test_each_process_hashes_its_own_files_and_process_0_the_rest(tmp_path):
 def test_a_save_that_fails_to_start_is_forgotten_and_restore_params_verifies_only_the_state(tmp_path, monkeypatch):
   ckpt, state = saved_checkpoints(tmp_path, [1])
   with monkeypatch.context() as patch:
-    patch.setattr(ckpt.manager, "save", lambda *args, **kwargs: (_ for _ in ()).throw(OSError(28, "No space left")))
+    patch.setattr(ckpt.manager, "save", raising(OSError(28, "No space left")))
     with pytest.raises(OSError):
       ckpt.save(2, state, iter(make_stream()))
   ckpt.save(3, state, iter(make_stream()))                # its checksums go to its own directory

@@ -15,7 +15,6 @@ import socket
 import subprocess
 import sys
 import time
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +25,7 @@ import pytest
 from tfusion import config as config_lib, config_resume, prepare as prepare_lib, train, train_vae, workdir_lock
 from tfusion.metrics import read_metrics
 from tfusion.training import checkpoint, integrity, nonfinite, preemption, step as step_lib
-from tests.helpers import set_fields
+from tests.helpers import raising, set_fields
 from tests.test_train import data_dir  # noqa: F401  (a fixture: the 16 px shapes data, built once per worker)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -99,9 +98,11 @@ def wait_until(predicate, process, log, timeout=240, poll=0.02):
 
 
 def saved_state(workdir, step) -> dict:
-  with warnings.catch_warnings(), ocp.PyTreeCheckpointer() as c:
-    warnings.simplefilter("ignore")     # "Sharding info not provided": the saved shardings, on 8 devices as saved
-    return jax.device_get(c.restore(os.path.join(workdir, "checkpoints", str(step), "state")))
+  """The train state saved at `step`, as numpy arrays (whatever devices and processes saved it)."""
+  path = os.path.join(workdir, "checkpoints", str(step), "state")
+  with ocp.PyTreeCheckpointer() as c:
+    as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), c.metadata(path).item_metadata.tree)
+    return c.restore(path, restore_args=as_numpy)
 
 
 def assert_same_state(a, b):
@@ -400,9 +401,7 @@ def test_a_full_disk_during_a_save_keeps_the_earlier_checkpoints(tmp_path, data_
 def test_a_failed_save_still_closes_everything(tmp_path, data_dir, monkeypatch):  # noqa: F811
   """The background save fails (disk full, a hashing error) and wait() raises it: the checkpointer and
   the writer are closed all the same, the signal handlers removed, the lock released."""
-  def failed(self):
-    raise OSError(28, "No space left on device")
-  monkeypatch.setattr(checkpoint.Checkpointer, "wait", failed)
+  monkeypatch.setattr(checkpoint.Checkpointer, "wait", raising(OSError(28, "No space left on device")))
   closed = []
   monkeypatch.setattr(checkpoint.Checkpointer, "close", lambda self: closed.append(self.manager.close()))
   before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
@@ -449,9 +448,7 @@ def test_the_lock_holds_within_its_own_process_and_is_dropped_on_errors(tmp_path
         pass
     assert json.load(open(lock))["pid"] == os.getpid()
   assert os.path.getsize(lock) == 0
-
-  def fails(*args):
-    raise OSError(28, "No space left on device")
+  fails = raising(OSError(28, "No space left on device"))
   for name in ("fsync", "ftruncate"):       # recording the holder, then (ftruncate) emptying the record too
     with monkeypatch.context() as patch:
       patch.setattr(workdir_lock.os, name, fails)

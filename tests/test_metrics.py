@@ -4,6 +4,7 @@ import json
 import pytest
 
 from tfusion import metrics
+from tests.helpers import raising
 
 
 def test_a_torn_last_line_is_dropped_with_a_warning(tmp_path, caplog):
@@ -36,11 +37,8 @@ def test_resuming_keeps_entries_up_to_the_step_and_moves_the_rest_aside(tmp_path
 def test_a_kill_between_moving_aside_and_truncating_moves_nothing_twice(tmp_path, monkeypatch):
   lines = [json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 6)]
   (tmp_path / "metrics.jsonl").write_text("".join(lines))
-
-  def killed(*args):
-    raise KeyboardInterrupt("killed before metrics.jsonl was replaced")
   with monkeypatch.context() as patch:
-    patch.setattr(metrics.os, "replace", killed)
+    patch.setattr(metrics.os, "replace", raising(KeyboardInterrupt("killed before metrics.jsonl was replaced")))
     with pytest.raises(KeyboardInterrupt):
       metrics.MetricWriter(str(tmp_path), resume_step=3)
   assert (tmp_path / metrics.DROPPED).read_text() == "".join(lines[3:])      # moved aside, not yet truncated
