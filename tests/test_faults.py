@@ -61,6 +61,31 @@ def launch(workdir, values: dict, log: str, *extra, prefix=()) -> subprocess.Pop
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
+def grain_workers(process) -> list[int]:
+  """pids of the worker processes a run started through multiprocessing's spawn (its grain workers)."""
+  found = []
+  for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+      parent = int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
+      command = open(f"/proc/{pid}/cmdline").read()
+    except OSError:
+      continue                          # gone meanwhile
+    if parent == process.pid and "spawn_main" in command:
+      found.append(int(pid))
+  return found
+
+
+def wait_until_idle(workdir, process, log, seconds=2.0) -> None:
+  """Until the run has logged no step for `seconds`."""
+  last = [logged_steps(workdir), time.time()]
+
+  def idle():
+    if logged_steps(workdir) != last[0]:
+      last[:] = [logged_steps(workdir), time.time()]
+    return time.time() - last[1] > seconds
+  wait_until(idle, process, log)
+
+
 def pause(process) -> None:
   """SIGSTOP, and wait until every thread of the process has stopped: nothing of it moves until SIGCONT."""
   process.send_signal(signal.SIGSTOP)
@@ -126,8 +151,8 @@ def reference(tmp_path_factory, data_dir):  # noqa: F811
 
 # ----------------------------------------------------------------------------------------------
 # Signals, a second launch, kill -9 during a save: one workdir through five processes, then bit-exact.
-# Each signal is sent while the process is paused (SIGSTOP), so every run stops at an early step however
-# busy this machine is.
+# The signals come while the run waits (for its paused data workers) or soon after a step, and the kill
+# while the run is paused (SIGSTOP), so every run stops at an early step however busy this machine is.
 # ----------------------------------------------------------------------------------------------
 def test_signals_second_launch_and_kill_resume_bit_exactly(tmp_path, data_dir, reference):  # noqa: F811
   workdir, logs = str(tmp_path / "run"), str(tmp_path)
@@ -135,16 +160,23 @@ def test_signals_second_launch_and_kill_resume_bit_exactly(tmp_path, data_dir, r
   lock = os.path.join(workdir, workdir_lock.LOCK_FILE)
   checkpoints = checkpoint.checkpoint_dir(workdir)
 
-  # A second launch while the first one trains (with two grain workers) is refused, naming the holder.
+  # The first run reads its data through two grain workers. Paused, they hold the run at an early step,
+  # waiting for its next batch.
   first = launch(workdir, dict(long_run, **{"data.workers": 2}), f"{logs}/1.log")
   wait_until(lambda: len(logged_steps(workdir)) >= 2, first, f"{logs}/1.log")
-  pause(first)
+  workers = grain_workers(first)
+  assert len(workers) == 2
+  for worker in workers:
+    os.kill(worker, signal.SIGSTOP)
+  wait_until_idle(workdir, first, f"{logs}/1.log")
+
+  # A second launch while the first one runs is refused, naming the holder.
   code, out = finish(launch(workdir, long_run, f"{logs}/2.log"), f"{logs}/2.log")
   assert code != 0 and f"is in use by pid {first.pid} on host {socket.gethostname()}, started " in out
 
-  # Ctrl-C and a SIGTERM to the whole process group, the run's workers too, arriving together: the handlers
-  # run in signal-number order, so SIGINT stops the run (saved, exit 130, no traceback) and the SIGTERM
-  # that comes while it stops is ignored. The workers ignore both.
+  # Ctrl-C and a SIGTERM to the whole process group (a terminal, a scheduler), workers included: the run
+  # handles them in signal-number order, so SIGINT stops it and the SIGTERM that comes while it stops is
+  # ignored. The workers ignore both, deliver the batch, and the run saves (exit 130, no traceback).
   for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGCONT):
     os.killpg(first.pid, signum)
   code, out = finish(first, f"{logs}/1.log")
