@@ -13,6 +13,7 @@ import orbax.checkpoint as ocp
 from tfusion import distributed
 from tfusion.training import integrity
 
+
 class Checkpointer:
   """<directory>/<step>/{state, data, checksums.json}: params, optimizer state, step, input position, and the
   checksums of those files (training/integrity.py), each process hashing its own files before the commit.

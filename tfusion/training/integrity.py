@@ -22,6 +22,7 @@ before tfusion wrote checksums (restored unverified, with a warning), unless its
 MARK (tfusion saves it into every checkpoint it hashes) or an older checkpoint beside it has checksums:
 then its checksums.json was lost, and it counts as corrupt.
 """
+import contextlib
 import glob
 import hashlib
 import json
@@ -73,11 +74,12 @@ def write_part(step_dir: str, process: int) -> int:
 
 
 def write_manifest(step_dir: str) -> None:
-  """step_dir/checksums.json: the parts, and the hashes of every file they do not list; removes the parts."""
+  """step_dir/checksums.json: the parts, and the hashes of every file they do not list (also of those of a
+  part cut short, e.g. by a full disk); removes the parts."""
   parts = glob.glob(os.path.join(step_dir, PART.format("*")))
   entries = {}
   for part in parts:
-    with open(part) as f:
+    with open(part) as f, contextlib.suppress(ValueError):
       entries.update(json.load(f))
   entries.update(_hashes(step_dir, [f for f in _files(step_dir) if f not in entries]))
   with open(os.path.join(step_dir, MANIFEST), "w") as f:
