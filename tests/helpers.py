@@ -41,3 +41,21 @@ def logically_partitioned_params(variables) -> list:
     assert isinstance(spec, PartitionSpec) and len(spec) == len(v.names) == v.value.ndim
     assert all(isinstance(name, str) for name in v.names)
   return boxed
+
+
+def set_fields(config, values: dict):
+  """`config` with each value of {"group.field": value} set (also top-level "field"); returns it."""
+  for key, value in values.items():
+    *groups, last = key.split(".")
+    node = config
+    for group in groups:
+      node = node[group]
+    node[last] = value
+  return config
+
+
+def raising(error: BaseException):
+  """A stand-in for any function or method: it raises `error`, whatever it is called with."""
+  def fail(*args, **kwargs):
+    raise error
+  return fail

@@ -39,3 +39,13 @@ def test_partial_coordinates_and_bad_modes_are_refused(calls):
   with pytest.raises(ValueError, match="must be one of"):
     distributed.initialize("sometimes")
   assert calls == []
+
+
+def test_what_process_0_decides_reaches_every_process(monkeypatch):
+  """Process 1 of 2, faked: it does not call fn and returns what process 0 broadcast (first its success)."""
+  sent = iter([0, 7, 0, -1])
+  monkeypatch.setattr(distributed.multihost_utils, "broadcast_one_to_all", lambda local: next(sent))
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(jax, "process_index", lambda: 1)
+  assert distributed.chief_decides("choosing", lambda: pytest.fail("fn runs on process 0 only")) == 7
+  assert distributed.chief_decides("choosing", lambda: pytest.fail("fn runs on process 0 only")) is None

@@ -213,7 +213,7 @@ def test_ablation_runner_on_a_two_by_two_toy(tmp_path):
   assert ablate.cell_config(ablation, "lambda_1", 1).diffusion.loss_weight == 1.0
   for variant in ablation.variants:
     for seed in ablation.seeds[:1] if variant == "lambda_5" else ablation.seeds:
-      ablate.run_cell(ablation, workdir, variant, seed)
+      assert ablate.run_cell(ablation, workdir, variant, seed) == (0, True)
   table = ablate.collect(ablation, workdir)
   assert table["lambda_1"]["seeds"] == [0, 1] and table["lambda_5"]["missing_seeds"] == [1]
   loss = table["lambda_1"]["numbers"]["final/loss"]
@@ -236,6 +236,32 @@ def test_ablation_runner_on_a_two_by_two_toy(tmp_path):
   with pytest.raises(Exception, match="variants.lambda_1.model.no_such_field"):
     ablation.variants.lambda_1.model = ml_collections.ConfigDict({"no_such_field": 1})
     ablate.cell_config(ablation, "lambda_1", 0)
+
+
+def test_a_signal_during_a_cell_stops_the_ablation(tmp_path, monkeypatch):
+  """A cell's training that returns before its last step (SIGTERM: saved, status 0; Ctrl-C: 130) ends the
+  ablation with that status instead of going on to the next cell."""
+  import ml_collections   # pylint: disable=import-outside-toplevel
+  from tfusion import ablate   # pylint: disable=import-outside-toplevel
+  from tests.test_train import tiny_config   # pylint: disable=import-outside-toplevel
+  ablation = ml_collections.ConfigDict()
+  ablation.base = tiny_config(str(tmp_path / "tfds"), total_steps=2)
+  ablation.variants = ml_collections.ConfigDict({"a": {"diffusion": {"loss_weight": 1.0}},
+                                                 "b": {"diffusion": {"loss_weight": 5.0}}})
+  ablation.seeds = (0, 1)
+  trained = []
+
+  def train(config, directory, saved_step, status):
+    trained.append(directory)
+    os.makedirs(os.path.join(directory, "checkpoints", str(saved_step)))
+    return status
+  for saved_step, status, stopped in ((1, 0, 0), (1, 130, 130), (2, 0, None)):
+    trained.clear()
+    workdir = str(tmp_path / f"{saved_step}_{status}")
+    monkeypatch.setattr(ablate.train, "train_and_evaluate",
+                        lambda config, directory, s=saved_step, c=status: train(config, directory, s, c))
+    assert ablate.run_all(ablation, workdir) == stopped
+    assert len(trained) == (4 if stopped is None else 1)
 
 
 def test_reference_denoisers_against_a_float64_computation():

@@ -1,7 +1,7 @@
 """Two local processes (4 CPU devices each, JAX's gloo collectives) train exactly like one process
 with 8 devices, write one set of logs, and save and restore checkpoints together, also onto a
 hybrid (dcn x ici) mesh; the run then resumes on one process, with the same data continuation. Ctrl-C on
-one process stops both at one step, saved."""
+one process, or a SIGTERM, stops both at one step, saved, and the run resumes bit-exactly."""
 import os
 import signal
 import socket
@@ -14,6 +14,7 @@ import pytest
 
 from tfusion.metrics import read_metrics
 from tfusion.training import checkpoint, integrity
+from tests.test_faults import assert_same_state, saved_state, without_timing
 from tests.test_train import data_dir  # noqa: F401  (a fixture: the 16 px shapes data, built once per worker)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,11 +54,21 @@ def free_port():
     return s.getsockname()[1]
 
 
-def two_processes(workdir, data_dir, total_steps, extra=()):
+def two_launched(workdir, data_dir, total_steps, extra=()):
   port = free_port()
-  return wait([launch(workdir, data_dir, total_steps, 4, [f"--coordinator_address=127.0.0.1:{port}",
-                                                          "--num_processes=2", f"--process_id={i}", *extra])
-               for i in range(2)])
+  return [launch(workdir, data_dir, total_steps, 4, [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                                                     f"--process_id={i}", *extra]) for i in range(2)]
+
+
+def two_processes(workdir, data_dir, total_steps, extra=()):
+  return wait(two_launched(workdir, data_dir, total_steps, extra))
+
+
+def wait_for_steps(workdir, processes, count):
+  metrics, deadline = os.path.join(workdir, "metrics.jsonl"), time.time() + 400
+  while not (os.path.exists(metrics) and len(open(metrics).readlines()) >= count):
+    assert time.time() < deadline and all(p.poll() is None for p in processes)
+    time.sleep(0.1)
 
 
 @pytest.mark.slow
@@ -91,21 +102,36 @@ def test_two_processes_match_one_process_and_resume_together(tmp_path, data_dir)
 
 
 @pytest.mark.slow
-def test_ctrl_c_on_one_process_stops_both_at_one_saved_step(tmp_path, data_dir):  # noqa: F811
-  workdir, port = str(tmp_path / "run"), free_port()
-  processes = [launch(workdir, data_dir, 1000, 4, [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-                                                   f"--process_id={i}", "--config.ckpt_every=1000"])
-               for i in range(2)]
-  metrics = os.path.join(workdir, "metrics.jsonl")
-  deadline = time.time() + 400
-  while not (os.path.exists(metrics) and len(open(metrics).readlines()) >= 2):
-    assert time.time() < deadline and all(p.poll() is None for p in processes)
-    time.sleep(0.1)
+def test_ctrl_c_and_sigterm_on_one_process_stop_both_and_resume_bit_exactly(tmp_path, data_dir):  # noqa: F811
+  total = 12
+  two_processes(str(tmp_path / "straight"), data_dir, total, ["--config.ckpt_every=1000"])
+
+  workdir, long_run = str(tmp_path / "run"), ["--config.ckpt_every=1000"]
+  processes = two_launched(workdir, data_dir, 1000, long_run)
+  wait_for_steps(workdir, processes, 2)
   processes[0].send_signal(signal.SIGINT)          # forwarded to JAX's preemption notifier as a SIGTERM
   outputs = [p.communicate(timeout=400)[0] for p in processes]
   assert [p.returncode for p in processes] == [130, 0], outputs[0][-3000:]
-  step = read_metrics(workdir)[-1]["step"]
-  assert f"stopped by SIGINT: saved step {step}" in outputs[0]
-  assert f"stopped by a signal to another process: saved step {step}" in outputs[1]
-  assert checkpoint.saved_steps(checkpoint.checkpoint_dir(workdir)) == [step]
-  assert integrity.verify(os.path.join(workdir, "checkpoints", str(step)))    # both processes' files
+  s1 = read_metrics(workdir)[-1]["step"]
+  assert f"stopped by SIGINT: saved step {s1}" in outputs[0]
+  assert f"stopped by a signal to one of the processes: saved step {s1}" in outputs[1]
+  assert checkpoint.saved_steps(checkpoint.checkpoint_dir(workdir)) == [s1]
+  assert integrity.verify(os.path.join(workdir, "checkpoints", str(s1)))    # both processes' files
+  assert any("this process hashed its" in out for out in outputs[1:])      # process 1 hashed its own
+
+  # A SIGTERM to process 1 (JAX's notifier has it): both stop at one step, saved, exit 0.
+  processes = two_launched(workdir, data_dir, 1000, long_run)
+  wait_for_steps(workdir, processes, s1 + 2)
+  processes[1].send_signal(signal.SIGTERM)
+  outputs = [p.communicate(timeout=400)[0] for p in processes]
+  assert [p.returncode for p in processes] == [0, 0], outputs[1][-3000:]
+  s2 = read_metrics(workdir)[-1]["step"]
+  assert s2 < total and all(f"stopped by a signal to one of the processes: saved step {s2}" in o for o in outputs)
+  assert f"resuming from step {s1}" in outputs[0]
+
+  # Resumed to the end: the same as the straight run, bit for bit.
+  outputs = two_processes(workdir, data_dir, total, long_run)
+  assert f"resuming from step {s2}" in outputs[0]
+  straight = str(tmp_path / "straight")
+  assert without_timing(read_metrics(workdir)) == without_timing(read_metrics(straight))
+  assert_same_state(saved_state(workdir, total), saved_state(straight, total))

@@ -15,6 +15,7 @@ import tensorflow_datasets as tfds
 from tfusion import codecs, config as config_lib, prepare as prepare_lib
 from tfusion.data import mixture, prepared, tokenizer as tokenizer_lib
 from tfusion.models import vae as vae_lib
+from tests.helpers import set_fields
 
 SIZE = 16
 
@@ -22,13 +23,7 @@ SIZE = 16
 def prepare_config(**fields):
   c = config_lib.default_prepare_config()
   c.image_size, c.min_image_size, c.examples_per_shard = SIZE, 8, 4
-  for key, value in fields.items():
-    node = c
-    *groups, last = key.split(".")
-    for g in groups:
-      node = node[g]
-    node[last] = value
-  return c
+  return set_fields(c, fields)
 
 
 def banded_image(height, width, index):
@@ -383,12 +378,16 @@ def test_fine_tuning_on_editing_data_starts_from_a_pretrained_run(prepared_mixtu
   config.data.sample_split = "none"
   resumed = dataclasses_copy(config, total_steps=6)
   resumed.data.tokenizer = os.path.join(pretrained, "tokenizer.model")
+  recorded = open(os.path.join(pretrained, "config.json")).read()
   with pytest.raises(config_lib.ConfigError, match=r"may not change config.data.mixture.edits.weight from 0.2 to 1"):
     train.train_and_evaluate(resumed, pretrained)
-  # Forced past the config check, the saved data position still refuses the other mixture.
+  # Forced past the config check, the saved data position still refuses the other mixture; the run that
+  # was refused records nothing.
   with pytest.raises(ValueError, match=r"saved for the sources \['edits \(edit, 20 examples\)', 'images .*, this run "
                                        r"has \['edits \(edit, 20 examples\)'\]: a changed mixture needs a new"):
     train.train_and_evaluate(resumed, pretrained, allow_config_change=["data"])
+  assert open(os.path.join(pretrained, "config.json")).read() == recorded
+  assert not os.path.exists(os.path.join(pretrained, "config_changes.jsonl"))
   config.init_from, config.total_steps, config.optim.lr = pretrained, 1, 1e-12   # one step that barely moves
   tuned = str(tmp_path / "tuned")
   train.train_and_evaluate(config, tuned)

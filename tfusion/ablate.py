@@ -5,7 +5,8 @@ r"""Run config variants x seeds and tabulate their evaluations: the paper's abla
 The config holds `base` (a training config), `variants` (name -> overrides of base, nested like the config)
 and `seeds`. Every (variant, seed) trains in DIR/<variant>/seed_<seed> with evaluation at its last step, one
 after the other here; on a cluster, launch one job per cell with --only and then --collect. A finished cell
-(its final eval report exists) is not rerun, an interrupted one resumes. DIR/results.json and results.md hold
+(its final eval report exists) is not rerun, an interrupted one resumes. SIGTERM or Ctrl-C saves the cell
+in training and stops the ablation there (exit 0 or 130); the same command goes on. DIR/results.json and results.md hold
 per variant the mean and standard deviation over seeds of every evaluation number and of the final losses,
 and the training FLOPs counted as 6 N D (N parameters, D elements trained on; paper §4.2).
 """
@@ -17,7 +18,7 @@ import ml_collections
 import numpy as np
 
 from tfusion import config as config_lib, distributed, evaluate, metrics, train
-from tfusion.training import state as state_lib
+from tfusion.training import checkpoint, state as state_lib
 
 FINAL_LOSSES = ("loss", "text_loss", "image_loss")
 
@@ -53,14 +54,29 @@ def cell_dir(workdir: str, variant: str, seed: int) -> str:
   return os.path.join(workdir, variant, f"seed_{seed}")
 
 
-def run_cell(ablation, workdir: str, variant: str, seed: int) -> str:
+def run_cell(ablation, workdir: str, variant: str, seed: int) -> tuple[int, bool]:
+  """Trains one cell to its end, unless it is finished. Returns (exit status, finished): the training's
+  status (0, or 130 after Ctrl-C) and whether the cell reached its last step, which it has not after a
+  SIGTERM (saved, exit 0) or a Ctrl-C."""
   config = cell_config(ablation, variant, seed)
   directory = cell_dir(workdir, variant, seed)
   if os.path.isfile(_report_path(directory, config.total_steps)):
     logging.info("%s is finished", directory)
-  else:
-    train.train_and_evaluate(config, directory)
-  return directory
+    return 0, True
+  status = train.train_and_evaluate(config, directory)
+  return status, config.total_steps in checkpoint.saved_steps(checkpoint.checkpoint_dir(directory))
+
+
+def run_all(ablation, workdir: str) -> int | None:
+  """Every cell in turn. Stops at the first cell that stops before its last step (a signal) and returns that
+  training's exit status (0 after SIGTERM, 130 after Ctrl-C); None once every cell is finished."""
+  for variant in ablation.variants:
+    for seed in ablation.seeds:
+      status, finished = run_cell(ablation, workdir, variant, seed)
+      if status or not finished:
+        logging.warning("stopped in %s; run the same command to go on", cell_dir(workdir, variant, seed))
+        return status
+  return None
 
 
 def _report_path(directory: str, step: int) -> str:
@@ -151,13 +167,13 @@ def main(argv):
     variant, seed = args.only.rsplit(":", 1)
     if variant not in ablation.variants or int(seed) not in ablation.seeds:
       raise app.UsageError(f"--only {args.only}: variants {list(ablation.variants)}, seeds {list(ablation.seeds)}")
-    run_cell(ablation, args.workdir, variant, int(seed))
-    return
+    return run_cell(ablation, args.workdir, variant, int(seed))[0]
   if not args.collect:
-    for variant in ablation.variants:
-      for seed in ablation.seeds:
-        run_cell(ablation, args.workdir, variant, seed)
+    stopped = run_all(ablation, args.workdir)
+    if stopped is not None:
+      return stopped
   print(markdown_table(collect(ablation, args.workdir)))
+  return 0
 
 
 if __name__ == "__main__":

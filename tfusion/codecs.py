@@ -138,7 +138,7 @@ def load_vae(path: str) -> tuple[vae_lib.VAEConfig, Any, dict]:
     with open(run_config) as f:
       config = config_lib.from_json(f.read(), run_config, config_lib.default_vae_config())
     vae = vae_config_of_run(config)
-    ckpt = checkpoint.Checkpointer(os.path.join(path, "checkpoints"), 1, create=False)
+    ckpt = checkpoint.Checkpointer(os.path.join(path, "checkpoints"), 1, writer=False)
     step = ckpt.latest_step()
     if step is None:
       raise FileNotFoundError(f"VAE run {path} has no checkpoint yet: train it with python -m tfusion.train_vae")

@@ -6,6 +6,11 @@ was. The fields of MAY_CHANGE only change when and how the same run is computed,
 sampled: their changes are accepted, logged, written to config.json and appended to
 config_changes.jsonl. An explicit override (--allow_config_change=optim.lr,... on the command line)
 forces other changes through, with a warning and the same record.
+
+A trainer calls check() before any compute and record() once its run is restored: a run refused later
+(a shape that does not restore, a data position that refuses the new data, a bad mesh, no checkpoint
+that verifies) leaves config.json and config_changes.jsonl as they were, and the record names the step
+the run actually resumed from.
 """
 import datetime
 import json
@@ -15,6 +20,7 @@ from absl import flags, logging
 import ml_collections
 
 from tfusion import config as config_lib, distributed
+from tfusion.training import checkpoint
 
 CONFIG = "config.json"
 CHANGES = "config_changes.jsonl"
@@ -60,43 +66,57 @@ def changes(old: ml_collections.ConfigDict, new: ml_collections.ConfigDict) -> d
   return {f: (a.get(f), b.get(f)) for f in sorted(set(a) | set(b)) if f not in a or f not in b or a[f] != b[f]}
 
 
-def check_and_record(config, workdir: str, resuming: bool, defaults: ml_collections.ConfigDict | None = None,
-                     allow: tuple[str, ...] = (), step: int | None = None) -> dict:
-  """Compare `config` with <workdir>/config.json (read by config.from_json over `defaults`, None for a
-  Transfusion run, so a workdir recorded before newer fields existed compares the values of its time) when
-  `resuming`; refuse, accept and record as the module says.
-  Then process 0 writes `config` to config.json. Returns the accepted {field: (old, new)}."""
+def check(config, workdir: str, defaults: ml_collections.ConfigDict | None = None, allow: tuple[str, ...] = ()) -> dict:
+  """Before any compute: compare `config` with <workdir>/config.json (read by config.from_json over
+  `defaults`, None for a Transfusion run, so a workdir recorded before newer fields existed compares the
+  values of its time) when the workdir has checkpoints to resume. Refuses as the module says, touching
+  nothing; checkpoints without config.json are warned about. Returns the accepted {field: (old, new)}, for
+  record()."""
   path = os.path.join(workdir, CONFIG)
   unknown = [name for name in allow if not any(_matches(f, [name]) for f in flatten(config))]
   if unknown:
     raise config_lib.ConfigError(f"--allow_config_change names fields the config does not have: {unknown}")
-  found = {}
-  if resuming and os.path.isfile(path):
-    with open(path) as f:
-      saved = config_lib.from_json(f.read(), path, defaults)
-    found = changes(saved, config)
-    refused = {f: v for f, v in found.items() if not _matches(f, MAY_CHANGE) and not _matches(f, allow)}
-    if refused:
-      raise ConfigChangeError(
-          f"{workdir} holds a run with another config; resuming it may not change "
-          + "; ".join(f"config.{f} from {o!r} to {n!r}" for f, (o, n) in refused.items())
-          + f". {path} was left as it was. Use a new workdir for a new run, or pass "
-          f"--allow_config_change={','.join(refused)} to force the change into this run.")
-  if distributed.is_chief():
-    for f, (o, n) in found.items():
-      forced = not _matches(f, MAY_CHANGE)
-      (logging.warning if forced or f == "total_steps" else logging.info)(
-          "config.%s changed on resume: %r -> %r%s", f, o, n,
-          " (forced by --allow_config_change)" if forced else
-          " (the lr schedule follows the new total)" if f == "total_steps" else "")
-    if found:
-      entry = dict(time=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), step=step,
-                   changed={f: [o, n] for f, (o, n) in found.items()},
-                   forced=[f for f in found if not _matches(f, MAY_CHANGE)])
-      with open(os.path.join(workdir, CHANGES), "a") as f:
-        f.write(json.dumps(entry) + "\n")
-  distributed.record_config(config, workdir)
+  if not checkpoint.saved_steps(checkpoint.checkpoint_dir(workdir)):
+    return {}
+  if not os.path.isfile(path):
+    logging.warning("%s has checkpoints but no %s: this config cannot be compared with the run's, it is "
+                    "taken as it is and recorded", workdir, CONFIG)
+    return {}
+  with open(path) as f:
+    saved = config_lib.from_json(f.read(), path, defaults)
+  found = changes(saved, config)
+  refused = {f: v for f, v in found.items() if not _matches(f, MAY_CHANGE) and not _matches(f, allow)}
+  if refused:
+    raise ConfigChangeError(
+        f"{workdir} holds a run with another config; resuming it may not change "
+        + "; ".join(f"config.{f} from {o!r} to {n!r}" for f, (o, n) in refused.items())
+        + f". {path} was left as it was. Use a new workdir for a new run, or pass "
+        f"--allow_config_change={','.join(refused)} to force the change into this run.")
   return found
+
+
+def record(config, workdir: str, found: dict, step: int) -> None:
+  """Once the run is restored at `step` (0 for a new run): process 0 logs the changes check() accepted,
+  appends them with that step to config_changes.jsonl, and writes `config` to config.json (a .tmp file
+  renamed into place, so a reader never sees half of it)."""
+  if not distributed.is_chief():
+    return
+  for f, (o, n) in found.items():
+    forced = not _matches(f, MAY_CHANGE)
+    (logging.warning if forced or f == "total_steps" else logging.info)(
+        "config.%s changed on resume: %r -> %r%s", f, o, n,
+        " (forced by --allow_config_change)" if forced else
+        " (the lr schedule follows the new total)" if f == "total_steps" else "")
+  if found:
+    entry = dict(time=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), step=step,
+                 changed={f: [o, n] for f, (o, n) in found.items()},
+                 forced=[f for f in found if not _matches(f, MAY_CHANGE)])
+    with open(os.path.join(workdir, CHANGES), "a") as f:
+      f.write(json.dumps(entry) + "\n")
+  path = os.path.join(workdir, CONFIG)
+  with open(path + ".tmp", "w") as f:
+    f.write(config.to_json_best_effort(indent=2))
+  os.replace(path + ".tmp", path)
 
 
 def define_flags() -> None:

@@ -76,17 +76,6 @@ def start_entry_point(argv) -> tuple:
   return args.config, args.workdir
 
 
-def record_config(config, workdir: str) -> None:
-  """Create the workdir; process 0 writes the run's full config to <workdir>/config.json (a .tmp file
-  renamed into place, so a reader never sees half of it)."""
-  os.makedirs(workdir, exist_ok=True)
-  if is_chief():
-    path = os.path.join(workdir, "config.json")
-    with open(path + ".tmp", "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
-    os.replace(path + ".tmp", path)
-
-
 def is_chief() -> bool:
   return jax.process_index() == 0
 
@@ -120,3 +109,13 @@ def chief_only(name: str, fn):
   if failed:
     raise RuntimeError(f"{name} failed on process 0: see its log")
   return result
+
+
+def chief_decides(name: str, fn) -> int | None:
+  """chief_only for an fn that returns a non-negative int or None (e.g. a step chosen from shared files):
+  every process returns process 0's result."""
+  result = chief_only(name, fn)
+  if jax.process_count() == 1:
+    return result
+  shared = int(multihost_utils.broadcast_one_to_all(np.int32(-1 if result is None else result)))
+  return None if shared < 0 else shared

@@ -116,7 +116,7 @@ def load(workdir: str, step: int | None = None, mesh=None, weights: str = "ema")
   directory = os.path.join(os.path.abspath(workdir), "checkpoints")
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints: train the run first")
-  ckpt = checkpoint.Checkpointer(directory, 1, create=False)
+  ckpt = checkpoint.Checkpointer(directory, 1, writer=False)
   try:
     steps = ckpt.all_steps()
     if not steps:

@@ -1,5 +1,6 @@
 """Metric writers: metrics.jsonl (one JSON object per logged step) and TensorBoard event files."""
 import json
+import math
 import os
 
 from absl import logging
@@ -14,9 +15,11 @@ class MetricWriter:
 
   On resume from step S, logged entries after S (written before a crash, past the last
   checkpoint) leave metrics.jsonl so it describes exactly one run history; they are appended to
-  <workdir>/metrics_dropped.jsonl, never erased (also when no checkpoint is left at all). A torn last
-  line (a kill or a full disk during a write) is dropped with a warning. In a multi-process run only
-  one process writes (active=True); the others' writers do nothing.
+  <workdir>/metrics_dropped.jsonl, never erased (also when no checkpoint is left at all), and only once
+  (also when a kill came between that append and the truncation). A torn last line (a kill or a full
+  disk during a write) is dropped with a warning. A value that is not finite (a skipped step's loss) is
+  written as null, so that strict JSON readers read every line; TensorBoard gets the float. In a
+  multi-process run only one process writes (active=True); the others' writers do nothing.
   """
 
   def __init__(self, workdir: str, resume_step: int = 0, active: bool = True):
@@ -35,8 +38,7 @@ class MetricWriter:
     if dropped:
       steps = [entry["step"] for _, entry in entries if entry["step"] > step]
       aside = os.path.join(os.path.dirname(self.path), DROPPED)
-      with open(aside, "a") as f:
-        f.writelines(dropped)
+      _append_once(aside, "".join(dropped).encode())
       logging.warning("%s: %d entries of steps %d..%d were logged after step %d, the step this run resumes "
                       "from%s; they were moved to %s", self.path, len(dropped), min(steps), max(steps), step,
                       "" if step else " (no checkpoint)", aside)
@@ -49,8 +51,9 @@ class MetricWriter:
     if self.tb is None:
       return
     scalars = {k: float(v) for k, v in scalars.items()}
+    finite = {k: v if math.isfinite(v) else None for k, v in scalars.items()}    # strict JSON has no NaN
     with open(self.path, "a") as f:
-      f.write(json.dumps({"step": step, **scalars}) + "\n")
+      f.write(json.dumps({"step": step, **finite}, allow_nan=False) + "\n")
     for name, value in scalars.items():
       self.tb.add_scalar(name, value, step)
     self.tb.flush()
@@ -58,6 +61,17 @@ class MetricWriter:
   def close(self) -> None:
     if self.tb is not None:
       self.tb.close()
+
+
+def _append_once(path: str, text: bytes) -> None:
+  """Appends `text` to `path` unless the file already ends with it: an earlier append whose run was killed
+  before metrics.jsonl was truncated."""
+  with open(path, "a+b") as f:
+    if f.tell() >= len(text):
+      f.seek(-len(text), os.SEEK_END)
+      if f.read() == text:
+        return
+    f.write(text)
 
 
 def read_metrics(workdir: str, name: str = "metrics.jsonl") -> list[dict]:

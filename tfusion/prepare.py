@@ -29,6 +29,7 @@ import tqdm
 from tfusion import codecs, config as config_lib, distributed, workdir_lock
 from tfusion.data import latent_cache, prepared, raw_sources, tokenizer as tokenizer_lib
 from tfusion.data.images import BadRecord
+from tfusion.training.integrity import sha256_of
 
 SETTINGS_FILE = "prepare_config.json"   # the settings the directory is prepared with (resuming checks them)
 IMAGE_FIELDS = {"image": "latents", "input_image": "input_latents", "output_image": "output_latents"}
@@ -120,14 +121,6 @@ def encode_images(codec: codecs.VaeCodec, records: list[dict], moments: latent_c
       moments.add(latents)
       for record, latent in zip(records, latents):
         record[latent_key] = latent
-
-
-def sha256_of(path: str) -> str:
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      digest.update(block)
-  return digest.hexdigest()
 
 
 def write_shard(out: str, job: ShardJob, records: list[dict], skipped: list[dict], codec) -> dict:
@@ -245,7 +238,6 @@ def prepare(config, out: str) -> dict:
   """Prepare (or finish preparing) config's source into `out`; returns the manifest."""
   config_lib.validate_prepare(config)
   out = os.path.abspath(os.path.expanduser(out))
-  os.makedirs(out, exist_ok=True)
   with workdir_lock.hold(out):
     return _prepare(config, out)
 

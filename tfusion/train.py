@@ -61,11 +61,9 @@ def train_and_evaluate(config, workdir: str, allow_config_change: tuple[str, ...
 
 
 def _train(config, workdir: str, allow_config_change: tuple[str, ...]) -> int:
-  # --- Setup: check the config against the run's recorded one, record it. --------------------
+  # --- Setup: the config against the run's recorded one (recorded once the run is restored). ----
+  accepted = config_resume.check(config, workdir, allow=allow_config_change)
   scorers = evaluate.ImageScorers.from_config(config) if config.eval_every else evaluate.ImageScorers()
-  steps_saved = checkpoint.saved_steps(checkpoint.checkpoint_dir(workdir))
-  config_resume.check_and_record(config, workdir, bool(steps_saved), None, allow_config_change,
-                                 max(steps_saved, default=None))
 
   # --- Mesh. ------------------------------------------------------------------------------------
   mesh = sharding.make_mesh(config.mesh)
@@ -102,6 +100,7 @@ def _train(config, workdir: str, allow_config_change: tuple[str, ...]) -> int:
   # --- Restore. ---------------------------------------------------------------------------------
   ckpt, state, start_step = checkpoint.open_run(workdir, config.max_to_keep, state, state_shardings, data_iterator,
                                                 config.init_from)
+  config_resume.record(config, workdir, accepted, start_step)
   writer = metrics_lib.MetricWriter(workdir, start_step, active=distributed.is_chief())
 
   alpha_bar = diffusion.make_alpha_bar(config.diffusion.schedule, config.diffusion.num_timesteps)
@@ -122,9 +121,8 @@ def _train(config, workdir: str, allow_config_change: tuple[str, ...]) -> int:
   progress = tqdm.tqdm(total=config.total_steps, initial=start_step, unit="step", dynamic_ncols=True,
                        disable=jax.process_index() != 0)
   elements, steps_timed, last_time = 0, 0, time.time()
-  stop = preemption.StopSignals()
-  try:
-    stop.install()
+  # The cleanups run also on errors and interrupts: the checkpoints already started are finished.
+  with preemption.stop_signals(progress.close, ckpt.wait, ckpt.close, writer.close) as stop:
     for step in range(start_step + 1, config.total_steps + 1):
       local = next(data_iterator)
       batch = jax.tree.map(lambda x: jax.make_array_from_process_local_data(batch_sharding, x), local)
@@ -171,12 +169,6 @@ def _train(config, workdir: str, allow_config_change: tuple[str, ...]) -> int:
                                    reference)
         evaluate.write_report(workdir, report)
         writer.write(step, evaluate.scalars(report))
-  finally:  # also on errors and interrupts: finish writing the checkpoints already started
-    progress.close()
-    ckpt.wait()
-    ckpt.close()
-    writer.close()
-    stop.uninstall()          # signals stay harmless until the last save is committed
   return stop.exit_code
 
 

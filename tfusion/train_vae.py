@@ -90,9 +90,7 @@ def train_vae(config, workdir: str, allow_config_change: tuple[str, ...] = ()) -
 
 
 def _train_vae(config, workdir: str, allow_config_change: tuple[str, ...]) -> int:
-  steps_saved = checkpoint.saved_steps(checkpoint.checkpoint_dir(workdir))
-  config_resume.check_and_record(config, workdir, bool(steps_saved), config_lib.default_vae_config(),
-                                 allow_config_change, max(steps_saved, default=None))
+  accepted = config_resume.check(config, workdir, defaults=config_lib.default_vae_config(), allow=allow_config_change)
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch_size(mesh, config.batch_size)
 
@@ -118,6 +116,7 @@ def _train_vae(config, workdir: str, allow_config_change: tuple[str, ...]) -> in
   frozen = load_frozen_networks(config.loss, mesh)
 
   ckpt, state, start_step = checkpoint.open_run(workdir, config.max_to_keep, state, state_shardings, data_iterator)
+  config_resume.record(config, workdir, accepted, start_step)
   writer = metrics_lib.MetricWriter(workdir, start_step, active=distributed.is_chief())
 
   steps = {adversarial: vae_step.jit_train_step(
@@ -127,9 +126,7 @@ def _train_vae(config, workdir: str, allow_config_change: tuple[str, ...]) -> in
   progress = tqdm.tqdm(total=config.total_steps, initial=start_step, unit="step", dynamic_ncols=True,
                        disable=not distributed.is_chief())
   images_seen, last_time = 0, time.time()
-  stop = preemption.StopSignals()
-  try:
-    stop.install()
+  with preemption.stop_signals(progress.close, ckpt.wait, ckpt.close, writer.close) as stop:
     for step in range(start_step + 1, config.total_steps + 1):
       local = next(data_iterator)
       batch = jax.make_array_from_process_local_data(batch_sharding, local)
@@ -161,12 +158,6 @@ def _train_vae(config, workdir: str, allow_config_change: tuple[str, ...]) -> in
       if preempted:
         logging.warning("stopped by %s: saved step %d; run the same command to resume", stop.reason, step)
         break
-  finally:
-    progress.close()
-    ckpt.wait()
-    ckpt.close()
-    writer.close()
-    stop.uninstall()
   return stop.exit_code
 
 

@@ -2,17 +2,22 @@
 
 tfusion.train, tfusion.train_vae and tfusion.prepare hold the lock of their directory while they run. A
 second one on the same directory (a retried job, a double submit) refuses, naming the holder: host, pid,
-start time and command line. The lock is a POSIX record lock (fcntl.lockf) on the file, which the kernel
-releases when its process ends, however it ends (kill -9, OOM, a lost VM). The file keeps the holder's
-record while it runs and is emptied on a clean exit, so a record found under a free lock is a stale lock
-of a process that died: the newcomer says so and takes it over.
+start time and command line. The lock is an open-file-description lock (fcntl F_OFD_SETLK, Linux >= 3.15)
+on the file: it belongs to the holder's open file, not to its process, so a second hold() in the same
+process is refused like any other, and opening and closing the lock file elsewhere in the process (to
+read the record) leaves it held. The kernel releases it when the file is closed, at the latest when the
+process ends, however it ends (kill -9, OOM, a lost VM); a child started by fork without exec shares it
+until it ends too. The file keeps the holder's record while it runs and is emptied on a clean exit, so a
+record found under a free lock is a stale lock of a process that died: the newcomer says so and takes it
+over.
 
 In a multi-process run process 0 holds the lock for all; every process fails if it cannot get it.
 
-Limits (docs/reliability.md): the lock is as good as the filesystem's POSIX locks. Local disks and NFSv4
-(NFSv3 with lockd) lock across hosts; gcsfuse, NFS mounted with `nolock` and Lustre without `-o flock`
-lock only within a host, so two launches on different hosts are not stopped there. The lock file is never
-deleted (deleting it would let two processes lock two different files).
+Limits (docs/reliability.md): the lock is as good as the filesystem's POSIX locks (OFD locks are POSIX
+record locks with another owner). Local disks and NFSv4 (NFSv3 with lockd) lock across hosts; gcsfuse,
+NFS mounted with `nolock` and Lustre without `-o flock` lock only within a host, so two launches on
+different hosts are not stopped there. The lock file is never deleted (deleting it would let two
+processes lock two different files).
 """
 import contextlib
 import datetime
@@ -21,6 +26,7 @@ import fcntl
 import json
 import os
 import socket
+import struct
 import sys
 
 from absl import logging
@@ -28,6 +34,8 @@ from absl import logging
 from tfusion import distributed
 
 LOCK_FILE = "tfusion.lock"
+# struct flock of a write lock on the whole file; l_pid must be 0 for an open-file-description lock.
+_WHOLE_FILE = struct.pack("@hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
 
 
 class DirectoryInUse(RuntimeError):
@@ -52,41 +60,45 @@ def _read(fd: int):
 
 
 def _acquire(directory: str) -> int:
-  """The open, locked lock file of `directory` (created with the directory if needed)."""
-  os.makedirs(directory, exist_ok=True)
+  """The open, locked lock file of `directory`, holding this process's record."""
   path = os.path.join(directory, LOCK_FILE)
   fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
   try:
-    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-  except OSError as e:
-    if e.errno not in (errno.EACCES, errno.EAGAIN):
-      os.close(fd)
-      raise OSError(e.errno, f"cannot lock {path} ({e.strerror}): this filesystem has no POSIX locks "
-                    "(see docs/reliability.md)") from e
-    holder = _read(fd)
-    os.close(fd)
-    raise DirectoryInUse(f"{directory} is in use by {describe(holder)}: lock {path}. Wait for it to end or stop "
-                         "it; a lock left by a process that died is taken over by itself.") from None
-  previous = _read(fd)
-  if previous is not None:
-    logging.warning("taking over the stale lock %s of %s: that process is gone", path, describe(previous))
-  record = dict(host=socket.gethostname(), pid=os.getpid(),
-                started=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-                command=" ".join(sys.argv))
-  os.ftruncate(fd, 0)
-  os.pwrite(fd, json.dumps(record).encode() + b"\n", 0)
-  os.fsync(fd)
+    try:
+      fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _WHOLE_FILE)
+    except OSError as e:
+      if e.errno not in (errno.EACCES, errno.EAGAIN):
+        raise OSError(e.errno, f"cannot lock {path} ({e.strerror}): this filesystem (or a Linux kernel before "
+                      "3.15) has no open-file-description locks (see docs/reliability.md)") from e
+      raise DirectoryInUse(f"{directory} is in use by {describe(_read(fd))}: lock {path}. Wait for it to end or "
+                           "stop it; a lock left by a process that died is taken over by itself.") from None
+    previous = _read(fd)
+    if previous is not None:
+      logging.warning("taking over the stale lock %s of %s: that process is gone", path, describe(previous))
+    record = dict(host=socket.gethostname(), pid=os.getpid(),
+                  started=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+                  command=" ".join(sys.argv))
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(record).encode() + b"\n", 0)
+    os.fsync(fd)
+  except BaseException:
+    os.close(fd)              # drops the lock, if it was taken
+    raise
   return fd
 
 
 def _release(fd: int) -> None:
-  os.ftruncate(fd, 0)       # empty: released cleanly
-  os.close(fd)              # drops the lock
+  try:
+    os.ftruncate(fd, 0)     # empty: released cleanly
+  finally:
+    os.close(fd)            # drops the lock
 
 
 @contextlib.contextmanager
 def hold(directory: str):
-  """Hold the lock of `directory` (made if missing) for the body; DirectoryInUse if a live process has it."""
+  """Hold the lock of `directory` (made if missing, by every process) for the body; DirectoryInUse if a
+  live process (or another hold() of this one) has it."""
+  os.makedirs(directory, exist_ok=True)
   fd = distributed.chief_only(f"locking {directory}", lambda: _acquire(directory))
   try:
     yield

@@ -18,9 +18,13 @@ processes (each takes its streams' positions from the files all processes saved;
 must stay the same).
 
 With W grain workers (mp_prefetch), worker w packs streams w, w + W, ... of this process and grain takes
-one row from each worker in turn, so rows arrive in stream order.
+one row from each worker in turn, so rows arrive in stream order. The workers ignore SIGINT and SIGTERM
+(a Ctrl-C reaches the whole process group, a scheduler's SIGTERM every process of the job): the main
+process handles them, saves and stops the workers. Only a signal in the first seconds of a worker, before
+it has set that up (the first step of a run), still ends it, and the run with it.
 """
 import dataclasses
+import signal
 from typing import Any, Callable, Sequence
 
 import grain
@@ -225,7 +229,7 @@ class TrainBatches(grain.DatasetIterator):
     ds = RowStreams(self.streams, self.positions)
     if self.workers:
       ds = ds.mp_prefetch(grain.multiprocessing.MultiprocessingOptions(
-          num_workers=self.workers, per_worker_buffer_size=self.prefetch))
+          num_workers=self.workers, per_worker_buffer_size=self.prefetch), worker_init_fn=_ignore_stop_signals)
     elif self.prefetch:
       ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=self.prefetch)
     return iter(ds)
@@ -272,6 +276,12 @@ class TrainBatches(grain.DatasetIterator):
     if self._rows is not None and hasattr(self._rows, "close"):
       self._rows.close()
     self._rows = None
+
+
+def _ignore_stop_signals(worker: int, workers: int) -> None:  # pylint: disable=unused-argument
+  """grain worker start: SIGINT and SIGTERM are for the main process (tfusion.training.preemption)."""
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
+  signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def train_batches(sources: Sequence[Source], layout: sequence.RowLayout, special: sequence.SpecialIds,

@@ -15,43 +15,79 @@ from tfusion.training import integrity
 
 
 class Checkpointer:
-  """<workdir>/checkpoints/<step>/{state, data, checksums.json}: params, optimizer state, step, input position,
-  and the checksums of those files (training/integrity.py), written by process 0 before the commit."""
+  """<directory>/<step>/{state, data, checksums.json}: params, optimizer state, step, input position, and the
+  checksums of those files (training/integrity.py), each process hashing its own files before the commit.
 
-  def __init__(self, directory: str, max_to_keep: int, create: bool = True):
+  writer: this Checkpointer saves (it creates the directory and removes saves that never completed); False
+  only reads. restore and restore_params verify the checksums of what they read before reading it."""
+
+  def __init__(self, directory: str, max_to_keep: int, writer: bool = True):
     self.directory = directory
-    self._finalizing = collections.deque()    # steps saved and not yet committed, oldest first (process 0)
+    self._saving = collections.deque()    # steps saved and not yet committed, oldest first
+    self._barrier = ocp.multihost.get_barrier_sync_fn()
     self.manager = ocp.CheckpointManager(
         directory, options=ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, create=create, enable_async_checkpointing=True,
-            cleanup_tmp_directories=create,
-            async_options=ocp.AsyncOptions(post_finalization_callback=self._write_checksums)))
+            max_to_keep=max_to_keep, create=writer, enable_async_checkpointing=True,
+            cleanup_tmp_directories=writer,
+            async_options=ocp.AsyncOptions(barrier_sync_fn=self._hash_then_meet,
+                                           post_finalization_callback=self._write_checksums)))
+
+  def _hash_then_meet(self, key: str, timeout_ms: int) -> None:
+    """orbax's barrier between the processes of a multi-process run. Before the one it calls once each
+    process has written its files of a save, the process hashes those files (integrity.write_part).
+    Should that fail, or orbax rename its barrier, process 0 hashes them at the commit instead."""
+    if "async_write_complete" in key:
+      step = self._saving[0] if distributed.is_chief() else self._saving.popleft()
+      step_dir, start = self._tmp_dir(step), time.time()
+      try:
+        size = integrity.write_part(step_dir, jax.process_index())
+        logging.info("checkpoint %d: this process hashed its %.1f MB in %.1f s", step, size / 1e6, time.time() - start)
+      except OSError as e:
+        logging.warning("checkpoint %d: this process could not hash its files (%s); process 0 hashes them", step, e)
+    self._barrier(key=key, timeout_ms=timeout_ms)
 
   def _write_checksums(self) -> None:
     """Orbax calls this on process 0 once every process has written the oldest pending step, before it
     renames <step>.orbax-checkpoint-tmp into place: the checksums are committed with the files."""
-    step = self._finalizing.popleft()
-    integrity.write_manifest(os.path.join(self.directory, f"{step}{integrity.TMP_SUFFIX}"))
+    integrity.write_manifest(self._tmp_dir(self._saving.popleft()))
+
+  def _tmp_dir(self, step: int) -> str:
+    return os.path.join(self.directory, f"{step}{integrity.TMP_SUFFIX}")
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
   def save(self, step: int, state, data_iterator) -> None:
     """Starts an asynchronous save; the state arrays are copied before this returns."""
-    if distributed.is_chief():
-      self._finalizing.append(step)   # before save(): its commit may come before save() returns
+    self._saving.append(step)           # before save(): its commit may come before save() returns
     try:
       self.manager.save(step, args=ocp.args.Composite(
-          state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator)), force=True)
+          state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator)), force=True,
+          custom_metadata=dict(integrity.MARK))
     except BaseException:
-      if distributed.is_chief() and self._finalizing and self._finalizing[-1] == step:
-        self._finalizing.pop()        # never started: no commit will come for it
+      if self._saving and self._saving[-1] == step:
+        self._saving.pop()              # never started: no commit will come for it
       raise
 
-  def restore(self, step: int, abstract_state, data_iterator):
-    """Restore into the shardings of `abstract_state`; sets `data_iterator` to the saved position. An
-    iterator with `restore_from_processes` (pipeline.TrainBatches) reads every process's saved state, so the
-    run may resume on another number of processes."""
+  def verify(self, step: int, item: str | None = None) -> None:
+    """Checks the checksums of `step` (of its `item` only) on process 0 and shares the outcome:
+    CorruptCheckpoint naming the file there, a RuntimeError pointing at its log on the other processes.
+    A checkpoint saved before tfusion wrote checksums passes with a warning."""
+    step_dir = self.step_dir(step)
+
+    def check():
+      if not integrity.verify(step_dir, item):
+        logging.warning("checkpoint %s has no %s (saved before tfusion wrote checksums): restored unverified",
+                        step_dir, integrity.MANIFEST)
+    distributed.chief_only(f"verifying {step_dir}", check)
+
+  def restore(self, step: int, abstract_state, data_iterator, verified: bool = False):
+    """Restore into the shardings of `abstract_state` after verifying the step (unless `verified`: the
+    caller just did, as open_run); sets `data_iterator` to the saved position. An iterator with
+    `restore_from_processes` (pipeline.TrainBatches) reads every process's saved state, so the run may
+    resume on another number of processes."""
+    if not verified:
+      self.verify(step)
     what = f"checkpoint {self.directory}/{step}"
     advice = " It was left untouched; move it away to resume from an earlier step."
     if not hasattr(data_iterator, "restore_from_processes"):
@@ -73,10 +109,10 @@ class Checkpointer:
 
   def restore_params(self, step: int, abstract_params, item: str = "params"):
     """Only the params (item "params") or their EMA ("ema_params") of a saved train state (no optimizer
-    state, no data position), into the shardings of `abstract_params`."""
+    state, no data position), into the shardings of `abstract_params`, after verifying the state's files
+    (the params share them with the optimizer state; the data position is not read, not verified)."""
+    self.verify(step, "state")
     target = {item: abstract_params}
-    if not integrity.verify(self.step_dir(step)):
-      logging.warning("checkpoint %s has no %s: restored unverified", self.step_dir(step), integrity.MANIFEST)
     restored = self._restore(step, f"{item} of checkpoint {self.directory}/{step}", "",
                              state=ocp.args.PyTreeRestore(
                                  target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
@@ -101,16 +137,15 @@ class Checkpointer:
 
 def open_run(workdir: str, max_to_keep: int, state, shardings, data_iterator,
              init_from: str = "") -> tuple[Checkpointer, object, int]:
-  """(checkpointer of <workdir>/checkpoints, state, step): the latest checkpoint restored into `shardings`
-  together with the data position; else, at step 0, `state` with the params of `init_from` (see
-  init_checkpoint) if given, or as it is."""
+  """(checkpointer of <workdir>/checkpoints, state, step): the newest checkpoint that verifies (process 0
+  decides, set_aside_corrupt; every process restores that step) together with the data position; else, at
+  step 0, `state` with the params of `init_from` (see init_checkpoint) if given, or as it is."""
   directory = checkpoint_dir(workdir)
-  distributed.chief_only("checking the checkpoints", lambda: set_aside_corrupt(directory))
+  step = distributed.chief_decides("checking the checkpoints", lambda: set_aside_corrupt(directory)) or 0
   ckpt = Checkpointer(directory, max_to_keep)
-  step = ckpt.latest_step() or 0
   if step:
     logging.info("resuming from step %d", step)
-    state = ckpt.restore(step, abstract_like(state, shardings), data_iterator)
+    state = ckpt.restore(step, abstract_like(state, shardings), data_iterator, verified=True)
   elif init_from:
     source, source_step = init_checkpoint(init_from)
     logging.info("initialising the params from %s, step %d", source.directory, source_step)
@@ -132,12 +167,19 @@ def saved_steps(directory: str) -> list[int]:
   return sorted(int(n) for n in os.listdir(directory) if n.isdigit())
 
 
-def set_aside_corrupt(directory: str) -> None:
-  """Before a run resumes: reports the saves that were cut short (orbax removes them), then checks the
-  checkpoints newest first against their checksums. Those that fail are renamed <step>.corrupt-<time>
-  (orbax no longer sees them), so the run resumes from the newest checkpoint that verifies. If none
-  does, nothing is moved and CorruptCheckpoint lists them all."""
-  for tmp in integrity.temporary_dirs(directory):
+def temporary_dirs(directory: str) -> list[str]:
+  """Step directories orbax began and never committed (a save cut short by a kill or a crash)."""
+  if not os.path.isdir(directory):
+    return []
+  return sorted(os.path.join(directory, n) for n in os.listdir(directory) if integrity.TMP_SUFFIX in n)
+
+
+def set_aside_corrupt(directory: str) -> int | None:
+  """Before a run resumes: reports the saves that were cut short (a writer Checkpointer removes them), then
+  checks the checkpoints newest first against their checksums. Those that fail are renamed
+  <step>.corrupt-<time> (orbax no longer sees them). Returns the newest step that verifies (None if there is
+  no checkpoint); if none does, nothing is moved and CorruptCheckpoint lists them all."""
+  for tmp in temporary_dirs(directory):
     logging.warning("removing %s: a checkpoint save that never completed (the run was stopped during it)", tmp)
   corrupt = []
   for step in reversed(saved_steps(directory)):
@@ -155,11 +197,12 @@ def set_aside_corrupt(directory: str) -> None:
       os.rename(bad_dir, aside)
       logging.warning("moved the corrupt checkpoint %s to %s: resuming from step %d, the newest that verifies",
                       bad_dir, aside, step)
-    return
+    return step
   if corrupt:
     raise integrity.CorruptCheckpoint(
         "no checkpoint verifies: " + "; ".join(e for _, e in corrupt) + f". Nothing was moved; move the damaged "
         f"ones away to resume from an older one, or the whole {directory} to start over.")
+  return None
 
 
 def init_checkpoint(path: str) -> tuple[Checkpointer, int]:
@@ -167,10 +210,10 @@ def init_checkpoint(path: str) -> tuple[Checkpointer, int]:
   directory <workdir>/checkpoints/<step>."""
   path = os.path.abspath(os.path.expanduser(path))
   if os.path.isdir(os.path.join(path, "checkpoints")):
-    ckpt = Checkpointer(os.path.join(path, "checkpoints"), 1, create=False)
+    ckpt = Checkpointer(os.path.join(path, "checkpoints"), 1, writer=False)
     step = ckpt.latest_step()
   elif os.path.basename(path).isdigit() and os.path.isdir(path):
-    ckpt, step = Checkpointer(os.path.dirname(path), 1, create=False), int(os.path.basename(path))
+    ckpt, step = Checkpointer(os.path.dirname(path), 1, writer=False), int(os.path.basename(path))
   else:
     raise FileNotFoundError(f"config.init_from = {path!r}: neither a training workdir nor <workdir>/checkpoints/<step>")
   if step is None:

@@ -24,19 +24,22 @@ def _floating(tree) -> list[tuple[str, jax.Array]]:
   return [(jax.tree_util.keystr(path), x) for path, x in leaves if jnp.issubdtype(x.dtype, jnp.floating)]
 
 
-def all_finite(tree) -> jax.Array:
-  """bool [] : every element of every floating leaf of `tree` is finite (traceable)."""
-  return jnp.all(jnp.stack([jnp.isfinite(x).all() for _, x in _floating(tree)]))
-
-
-@jax.jit
 def _finite_leaves(tree) -> jax.Array:
+  """bool [number of floating leaves]: each floating leaf of `tree` is finite everywhere (traceable)."""
   return jnp.stack([jnp.isfinite(x).all() for _, x in _floating(tree)])
+
+
+_finite_leaves_jitted = jax.jit(_finite_leaves)
+
+
+def all_finite(tree) -> jax.Array:
+  """bool []: every element of every floating leaf of `tree` is finite (traceable)."""
+  return _finite_leaves(tree).all()
 
 
 def check_state(state, step: int, last_checkpoint: int | None) -> None:
   """Raise NonFiniteUpdate if a floating leaf of `state` (the state after `step`) is not finite."""
-  finite = np.asarray(jax.device_get(_finite_leaves(state)))
+  finite = np.asarray(jax.device_get(_finite_leaves_jitted(state)))
   if finite.all():
     return
   names = [name for (name, _), ok in zip(_floating(state), finite) if not ok]

@@ -8,8 +8,14 @@ leaves the previous checkpoints as they were).
 
 Several processes must stop at the same step. There JAX's preemption notifier (set up by
 jax.distributed.initialize) owns SIGTERM and `multihost_utils.reached_preemption_sync_point` agrees on
-the step; SIGINT is forwarded to it as a SIGTERM of this process.
+the step; SIGINT is forwarded to it as a SIGTERM of this process. The notifier catches SIGTERM from
+jax.distributed.initialize on, so a SIGTERM during setup there stops the run at its first step, saved;
+and since the notifier does not say which process was signalled, every process but one that received a
+SIGINT reports "a signal to one of the processes".
+
+stop_signals() installs the handlers for a training loop and tears down around it in the right order.
 """
+import contextlib
 import os
 import signal
 
@@ -21,7 +27,7 @@ EXIT_CODES = {signal.SIGTERM: 0, signal.SIGINT: 128 + signal.SIGINT}   # SIGINT:
 
 
 class StopSignals:
-  """Install with install() just before the loop; ask reached(step) after every step; uninstall() after.
+  """install() just before the loop (stop_signals() does), reached(step) after every step, uninstall() after.
 
   signum: the first signal this process received (None if none); exit_code: the process's exit status
   after a clean stop (0 for SIGTERM, 130 for SIGINT)."""
@@ -58,8 +64,23 @@ class StopSignals:
 
   @property
   def reason(self) -> str:
-    return signal.Signals(self.signum).name if self.signum else "a signal to another process"
+    return signal.Signals(self.signum).name if self.signum else "a signal to one of the processes"
 
   @property
   def exit_code(self) -> int:
     return EXIT_CODES.get(self.signum, 0)
+
+
+@contextlib.contextmanager
+def stop_signals(*cleanups):
+  """StopSignals installed for the body (and yielded). On the way out, also after an error, the `cleanups`
+  run in their order, each even if one before it raised (e.g. wait for the checkpoint saves, then close
+  the checkpointer and the writers), and only then are the handlers removed: a signal during the last
+  save is still only logged, and no handler outlives the loop in the process."""
+  stop = StopSignals()
+  with contextlib.ExitStack() as stack:
+    stack.callback(stop.uninstall)
+    for cleanup in reversed(cleanups):
+      stack.callback(cleanup)
+    stop.install()
+    yield stop
