@@ -75,6 +75,18 @@ def test_patchify_is_raster_order_and_inverts():
   np.testing.assert_array_equal(patching.patchify(latent, 8)[0, 0, 0], latent[0, 0].reshape(-1))  # k = 8: all
 
 
+def test_patch_slot_positions_are_the_patch_positions_in_order():
+  """Slot k of a row holds the position of the row's k-th patch; slots past its patches hold 0."""
+  image_ids = np.zeros((3, 20), np.int32)
+  image_ids[0, 2:6], image_ids[0, 9:13] = 1, 2      # two images of 4 patches
+  image_ids[1, 15:19] = 1                           # one image; row 2 has none
+  got = np.asarray(transfusion.patch_slot_positions(jnp.asarray(image_ids), 10))
+  want = np.zeros((3, 10), np.int32)
+  want[0, :8] = [2, 3, 4, 5, 9, 10, 11, 12]
+  want[1, :4] = [15, 16, 17, 18]
+  np.testing.assert_array_equal(got, want)
+
+
 @pytest.mark.parametrize("k", [1, 2, 4, 8])
 def test_elements_per_image_and_eps_shape_for_every_patch_size(k):
   """An 8x8x8 latent is (8/k)^2 sequence elements; linear and U-Net models return eps of the latent's shape."""

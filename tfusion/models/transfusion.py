@@ -58,8 +58,13 @@ def patch_slot_positions(image_ids, num_slots):
   """Sequence positions of the patch slots of each row, in order.  [B, L] -> [B, num_slots] int32.
 
   Slots beyond the row's real patches point at position 0; callers mask them with image_valid.
+  Written as a scatter-set of each patch's position into its slot, not as jnp.nonzero: nonzero's
+  bincount is a scatter-add the TPU cost model cannot price (it adds -2 s to `optimal_seconds`).
   """
-  return jax.vmap(lambda row: jnp.nonzero(row > 0, size=num_slots, fill_value=0)[0])(image_ids)
+  is_patch = image_ids > 0
+  slot = jnp.where(is_patch, jnp.cumsum(is_patch, axis=1) - 1, num_slots)   # non-patches: out of range, dropped
+  position = jnp.arange(image_ids.shape[1], dtype=jnp.int32)
+  return jax.vmap(lambda s: jnp.zeros(num_slots, jnp.int32).at[s].set(position, mode="drop", unique_indices=True))(slot)
 
 
 class TokenEmbedding(nn.Module):
