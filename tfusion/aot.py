@@ -7,6 +7,7 @@ r"""Compile the full train step for a target mesh without running it; print its 
 `pip install -e .[tpu]`, which compiles for TPUs on any host) or `cpu:N` (N fake CPU devices).
 Nothing is allocated: the state and batch are abstract values with their shardings.
 """
+import dataclasses
 import json
 import math
 
@@ -45,10 +46,18 @@ def _bytes_per_device(tree) -> int:
   return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
-def compile_train_step(config, devices) -> dict:
-  """AOT-compile the train step of `config` on a mesh over `devices`; returns per-device figures."""
+def compile_train_step(config, devices, unroll_layers: bool = False) -> dict:
+  """AOT-compile the train step of `config` on a mesh over `devices`; returns per-device figures.
+
+  compiler_flops and estimated_seconds are XLA's cost analysis (`optimal_seconds`: the compiler's
+  estimate, not a measurement); it prices a loop body once, so they cover the whole step only with
+  unroll_layers (straight-line layers, slower to compile).
+  """
   mesh = sharding.make_mesh(config.mesh, devices)
   model, layout = state_lib.model_and_layout(config, config.data.vocab_size)
+  if unroll_layers:
+    tcfg = dataclasses.replace(model.cfg.transformer, unroll_layers=True)
+    model = model.clone(cfg=dataclasses.replace(model.cfg, transformer=tcfg))
   tx, schedule = optim.make_optimizer(config.optim, config.total_steps)
   init_batch = state_lib.dummy_batch(1, layout)
   state, shardings = state_lib.abstract_train_state(model, tx, init_batch, mesh)
@@ -63,6 +72,7 @@ def compile_train_step(config, devices) -> dict:
   with jax.set_mesh(mesh):
     compiled = step.lower(state, batch).compile()
   memory = compiled.memory_analysis()
+  cost = compiled.cost_analysis()
   model_flops = flops.train_flops(model, state.params, state_lib.model_inputs(batch))
   # The TPU compiler reports a heap-simulated peak; everything-live-at-once bounds it from above.
   live_bound = (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
@@ -80,6 +90,8 @@ def compile_train_step(config, devices) -> dict:
       "live_bound_bytes": live_bound,
       "device_memory_bytes": DEVICE_MEMORY_GIB.get(kind, 0.0) * 2**30,
       "model_tflops_per_device": model_flops / len(devices) / 1e12,
+      "compiler_flops": float(cost["flops"]),
+      "estimated_seconds": float(cost.get("optimal_seconds", float("nan"))),
       "parameters": sum(math.prod(x.shape) for x in jax.tree.leaves(state.params)),
   }
 

@@ -32,6 +32,7 @@ class TransformerConfig:
   attention: str = "dense"       # dense | chunked | dot_product
   attention_chunk: int = 512     # query block length for chunked attention
   image_attention: str = "bidirectional"  # bidirectional | causal (patches of one image in raster order)
+  unroll_layers: bool = False    # straight-line layers instead of a loop (XLA's cost analysis prices a loop body once)
 
   def __post_init__(self):
     if self.image_attention not in ("bidirectional", "causal"):
@@ -145,6 +146,54 @@ def chunked_attention(q, q_ids, parts, chunk, bidirectional_images=True):
   return jnp.moveaxis(out, 0, 1).reshape(batch, blocks * chunk, heads, head_dim)[:, :length]
 
 
+def block_skipping_attention(q, k, v, segment_ids, image_ids, chunk, bidirectional_images=True):
+  """Self-attention of a row's L elements (training), `chunk` queries at a time against `chunk` keys at a
+  time with an online softmax, computing only the key blocks masks.key_block_ranges marks visible to some
+  row of the batch: the others (later text, other documents) cost nothing, forward or backward. Each
+  query block is rematerialised in the backward pass. Same values and gradients as dense_attention.
+
+  q, k, v: [B, L, H, Dh]; segment_ids, image_ids: [B, L] int -> [B, L, H, Dh]. A length that is not a
+  multiple of chunk is padded with padding elements (segment 0), whose outputs are dropped.
+  """
+  batch, length, heads, head_dim = q.shape
+  n = -(-length // chunk)
+  if n * chunk != length:
+    pad = lambda a: jnp.pad(a, [(0, 0), (0, n * chunk - length)] + [(0, 0)] * (a.ndim - 2))  # noqa: E731
+    out = block_skipping_attention(*map(pad, (q, k, v, segment_ids, image_ids)), chunk, bidirectional_images)
+    return out[:, :length]
+  lo, hi = masks.key_block_ranges(segment_ids, masks.mask_positions(image_ids, bidirectional_images), chunk)
+  visible = jnp.any(masks.visible_blocks(lo, hi), axis=0)     # [n, n]: visible to some row
+  index = jnp.arange(length)
+  ids = lambda i: tuple(a[..., i * chunk:(i + 1) * chunk] for a in (segment_ids, image_ids, index))  # noqa: E731
+  scale = 1.0 / jnp.sqrt(jnp.float32(head_dim))
+
+  def key_block(i, j, q_i, k_j, v_j, carry):
+    """The online-softmax update of query block i's (max, sum, out) [B, H, chunk(, Dh)] with key block j."""
+    m, l, out = carry
+    mask = masks.mask_block(*ids(i), *ids(j), bidirectional_images)[:, None]
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q_i, k_j, preferred_element_type=jnp.float32) * scale
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    m_new = jnp.maximum(m, logits.max(axis=-1))
+    p = jnp.exp(logits - m_new[..., None])
+    correction = jnp.exp(m - m_new)
+    pv = jnp.einsum("bhqk,bkhd->bhqd", p.astype(v_j.dtype), v_j, preferred_element_type=jnp.float32)
+    return m_new, l * correction + p.sum(axis=-1), out * correction[..., None] + pv
+
+  # Blocks are separate arrays (not slices taken inside the loop), so each gradient is accumulated per block.
+  qs, ks, vs = (jnp.split(a, n, axis=1) for a in (q, k, v))
+
+  @functools.partial(jax.checkpoint, static_argnums=(0,))
+  def query_block(i, q_i, ks, vs):
+    carry = (jnp.full((batch, heads, chunk), -jnp.inf), jnp.zeros((batch, heads, chunk)),
+             jnp.zeros((batch, heads, chunk, head_dim)))
+    for j in range(n):
+      carry = jax.lax.cond(visible[i, j], functools.partial(key_block, i, j, q_i, ks[j], vs[j]), lambda c: c, carry)
+    _, l, out = carry
+    return jnp.moveaxis(out / l[..., None], 1, 2).astype(v.dtype)        # [B, chunk, H, Dh]
+
+  return jnp.concatenate([query_block(i, qs[i], ks, vs) for i in range(n)], axis=1)
+
+
 def dot_product_attention(q, k, v, q_ids, k_ids, bidirectional_images=True):
   """jax.nn.dot_product_attention with the mask (cuDNN flash attention on GPUs that support it)."""
   mask = masks.mask_block(*q_ids, *k_ids, bidirectional_images)
@@ -160,6 +209,17 @@ def attend(cfg: TransformerConfig, q, q_ids, parts):
   if cfg.attention == "dot_product" and len(parts) == 1:
     return dot_product_attention(q, parts[0][0], parts[0][1], q_ids, parts[0][2], bidirectional)
   return attention_over(q, q_ids, parts, bidirectional)
+
+
+def self_attention(cfg: TransformerConfig, q, k, v, segment_ids, image_ids):
+  """The L elements of each row attending to each other (training, and decoding without a cache) with the
+  implementation cfg.attention names.  q, k, v: [B, L, H, Dh]; segment_ids, image_ids: [B, L] -> [B, L, H, Dh]."""
+  bidirectional = cfg.image_attention == "bidirectional"
+  if cfg.attention == "chunked":
+    return block_skipping_attention(q, k, v, segment_ids, image_ids, min(cfg.attention_chunk, q.shape[1]),
+                                    bidirectional)
+  q_ids = (segment_ids, image_ids, jnp.arange(q.shape[1]))
+  return attend(cfg, q, q_ids, [(k, v, q_ids)])
 
 
 def write_slots(buffer, values, slots):
@@ -215,12 +275,10 @@ class Attention(nn.Module):
     k = apply_rope(k, positions, cfg.rope_theta)
     q, k, v = (nn.with_logical_constraint(a, ("batch", "length", "act_heads", "kv")) for a in (q, k, v))
     if kv is None:
-      q_ids = (segment_ids, image_ids, jnp.arange(x.shape[1]))
-      parts = [(k, v, q_ids)]
+      out = self_attention(cfg, q, k, v, segment_ids, image_ids)
     else:
       q_ids = (segment_ids, image_ids, write_index)
-      parts = [(*kv, cached_ids), (k, v, q_ids)]
-    out = attend(cfg, q, q_ids, parts)
+      out = attend(cfg, q, q_ids, [(*kv, cached_ids), (k, v, q_ids)])
     out = nn.with_logical_constraint(out, ("batch", "length", "act_heads", "kv"))
     out = _projection(cfg, "out", "blhk,hkd->bld", (cfg.num_heads, cfg.head_dim, cfg.d_model),
                       ("heads", "kv", "embed"), fan_in_axes=(0, 1))(out)
@@ -276,7 +334,8 @@ class Transformer(nn.Module):
   def __call__(self, x, segment_ids, image_ids, positions, cache: KVCache | None = None, write_index=None):
     cfg = self.cfg
     scan = functools.partial(nn.scan, variable_axes={"params": 0}, split_rngs={"params": True},
-                             length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+                             length=cfg.num_layers, unroll=cfg.num_layers if cfg.unroll_layers else 1,
+                             metadata_params={nn.PARTITION_NAME: "layers"})
     if cache is None:
       block = Block
       if cfg.remat_policy != "none":

@@ -1,0 +1,138 @@
+r"""Estimated TPU step time and MFU of tfusion's train step next to a plain Llama's, from XLA's cost model.
+
+  pip install -e .[tpu]      # the TPU compiler (libtpu) runs on any host, compile-only
+  python benchmarks/tpu_estimate.py [--plans 7b@v5:4x4x4 ...] [--attention chunked flash] [--out ...]
+
+Every figure here is an ESTIMATE of XLA's TPU cost model (`compiled.cost_analysis()["optimal_seconds"]`,
+per device), not a measurement: use it to compare variants compiled in one run. For each plan (a paper
+size on a TPU topology, the paper's batch of 512 rows of 4096) it compiles, for every attention
+implementation asked for, tfusion's full train step (forward, backward, AdamW) and a plain Llama step
+of the same size, batch and sequence (`benchmarks/plain_llama.py`: text only, causal, dense attention).
+
+The cost model prices a loop body once, so the layers are unrolled; to keep compile time down each
+model is compiled with 1 and 2 layers and the figures (compiler FLOPs, seconds, peak memory) are
+extrapolated linearly to the real depth: f(n) = f(1) + (n - 1) * (f(2) - f(1)).
+
+Model FLOPs per device, the same for both models: 6 * N * T + 6 * n_layers * d_model * seq * T, with N
+the matmul parameters (all but the input embedding), T the tokens per device, and attention counted
+causal (half of the seq x seq scores; tfusion's extra image blocks and its linear patch layers add
+< 0.1%). Estimated MFU = model FLOPs / (estimated seconds * the chip's dense bf16 peak).
+"""
+import argparse
+import dataclasses
+import json
+import os
+import time
+
+import jax
+
+from tfusion import aot, codecs, config as config_lib, flops, sharding
+from tfusion.models import transfusion
+from tfusion.training import optim
+
+import plain_llama
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_PLANS = ("760m@v5:4x4x4", "7b@v5:4x4x4", "7b@v6e:16x16")
+CHIP = {"v5": "v5p", "v6e": "v6e"}
+
+
+def extrapolate(one: float, two: float, layers: int) -> float:
+  return one + (layers - 1) * (two - one)
+
+
+def model_flops_per_device(config, num_devices: int) -> float:
+  """6 N T + causal attention (see the module docstring)."""
+  m = config.model
+  layer = 4 * m.d_model * m.d_model + 3 * m.d_model * m.mlp_dim
+  matmul_params = m.num_layers * layer + m.d_model * config.data.vocab_size   # + the LM head
+  tokens = config.batch_size * config.seq_len / num_devices
+  return 6 * matmul_params * tokens + 6 * m.num_layers * m.d_model * config.seq_len * tokens
+
+
+def _figures(cost: dict, memory) -> dict:
+  return {"compiler_flops": float(cost["flops"]), "seconds": float(cost["optimal_seconds"]),
+          "peak_bytes": float(memory.peak_memory_in_bytes)}
+
+
+def tfusion_layers(config, devices, layers: int) -> dict:
+  config = config.copy_and_resolve_references()
+  config.model.num_layers = layers
+  f = aot.compile_train_step(config, devices, unroll_layers=True)
+  return {"compiler_flops": f["compiler_flops"], "seconds": f["estimated_seconds"], "peak_bytes": f["peak_bytes"]}
+
+
+def llama_layers(config, devices, layers: int) -> dict:
+  tcfg = dataclasses.replace(transfusion.config_from(config, config.data.vocab_size, codecs.latent_shape(config.data)).transformer,
+                             num_layers=layers)
+  tx, _ = optim.make_optimizer(config.optim, config.total_steps)
+  mesh = sharding.make_mesh(config.mesh, devices)
+  compiled = plain_llama.compile_train_step(plain_llama.PlainLlama(tcfg, config.data.vocab_size), tx,
+                                            config.batch_size, config.seq_len, mesh)
+  return _figures(compiled.cost_analysis(), compiled.memory_analysis())
+
+
+def estimate(label: str, compile_layers, config, devices) -> dict:
+  """Compile with 1 and 2 unrolled layers and extrapolate to config.model.num_layers."""
+  start = time.time()
+  one, two = compile_layers(config, devices, 1), compile_layers(config, devices, 2)
+  n = config.model.num_layers
+  row = {key: extrapolate(one[key], two[key], n) for key in one}
+  kind = devices[0].device_kind
+  peak = flops.PEAK_TFLOPS[kind] * 1e12
+  model = model_flops_per_device(config, len(devices))
+  return {"label": label, "device_kind": kind, "num_devices": len(devices), "layers": n,
+          "batch": config.batch_size, "seq_len": config.seq_len, "model_flops": model, **row,
+          "estimated_mfu": model / (row["seconds"] * peak), "peak_tflops": peak / 1e12,
+          "hbm_bytes": aot.DEVICE_MEMORY_GIB.get(kind, 0.0) * 2**30,
+          "one_layer": one, "two_layers": two, "compile_seconds": time.time() - start}
+
+
+def run_plan(plan: str, attentions: list[str], batch_size: int = 0, seq_len: int = 0) -> list[dict]:
+  size, topology = plan.split("@")
+  config = config_lib.paper_config(size)
+  config.batch_size = batch_size or config.batch_size
+  config.seq_len = seq_len or config.seq_len
+  devices = aot.topology_devices(topology)
+  rows = [estimate(f"plain Llama {size}, dense causal", llama_layers, config, devices)]
+  for attention in attentions:
+    variant = config.copy_and_resolve_references()
+    variant.model.attention = attention
+    rows.append(estimate(f"tfusion {size}, {attention} attention", tfusion_layers, variant, devices))
+  for row in rows:
+    row.update(plan=plan, topology=topology, ratio_to_llama=row["estimated_mfu"] / rows[0]["estimated_mfu"])
+    print(format_row(row), flush=True)
+  return rows
+
+
+HEADER = (f"{'plan':<16}{'model':<34}{'model TFLOP':>12}{'XLA TFLOP':>10}{'est. s':>8}{'est. MFU':>9}"
+          f"{'x Llama':>8}{'peak GiB':>9}{'compile s':>10}")
+
+
+def format_row(row: dict) -> str:
+  return (f"{row['plan']:<16}{row['label']:<34}{row['model_flops'] / 1e12:>12.1f}{row['compiler_flops'] / 1e12:>10.1f}"
+          f"{row['seconds']:>8.3f}{row['estimated_mfu']:>9.1%}{row['ratio_to_llama']:>8.2f}"
+          f"{row['peak_bytes'] / 2**30:>9.1f}{row['compile_seconds']:>10.0f}")
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--plans", nargs="*", default=list(DEFAULT_PLANS), help="size@topology, e.g. 7b@v5:4x4x4")
+  parser.add_argument("--attention", nargs="*", default=["chunked"], help="tfusion's model.attention values")
+  parser.add_argument("--batch_size", type=int, default=0, help="rows per step (default: the paper's 512)")
+  parser.add_argument("--seq_len", type=int, default=0, help="row length (default: the paper's 4096)")
+  parser.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "tpu_estimate.json"))
+  args = parser.parse_args()
+  print("XLA cost-model ESTIMATES per device (not measurements); layers extrapolated from 1 and 2 unrolled")
+  print(HEADER, flush=True)
+  rows = [row for plan in args.plans for row in run_plan(plan, args.attention, args.batch_size, args.seq_len)]
+  # Rows of earlier runs are kept unless measured again.
+  previous = json.load(open(args.out)) if os.path.exists(args.out) else []
+  merged = {(row["plan"], row["label"]): row for row in previous + rows}
+  os.makedirs(os.path.dirname(args.out), exist_ok=True)
+  with open(args.out, "w") as f:
+    json.dump(list(merged.values()), f, indent=2)
+
+
+if __name__ == "__main__":
+  main()
