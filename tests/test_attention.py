@@ -1,0 +1,64 @@
+"""Attention that skips the blocks the Transfusion mask hides: values and gradients equal the dense path's."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tfusion import masks
+from tfusion.data import sequence
+from tfusion.models import transformer
+from tests.helpers import image_doc, packed_rows, text_doc
+
+LAYOUT = sequence.RowLayout(seq_len=64, latent_shape=(4, 4, 3), patch_size=2)   # 4 patches per image
+
+
+def packed_batch():
+  """Two rows of 64: several documents with images in the first, a short document then padding in the second."""
+  batch = packed_rows(LAYOUT, [
+      [image_doc(LAYOUT, caption_first=True), text_doc(5), image_doc(LAYOUT, caption_first=False),
+       [*image_doc(LAYOUT)[:2], *image_doc(LAYOUT, seed=1)[1:]], text_doc(20)],
+      [text_doc(3), image_doc(LAYOUT), text_doc(9)],
+  ])
+  return jnp.asarray(batch["segment_ids"]), jnp.asarray(batch["image_ids"])
+
+
+def qkv(heads=2, head_dim=8):
+  return [jax.random.normal(jax.random.key(i), (2, 64, heads, head_dim)) for i in range(3)]
+
+
+def dense(q, k, v, segment_ids, image_ids, bidirectional=True):
+  ids = (segment_ids, image_ids, jnp.arange(q.shape[1]))
+  return transformer.dense_attention(q, k, v, ids, ids, bidirectional)
+
+
+def assert_same_values_and_grads(attention, q, k, v, segment_ids, image_ids, bidirectional=True, atol=1e-5):
+  """attention(q, k, v) and its gradients (of a random projection of the output) equal dense attention's."""
+  weights = jax.random.normal(jax.random.key(9), q.shape)
+  loss = lambda f: lambda q, k, v: jnp.sum(f(q, k, v) * weights)  # noqa: E731
+  reference = lambda q, k, v: dense(q, k, v, segment_ids, image_ids, bidirectional)  # noqa: E731
+  np.testing.assert_allclose(attention(q, k, v), reference(q, k, v), atol=atol)
+  got, want = (jax.grad(loss(f), argnums=(0, 1, 2))(q, k, v) for f in (attention, reference))
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, atol=atol)
+
+
+@pytest.mark.parametrize("chunk, bidirectional", [(16, True), (16, False), (24, True)])
+def test_block_skipping_attention_equals_dense(chunk, bidirectional):
+  """Every chunk length (24 does not divide 64: the row is padded) and both image masks."""
+  segment_ids, image_ids = packed_batch()
+  attention = lambda q, k, v: transformer.block_skipping_attention(  # noqa: E731
+      q, k, v, segment_ids, image_ids, chunk, bidirectional)
+  assert_same_values_and_grads(jax.jit(attention), *qkv(), segment_ids, image_ids, bidirectional)
+
+
+def test_block_skipping_attention_computes_the_visible_blocks_only():
+  """At chunk 16 (4 x 4 block pairs) the two rows together see 7 blocks: the diagonal, and below it only
+  the three blocks next to it (later documents do not see earlier ones, padding sees itself); the other
+  9 block pairs, of which 3 are below the diagonal, are skipped forward and backward."""
+  segment_ids, image_ids = packed_batch()
+  mask = np.asarray(masks.transfusion_mask(segment_ids, image_ids))
+  dense_count = mask.reshape(2, 4, 16, 4, 16).any(axis=(0, 2, 4)).sum()
+  lo, hi = masks.key_block_ranges(segment_ids, masks.mask_positions(image_ids), 16)
+  assert masks.visible_blocks(lo, hi).any(axis=0).sum() == dense_count == 7
+  jaxpr = str(jax.make_jaxpr(lambda *a: transformer.block_skipping_attention(*a, 16))(*qkv(), segment_ids, image_ids))
+  assert jaxpr.count("cond[") == 16                                    # one branch per block pair
