@@ -47,9 +47,11 @@ class Layer(nn.Module):
 
 
 class PlainLlama(nn.Module):
-  """tokens [B, L] int -> logits [B, L, V] float32."""
+  """tokens [B, L] int -> logits [B, L, V] float32. The layers are written out one by one, or with
+  scan_layers in a loop (as trained: what its peak memory is read from)."""
   cfg: TransformerConfig
   vocab_size: int
+  scan_layers: bool = False
 
   @nn.compact
   def __call__(self, tokens):
@@ -58,8 +60,13 @@ class PlainLlama(nn.Module):
                        (self.vocab_size, cfg.d_model), cfg.param_dtype)
     x = jnp.take(nn.with_logical_constraint(table.astype(cfg.dtype), ("vocab", None)), tokens, axis=0)
     layer = Layer if cfg.remat_policy == "none" else nn.remat(Layer, prevent_cse=False)
-    for i in range(cfg.num_layers):
-      x = layer(cfg, name=f"layer_{i}")(x)
+    if self.scan_layers:
+      scan = nn.scan(lambda module, x, _: (module(x), None), variable_axes={"params": 0}, split_rngs={"params": True},
+                     length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+      x, _ = scan(layer(cfg, name="layers"), x, None)
+    else:
+      for i in range(cfg.num_layers):
+        x = layer(cfg, name=f"layer_{i}")(x)
     x = RMSNorm(cfg.norm_eps, cfg.dtype, cfg.param_dtype, name="final_norm")(x)
     logits = _projection(cfg, "lm_head", "bld,dv->blv", (cfg.d_model, self.vocab_size), ("embed", "vocab"))(x)
     return nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "act_vocab"))

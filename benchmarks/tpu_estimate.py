@@ -10,8 +10,9 @@ implementation asked for, tfusion's full train step (forward, backward, AdamW) a
 of the same size, batch and sequence (`benchmarks/plain_llama.py`: text only, causal, dense attention).
 
 The cost model prices a loop body once, so the layers are unrolled; to keep compile time down each
-model is compiled with 1 and 2 layers and the figures (compiler FLOPs, seconds, peak memory) are
-extrapolated linearly to the real depth: f(n) = f(1) + (n - 1) * (f(2) - f(1)).
+model is compiled with 1 and 2 layers and the compiler FLOPs and seconds are extrapolated linearly to
+the real depth: f(n) = f(1) + (n - 1) * (f(2) - f(1)). Peak memory comes from a third compile, of the
+full-depth step with its layers scanned (the program that trains).
 
 Model FLOPs per device, the same for both models: 6 * N * T + 6 * n_layers * d_model * seq * T, with N
 the matmul parameters (all but the input embedding), T the tokens per device, and attention counted
@@ -50,42 +51,42 @@ def model_flops_per_device(config, num_devices: int) -> float:
   return 6 * matmul_params * tokens + 6 * m.num_layers * m.d_model * config.seq_len * tokens
 
 
-def _figures(cost: dict, memory) -> dict:
-  return {"compiler_flops": float(cost["flops"]), "seconds": float(cost["optimal_seconds"]),
-          "peak_bytes": float(memory.peak_memory_in_bytes)}
-
-
-def tfusion_layers(config, devices, layers: int) -> dict:
+def tfusion_step(config, devices, layers: int) -> dict:
+  """Figures of tfusion's step with `layers` layers, unrolled; 0 layers: the config's depth, scanned (as trained)."""
   config = config.copy_and_resolve_references()
-  config.model.num_layers = layers
-  f = aot.compile_train_step(config, devices, unroll_layers=True)
+  config.model.num_layers = layers or config.model.num_layers
+  f = aot.compile_train_step(config, devices, unroll_layers=layers > 0, count_model_flops=False)
   return {"compiler_flops": f["compiler_flops"], "seconds": f["estimated_seconds"], "peak_bytes": f["peak_bytes"]}
 
 
-def llama_layers(config, devices, layers: int) -> dict:
-  tcfg = dataclasses.replace(transfusion.config_from(config, config.data.vocab_size, codecs.latent_shape(config.data)).transformer,
-                             num_layers=layers)
+def llama_step(config, devices, layers: int) -> dict:
+  """Figures of the plain Llama's step, as tfusion_step."""
+  tcfg = transfusion.config_from(config, config.data.vocab_size, codecs.latent_shape(config.data)).transformer
+  tcfg = dataclasses.replace(tcfg, num_layers=layers or tcfg.num_layers)
   tx, _ = optim.make_optimizer(config.optim, config.total_steps)
   mesh = sharding.make_mesh(config.mesh, devices)
-  compiled = plain_llama.compile_train_step(plain_llama.PlainLlama(tcfg, config.data.vocab_size), tx,
-                                            config.batch_size, config.seq_len, mesh)
-  return _figures(compiled.cost_analysis(), compiled.memory_analysis())
+  model = plain_llama.PlainLlama(tcfg, config.data.vocab_size, scan_layers=layers == 0)
+  compiled = plain_llama.compile_train_step(model, tx, config.batch_size, config.seq_len, mesh)
+  cost = compiled.cost_analysis()
+  return {"compiler_flops": float(cost["flops"]), "seconds": float(cost["optimal_seconds"]),
+          "peak_bytes": float(compiled.memory_analysis().peak_memory_in_bytes)}
 
 
-def estimate(label: str, compile_layers, config, devices) -> dict:
-  """Compile with 1 and 2 unrolled layers and extrapolate to config.model.num_layers."""
+def estimate(label: str, compile_step, config, devices) -> dict:
+  """FLOPs and seconds extrapolated from 1 and 2 unrolled layers; peak memory of the full-depth scanned step."""
   start = time.time()
-  one, two = compile_layers(config, devices, 1), compile_layers(config, devices, 2)
+  one, two = compile_step(config, devices, 1), compile_step(config, devices, 2)
+  full = compile_step(config, devices, 0)
   n = config.model.num_layers
-  row = {key: extrapolate(one[key], two[key], n) for key in one}
+  row = {key: extrapolate(one[key], two[key], n) for key in ("compiler_flops", "seconds")}
   kind = devices[0].device_kind
   peak = flops.PEAK_TFLOPS[kind] * 1e12
   model = model_flops_per_device(config, len(devices))
   return {"label": label, "device_kind": kind, "num_devices": len(devices), "layers": n,
           "batch": config.batch_size, "seq_len": config.seq_len, "model_flops": model, **row,
-          "estimated_mfu": model / (row["seconds"] * peak), "peak_tflops": peak / 1e12,
-          "hbm_bytes": aot.DEVICE_MEMORY_GIB.get(kind, 0.0) * 2**30,
-          "one_layer": one, "two_layers": two, "compile_seconds": time.time() - start}
+          "peak_bytes": full["peak_bytes"], "estimated_mfu": model / (row["seconds"] * peak),
+          "peak_tflops": peak / 1e12, "hbm_bytes": aot.DEVICE_MEMORY_GIB.get(kind, 0.0) * 2**30,
+          "one_layer": one, "two_layers": two, "scanned": full, "compile_seconds": time.time() - start}
 
 
 def run_plan(plan: str, attentions: list[str], batch_size: int = 0, seq_len: int = 0) -> list[dict]:
@@ -94,11 +95,14 @@ def run_plan(plan: str, attentions: list[str], batch_size: int = 0, seq_len: int
   config.batch_size = batch_size or config.batch_size
   config.seq_len = seq_len or config.seq_len
   devices = aot.topology_devices(topology)
-  rows = [estimate(f"plain Llama {size}, dense causal", llama_layers, config, devices)]
-  for attention in attentions:
+  rows = [estimate(f"plain Llama {size}, dense causal", llama_step, config, devices)]
+  for attention in attentions:                       # name or name:block (model.attention, model.attention_chunk)
     variant = config.copy_and_resolve_references()
-    variant.model.attention = attention
-    rows.append(estimate(f"tfusion {size}, {attention} attention", tfusion_layers, variant, devices))
+    variant.model.attention, _, block = attention.partition(":")
+    variant.model.attention_chunk = int(block or variant.model.attention_chunk)
+    config_lib.validate(variant)
+    rows.append(estimate(f"tfusion {size}, {variant.model.attention} attention {variant.model.attention_chunk}",
+                         tfusion_step, variant, devices))
   for row in rows:
     row.update(plan=plan, topology=topology, ratio_to_llama=row["estimated_mfu"] / rows[0]["estimated_mfu"])
     print(format_row(row), flush=True)
@@ -118,7 +122,8 @@ def format_row(row: dict) -> str:
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--plans", nargs="*", default=list(DEFAULT_PLANS), help="size@topology, e.g. 7b@v5:4x4x4")
-  parser.add_argument("--attention", nargs="*", default=["chunked"], help="tfusion's model.attention values")
+  parser.add_argument("--attention", nargs="*", default=["chunked", "flash:512"],
+                      help="tfusion's model.attention values, each optionally :block (model.attention_chunk)")
   parser.add_argument("--batch_size", type=int, default=0, help="rows per step (default: the paper's 512)")
   parser.add_argument("--seq_len", type=int, default=0, help="row length (default: the paper's 4096)")
   parser.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "tpu_estimate.json"))

@@ -6,7 +6,7 @@ import pytest
 
 from tfusion import masks
 from tfusion.data import sequence
-from tfusion.models import transformer
+from tfusion.models import flash_attention, transformer
 from tests.helpers import image_doc, packed_rows, text_doc
 
 LAYOUT = sequence.RowLayout(seq_len=64, latent_shape=(4, 4, 3), patch_size=2)   # 4 patches per image
@@ -62,3 +62,24 @@ def test_block_skipping_attention_computes_the_visible_blocks_only():
   assert masks.visible_blocks(lo, hi).any(axis=0).sum() == dense_count == 7
   jaxpr = str(jax.make_jaxpr(lambda *a: transformer.block_skipping_attention(*a, 16))(*qkv(), segment_ids, image_ids))
   assert jaxpr.count("cond[") == 16                                    # one branch per block pair
+
+
+def long_packed_batch():
+  """Two rows of 512 (16 patches per image): documents with images packed in the first, padding in the second."""
+  layout = sequence.RowLayout(seq_len=512, latent_shape=(8, 8, 3), patch_size=2)
+  batch = packed_rows(layout, [
+      [image_doc(layout, caption_first=True), text_doc(100), image_doc(layout, caption_first=False), text_doc(150),
+       image_doc(layout), text_doc(90)],
+      [text_doc(40), image_doc(layout, caption_first=False), text_doc(200)],
+  ])
+  return jnp.asarray(batch["segment_ids"]), jnp.asarray(batch["image_ids"])
+
+
+@pytest.mark.parametrize("bidirectional", [True, False], ids=["bidirectional", "causal"])
+def test_flash_attention_kernel_equals_dense_in_interpret_mode(bidirectional):
+  """The Pallas TPU kernels (forward, dk/dv, dq) run in interpret mode on CPU: 4 x 4 blocks of 128."""
+  segment_ids, image_ids = long_packed_batch()
+  q, k, v = (jax.random.normal(jax.random.key(i), (2, 512, 2, 32)) for i in range(3))
+  attention = lambda q, k, v: flash_attention.flash_attention(  # noqa: E731
+      q, k, v, segment_ids, image_ids, 128, bidirectional, interpret=True)
+  assert_same_values_and_grads(jax.jit(attention), q, k, v, segment_ids, image_ids, bidirectional, atol=2e-5)

@@ -46,7 +46,7 @@ def _bytes_per_device(tree) -> int:
   return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
-def compile_train_step(config, devices, unroll_layers: bool = False) -> dict:
+def compile_train_step(config, devices, unroll_layers: bool = False, count_model_flops: bool = True) -> dict:
   """AOT-compile the train step of `config` on a mesh over `devices`; returns per-device figures.
 
   compiler_flops and estimated_seconds are XLA's cost analysis (`optimal_seconds`: the compiler's
@@ -73,7 +73,7 @@ def compile_train_step(config, devices, unroll_layers: bool = False) -> dict:
     compiled = step.lower(state, batch).compile()
   memory = compiled.memory_analysis()
   cost = compiled.cost_analysis()
-  model_flops = flops.train_flops(model, state.params, state_lib.model_inputs(batch))
+  model_flops = flops.train_flops(model, state.params, state_lib.model_inputs(batch)) if count_model_flops else 0.0
   # The TPU compiler reports a heap-simulated peak; everything-live-at-once bounds it from above.
   live_bound = (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
                 + memory.temp_size_in_bytes)

@@ -48,8 +48,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.dtype = "float32"      # compute dtype
   c.model.param_dtype = "float32"
   c.model.remat_policy = "none"  # none | full | dots_saveable (on the scanned layers)
-  c.model.attention = "dense"     # dense (einsum + mask) | chunked (query blocks) | dot_product (jax.nn)
-  c.model.attention_chunk = 512   # query block length of the chunked attention
+  c.model.attention = "dense"     # dense (einsum + mask) | chunked (blocks, hidden ones skipped) | dot_product
+                                  # (jax.nn) | flash (Pallas TPU kernel skipping hidden blocks; TPU only)
+  c.model.attention_chunk = 512   # block length of chunked and flash attention
   c.model.image_attention = "bidirectional"  # inside an image: bidirectional (the paper) | causal (Table 5
   #                                            ablation; in the transformer only: a U-Net encoder still mixes patches)
   c.model.patch_encoder = "linear"  # linear | unet
@@ -326,7 +327,7 @@ _CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
     "model.param_dtype": ("float32", "bfloat16"),
     "model.remat_policy": ("none", "full", "dots_saveable"),
-    "model.attention": ("dense", "chunked", "dot_product"),
+    "model.attention": ("dense", "chunked", "dot_product", "flash"),
     "model.image_attention": ("bidirectional", "causal"),
     "model.patch_encoder": ("linear", "unet"),
     "model.decoder_input": ("final_norm", "pre_norm"),
@@ -443,6 +444,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     fail("microbatches", f"must divide batch_size = {config.batch_size}")
   if config.model.attention == "chunked" and config.seq_len % config.model.attention_chunk:
     fail("model.attention_chunk", f"must divide seq_len = {config.seq_len} for chunked attention")
+  if config.model.attention == "flash" and (config.seq_len % config.model.attention_chunk
+                                            or config.model.attention_chunk % 128):
+    fail("model.attention_chunk", f"must be a multiple of 128 dividing seq_len = {config.seq_len} for flash attention")
   if config.peak_tflops_per_device < 0:
     fail("peak_tflops_per_device", "must be >= 0 (0 = look up / measure)")
   latent_size = config.data.image_size

@@ -103,11 +103,16 @@ def logical_shardings(mesh: Mesh, tree):
 
 
 def _drop_uneven_splits(value, named: NamedSharding) -> NamedSharding:
-  spec = []
-  for size, axes in zip(value.shape, tuple(named.spec) + (None,) * (len(value.shape) - len(named.spec))):
+  return NamedSharding(named.mesh, even_spec(value.shape, named.spec, named.mesh.shape))
+
+
+def even_spec(shape, spec: P, mesh_shape) -> P:
+  """`spec` for an array of `shape`, without the splits that would be uneven; mesh_shape: {axis: size}."""
+  even = []
+  for size, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
     names = (axes,) if isinstance(axes, str) else (axes or ())
-    spec.append(axes if size % math.prod(named.mesh.shape[a] for a in names) == 0 else None)
-  return NamedSharding(named.mesh, P(*spec))
+    even.append(axes if size % math.prod(mesh_shape[a] for a in names) == 0 else None)
+  return P(*even)
 
 
 def check_batch_size(mesh: Mesh, batch_size: int, microbatches: int = 1) -> None:

@@ -15,7 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from tfusion import masks
+from tfusion import masks, sharding
+from tfusion.models import flash_attention
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,8 +30,8 @@ class TransformerConfig:
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
   remat_policy: str = "none"
-  attention: str = "dense"       # dense | chunked | dot_product
-  attention_chunk: int = 512     # query block length for chunked attention
+  attention: str = "dense"       # dense | chunked | dot_product | flash (Pallas TPU kernel)
+  attention_chunk: int = 512     # block length of chunked and flash attention
   image_attention: str = "bidirectional"  # bidirectional | causal (patches of one image in raster order)
   unroll_layers: bool = False    # straight-line layers instead of a loop (XLA's cost analysis prices a loop body once)
 
@@ -218,8 +219,23 @@ def self_attention(cfg: TransformerConfig, q, k, v, segment_ids, image_ids):
   if cfg.attention == "chunked":
     return block_skipping_attention(q, k, v, segment_ids, image_ids, min(cfg.attention_chunk, q.shape[1]),
                                     bidirectional)
+  if cfg.attention == "flash":
+    return sharded_flash_attention(cfg, q, k, v, segment_ids, image_ids)
   q_ids = (segment_ids, image_ids, jnp.arange(q.shape[1]))
   return attend(cfg, q, q_ids, [(k, v, q_ids)])
+
+
+def sharded_flash_attention(cfg: TransformerConfig, q, k, v, segment_ids, image_ids):
+  """flash_attention (a Pallas TPU kernel, blocks of cfg.attention_chunk) on each device's rows and heads:
+  a kernel is opaque to XLA's partitioner, so under a mesh it runs in shard_map, laid out by the logical rules."""
+  attention = functools.partial(flash_attention.flash_attention, block=cfg.attention_chunk,
+                                bidirectional_images=cfg.image_attention == "bidirectional")
+  mesh = jax.sharding.get_abstract_mesh()
+  if not mesh.empty:
+    spec = lambda a, names: sharding.even_spec(a.shape, nn.logical_to_mesh_axes(names), mesh.shape)  # noqa: E731
+    rows, ids = spec(q, ("batch", "length", "act_heads", "kv")), spec(segment_ids, ("batch", "length"))
+    attention = jax.shard_map(attention, in_specs=(rows, rows, rows, ids, ids), out_specs=rows, check_vma=False)
+  return attention(q, k, v, segment_ids, image_ids)
 
 
 def write_slots(buffer, values, slots):
