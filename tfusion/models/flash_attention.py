@@ -15,7 +15,7 @@ blocks a query block sees, both recomputing the probabilities from the log-sum-e
 
 Layout inside: [B, H, L, Dh] blocks of (block, Dh); per-query statistics are [B, H, L, 128] (replicated
 over the 128 lanes, as TPU kernels keep row statistics), the ids [B, L, 128] on the query side and
-[B, 8, L] on the key side. `interpret=True` runs the same kernels on CPU (Pallas TPU interpret mode).
+[B, 8, L] on the key side. `interpret=True` runs the same kernels on CPU (Pallas interpret mode).
 """
 import dataclasses
 import functools
@@ -184,12 +184,16 @@ def _compiler_params():
                               vmem_limit_bytes=VMEM_LIMIT)
 
 
-def _cost(q, n_visible_fraction, matmuls):
-  """The cost XLA's model is told for a kernel: `matmuls` [bq, bk, Dh] products per visible block pair."""
+def _cost(q, fraction, matmuls, block):
+  """What XLA's cost model is told about a kernel (it cannot look inside): `matmuls` [block, block, Dh]
+  products per computed block pair, `fraction` of the pairs computed; q, o read or written once and
+  k, v once per computed pair."""
   batch, heads, length, head_dim = q.shape
-  flops = int(2 * matmuls * batch * heads * length * length * head_dim * n_visible_fraction)
-  return pl.CostEstimate(flops=flops, transcendentals=int(batch * heads * length * length * n_visible_fraction),
-                         bytes_accessed=int(4 * q.size * q.dtype.itemsize))
+  pairs = (length // block) ** 2 * fraction
+  rows = batch * heads * block * head_dim * q.dtype.itemsize
+  return pl.CostEstimate(flops=int(2 * matmuls * batch * heads * block * block * head_dim * pairs),
+                         transcendentals=int(batch * heads * block * block * pairs),
+                         bytes_accessed=int(rows * (2 * length // block + 2 * pairs)))
 
 
 def _causal_fraction(n):
@@ -215,7 +219,7 @@ def _forward(q, k, v, layout: _Layout, interpret):
                           pltpu.VMEM((block, head_dim), jnp.float32)]),
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((batch, heads, length, LANES),
                                                                                jnp.float32)],
-      compiler_params=_compiler_params(), interpret=interpret, cost_estimate=_cost(q, _causal_fraction(n), 2),
+      compiler_params=_compiler_params(), interpret=interpret, cost_estimate=_cost(q, _causal_fraction(n), 2, block),
   )(layout.lo, layout.hi, q, k, v, layout.q_seg, layout.q_pos, layout.k_seg, layout.k_pos)
   return o, lse
 
@@ -241,7 +245,7 @@ def _backward(q, k, v, o, lse, do, layout: _Layout, interpret):
           out_specs=[s["k"](kj), s["k"](kj)],
           scratch_shapes=[pltpu.VMEM((block, head_dim), jnp.float32), pltpu.VMEM((block, head_dim), jnp.float32)]),
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-      compiler_params=_compiler_params(), interpret=interpret, cost_estimate=_cost(q, fraction, 4),
+      compiler_params=_compiler_params(), interpret=interpret, cost_estimate=_cost(q, fraction, 4, block),
   )(layout.lo, layout.hi, layout.first, layout.last, q, k, v, do, lse, di, layout.q_seg, layout.q_pos,
     layout.k_seg, layout.k_pos)
 
@@ -257,7 +261,7 @@ def _backward(q, k, v, o, lse, do, layout: _Layout, interpret):
           out_specs=s["q"](qi),
           scratch_shapes=[pltpu.VMEM((block, head_dim), jnp.float32)]),
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-      compiler_params=_compiler_params(), interpret=interpret, cost_estimate=_cost(q, fraction, 3),
+      compiler_params=_compiler_params(), interpret=interpret, cost_estimate=_cost(q, fraction, 3, block),
   )(layout.lo, layout.hi, q, k, v, do, lse, di, layout.q_seg, layout.q_pos, layout.k_seg, layout.k_pos)
   return dq, dk, dv
 
@@ -285,10 +289,9 @@ def flash_attention(q, k, v, segment_ids, image_ids, block=512, bidirectional_im
   """Self-attention of each row's elements under the Transfusion mask, skipping hidden blocks.
 
   q, k, v: [B, L, H, Dh]; segment_ids, image_ids: [B, L] int; L a multiple of `block` (itself a multiple
-  of 128) -> [B, L, H, Dh]. interpret=True runs the kernels in Pallas' TPU interpret mode (any backend).
+  of 128) -> [B, L, H, Dh]. interpret=True runs the kernels in Pallas' interpret mode (any backend).
   """
   block = min(block, q.shape[1])
   layout = _layout(segment_ids, image_ids, block, bidirectional_images)
   to_heads = lambda a: jnp.swapaxes(a, 1, 2)  # noqa: E731   [B, L, H, Dh] <-> [B, H, L, Dh]
-  mode = pltpu.InterpretParams() if interpret else False
-  return to_heads(_attention(to_heads(q), to_heads(k), to_heads(v), layout, mode))
+  return to_heads(_attention(to_heads(q), to_heads(k), to_heads(v), layout, interpret))
