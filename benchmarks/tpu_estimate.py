@@ -23,6 +23,7 @@ import argparse
 import dataclasses
 import json
 import os
+import sys
 import time
 
 import jax
@@ -72,11 +73,19 @@ def llama_step(config, devices, layers: int) -> dict:
           "peak_bytes": float(compiled.memory_analysis().peak_memory_in_bytes)}
 
 
-def estimate(label: str, compile_step, config, devices) -> dict:
-  """FLOPs and seconds extrapolated from 1 and 2 unrolled layers; peak memory of the full-depth scanned step."""
+def timed(what: str, compile_step, *args) -> dict:
   start = time.time()
-  one, two = compile_step(config, devices, 1), compile_step(config, devices, 2)
-  full = compile_step(config, devices, 0)
+  figures = compile_step(*args)
+  print(f"  compiled {what} in {time.time() - start:.0f} s", file=sys.stderr, flush=True)
+  return figures
+
+
+def estimate(label: str, compile_step, config, devices, memory: bool = True) -> dict:
+  """FLOPs and seconds extrapolated from 1 and 2 unrolled layers; peak memory of the full-depth scanned step
+  (nan without `memory`: one compile fewer)."""
+  start = time.time()
+  one, two, full = (timed(f"{label}, {layers or 'all'} layers", compile_step, config, devices, layers)
+                    if layers or memory else {"peak_bytes": float("nan")} for layers in (1, 2, 0))
   n = config.model.num_layers
   row = {key: extrapolate(one[key], two[key], n) for key in ("compiler_flops", "seconds")}
   kind = devices[0].device_kind
@@ -89,33 +98,53 @@ def estimate(label: str, compile_step, config, devices) -> dict:
           "one_layer": one, "two_layers": two, "scanned": full, "compile_seconds": time.time() - start}
 
 
-def run_plan(plan: str, attentions: list[str], batch_size: int = 0, seq_len: int = 0) -> list[dict]:
+def run_plan(plan: str, attentions: list[str], out: str, batch_size: int = 0, seq_len: int = 0,
+             llama: bool = True, memory: bool = True) -> list[dict]:
+  """The rows of one plan, each printed and saved to `out` as soon as it is compiled."""
   size, topology = plan.split("@")
   config = config_lib.paper_config(size)
   config.batch_size = batch_size or config.batch_size
   config.seq_len = seq_len or config.seq_len
   devices = aot.topology_devices(topology)
-  rows = [estimate(f"plain Llama {size}, dense causal", llama_step, config, devices)]
+  variants = [(f"plain Llama {size}, dense causal", llama_step, config)] if llama else []
   for attention in attentions:                       # name or name:block (model.attention, model.attention_chunk)
     variant = config.copy_and_resolve_references()
     variant.model.attention, _, block = attention.partition(":")
     variant.model.attention_chunk = int(block or variant.model.attention_chunk)
     config_lib.validate(variant)
-    rows.append(estimate(f"tfusion {size}, {variant.model.attention} attention {variant.model.attention_chunk}",
-                         tfusion_step, variant, devices))
-  for row in rows:
-    row.update(plan=plan, topology=topology, ratio_to_llama=row["estimated_mfu"] / rows[0]["estimated_mfu"])
-    print(format_row(row), flush=True)
+    label = f"tfusion {size}, {variant.model.attention} attention {variant.model.attention_chunk}"
+    variants.append((label, tfusion_step, variant))
+  rows = []
+  for label, compile_step, variant in variants:
+    row = dict(estimate(label, compile_step, variant, devices, memory), plan=plan, topology=topology)
+    rows = save(out, row)
+    print(format_row(row, rows), flush=True)
   return rows
+
+
+def save(out: str, row: dict) -> list[dict]:
+  """Adds (or replaces) `row` in the JSON list at `out`; returns the list."""
+  rows = json.load(open(out)) if os.path.exists(out) else []
+  rows = [r for r in rows if (r["plan"], r["label"]) != (row["plan"], row["label"])] + [row]
+  os.makedirs(os.path.dirname(out), exist_ok=True)
+  with open(out, "w") as f:
+    json.dump(rows, f, indent=2)
+  return rows
+
+
+def ratio_to_llama(row: dict, rows: list[dict]) -> float:
+  """The row's estimated MFU over the plain Llama's of the same plan (nan if that is not compiled yet)."""
+  llama = [r for r in rows if r["plan"] == row["plan"] and r["label"].startswith("plain Llama")]
+  return row["estimated_mfu"] / llama[0]["estimated_mfu"] if llama else float("nan")
 
 
 HEADER = (f"{'plan':<16}{'model':<34}{'model TFLOP':>12}{'XLA TFLOP':>10}{'est. s':>8}{'est. MFU':>9}"
           f"{'x Llama':>8}{'peak GiB':>9}{'compile s':>10}")
 
 
-def format_row(row: dict) -> str:
+def format_row(row: dict, rows: list[dict]) -> str:
   return (f"{row['plan']:<16}{row['label']:<34}{row['model_flops'] / 1e12:>12.1f}{row['compiler_flops'] / 1e12:>10.1f}"
-          f"{row['seconds']:>8.3f}{row['estimated_mfu']:>9.1%}{row['ratio_to_llama']:>8.2f}"
+          f"{row['seconds']:>8.3f}{row['estimated_mfu']:>9.1%}{ratio_to_llama(row, rows):>8.2f}"
           f"{row['peak_bytes'] / 2**30:>9.1f}{row['compile_seconds']:>10.0f}")
 
 
@@ -127,16 +156,14 @@ def main():
   parser.add_argument("--batch_size", type=int, default=0, help="rows per step (default: the paper's 512)")
   parser.add_argument("--seq_len", type=int, default=0, help="row length (default: the paper's 4096)")
   parser.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "tpu_estimate.json"))
+  parser.add_argument("--no_llama", action="store_true", help="tfusion rows only (the Llama's kept from --out)")
+  parser.add_argument("--no_memory", action="store_true", help="skip the full-depth compile that gives peak memory")
   args = parser.parse_args()
   print("XLA cost-model ESTIMATES per device (not measurements); layers extrapolated from 1 and 2 unrolled")
   print(HEADER, flush=True)
-  rows = [row for plan in args.plans for row in run_plan(plan, args.attention, args.batch_size, args.seq_len)]
-  # Rows of earlier runs are kept unless measured again.
-  previous = json.load(open(args.out)) if os.path.exists(args.out) else []
-  merged = {(row["plan"], row["label"]): row for row in previous + rows}
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(list(merged.values()), f, indent=2)
+  for plan in args.plans:
+    run_plan(plan, args.attention, args.out, args.batch_size, args.seq_len, llama=not args.no_llama,
+             memory=not args.no_memory)
 
 
 if __name__ == "__main__":

@@ -160,15 +160,10 @@ def _layout(segment_ids, image_ids, block, bidirectional_images) -> _Layout:
   return _Layout(lo, hi, first, last, q_side(seg), q_side(mpos), k_side(seg), k_side(mpos), block)
 
 
-def _clamp(j, lo, hi):
-  return jnp.minimum(jnp.maximum(j, lo), hi)
-
-
 def _specs(block, head_dim):
   """BlockSpecs of the arrays, for a grid (b, h, outer, inner) whose index map gets the block indices of the
   queries (qi) and keys (kj) from (outer, inner) and the prefetched ranges."""
-  def spec(shape, index):
-    return pl.BlockSpec(shape, index)
+  spec = pl.BlockSpec
   rows = (None, None, block, head_dim)
   stats = (None, None, block, LANES)
   return dict(
@@ -206,7 +201,7 @@ def _forward(q, k, v, layout: _Layout, interpret):
   block, n = layout.block, length // layout.block
   s = _specs(block, head_dim)
   qi = lambda b, i, j, lo, hi: i  # noqa: E731
-  kj = lambda b, i, j, lo, hi: _clamp(j, lo[b, i], hi[b, i])  # noqa: E731
+  kj = lambda b, i, j, lo, hi: jnp.clip(j, lo[b, i], hi[b, i])  # noqa: E731
   kernel = functools.partial(_forward_kernel, scale=1.0 / head_dim ** 0.5)
   o, lse = pl.pallas_call(
       kernel,
@@ -234,7 +229,7 @@ def _backward(q, k, v, o, lse, do, layout: _Layout, interpret):
   fraction = _causal_fraction(n)
 
   # dk, dv: grid over (key block j, query block i), i clamped into the query blocks that see j.
-  qi = lambda b, j, i, lo, hi, first, last: _clamp(i, first[b, j], last[b, j])  # noqa: E731
+  qi = lambda b, j, i, lo, hi, first, last: jnp.clip(i, first[b, j], last[b, j])  # noqa: E731
   kj = lambda b, j, i, *r: j  # noqa: E731
   dk, dv = pl.pallas_call(
       functools.partial(_dkv_kernel, scale=scale),
@@ -251,7 +246,7 @@ def _backward(q, k, v, o, lse, do, layout: _Layout, interpret):
 
   # dq: grid over (query block i, key block j), j clamped into the key blocks i sees.
   qi = lambda b, i, j, lo, hi: i  # noqa: E731
-  kj = lambda b, i, j, lo, hi: _clamp(j, lo[b, i], hi[b, i])  # noqa: E731
+  kj = lambda b, i, j, lo, hi: jnp.clip(j, lo[b, i], hi[b, i])  # noqa: E731
   dq = pl.pallas_call(
       functools.partial(_dq_kernel, scale=scale),
       grid_spec=pltpu.PrefetchScalarGridSpec(
