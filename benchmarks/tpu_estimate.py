@@ -76,7 +76,7 @@ def llama_step(config, devices, layers: int) -> dict:
 def timed(what: str, compile_step, *args) -> dict:
   start = time.time()
   figures = compile_step(*args)
-  print(f"  compiled {what} in {time.time() - start:.0f} s", file=sys.stderr, flush=True)
+  print(f"  compiled {what} in {time.time() - start:.0f} s: {figures}", file=sys.stderr, flush=True)
   return figures
 
 
