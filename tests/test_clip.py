@@ -14,7 +14,7 @@ import scipy.special
 from flax import traverse_util
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
 
-from tfusion.models import clip
+from tfusion.evaluation import clip
 from tests.helpers import logically_partitioned_params
 
 SENTENCES = ["a photo of a cat", "a photo of a dog on the grass", "a painting of a red house by the sea",

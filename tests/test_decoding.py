@@ -8,8 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tfusion import decoding, diffusion, sharding
+from tfusion import diffusion, sharding
 from tfusion.data import sequence
+from tfusion.inference import decoding
 from tfusion.models import transformer, transfusion
 from tests.helpers import SPECIAL
 from tests.test_model import LATENT, VOCAB, make_model, tiny_config

@@ -14,7 +14,7 @@ import safetensors.numpy
 from flax import traverse_util
 
 from tests.helpers import logically_partitioned_params
-from tfusion.models import inception
+from tfusion.evaluation import inception
 
 BN_STATS = ("running_mean", "running_var")
 

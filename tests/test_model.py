@@ -5,9 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tfusion import config as config_lib, diffusion, sharding
+from tfusion import config as config_lib, diffusion, sharding, spec as spec_lib
 from tfusion.data import sequence
-from tfusion.models import patching, transformer, transfusion
+from tfusion.models import patching, transformer
 from tfusion.training import optim, state as state_lib, step as step_lib
 from tests.helpers import SPECIAL, image_doc, packed_rows, text_doc
 
@@ -18,6 +18,7 @@ VOCAB = 64
 
 def tiny_config(**overrides):
   c = config_lib.default_config()
+  c.seq_len, c.data.image_size = LAYOUT.seq_len, LATENT[0]
   c.model.num_layers, c.model.d_model, c.model.num_heads, c.model.mlp_dim, c.model.patch_size = 2, 32, 4, 64, 2
   c.optim.lr, c.optim.warmup_steps = 3e-3, 5
   for k, v in overrides.items():
@@ -34,13 +35,13 @@ def tiny_batch():
 
 
 def make_model(config):
-  return transfusion.Transfusion(transfusion.config_from(config, VOCAB, LATENT))
+  return spec_lib.resolve(config).transfusion(VOCAB)
 
 
 def init_state(config, mesh, total_steps=100, microbatches=1):
   model = make_model(config)
   tx, schedule = optim.make_optimizer(config.optim, total_steps)
-  init = state_lib.dummy_batch(1, LAYOUT)
+  init = sequence.dummy_batch(1, LAYOUT)
   state, shardings = state_lib.create_train_state(model, tx, init, jax.random.key(0), mesh)
   step = step_lib.jit_train_step(mesh, shardings, model=model, tx=tx, schedule=schedule,
                                  alpha_bar=diffusion.cosine_alpha_bar(1000), loss_weight=5.0,
@@ -84,8 +85,8 @@ def test_elements_per_image_and_eps_shape_for_every_patch_size(k):
     config.data.codec, config.data.image_size, config.data.latent_downsample, config.data.latent_channels = (
         "vae", 64, 8, 8)
     config.seq_len = n + 7                                        # one row [BOS c c c BOI p*n EOI EOS]
-    config_lib.validate(config)
-    model, layout = state_lib.model_and_layout(config, VOCAB)
+    spec = spec_lib.resolve(config)
+    model, layout = spec.transfusion(VOCAB), spec.layout
     assert layout.latent_shape == (8, 8, 8) and layout.patches_per_image == model.cfg.patches_per_image == n
     assert layout.max_images == (2 if k == 8 else 1)             # 8 elements hold two [BOI p EOI]
 
@@ -93,7 +94,7 @@ def test_elements_per_image_and_eps_shape_for_every_patch_size(k):
     assert (batch["image_ids"][0] == 1).sum() == n and np.flatnonzero(batch["image_ids"][0]).tolist() == list(
         range(5, 5 + n))
     assert batch["tokens"][0, 4] == SPECIAL.boi and batch["tokens"][0, 5 + n] == SPECIAL.eoi
-    inputs = state_lib.model_inputs(batch)
+    inputs = sequence.model_inputs(batch)
 
     abstract = nn.meta.unbox(jax.eval_shape(model.init, jax.random.key(0), *inputs)["params"])
     logits, eps = jax.eval_shape(lambda p: model.apply({"params": p}, *inputs), abstract)
@@ -121,7 +122,7 @@ def test_elements_per_image_and_eps_shape_for_every_patch_size(k):
 def test_output_shapes_and_attention_structure():
   model = make_model(tiny_config())
   batch = tiny_batch()
-  inputs = state_lib.model_inputs(batch)
+  inputs = sequence.model_inputs(batch)
   params = model.init(jax.random.key(0), *inputs)["params"]
   # The decoder is zero-initialised; randomise it so eps_hat depends on the sequence.
   params["patch_decoder"]["proj"]["kernel"] = jax.random.normal(jax.random.key(3), (32, 12))
@@ -149,7 +150,7 @@ def test_causal_image_attention_patches_see_only_earlier_patches():
   """model.image_attention = causal (paper Table 5's other arm): a change to the last patch reaches no earlier
   patch; a change to the first reaches all. The three attention implementations agree."""
   batch = tiny_batch()
-  inputs = state_lib.model_inputs(batch)
+  inputs = sequence.model_inputs(batch)
   apply = {}
   for attention in ("dense", "chunked", "dot_product"):
     model = make_model(tiny_config(image_attention="causal", attention=attention, attention_chunk=16))
@@ -161,7 +162,7 @@ def test_causal_image_attention_patches_see_only_earlier_patches():
     other_logits, other_eps = apply[attention](params, *inputs)
     np.testing.assert_allclose(other_eps, eps, atol=1e-5)
     np.testing.assert_allclose(other_logits, logits, atol=1e-4)
-  with pytest.raises(ValueError, match="image_attention must be 'bidirectional' or 'causal', got 'sideways'"):
+  with pytest.raises(ValueError, match=r"image_attention must be one of \('bidirectional', 'causal'\), got 'sideways'"):
     transformer.TransformerConfig(2, 32, 4, 64, image_attention="sideways")
   for corner, earlier_changes in (((-2, None), False), ((0, 2), True)):
     latents = batch["latents"].copy()
@@ -212,7 +213,7 @@ def test_unet_patch_encoder_under_the_transfusion_mask_and_sharded():
   config = tiny_config(patch_encoder="unet", unet_channels=(8, 16), unet_res_blocks=1)
   model = make_model(config)
   batch = tiny_batch()
-  inputs = state_lib.model_inputs(batch)
+  inputs = sequence.model_inputs(batch)
   params = jax.jit(model.init)(jax.random.key(0), *inputs)["params"]
   assert {"conv_in", "proj_out"} <= set(params["patch_encoder"]) and "conv_out" in params["patch_decoder"]
   params["patch_decoder"]["conv_out"]["kernel"] = jax.random.normal(jax.random.key(3), (3, 3, 8, 3))
@@ -247,7 +248,7 @@ def test_unet_patch_encoder_under_the_transfusion_mask_and_sharded():
 def test_decoder_options_start_at_zero(options):
   """Every patch decoder option is zero-initialised: a fresh model predicts 0, as the paper's decoder does."""
   model = make_model(tiny_config(**options))
-  inputs = state_lib.model_inputs(tiny_batch())
+  inputs = sequence.model_inputs(tiny_batch())
   params = model.init(jax.random.key(0), *inputs)["params"]
   _, out = model.apply({"params": params}, *inputs)
   np.testing.assert_array_equal(out, 0.0)
@@ -255,7 +256,7 @@ def test_decoder_options_start_at_zero(options):
 
 def test_decoder_input_and_skip_read_what_they_say():
   batch = tiny_batch()
-  inputs = state_lib.model_inputs(batch)
+  inputs = sequence.model_inputs(batch)
   outputs = {}
   for name, options in (("final_norm", {}), ("pre_norm", dict(decoder_input="pre_norm"))):
     model = make_model(tiny_config(**options))
@@ -294,7 +295,7 @@ def test_ema_of_the_params_follows_its_recursion():
   config = tiny_config()
   model = make_model(config)
   tx, schedule = optim.make_optimizer(config.optim, 100)
-  state, shardings = state_lib.create_train_state(model, tx, state_lib.dummy_batch(1, LAYOUT), jax.random.key(0),
+  state, shardings = state_lib.create_train_state(model, tx, sequence.dummy_batch(1, LAYOUT), jax.random.key(0),
                                                   mesh, ema=True)
   step = step_lib.jit_train_step(mesh, shardings, model=model, tx=tx, schedule=schedule,
                                  alpha_bar=diffusion.cosine_alpha_bar(1000), loss_weight=5.0,

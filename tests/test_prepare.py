@@ -281,11 +281,11 @@ def mixture_config(out, weights=(0.5, 0.3, 0.2)):
 
 
 def test_training_on_a_prepared_mixture(prepared_mixture, tmp_path):
-  from tfusion import train   # pylint: disable=import-outside-toplevel
+  from tfusion.training import trainer   # pylint: disable=import-outside-toplevel
   workdir = tmp_path / "run"
   config = mixture_config(prepared_mixture)
   config.data.workers = 2          # the sources, tokenizer and codec travel to grain worker processes
-  train.train_and_evaluate(config, str(workdir))
+  trainer.train_and_evaluate(config, str(workdir))
   metrics = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
   assert [m["step"] for m in metrics] == [1, 2, 3] and all(m["images"] > 0 for m in metrics)
   assert (workdir / "tokenizer.model").read_bytes() == (prepared_mixture / "text" / prepared.TOKENIZER).read_bytes()
@@ -298,19 +298,19 @@ def test_training_on_a_prepared_mixture(prepared_mixture, tmp_path):
 
 
 def test_mixture_mismatches_name_the_source(prepared_mixture, tmp_path):
-  from tfusion import train   # pylint: disable=import-outside-toplevel
+  from tfusion.training import trainer   # pylint: disable=import-outside-toplevel
   config = mixture_config(prepared_mixture)
   config.data.image_size = 32
   config.model.patch_size = 8
   with pytest.raises(config_lib.ConfigError, match="config.data.mixture.edits: .* holds 16 px images"):
-    train.train_and_evaluate(config, str(tmp_path / "size"))
+    trainer.train_and_evaluate(config, str(tmp_path / "size"))
   config = mixture_config(prepared_mixture, weights=(0.0, 0.0, 0.0))
   with pytest.raises(config_lib.ConfigError, match="every weight is 0"):
-    train.train_and_evaluate(config, str(tmp_path / "weights"))
+    trainer.train_and_evaluate(config, str(tmp_path / "weights"))
   config = mixture_config(prepared_mixture)
   config.data.mixture.text.path = str(prepared_mixture / "nowhere")
   with pytest.raises(config_lib.ConfigError, match="config.data.mixture.text.path: .*nowhere is not a prepared"):
-    train.train_and_evaluate(config, str(tmp_path / "missing"))
+    trainer.train_and_evaluate(config, str(tmp_path / "missing"))
 
 
 def test_two_processes_prepare_disjoint_shards_that_cover_the_source(image_folder, tmp_path, monkeypatch):
@@ -349,7 +349,7 @@ def test_command_line(tmp_path):
 
 
 def test_mixture_of_text_sources_with_different_tokenizers_is_refused(prepared_mixture, tmp_path):
-  from tfusion import train   # pylint: disable=import-outside-toplevel
+  from tfusion.training import trainer   # pylint: disable=import-outside-toplevel
   corpus = tmp_path / "other.jsonl"
   corpus.write_text("".join(json.dumps({"text": f"Another corpus, line {i}: zebras and yaks."}) + "\n"
                             for i in range(20)))
@@ -359,7 +359,7 @@ def test_mixture_of_text_sources_with_different_tokenizers_is_refused(prepared_m
                                                                 split="train"))
   with pytest.raises(config_lib.ConfigError, match=r"config\.data\.mixture\.text was tokenized with .*, but "
                                                    r"config\.data\.mixture\.other uses .*: a run has one tokenizer"):
-    train.train_and_evaluate(config, str(tmp_path / "run"))
+    trainer.train_and_evaluate(config, str(tmp_path / "run"))
 
 
 def saved_params(workdir, step):
@@ -369,9 +369,9 @@ def saved_params(workdir, step):
 
 
 def test_fine_tuning_on_editing_data_starts_from_a_pretrained_run(prepared_mixture, tmp_path):
-  from tfusion import train   # pylint: disable=import-outside-toplevel
+  from tfusion.training import trainer   # pylint: disable=import-outside-toplevel
   pretrained = str(tmp_path / "pretrained")
-  train.train_and_evaluate(mixture_config(prepared_mixture), pretrained)
+  trainer.train_and_evaluate(mixture_config(prepared_mixture), pretrained)
   config = mixture_config(prepared_mixture)
   config.data.mixture = ml_collections.ConfigDict({"edits": config.data.mixture.edits})
   config.data.mixture.edits.weight = 1.0
@@ -380,17 +380,17 @@ def test_fine_tuning_on_editing_data_starts_from_a_pretrained_run(prepared_mixtu
   resumed.data.tokenizer = os.path.join(pretrained, "tokenizer.model")
   recorded = open(os.path.join(pretrained, "config.json")).read()
   with pytest.raises(config_lib.ConfigError, match=r"may not change config.data.mixture.edits.weight from 0.2 to 1"):
-    train.train_and_evaluate(resumed, pretrained)
+    trainer.train_and_evaluate(resumed, pretrained)
   # Forced past the config check, the saved data position still refuses the other mixture; the run that
   # was refused records nothing.
   with pytest.raises(ValueError, match=r"saved for the sources \['edits \(edit, 20 examples\)', 'images .*, this run "
                                        r"has \['edits \(edit, 20 examples\)'\]: a changed mixture needs a new"):
-    train.train_and_evaluate(resumed, pretrained, allow_config_change=["data"])
+    trainer.train_and_evaluate(resumed, pretrained, allow_config_change=["data"])
   assert open(os.path.join(pretrained, "config.json")).read() == recorded
   assert not os.path.exists(os.path.join(pretrained, "config_changes.jsonl"))
   config.init_from, config.total_steps, config.optim.lr = pretrained, 1, 1e-12   # one step that barely moves
   tuned = str(tmp_path / "tuned")
-  train.train_and_evaluate(config, tuned)
+  trainer.train_and_evaluate(config, tuned)
   assert open(os.path.join(tuned, "tokenizer.model"), "rb").read() == open(os.path.join(pretrained, "tokenizer.model"),
                                                                            "rb").read()
   start, after = saved_params(pretrained, 3), saved_params(tuned, 1)
@@ -398,7 +398,7 @@ def test_fine_tuning_on_editing_data_starts_from_a_pretrained_run(prepared_mixtu
     np.testing.assert_allclose(b, a, atol=1e-6)
   scratch = str(tmp_path / "scratch")
   config.init_from, config.data.tokenizer = "", os.path.join(pretrained, "tokenizer.model")
-  train.train_and_evaluate(config, scratch)
+  trainer.train_and_evaluate(config, scratch)
   # The same seed without init_from: the 3 pretraining steps moved the params ~6e-4, far beyond the 1e-6 above.
   assert max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(start),
                                                         jax.tree.leaves(saved_params(scratch, 1)))) > 1e-4
@@ -413,7 +413,7 @@ def dataclasses_copy(config, **top):
 def test_training_on_two_latent_datasets_of_one_vae(prepared_mixture, tiny_vae, tmp_path):
   """Each prepared latent set has its own statistics; the run normalises all of them with those of the first
   latent source in name order (the ConfigDict sorts names): "edits" here."""
-  from tfusion import train   # pylint: disable=import-outside-toplevel
+  from tfusion.training import trainer   # pylint: disable=import-outside-toplevel
   folder = prepared_mixture / "folder"
   for name, indices in (("a", range(8)), ("b", range(8, 16))):
     os.makedirs(tmp_path / name)
@@ -430,7 +430,7 @@ def test_training_on_two_latent_datasets_of_one_vae(prepared_mixture, tiny_vae, 
                                                              split="train"))
   config.data.workers = 2
   workdir = tmp_path / "run"
-  train.train_and_evaluate(config, str(workdir))
+  trainer.train_and_evaluate(config, str(workdir))
   recorded = codecs.read_codec_metadata(str(workdir))
   assert recorded == codecs.read_codec_metadata(str(tmp_path / "b_latents"))
   assert recorded["shift"] != codecs.read_codec_metadata(str(tmp_path / "a_latents"))["shift"]
@@ -438,11 +438,12 @@ def test_training_on_two_latent_datasets_of_one_vae(prepared_mixture, tiny_vae, 
   assert (workdir / "samples" / "step_3" / "captioned.png").is_file()
   # The export carries the VAE: moved elsewhere, it still decodes and captions exactly like the run.
   import tfusion   # pylint: disable=import-outside-toplevel
-  from tfusion import decoding, export, generate   # pylint: disable=import-outside-toplevel
+  from tfusion import export   # pylint: disable=import-outside-toplevel
+  from tfusion.inference import decoding, sampler as sampler_lib   # pylint: disable=import-outside-toplevel
   out = export.export(str(workdir), str(tmp_path / "export"))
   os.rename(out, tmp_path / "moved")
   assert sorted(os.listdir(tmp_path / "moved" / "vae")) == ["config.json", "diffusion_pytorch_model.safetensors"]
-  run, exported = generate.load(str(workdir)), tfusion.load(str(tmp_path / "moved"))
+  run, exported = sampler_lib.load(str(workdir)), tfusion.load(str(tmp_path / "moved"))
   options, key = decoding.SamplingOptions(diffusion_steps=2, max_new_tokens=4), jax.random.key(0)
   images = np.stack([banded_image(16, 16, 30 * i) for i in range(2)])
   assert exported.caption(images, options, key) == run.caption(images, options, key)

@@ -9,7 +9,8 @@ from jax.sharding import PartitionSpec as P
 
 from tfusion import config as config_lib, diffusion, flops, sharding
 from tfusion.models import transformer
-from tfusion.training import state as state_lib, step as step_lib
+from tfusion.data import sequence
+from tfusion.training import step as step_lib
 from tests.test_model import LAYOUT, init_state, make_model, run_steps, tiny_batch, tiny_config
 
 MESHES = [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4)]
@@ -82,7 +83,7 @@ def test_uneven_dimensions_stay_whole():
 
 def loss_and_grads(config, batch, microbatches):
   model = make_model(config)
-  params = model.init(jax.random.key(0), *state_lib.model_inputs(state_lib.dummy_batch(1, LAYOUT)))
+  params = model.init(jax.random.key(0), *sequence.model_inputs(sequence.dummy_batch(1, LAYOUT)))
   params = nn.meta.unbox(params)["params"]
   params["patch_decoder"]["proj"]["kernel"] = 0.1 * jax.random.normal(jax.random.key(3), (32, 12))
   fn = jax.jit(lambda p, b: step_lib.loss_and_grads(
@@ -94,7 +95,7 @@ def loss_and_grads(config, batch, microbatches):
 def gradient_program(config) -> str:
   """The jaxpr of the model's gradient, to check which implementation a switch selects."""
   model = make_model(config)
-  inputs = state_lib.model_inputs(tiny_batch())
+  inputs = sequence.model_inputs(tiny_batch())
   params = jax.eval_shape(lambda: nn.meta.unbox(model.init(jax.random.key(0), *inputs))["params"])
   return str(jax.make_jaxpr(jax.grad(lambda p: model.apply({"params": p}, *inputs)[0].sum()))(params))
 
@@ -171,15 +172,15 @@ def test_bfloat16_compute_keeps_float32_params_and_close_loss():
 def test_flop_count_matches_the_analytic_formula():
   config = tiny_config()
   model = make_model(config)
-  batch = jax.eval_shape(lambda: state_lib.dummy_batch(2, LAYOUT))
-  params = jax.eval_shape(lambda *x: nn.meta.unbox(model.init(jax.random.key(0), *x)), *state_lib.model_inputs(batch))
-  counted = flops.forward_flops(model, params["params"], state_lib.model_inputs(batch))
+  batch = jax.eval_shape(lambda: sequence.dummy_batch(2, LAYOUT))
+  params = jax.eval_shape(lambda *x: nn.meta.unbox(model.init(jax.random.key(0), *x)), *sequence.model_inputs(batch))
+  counted = flops.forward_flops(model, params["params"], sequence.model_inputs(batch))
   rows, length, d, mlp, layers, vocab = 2, LAYOUT.seq_len, 32, 64, 2, 64
   matmuls = layers * (2 * 4 * d * d + 2 * 3 * d * mlp + 2 * 2 * length * d) + 2 * d * vocab
   patches = 2 * 2 * 12 * d * LAYOUT.max_images * 16 / length      # encoder + decoder, per position
   analytic = rows * length * (matmuls + patches)
   assert 1.0 <= counted / analytic < 1.15       # the rest: softmax, norms, RoPE, timestep MLP
-  assert flops.train_flops(model, params["params"], state_lib.model_inputs(batch)) == 3 * counted
+  assert flops.train_flops(model, params["params"], sequence.model_inputs(batch)) == 3 * counted
 
 
 def test_bad_mesh_sizes_name_the_fields():

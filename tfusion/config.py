@@ -1,8 +1,10 @@
-"""The default experiment config and its validation.
+"""The config schema: every field with its default, and validation.
 
 Experiment files in `experiments/` start from `default_config()` and change what they need. The
 fields users turn most are top level; the rest is grouped (`model`, `diffusion`, `data`, `optim`,
-`sample`, `mesh`). `validate(config)` runs before any compute and names the field at fault.
+`sample`, `mesh`). `validate(config)` checks each field and runs before any compute, naming the field at
+fault; `spec.resolve(config)` validates and resolves the config into the run spec, whose constructors check
+how the image, latent, patch and row sizes fit together.
 """
 import json
 
@@ -10,7 +12,7 @@ import ml_collections
 import numpy as np
 
 from tfusion import diffusion
-from tfusion.models import patching
+from tfusion.models import patching, transformer, transfusion
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -313,6 +315,7 @@ def _validate_optimizer(config) -> None:
       _fail(config, f"optim.{name}", "must be < 1")
 
 
+CODECS = ("identity", "vae")   # data.codec: pixels in [-1, 1], or a frozen VAE's latents (codecs.py)
 _POSITIVE_INTS = ("total_steps", "batch_size", "microbatches", "seq_len", "log_every", "ckpt_every", "sample_every",
                   "eval_examples", "max_to_keep", "model.num_layers", "model.d_model", "model.num_heads",
                   "model.mlp_dim", "model.patch_size", "model.attention_chunk", "model.unet_res_blocks",
@@ -325,16 +328,16 @@ _FRACTIONS = ("data.text_fraction", "data.caption_first_prob", "data.caption_dro
 _CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
     "model.param_dtype": ("float32", "bfloat16"),
-    "model.remat_policy": ("none", "full", "dots_saveable"),
-    "model.attention": ("dense", "chunked", "dot_product"),
-    "model.image_attention": ("bidirectional", "causal"),
-    "model.patch_encoder": ("linear", "unet"),
-    "model.decoder_input": ("final_norm", "pre_norm"),
+    "model.remat_policy": ("none", *transformer.REMAT_POLICIES),
+    "model.attention": transformer.ATTENTIONS,
+    "model.image_attention": transformer.IMAGE_ATTENTIONS,
+    "model.patch_encoder": transfusion.PATCH_ENCODERS,
+    "model.decoder_input": transfusion.DECODER_INPUTS,
     "model.decoder_head": patching.DECODER_HEADS,
     "diffusion.prediction": diffusion.PREDICTIONS,
     "diffusion.schedule": diffusion.SCHEDULES,
-    "data.codec": ("identity", "vae"),
-    "sample.sampler": ("ddpm", "ddim"),
+    "data.codec": CODECS,
+    "sample.sampler": diffusion.SAMPLERS,
 }
 
 
@@ -385,8 +388,13 @@ def _get(config, dotted):
   return value
 
 
+def field_error(field: str, value, why: str) -> ConfigError:
+  """The error of a field with an invalid value: config.<field> = <value>: <why>."""
+  return ConfigError(f"config.{field} = {value!r}: {why}")
+
+
 def _fail(config, field, why):
-  raise ConfigError(f"config.{field} = {_get(config, field)!r}: {why}")
+  raise field_error(field, _get(config, field), why)
 
 
 def _check_fields(config, defaults, positive_ints=(), fractions=(), choices=None) -> None:
@@ -415,7 +423,8 @@ def _check_fields(config, defaults, positive_ints=(), fractions=(), choices=None
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-  """Raise ConfigError naming the first invalid field. Cheap: runs before any compute."""
+  """Raise ConfigError naming the first invalid field. Cheap: runs before any compute. How the image, latent,
+  patch and row sizes fit together is checked by spec.resolve, which calls this first."""
   _check_fields(config, default_config(), _POSITIVE_INTS, _FRACTIONS, _CHOICES)
 
   def fail(field, why):
@@ -445,22 +454,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
     fail("model.attention_chunk", f"must divide seq_len = {config.seq_len} for chunked attention")
   if config.peak_tflops_per_device < 0:
     fail("peak_tflops_per_device", "must be >= 0 (0 = look up / measure)")
-  latent_size = config.data.image_size
-  if config.data.codec == "vae":
-    if config.data.image_size % config.data.latent_downsample:
-      fail("data.latent_downsample", f"must divide data.image_size = {config.data.image_size}")
-    latent_size //= config.data.latent_downsample
-  if latent_size % config.model.patch_size:
-    fail("model.patch_size", f"must divide the latent size {latent_size}")
-  if config.model.patch_encoder == "unet":
-    k = config.model.patch_size
-    if k & (k - 1):
-      fail("model.patch_size", "must be a power of 2 with the unet patch encoder")
-    if len(config.model.unet_channels) != k.bit_length():
-      fail("model.unet_channels", f"needs log2(patch_size) + 1 = {k.bit_length()} widths")
-  patches = (latent_size // config.model.patch_size) ** 2
-  if config.seq_len < patches + 4:
-    fail("seq_len", f"must hold one image ({patches} patches + BOS, BOI, EOI, EOS)")
   if config.sample.cfg_scale < 0:
     fail("sample.cfg_scale", "must be >= 0 (1 = no guidance)")
   _validate_optimizer(config)

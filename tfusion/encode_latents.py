@@ -14,7 +14,7 @@ from ml_collections import config_flags
 import numpy as np
 import tqdm
 
-from tfusion import codecs, config as config_lib
+from tfusion import codecs, config as config_lib, run_dir, spec as spec_lib
 from tfusion.data import latent_cache, shapes
 
 SPLITS = ("train", "test")
@@ -22,7 +22,7 @@ SPLITS = ("train", "test")
 
 def encode_dataset(config) -> dict:
   """Write (or keep) the latent cache of config.data; returns its codec metadata."""
-  config_lib.validate(config)
+  spec_lib.resolve(config)
   data = config.data
   if data.codec != "vae":
     raise config_lib.ConfigError(f"config.data.codec = {data.codec!r}: only the vae codec has latents to cache")
@@ -33,7 +33,7 @@ def encode_dataset(config) -> dict:
   cache = os.path.abspath(os.path.expanduser(data.latent_cache))
   codec = codecs.vae_codec(data.vae)
   codecs.check_latent_shape(codec, data)
-  if os.path.isfile(os.path.join(cache, codecs.CODEC_FILE)):
+  if os.path.isfile(os.path.join(cache, run_dir.CODEC_FILE)):
     existing = codecs.read_codec_metadata(cache)
     same = all(existing.get(k) == v for k, v in dict(codec.metadata, image_size=data.image_size).items()
                if k in ("vae", "vae_step", "image_size"))

@@ -19,11 +19,11 @@ from ml_collections import config_flags
 import numpy as np
 import tqdm
 
-from tfusion import (codecs, config as config_lib, config_resume, distributed, metrics as metrics_lib, sharding,
-                     visualize, workdir_lock)
+from tfusion import (codecs, config as config_lib, config_resume, distributed, metrics as metrics_lib, run_dir,
+                     sharding, visualize, workdir_lock)
 from tfusion.data import shapes
 from tfusion.models import discriminator as disc_lib, lpips as lpips_lib, moco as moco_lib, vae as vae_lib
-from tfusion.training import checkpoint, nonfinite, preemption, state as state_lib, vae_step
+from tfusion.training import nonfinite, preemption, state as state_lib, vae_step
 
 GRID_IMAGES = 8        # test images shown with their reconstructions
 EVAL_IMAGES = 1000     # test images the PSNR is measured on
@@ -72,7 +72,7 @@ def evaluate(step: int, params, vae, test_images: np.ndarray, workdir: str) -> f
   params = multihost_utils.process_allgather(params, tiled=True)
   reconstructions = reconstruct(vae, params, test_images)
   if distributed.is_chief():
-    out = os.path.join(workdir, "samples", f"step_{step}")
+    out = run_dir.RunDir(workdir).samples(step)
     os.makedirs(out, exist_ok=True)
     pairs = np.stack([test_images[:GRID_IMAGES], reconstructions[:GRID_IMAGES]], 1).reshape(
         -1, *test_images.shape[1:])
@@ -108,14 +108,15 @@ def _train_vae(config, workdir: str, allow_config_change: tuple[str, ...]) -> in
   disc = disc_lib.PatchDiscriminator(config.discriminator.channels, config.discriminator.num_layers)
   tx = vae_step.make_optimizer(config.optim)
   init_key, train_key = jax.random.split(jax.random.key(config.seed))
-  state, state_shardings = state_lib.create_sharded(vae_step.init_fn(model, disc, tx, config.data.image_size),
+  state, state_shardings = sharding.create_sharded(vae_step.init_fn(model, disc, tx, config.data.image_size),
                                                     init_key, mesh)
   logging.info("VAE parameters: %d (f = %d, %d latent channels); discriminator: %d",
                state_lib.count_params(state.params), vae.downsample, vae.latent_channels,
                state_lib.count_params(state.disc_params))
   frozen = load_frozen_networks(config.loss, mesh)
 
-  ckpt, state, start_step = checkpoint.open_run(workdir, config.max_to_keep, state, state_shardings, data_iterator)
+  ckpt, state, start_step = run_dir.RunDir(workdir).open_checkpoints(config.max_to_keep, state, state_shardings,
+                                                                     data_iterator)
   config_resume.record(config, workdir, accepted, start_step)
   writer = metrics_lib.MetricWriter(workdir, start_step, active=distributed.is_chief())
 
@@ -162,7 +163,9 @@ def _train_vae(config, workdir: str, allow_config_change: tuple[str, ...]) -> in
 
 
 def main(argv):
-  return train_vae(*distributed.start_entry_point(argv), flags.FLAGS.allow_config_change)
+  distributed.start_command(argv, ("config", "workdir"))
+  run_dir.RunDir(flags.FLAGS.workdir).keep_compilations()
+  return train_vae(flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.allow_config_change)
 
 
 if __name__ == "__main__":

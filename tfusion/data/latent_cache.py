@@ -6,14 +6,13 @@ order of the image source), and `codec.json`: the VAE it was encoded with, the p
 scale measured on the train split, the range of the normalised latents there, and the record counts. codec.json is written last, so a cache
 without it is incomplete and is encoded again.
 """
-import json
 import os
 
 from array_record.python import array_record_data_source, array_record_module
 from flax import serialization
 import numpy as np
 
-from tfusion import codecs
+from tfusion import codecs, run_dir
 
 
 def split_path(cache_dir: str, split: str) -> str:
@@ -108,7 +107,4 @@ class LatentSource:
 
 
 def write_metadata(cache_dir: str, metadata: dict) -> None:
-  tmp = os.path.join(cache_dir, codecs.CODEC_FILE + ".tmp")
-  with open(tmp, "w") as f:
-    json.dump(metadata, f, indent=2)
-  os.replace(tmp, os.path.join(cache_dir, codecs.CODEC_FILE))
+  run_dir.write_json(os.path.join(cache_dir, run_dir.CODEC_FILE), metadata)

@@ -18,6 +18,10 @@ import jax.numpy as jnp
 from tfusion import masks
 
 
+ATTENTIONS = ("dense", "chunked", "dot_product")
+IMAGE_ATTENTIONS = ("bidirectional", "causal")
+
+
 @dataclasses.dataclass(frozen=True)
 class TransformerConfig:
   num_layers: int
@@ -34,8 +38,8 @@ class TransformerConfig:
   image_attention: str = "bidirectional"  # bidirectional | causal (patches of one image in raster order)
 
   def __post_init__(self):
-    if self.image_attention not in ("bidirectional", "causal"):
-      raise ValueError(f"image_attention must be 'bidirectional' or 'causal', got {self.image_attention!r}")
+    if self.image_attention not in IMAGE_ATTENTIONS:
+      raise ValueError(f"image_attention must be one of {IMAGE_ATTENTIONS}, got {self.image_attention!r}")
 
   @property
   def head_dim(self) -> int:

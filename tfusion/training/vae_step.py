@@ -58,7 +58,7 @@ def make_optimizer(optim_config) -> optax.GradientTransformation:
 
 
 def init_fn(vae: vae_lib.AutoencoderKL, disc: disc_lib.PatchDiscriminator, tx, image_size: int):
-  """init(key) -> VAEState with boxed (logically named) params, for training.state.create_sharded."""
+  """init(key) -> VAEState with boxed (logically named) params, for sharding.create_sharded."""
   def init(key):
     vae_key, disc_key = jax.random.split(key)
     images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)

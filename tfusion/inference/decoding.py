@@ -34,7 +34,6 @@ from tfusion import diffusion, sharding
 from tfusion.data import sequence
 from tfusion.models import transformer
 
-SAMPLERS = ("ddpm", "ddim")
 # The timestep clean images are read at when they are context (prompt images, finished images): 1, the
 # least-noisy one training uses (alpha_bar_1 = 0.99996 under the cosine schedule). t = 0 would be an
 # embedding training never shows, since it draws t from {1, ..., t_max}. Editing rows train on it.
@@ -57,8 +56,8 @@ class SamplingOptions:
 
   def validate(self, num_timesteps: int) -> None:
     """ValueError naming the first bad option."""
-    if self.sampler not in SAMPLERS:
-      raise ValueError(f"sampler {self.sampler!r} is unknown: use one of {SAMPLERS}")
+    if self.sampler not in diffusion.SAMPLERS:
+      raise ValueError(f"sampler {self.sampler!r} is unknown: use one of {diffusion.SAMPLERS}")
     if not 1 <= self.diffusion_steps <= num_timesteps:
       raise ValueError(f"diffusion_steps = {self.diffusion_steps} must be in [1, {num_timesteps}]")
     if not 0.0 <= self.ddim_eta <= 1.0:
