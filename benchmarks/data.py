@@ -69,7 +69,7 @@ def save_random_vae(directory: str) -> None:
 
 
 def run_config(root: str, rows: int):
-  c = config_lib.paper_config("160m")
+  c = config_lib.load_experiment(os.path.join(REPO, "experiments", "transfusion_paper.py:size=160m"))
   c.batch_size = rows
   c.data.mixture.text = ml_collections.ConfigDict(dict(path=os.path.join(root, "text"), weight=0.5, split="train"))
   c.data.mixture.images = ml_collections.ConfigDict(dict(path=os.path.join(root, "images"), weight=0.5,

@@ -37,7 +37,7 @@ def build_model(size: str):
                                        "model.mlp_dim": 384, "model.patch_size": 4})
     vocab = 512
   else:
-    config = config_lib.paper_config(size)
+    config = config_lib.load_experiment(os.path.join(REPO, "experiments", f"transfusion_paper.py:size={size}"))
     config.model.dtype, config.model.remat_policy, config.model.attention = "float32", "none", "dense"
     vocab = config.data.vocab_size
   spec = spec_lib.resolve(config)

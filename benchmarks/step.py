@@ -28,7 +28,7 @@ SPECIAL = sequence.SpecialIds(pad=0, bos=2, eos=3, boi=4, eoi=5)
 
 
 def benchmark_config(seq_len, rows, dtype, attention="dense", remat="none"):
-  c = config_lib.paper_config("160m")
+  c = config_lib.load_experiment(os.path.join(REPO, "experiments", "transfusion_paper.py:size=160m"))
   c.seq_len, c.batch_size, c.total_steps = seq_len, rows, 1000
   c.model.dtype, c.model.remat_policy, c.model.attention = dtype, remat, attention
   c.mesh.ici_data_parallelism, c.mesh.ici_fsdp_parallelism = 1, 1

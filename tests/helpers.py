@@ -1,11 +1,17 @@
-"""Small builders and checks shared by the tests."""
+"""Small builders and checks shared by the tests (fixtures are in conftest.py)."""
+import os
+
 import flax.linen as nn
 import jax
 from jax.sharding import PartitionSpec
 import numpy as np
+import orbax.checkpoint as ocp
 
-from tfusion.data import sequence
+from tfusion import config as config_lib, diffusion, spec as spec_lib
+from tfusion.data import pipeline, sequence
+from tfusion.training import optim, state as state_lib, step as step_lib
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPECIAL = sequence.SpecialIds(pad=0, bos=2, eos=3, boi=4, eoi=5)
 
 
@@ -59,3 +65,107 @@ def raising(error: BaseException):
   def fail(*args, **kwargs):
     raise error
   return fail
+
+
+# ---- A tiny model and train step (test_model, test_scaling, test_checkpoints, test_decoding). ----------
+LATENT = (8, 8, 3)
+LAYOUT = sequence.RowLayout(seq_len=64, latent_shape=LATENT, patch_size=2)   # 16 patches per image
+VOCAB = 64
+
+
+def tiny_model_config(**overrides):
+  c = config_lib.default_config()
+  c.seq_len, c.data.image_size = LAYOUT.seq_len, LATENT[0]
+  c.model.num_layers, c.model.d_model, c.model.num_heads, c.model.mlp_dim, c.model.patch_size = 2, 32, 4, 64, 2
+  c.optim.lr, c.optim.warmup_steps = 3e-3, 5
+  for k, v in overrides.items():
+    c.model[k] = v
+  return c
+
+
+def tiny_batch():
+  return packed_rows(LAYOUT, [
+      [image_doc(LAYOUT, caption=(10, 11, 12), seed=0), text_doc(20, start=30)],
+      [text_doc(5, start=40), image_doc(LAYOUT, caption=(13, 14), caption_first=False, seed=1),
+       image_doc(LAYOUT, caption=(15,), seed=2)],
+  ])
+
+
+def make_model(config):
+  return spec_lib.resolve(config).transfusion(VOCAB)
+
+
+def init_state(config, mesh, total_steps=100, microbatches=1):
+  model = make_model(config)
+  tx, schedule = optim.make_optimizer(config.optim, total_steps)
+  init = sequence.dummy_batch(1, LAYOUT)
+  state, shardings = state_lib.create_train_state(model, tx, init, jax.random.key(0), mesh)
+  step = step_lib.jit_train_step(mesh, shardings, model=model, tx=tx, schedule=schedule,
+                                 alpha_bar=diffusion.cosine_alpha_bar(1000), loss_weight=5.0,
+                                 train_key=jax.random.key(1), microbatches=microbatches)
+  return model, state, step
+
+
+def run_steps(mesh, state, step, batch, n):
+  history = []
+  for _ in range(n):
+    with jax.set_mesh(mesh):
+      state, metrics = step(state, batch)
+    history.append(jax.device_get(metrics))
+  return state, history
+
+
+# ---- Tiny training runs on the 16 px shapes data (the data_dir fixture). --------------------------
+def tiny_run_config(data_dir, **top):
+  c = config_lib.default_config()
+  c.total_steps, c.batch_size, c.seq_len, c.log_every, c.ckpt_every, c.sample_every = 6, 8, 64, 1, 3, 6
+  c.model.num_layers, c.model.d_model, c.model.num_heads, c.model.mlp_dim, c.model.patch_size = 2, 32, 2, 64, 4
+  c.data.data_dir, c.data.image_size, c.data.vocab_size = data_dir, 16, 512
+  c.optim.warmup_steps = 2
+  c.sample.num_images, c.sample.num_captions, c.sample.diffusion_steps, c.sample.max_caption_tokens = 2, 2, 4, 4
+  c.update(top)
+  return c
+
+
+TIMING = {"elements_per_sec", "tflops_per_device", "mfu"}
+
+
+def saved_state(workdir, step) -> dict:
+  """The train state saved at `step`, as numpy arrays (whatever devices and processes saved it)."""
+  path = os.path.join(workdir, "checkpoints", str(step), "state")
+  with ocp.PyTreeCheckpointer() as c:
+    as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), c.metadata(path).item_metadata.tree)
+    return c.restore(path, restore_args=as_numpy)
+
+
+def assert_same_state(a, b):
+  leaves_a, leaves_b = jax.tree_util.tree_flatten_with_path(a)[0], jax.tree_util.tree_flatten_with_path(b)[0]
+  assert [p for p, _ in leaves_a] == [p for p, _ in leaves_b]
+  for (path, x), (_, y) in zip(leaves_a, leaves_b):
+    assert np.array_equal(x, y), jax.tree_util.keystr(path)
+
+
+def without_timing(entries):
+  return [{k: v for k, v in m.items() if k not in TIMING} for m in entries]
+
+
+# ---- A grain row stream of synthetic sources (test_sequence, test_checkpoints). -------------------
+def make_sources(text_fraction=0.5, text_lengths=(5, 30, 90)):
+  rng = np.random.default_rng(1)
+  texts = [np.arange(100, 100 + n, dtype=np.int32) for n in text_lengths * 10]
+  images = [dict(caption=rng.integers(40, 60, size=int(rng.integers(2, 6))).tolist(), index=i) for i in range(50)]
+
+  def prepare(example):
+    return example["caption"], np.full((4, 4, 3), example["index"], np.float32)
+
+  return [pipeline.Source("text", "text", texts, lambda ids: ids, text_fraction),
+          pipeline.Source("images", "image_caption", images, prepare, 1 - text_fraction)]
+
+
+def make_stream(text_fraction=0.5, caption_first_prob=0.8, seq_len=64, text_lengths=(5, 30, 90), seed=0,
+                process_index=0, process_count=1, caption_dropout_prob=0.0, sources=None, workers=0):
+  layout = sequence.RowLayout(seq_len, (4, 4, 3), 2)
+  mix = pipeline.MixOptions(caption_first_prob, 1000, 500, seed, caption_dropout_prob)
+  return pipeline.train_batches(sources or make_sources(text_fraction, text_lengths), layout, SPECIAL, mix,
+                                global_rows=4, process_index=process_index, process_count=process_count,
+                                workers=workers)

@@ -7,6 +7,7 @@ import pytest
 
 from tfusion.data import shapes
 from tfusion.evaluation import metrics, shapes_checker as checker
+from tests.helpers import tiny_run_config
 
 
 def test_scenes(size, n):
@@ -203,9 +204,8 @@ def test_fid_and_clip_score_hooks_load_user_weights(tmp_path):
 def test_ablation_runner_on_a_two_by_two_toy(tmp_path):
   import ml_collections   # pylint: disable=import-outside-toplevel
   from tfusion import ablate   # pylint: disable=import-outside-toplevel
-  from tests.test_train import tiny_config   # pylint: disable=import-outside-toplevel
   ablation = ml_collections.ConfigDict()
-  ablation.base = tiny_config(str(tmp_path / "tfds"), total_steps=2, sample_every=100, eval_examples=2)
+  ablation.base = tiny_run_config(str(tmp_path / "tfds"), total_steps=2, sample_every=100, eval_examples=2)
   ablation.variants = ml_collections.ConfigDict({"lambda_1": {"diffusion": {"loss_weight": 1.0}},
                                                  "lambda_5": {"diffusion": {"loss_weight": 5.0}}})
   ablation.seeds = (0, 1)
@@ -243,9 +243,8 @@ def test_a_signal_during_a_cell_stops_the_ablation(tmp_path, monkeypatch):
   ablation with that status instead of going on to the next cell."""
   import ml_collections   # pylint: disable=import-outside-toplevel
   from tfusion import ablate   # pylint: disable=import-outside-toplevel
-  from tests.test_train import tiny_config   # pylint: disable=import-outside-toplevel
   ablation = ml_collections.ConfigDict()
-  ablation.base = tiny_config(str(tmp_path / "tfds"), total_steps=2)
+  ablation.base = tiny_run_config(str(tmp_path / "tfds"), total_steps=2)
   ablation.variants = ml_collections.ConfigDict({"a": {"diffusion": {"loss_weight": 1.0}},
                                                  "b": {"diffusion": {"loss_weight": 5.0}}})
   ablation.seeds = (0, 1)

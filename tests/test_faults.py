@@ -19,21 +19,16 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from tfusion import (checkpoints, config as config_lib, config_resume, integrity, prepare as prepare_lib, run_dir,
                      train_vae, workdir_lock)
 from tfusion.metrics import read_metrics
 from tfusion.training import nonfinite, preemption, step as step_lib, trainer
-from tests.helpers import raising, set_fields
-from tests.test_train import data_dir  # noqa: F401  (a fixture: the 16 px shapes data, built once per worker)
+from tests.helpers import assert_same_state, raising, saved_state, set_fields, without_timing
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOTAL = 24          # steps of the reference run; every interrupted run stops well before
-TIMING = {"elements_per_sec", "tflops_per_device", "mfu"}
-
-
 def fields(data_dir, **changes):  # noqa: F811
   """The tiny run: shapes_tiny.py:16 with these fields; constant lr after warmup, so stopping a run and
   resuming it with another total_steps follows the same schedule."""
@@ -121,25 +116,6 @@ def wait_until(predicate, process, log, timeout=240, poll=0.02):
       raise AssertionError(f"exited early with {process.returncode}:\n{open(log).read()[-3000:]}")
     assert time.time() < deadline, open(log).read()[-3000:]
     time.sleep(poll)
-
-
-def saved_state(workdir, step) -> dict:
-  """The train state saved at `step`, as numpy arrays (whatever devices and processes saved it)."""
-  path = os.path.join(workdir, "checkpoints", str(step), "state")
-  with ocp.PyTreeCheckpointer() as c:
-    as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), c.metadata(path).item_metadata.tree)
-    return c.restore(path, restore_args=as_numpy)
-
-
-def assert_same_state(a, b):
-  leaves_a, leaves_b = jax.tree_util.tree_flatten_with_path(a)[0], jax.tree_util.tree_flatten_with_path(b)[0]
-  assert [p for p, _ in leaves_a] == [p for p, _ in leaves_b]
-  for (path, x), (_, y) in zip(leaves_a, leaves_b):
-    assert np.array_equal(x, y), jax.tree_util.keystr(path)
-
-
-def without_timing(entries):
-  return [{k: v for k, v in m.items() if k not in TIMING} for m in entries]
 
 
 @pytest.fixture(scope="module")

@@ -12,17 +12,17 @@ import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
 
-from tfusion import generate
+from tfusion import generate, sharding
 from tfusion.data import sequence
 from tfusion.inference import decoding, sampler as sampler_lib
 from tfusion.training import trainer
-from tests.test_train import REPO, data_dir, tiny_config  # noqa: F401,F811  (data_dir is a fixture)
+from tests.helpers import REPO, tiny_run_config
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, data_dir):  # noqa: F811
   workdir = str(tmp_path_factory.mktemp("gen") / "run")
-  trainer.train_and_evaluate(tiny_config(data_dir, sample_every=100, eval_every=6, eval_examples=2), workdir)
+  trainer.train_and_evaluate(tiny_run_config(data_dir, sample_every=100, eval_every=6, eval_examples=2), workdir)
   return workdir
 
 
@@ -188,8 +188,7 @@ def test_held_out_image_loss_is_the_training_objective_at_fixed_timesteps(run_di
       layout, special, 1000)
   assert sum(int(r["image_valid"].sum()) for r in rows) == 5 and len(rows) > 1
   ab = diffusion.make_alpha_bar("cosine", 1000)[200]
-  errors, per_batch = [], -(-2 // (sampler.mesh.shape["data"] * sampler.mesh.shape["fsdp"])) * (
-      sampler.mesh.shape["data"] * sampler.mesh.shape["fsdp"])     # rows_per_batch, rounded up to the mesh
+  errors, per_batch = [], -(-2 // sharding.data_shards(sampler.mesh)) * sharding.data_shards(sampler.mesh)     # rows_per_batch, rounded up to the mesh
   for i, row in enumerate(rows):                                 # noise is drawn per batch of rows
     start = i // per_batch * per_batch
     eps = jax.random.normal(jax.random.fold_in(jax.random.key(3), start), (per_batch, *row["latents"].shape))

@@ -16,7 +16,7 @@ from tfusion.metrics import read_metrics
 from tfusion.models import discriminator, lpips, vae as vae_lib
 from tfusion.inference import decoding, sampler as sampler_lib
 from tfusion.training import trainer, vae_step
-from tests.test_train import data_dir, tiny_config  # noqa: F401  (data_dir is a fixture)
+from tests.helpers import tiny_run_config
 
 SIZE = 16
 
@@ -62,7 +62,7 @@ def vae_run(vae_run_and_config):
 
 
 def latent_config(data_dir, vae, cache, **top):  # noqa: F811
-  c = tiny_config(data_dir, **top)
+  c = tiny_run_config(data_dir, **top)
   c.data.codec, c.data.vae, c.data.latent_cache = "vae", vae, cache
   c.data.latent_channels, c.data.latent_downsample = 4, 4
   c.model.patch_size = 2

@@ -9,54 +9,8 @@ from tfusion import config as config_lib, diffusion, sharding, spec as spec_lib
 from tfusion.data import sequence
 from tfusion.models import patching, transformer
 from tfusion.training import optim, state as state_lib, step as step_lib
-from tests.helpers import SPECIAL, image_doc, packed_rows, text_doc
-
-LATENT = (8, 8, 3)
-LAYOUT = sequence.RowLayout(seq_len=64, latent_shape=LATENT, patch_size=2)   # 16 patches per image
-VOCAB = 64
-
-
-def tiny_config(**overrides):
-  c = config_lib.default_config()
-  c.seq_len, c.data.image_size = LAYOUT.seq_len, LATENT[0]
-  c.model.num_layers, c.model.d_model, c.model.num_heads, c.model.mlp_dim, c.model.patch_size = 2, 32, 4, 64, 2
-  c.optim.lr, c.optim.warmup_steps = 3e-3, 5
-  for k, v in overrides.items():
-    c.model[k] = v
-  return c
-
-
-def tiny_batch():
-  return packed_rows(LAYOUT, [
-      [image_doc(LAYOUT, caption=(10, 11, 12), seed=0), text_doc(20, start=30)],
-      [text_doc(5, start=40), image_doc(LAYOUT, caption=(13, 14), caption_first=False, seed=1),
-       image_doc(LAYOUT, caption=(15,), seed=2)],
-  ])
-
-
-def make_model(config):
-  return spec_lib.resolve(config).transfusion(VOCAB)
-
-
-def init_state(config, mesh, total_steps=100, microbatches=1):
-  model = make_model(config)
-  tx, schedule = optim.make_optimizer(config.optim, total_steps)
-  init = sequence.dummy_batch(1, LAYOUT)
-  state, shardings = state_lib.create_train_state(model, tx, init, jax.random.key(0), mesh)
-  step = step_lib.jit_train_step(mesh, shardings, model=model, tx=tx, schedule=schedule,
-                                 alpha_bar=diffusion.cosine_alpha_bar(1000), loss_weight=5.0,
-                                 train_key=jax.random.key(1), microbatches=microbatches)
-  return model, state, step
-
-
-def run_steps(mesh, state, step, batch, n):
-  history = []
-  for _ in range(n):
-    with jax.set_mesh(mesh):
-      state, metrics = step(state, batch)
-    history.append(jax.device_get(metrics))
-  return state, history
-
+from tests.helpers import (LATENT, LAYOUT, SPECIAL, VOCAB, image_doc, init_state, make_model, packed_rows, run_steps,
+                           tiny_batch, tiny_model_config)
 
 def test_patchify_is_raster_order_and_inverts():
   x = jnp.arange(4 * 4 * 2, dtype=jnp.float32).reshape(1, 4, 4, 2)
@@ -81,7 +35,7 @@ def test_elements_per_image_and_eps_shape_for_every_patch_size(k):
   """An 8x8x8 latent is (8/k)^2 sequence elements; linear and U-Net models return eps of the latent's shape."""
   n = (8 // k) ** 2
   for encoder in ("linear", "unet"):
-    config = tiny_config(patch_size=k, patch_encoder=encoder, unet_channels=(8,) * k.bit_length(), unet_res_blocks=1)
+    config = tiny_model_config(patch_size=k, patch_encoder=encoder, unet_channels=(8,) * k.bit_length(), unet_res_blocks=1)
     config.data.codec, config.data.image_size, config.data.latent_downsample, config.data.latent_channels = (
         "vae", 64, 8, 8)
     config.seq_len = n + 7                                        # one row [BOS c c c BOI p*n EOI EOS]
@@ -120,7 +74,7 @@ def test_elements_per_image_and_eps_shape_for_every_patch_size(k):
 
 
 def test_output_shapes_and_attention_structure():
-  model = make_model(tiny_config())
+  model = make_model(tiny_model_config())
   batch = tiny_batch()
   inputs = sequence.model_inputs(batch)
   params = model.init(jax.random.key(0), *inputs)["params"]
@@ -153,9 +107,9 @@ def test_causal_image_attention_patches_see_only_earlier_patches():
   inputs = sequence.model_inputs(batch)
   apply = {}
   for attention in ("dense", "chunked", "dot_product"):
-    model = make_model(tiny_config(image_attention="causal", attention=attention, attention_chunk=16))
+    model = make_model(tiny_model_config(image_attention="causal", attention=attention, attention_chunk=16))
     apply[attention] = jax.jit(lambda p, *x, model=model: model.apply({"params": p}, *x))
-  params = make_model(tiny_config()).init(jax.random.key(0), *inputs)["params"]
+  params = make_model(tiny_model_config()).init(jax.random.key(0), *inputs)["params"]
   params["patch_decoder"]["proj"]["kernel"] = jax.random.normal(jax.random.key(3), (32, 12))
   logits, eps = apply["dense"](params, *inputs)
   for attention in ("chunked", "dot_product"):
@@ -178,7 +132,7 @@ def test_tiny_model_overfits_one_batch(prediction, ratio):
   """Text and image losses fall on one repeated batch (of N(0, 1) latents, so the v and eps targets both start
   at unit variance; v needs x0 at every t and falls more slowly)."""
   mesh = sharding.make_mesh(config_lib.default_config().mesh, jax.devices()[:1])
-  config = tiny_config()
+  config = tiny_model_config()
   config.optim.lr = 1e-2
   config.diffusion.prediction = prediction
   _, state, step = init_state(config, mesh, total_steps=300)
@@ -193,7 +147,7 @@ def test_tiny_model_overfits_one_batch(prediction, ratio):
 @pytest.mark.parametrize("axes", [dict(ici_data_parallelism=8, ici_fsdp_parallelism=1, ici_tensor_parallelism=1),
                                   dict(ici_data_parallelism=2, ici_fsdp_parallelism=2, ici_tensor_parallelism=2)])
 def test_sharded_step_equals_single_device(axes):
-  config = tiny_config()
+  config = tiny_model_config()
   batch = {k: np.concatenate([v] * 4) for k, v in tiny_batch().items()}       # 8 rows
   single = sharding.make_mesh(config.mesh, jax.devices()[:1])
   _, s1, step1 = init_state(config, single)
@@ -210,7 +164,7 @@ def test_sharded_step_equals_single_device(axes):
 
 
 def test_unet_patch_encoder_under_the_transfusion_mask_and_sharded():
-  config = tiny_config(patch_encoder="unet", unet_channels=(8, 16), unet_res_blocks=1)
+  config = tiny_model_config(patch_encoder="unet", unet_channels=(8, 16), unet_res_blocks=1)
   model = make_model(config)
   batch = tiny_batch()
   inputs = sequence.model_inputs(batch)
@@ -247,7 +201,7 @@ def test_unet_patch_encoder_under_the_transfusion_mask_and_sharded():
                                      dict(decoder_skip=True)])
 def test_decoder_options_start_at_zero(options):
   """Every patch decoder option is zero-initialised: a fresh model predicts 0, as the paper's decoder does."""
-  model = make_model(tiny_config(**options))
+  model = make_model(tiny_model_config(**options))
   inputs = sequence.model_inputs(tiny_batch())
   params = model.init(jax.random.key(0), *inputs)["params"]
   _, out = model.apply({"params": params}, *inputs)
@@ -259,7 +213,7 @@ def test_decoder_input_and_skip_read_what_they_say():
   inputs = sequence.model_inputs(batch)
   outputs = {}
   for name, options in (("final_norm", {}), ("pre_norm", dict(decoder_input="pre_norm"))):
-    model = make_model(tiny_config(**options))
+    model = make_model(tiny_model_config(**options))
     params = model.init(jax.random.key(0), *inputs)["params"]
     params["patch_decoder"]["proj"]["kernel"] = jax.random.normal(jax.random.key(3), (32, 12))
     zero_norm = jax.tree.map(lambda x: x, params)
@@ -272,14 +226,14 @@ def test_decoder_input_and_skip_read_what_they_say():
   assert np.abs(outputs["pre_norm"][0] - outputs["final_norm"][0]).max() > 1e-2
 
   # A skip gain of 1 on every channel and time step copies the noisy input to the output.
-  model = make_model(tiny_config(decoder_skip=True))
+  model = make_model(tiny_model_config(decoder_skip=True))
   params = model.init(jax.random.key(0), *inputs)["params"]
   params["patch_decoder"]["skip_gain"]["bias"] = jnp.ones(12)
   _, out = model.apply({"params": params}, *inputs)
   np.testing.assert_allclose(out, batch["latents"], atol=1e-6)
 
   # adaln_zero: a modulation scale of -1 zeroes the normalised stream, so only the bias of proj remains.
-  model = make_model(tiny_config(decoder_head="adaln_zero"))
+  model = make_model(tiny_model_config(decoder_head="adaln_zero"))
   params = model.init(jax.random.key(0), *inputs)["params"]
   params["patch_decoder"]["proj"]["kernel"] = jax.random.normal(jax.random.key(3), (32, 12))
   _, out = model.apply({"params": params}, *inputs)
@@ -292,7 +246,7 @@ def test_decoder_input_and_skip_read_what_they_say():
 def test_ema_of_the_params_follows_its_recursion():
   """ema_0 = params_0; ema_{s+1} = d_s ema_s + (1 - d_s) params_{s+1} with d_s = min(decay, (1 + s) / (10 + s))."""
   mesh = sharding.make_mesh(config_lib.default_config().mesh, jax.devices()[:1])
-  config = tiny_config()
+  config = tiny_model_config()
   model = make_model(config)
   tx, schedule = optim.make_optimizer(config.optim, 100)
   state, shardings = state_lib.create_train_state(model, tx, sequence.dummy_batch(1, LAYOUT), jax.random.key(0),

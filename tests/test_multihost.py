@@ -14,8 +14,7 @@ import pytest
 
 from tfusion import integrity, run_dir
 from tfusion.metrics import read_metrics
-from tests.test_faults import assert_same_state, saved_state, without_timing
-from tests.test_train import data_dir  # noqa: F401  (a fixture: the 16 px shapes data, built once per worker)
+from tests.helpers import assert_same_state, saved_state, without_timing
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMPARED = ("loss", "text_loss", "image_loss", "grad_norm", "text_targets", "images")

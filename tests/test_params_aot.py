@@ -9,14 +9,14 @@ import pytest
 
 from tfusion import aot, config as config_lib, flops, params, spec as spec_lib
 from tfusion.data import sequence
-from tests.test_config import REPO, load_experiment
+from tests.helpers import REPO
 
 SIZES = {"160m": 0.16e9, "370m": 0.37e9, "760m": 0.76e9, "1_4b": 1.4e9}
 LLAMA2_7B_PARAMS = 6_738_415_616      # the paper's 7B is Llama-2-7B's shape
 
 
 def paper(size, encoder="linear"):
-  return load_experiment(os.path.join(REPO, "experiments", f"transfusion_{size}.py")).get_config(encoder)
+  return config_lib.load_experiment(os.path.join(REPO, "experiments", f"transfusion_paper.py:size={size},encoder={encoder}"))
 
 
 @pytest.mark.parametrize("size", sorted(SIZES))
@@ -44,7 +44,7 @@ def test_paper_config_settings():
 
 
 def test_params_command_prints_the_table():
-  out = subprocess.run([sys.executable, "-m", "tfusion.params", "--config", "experiments/transfusion_160m.py:unet"],
+  out = subprocess.run([sys.executable, "-m", "tfusion.params", "--config", "experiments/transfusion_paper.py:size=160m,encoder=unet"],
                        cwd=REPO, capture_output=True, text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert out.returncode == 0, out.stderr
   assert "transformer layers" in out.stdout and "unet enc/dec" in out.stdout and "0.16B" in out.stdout

@@ -15,7 +15,7 @@ import tensorflow_datasets as tfds
 from tfusion import codecs, config as config_lib, prepare as prepare_lib
 from tfusion.data import mixture, prepared, tokenizer as tokenizer_lib
 from tfusion.models import vae as vae_lib
-from tests.helpers import set_fields
+from tests.helpers import set_fields, tiny_run_config
 
 SIZE = 16
 
@@ -272,8 +272,7 @@ def prepared_mixture(tmp_path_factory):
 
 
 def mixture_config(out, weights=(0.5, 0.3, 0.2)):
-  from tests.test_train import tiny_config   # pylint: disable=import-outside-toplevel
-  c = tiny_config(str(out / "unused_tfds"), total_steps=3, batch_size=8, seq_len=128, ckpt_every=3, sample_every=3)
+  c = tiny_run_config(str(out / "unused_tfds"), total_steps=3, batch_size=8, seq_len=128, ckpt_every=3, sample_every=3)
   c.data.sample_split = "train"
   for name, weight in zip(("text", "images", "edits"), weights):
     c.data.mixture[name] = ml_collections.ConfigDict(dict(path=str(out / name), weight=weight, split="train"))

@@ -1,7 +1,7 @@
 r"""Compile the full train step for a target mesh without running it; print its per-device memory and FLOPs.
 
-  python -m tfusion.aot --config experiments/transfusion_7b.py --topology v5p:4x4x8
-  python -m tfusion.aot --config experiments/transfusion_160m.py --topology cpu:8 --config.mesh.ici_tensor_parallelism=2
+  python -m tfusion.aot --config experiments/transfusion_paper.py:size=7b --topology v5p:4x4x8
+  python -m tfusion.aot --config experiments/transfusion_paper.py:size=160m --topology cpu:8 --config.mesh.ici_tensor_parallelism=2
 
 --topology is a TPU topology name (`v5p:4x4x8`, `v6e:16x16`, `v4:2x2x1`; needs the libtpu of
 `pip install -e .[tpu]`, which compiles for TPUs on any host) or `cpu:N` (N fake CPU devices).

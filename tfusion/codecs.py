@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 import numpy as np
 
-from tfusion import config as config_lib, run_dir
+from tfusion import config as config_lib, run_dir, sharding
 from tfusion.models import vae as vae_lib
 
 ENCODE_BATCH = 64   # images per VAE call (rounded up to whole rows per device); the last batch is padded
@@ -77,8 +77,7 @@ def _in_batches(fn, x: np.ndarray, batch: int) -> np.ndarray:
   out = []
   for start in range(0, len(x), batch):
     part = x[start:start + batch]
-    padded = np.concatenate([part, np.repeat(part[-1:], batch - len(part), 0)]) if len(part) < batch else part
-    out.append(np.asarray(fn(padded))[:len(part)])
+    out.append(np.asarray(fn(sharding.pad_rows(part, batch)))[:len(part)])
   return np.concatenate(out)
 
 

@@ -6,6 +6,7 @@ fields users turn most are top level; the rest is grouped (`model`, `diffusion`,
 fault; `spec.resolve(config)` validates and resolves the config into the run spec, whose constructors check
 how the image, latent, patch and row sizes fit together.
 """
+import importlib.util
 import json
 
 import ml_collections
@@ -68,7 +69,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.diffusion.loss_weight = 5.0          # lambda in L = L_LM + lambda * L_DDPM
   c.diffusion.image_first_max_t = 500    # noise limiting cap for image-before-caption pairs
   c.diffusion.prediction = "v"           # the patch decoder predicts v (velocity; ours, see docs/results.md) |
-  #                                        eps (the paper; paper_config keeps it)
+  #                                        eps (the paper; experiments/transfusion_paper.py keeps it)
   c.diffusion.min_snr_gamma = 0.0        # Min-SNR-gamma weighting of the image MSE; 0 = off (the paper)
 
   c.data = ml_collections.ConfigDict()
@@ -120,7 +121,8 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
-# Paper Table 2: layers, d_model, heads. SwiGLU width 8/3 d rounded up to a multiple of 256 (Llama).
+# Paper Table 2: layers, d_model, heads (experiments/transfusion_paper.py). SwiGLU width 8/3 d rounded up to a
+# multiple of 256 (Llama).
 PAPER_SIZES = {
     "160m": (16, 768, 12),
     "370m": (24, 1024, 16),
@@ -132,40 +134,6 @@ PAPER_SIZES = {
 
 def swiglu_width(d_model: int) -> int:
   return -(-8 * d_model // 3 // 256) * 256
-
-
-def paper_config(size: str, patch_encoder: str = "linear") -> ml_collections.ConfigDict:
-  """A paper-size Transfusion (§4.1): 256 px images as 32x32x8 VAE latents in 2x2 patches, seq 4096,
-  2M elements per batch, 32K vocab, AdamW (0.9, 0.95) lr 3e-4, 4000 warmup, cosine to 1.5e-5, 250k steps."""
-  if size not in PAPER_SIZES:
-    raise ValueError(f"unknown paper size {size!r}: one of {sorted(PAPER_SIZES)}")
-  c = default_config()
-  c.total_steps = 250_000
-  c.seq_len = 4096
-  c.batch_size = 512                     # 512 x 4096 = 2M elements
-  c.log_every, c.ckpt_every, c.sample_every = 50, 2000, 10_000
-  layers, d_model, heads = PAPER_SIZES[size]
-  c.model.num_layers, c.model.d_model, c.model.num_heads = layers, d_model, heads
-  c.model.mlp_dim = swiglu_width(d_model)
-  c.model.patch_size = 2
-  c.model.patch_encoder = patch_encoder
-  c.model.unet_channels = (512, 1024)    # ~0.27B encoder + decoder, as the paper's U-Net
-  c.model.unet_res_blocks = 3
-  c.model.dtype = "bfloat16"
-  c.diffusion.prediction = "eps"         # the paper's parameterisation (x0 estimates clipped to the codec's range)
-  c.model.remat_policy = "full"
-  c.model.attention = "chunked"
-  c.model.attention_chunk = 1024
-  c.data.codec = "vae"
-  c.data.image_size = 256
-  c.data.latent_channels, c.data.latent_downsample = 8, 8
-  c.data.vocab_size = 32_000
-  c.optim.lr = 3e-4
-  c.optim.warmup_steps = 4000
-  c.optim.final_lr_fraction = 1.5e-5 / 3e-4
-  c.mesh.ici_data_parallelism = 1
-  c.mesh.ici_fsdp_parallelism = -1      # fully sharded data parallel over every chip of a slice
-  return c
 
 
 def shapes_demo_config(image_size: int = 32) -> ml_collections.ConfigDict:
@@ -190,6 +158,15 @@ def shapes_demo_config(image_size: int = 32) -> ml_collections.ConfigDict:
   c.sample.diffusion_steps = 250
   c.ema_decay = 0.999            # a 1000-step run: the average spans the last ~1000 updates
   return c
+
+
+def load_experiment(path: str) -> ml_collections.ConfigDict:
+  """The config of an experiment file as --config reads it: "experiments/x.py" or "experiments/x.py:arg"."""
+  file, _, arg = path.partition(":")
+  spec = importlib.util.spec_from_file_location("experiment", file)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
 
 
 def default_vae_config() -> ml_collections.ConfigDict:

@@ -1,11 +1,12 @@
-r"""Encode the image-caption dataset once with a frozen VAE, for training on cached latents.
+r"""Encode the embedded shapes data once with a frozen VAE, for training on cached latents.
 
-  python -m tfusion.encode_latents --config experiments/shapes_vae.py
+  python -m tfusion.encode_latents --config experiments/shapes_latent.py
 
-Reads config.data (image_size, data_dir, vae, latent_cache), encodes the train and test splits into
-config.data.latent_cache (see tfusion.data.latent_cache) and measures the per-channel latent shift and
+Reads config.data (image_size, data_dir, vae, latent_cache) of a Transfusion experiment, encodes the train and
+test splits of the shapes data into config.data.latent_cache (see tfusion.data.latent_cache) and measures the per-channel latent shift and
 scale, and the range of the normalised latents, on the train split. A cache already written with the same VAE
-checkpoint and image size (and these statistics) is kept.
+checkpoint and image size (and these statistics) is kept. Prepared datasets are encoded by
+`python -m tfusion.prepare --config.vae=...` instead.
 """
 import os
 

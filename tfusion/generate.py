@@ -17,7 +17,7 @@ import jax
 import numpy as np
 from PIL import Image
 
-from tfusion import diffusion, visualize
+from tfusion import diffusion, sharding, visualize
 from tfusion.data import pipeline, shapes
 from tfusion.inference import decoding, sampler as sampler_lib
 
@@ -55,7 +55,7 @@ def in_batches(fn, items: list, batch_size: int, key) -> list:
   results = []
   for start in range(0, len(items), size):
     batch = items[start:start + size]
-    results += list(fn(batch + [batch[-1]] * (size - len(batch)), jax.random.fold_in(key, start // size)))[:len(batch)]
+    results += list(fn(sharding.pad_rows(batch, size), jax.random.fold_in(key, start // size)))[:len(batch)]
   return results
 
 

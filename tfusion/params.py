@@ -1,4 +1,4 @@
-r"""Parameter counts by component: python -m tfusion.params --config experiments/transfusion_7b.py:unet
+r"""Parameter counts by component: python -m tfusion.params --config experiments/transfusion_paper.py:size=7b,encoder=unet
 
 Nothing is allocated (shapes only), so any size runs on a laptop. The transformer (with its text
 embedding and LM head) is compared with the paper's Table 2 sizes.

@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import numpy as np
 
 from tfusion.config import ConfigError
 
@@ -123,6 +124,17 @@ def check_batch_size(mesh: Mesh, batch_size: int, microbatches: int = 1) -> None
 def data_shards(mesh: Mesh) -> int:
   """How many ways batch rows are split: mesh data x fsdp."""
   return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def pad_rows(rows, multiple: int, fill=None):
+  """rows (a list, or an array along its first axis) padded at the end to a multiple of `multiple` with copies of
+  `fill` (default: the last row), so that every batch has the shape one compilation, or the devices, need."""
+  missing = -len(rows) % multiple
+  if not missing:
+    return rows
+  if isinstance(rows, np.ndarray):
+    return np.concatenate([rows, np.repeat(rows[-1:] if fill is None else fill[None], missing, 0)])
+  return list(rows) + [rows[-1] if fill is None else fill] * missing
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

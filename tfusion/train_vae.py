@@ -21,7 +21,8 @@ import tqdm
 
 from tfusion import (codecs, config as config_lib, config_resume, distributed, metrics as metrics_lib, run_dir,
                      sharding, visualize, workdir_lock)
-from tfusion.data import shapes
+from tfusion.data import pipeline, shapes
+from tfusion.evaluation import metrics as eval_metrics
 from tfusion.models import discriminator as disc_lib, lpips as lpips_lib, moco as moco_lib, vae as vae_lib
 from tfusion.training import nonfinite, preemption, state as state_lib, vae_step
 
@@ -61,12 +62,6 @@ def reconstruct(vae: vae_lib.VAEConfig, params, images: np.ndarray) -> np.ndarra
   return codec.decode(codec.encode(images))
 
 
-def image_psnr(images: np.ndarray, reconstructions: np.ndarray) -> float:
-  """Mean over images of the PSNR in dB of uint8 images."""
-  mse = np.mean(np.square(images.astype(np.float64) - reconstructions.astype(np.float64)), axis=(1, 2, 3))
-  return float(np.mean(10 * np.log10(255.0 ** 2 / np.maximum(mse, 1e-10))))
-
-
 def evaluate(step: int, params, vae, test_images: np.ndarray, workdir: str) -> float:
   """Test PSNR; process 0 also writes samples/step_<step>/reconstructions.png (input, reconstruction)."""
   params = multihost_utils.process_allgather(params, tiled=True)
@@ -78,7 +73,7 @@ def evaluate(step: int, params, vae, test_images: np.ndarray, workdir: str) -> f
         -1, *test_images.shape[1:])
     visualize.save_image_grid(os.path.join(out, "reconstructions.png"), pairs,
                               ["input", "reconstruction"] * GRID_IMAGES)
-  return image_psnr(test_images, reconstructions)
+  return float(eval_metrics.psnr(test_images, reconstructions))
 
 
 def train_vae(config, workdir: str, allow_config_change: tuple[str, ...] = ()) -> int:
@@ -98,8 +93,7 @@ def _train_vae(config, workdir: str, allow_config_change: tuple[str, ...]) -> in
   train_images, test_source = distributed.chief_first("build shapes", lambda: (
       shapes.load_shapes(data_dir, "train", config.data.image_size),
       shapes.load_shapes(data_dir, "test", config.data.image_size)))
-  test_images = np.stack([e["image"] for e in test_source.__getitems__(
-      list(range(min(EVAL_IMAGES, len(test_source)))))])
+  test_images = np.stack([e["image"] for e in pipeline.take(test_source, EVAL_IMAGES)])
   data_iterator = iter(image_batches(train_images, config.batch_size // jax.process_count(), config.seed,
                                      jax.process_index(), jax.process_count()))
 

@@ -13,6 +13,7 @@ from flax import serialization
 import numpy as np
 
 from tfusion import codecs, run_dir
+from tfusion.data import pipeline
 
 
 def split_path(cache_dir: str, split: str) -> str:
@@ -69,7 +70,7 @@ def encode_split(codec: codecs.VaeCodec, source, path: str, batch_size: int = 25
   writer = array_record_module.ArrayRecordWriter(tmp, "group_size:1")
   try:
     for start in range(0, len(source), batch_size):
-      examples = source.__getitems__(list(range(start, min(start + batch_size, len(source)))))
+      examples = pipeline.take(source, batch_size, start)
       latents = codec.raw_latents(np.stack([e["image"] for e in examples]))
       moments.add(latents)
       for example, latent in zip(examples, latents):

@@ -142,7 +142,7 @@ def train_image_latents(config, codec, limit: int, batch: int = 1024) -> np.ndar
   latents = _latents_fn(codec, pixels=True)
   count = min(limit, len(source))
   return np.stack([latents(e) for start in range(0, count, batch)
-                   for e in source.__getitems__(range(start, min(start + batch, count)))])
+                   for e in pipeline.take(source, min(batch, count - start), start)])
 
 
 def _builtin_data(config, workdir, codec) -> TrainingData:
@@ -152,8 +152,7 @@ def _builtin_data(config, workdir, codec) -> TrainingData:
   train_docs, _ = text_corpus.split_documents(documents, config.data.text_test_fraction, config.seed)
 
   def sample_texts():
-    sample = range(min(TOKENIZER_SAMPLE_CAPTIONS, len(train_images)))
-    return [decode_caption(e) for e in train_images.__getitems__(list(sample))] + train_docs
+    return [decode_caption(e) for e in pipeline.take(train_images, TOKENIZER_SAMPLE_CAPTIONS)] + train_docs
 
   tok = distributed.chief_first("tokenizer", lambda: run_tokenizer(config, workdir, sample_texts, {}))
   text_ids = [np.array(tok.encode(d), np.int32) for d in train_docs]

@@ -290,7 +290,7 @@ def _ignore_stop_signals(worker: int, workers: int) -> None:  # pylint: disable=
 
 
 def train_batches(sources: Sequence[Source], layout: sequence.RowLayout, special: sequence.SpecialIds,
-                  mix: MixOptions, global_rows: int, process_index: int = 0, process_count: int = 1,
+                  mix: MixOptions, global_rows: int, *, process_index: int = 0, process_count: int = 1,
                   workers: int = 0, prefetch: int = 2) -> TrainBatches:
   """This process's rows of each global batch: dicts of [global_rows / process_count, ...] numpy arrays."""
   rows_per_process = global_rows // process_count

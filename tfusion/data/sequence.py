@@ -45,8 +45,10 @@ class TextPiece:
   ids: np.ndarray                 # [n] int32
 
 
-# Context images (inputs the model reads but does not learn to generate) are noised at this timestep,
-# the least-noisy trained one, both in training rows and when decoding reads a finished image.
+# Context images (inputs the model reads but does not learn to generate: prompt images, finished images when
+# decoding, the input image of an editing row) are read at this timestep: 1, the least-noisy one training
+# uses (alpha_bar_1 = 0.99996 under the cosine schedule). t = 0 would be an embedding training never shows,
+# since it draws t from {1, ..., t_max}.
 CONTEXT_TIMESTEP = 1
 
 

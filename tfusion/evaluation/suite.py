@@ -89,7 +89,7 @@ def _row_batches(mesh, rows: list[dict], rows_per_batch: int):
   empty = {k: np.zeros_like(v) for k, v in rows[0].items()}
   for start in range(0, len(rows), rows_per_batch):
     part = rows[start:start + rows_per_batch]
-    part += [empty] * (rows_per_batch - len(part))
+    part = sharding.pad_rows(part, rows_per_batch, empty)
     yield start, jax.device_put({k: np.stack([r[k] for r in part]) for k in part[0]}, sharding.batch_sharding(mesh))
 
 

@@ -78,8 +78,9 @@ def _train(config, spec: spec_lib.RunSpec, workdir: str, allow_config_change: tu
                             num_timesteps=config.diffusion.num_timesteps,
                             image_first_max_t=config.diffusion.image_first_max_t, seed=config.seed)
 
-  data_iterator = pipeline.train_batches(data.sources, layout, special, mix, config.batch_size, jax.process_index(),
-                                         jax.process_count(), config.data.workers, config.data.prefetch)
+  data_iterator = pipeline.train_batches(data.sources, layout, special, mix, config.batch_size,
+                                         process_index=jax.process_index(), process_count=jax.process_count(),
+                                         workers=config.data.workers, prefetch=config.data.prefetch)
 
   # --- Model, optimizer and state. ------------------------------------------------------------
   tx, schedule = optim.make_optimizer(config.optim, config.total_steps)

@@ -7,13 +7,11 @@ import numpy as np
 import pytest
 
 from tfusion import checkpoints, config as config_lib, integrity, run_dir, sharding
-from tests.helpers import raising
-from tests.test_model import init_state, tiny_batch, tiny_config, run_steps
-from tests.test_sequence import make_stream
+from tests.helpers import init_state, make_stream, raising, run_steps, tiny_batch, tiny_model_config
 
 
 def test_save_restore_gives_identical_params_and_next_batch(tmp_path):
-  config = tiny_config()
+  config = tiny_model_config()
   mesh = sharding.make_mesh(config.mesh)                      # 8 fake devices
   _, state, step = init_state(config, mesh)
   state, _ = run_steps(mesh, state, step, {k: np.concatenate([v] * 4) for k, v in tiny_batch().items()}, 2)
@@ -69,7 +67,7 @@ def test_a_damaged_checkpoint_is_refused_naming_the_file_and_kept(tmp_path, capl
 def saved_checkpoints(tmp_path, steps, directory="ckpt"):
   """A Checkpointer of tmp_path/directory with the tiny model's state saved at `steps` (its step counter set
   to the step), and the state."""
-  config = tiny_config()
+  config = tiny_model_config()
   mesh = sharding.make_mesh(config_lib.default_config().mesh, jax.devices()[:1])
   _, state, _ = init_state(config, mesh)
   ckpt = checkpoints.Checkpointer(str(tmp_path / directory), 5)
