@@ -1,14 +1,18 @@
 """Small builders and checks shared by the tests (fixtures are in conftest.py)."""
+import math
 import os
 
+from flax import traverse_util
 import flax.linen as nn
 import jax
 from jax.sharding import PartitionSpec
 import numpy as np
 import orbax.checkpoint as ocp
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
 
 from tfusion import config as config_lib, diffusion, spec as spec_lib
 from tfusion.data import pipeline, sequence
+from tfusion.evaluation import clip
 from tfusion.training import optim, state as state_lib, step as step_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -169,3 +173,74 @@ def make_stream(text_fraction=0.5, caption_first_prob=0.8, seq_len=64, text_leng
   return pipeline.train_batches(sources or make_sources(text_fraction, text_lengths), layout, SPECIAL, mix,
                                 global_rows=4, process_index=process_index, process_count=process_count,
                                 workers=workers)
+
+
+# ---- Random weights of the scoring networks (test_clip, test_inception; the weight-file metrics). ----
+CLIP_SENTENCES = ["a photo of a cat", "a photo of a dog on the grass", "a painting of a red house by the sea",
+             "two cats sleeping on a blue sofa", "an old man reading a book in the park",
+             "a bowl of green apples on a wooden table", "the city at night with bright lights"]
+CLIP_MAX_POSITIONS = 16
+
+
+def make_clip_tokenizer() -> Tokenizer:
+  """A small BPE with CLIP's specials appended after training (so <|endoftext|> is the largest id, as in CLIP) and
+  a post-processor wrapping each text in them."""
+  tok = Tokenizer(models.BPE())
+  tok.normalizer = normalizers.Lowercase()
+  tok.pre_tokenizer = pre_tokenizers.Whitespace()
+  tok.train_from_iterator(CLIP_SENTENCES, trainers.BpeTrainer(vocab_size=90, show_progress=False))
+  tok.add_special_tokens(["<|startoftext|>", "<|endoftext|>"])
+  bos, eos = tok.token_to_id("<|startoftext|>"), tok.token_to_id("<|endoftext|>")
+  tok.post_processor = processors.TemplateProcessing(
+      single="<|startoftext|> $A <|endoftext|>", special_tokens=[("<|startoftext|>", bos), ("<|endoftext|>", eos)])
+  return tok
+
+
+CLIP_TOKENIZER = make_clip_tokenizer()
+CLIP_EOS = CLIP_TOKENIZER.token_to_id("<|endoftext|>")
+
+
+def clip_config_dict(act="quick_gelu", eos_token_id=CLIP_EOS) -> dict:
+  """Towers of different sizes (so a swapped size or weight cannot pass); extra HF keys as real configs have."""
+  return {"architectures": ["CLIPModel"], "model_type": "clip", "projection_dim": 16, "logit_scale_init_value": 2.6592,
+          "text_config": {"vocab_size": CLIP_TOKENIZER.get_vocab_size(), "hidden_size": 24, "intermediate_size": 40,
+                          "num_hidden_layers": 2, "num_attention_heads": 3,
+                          "max_position_embeddings": CLIP_MAX_POSITIONS,
+                          "hidden_act": act, "layer_norm_eps": 1e-5, "eos_token_id": eos_token_id,
+                          "bos_token_id": 0, "pad_token_id": 1, "projection_dim": 16},
+          "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                            "num_attention_heads": 2, "image_size": 32, "patch_size": 8, "hidden_act": act,
+                            "layer_norm_eps": 1e-6, "num_channels": 3, "projection_dim": 16}}
+
+
+def random_clip_params(config: clip.ClipConfig, seed=0):
+  """ClipModel params of the init tree's shapes (checked to carry logical names), random NumPy values:
+  LayerNorm scales near 1, biases ~0.1, matrices and embeddings of O(1) outputs."""
+  abstract = jax.eval_shape(clip.ClipModel(config).init, jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32),
+                            np.zeros((1, CLIP_MAX_POSITIONS), np.int32))
+  logically_partitioned_params(abstract)
+  rng = np.random.default_rng(seed)
+  flat = {}
+  for key, leaf in traverse_util.flatten_dict(nn.meta.unbox(abstract["params"])).items():
+    shape = leaf.shape
+    if key[-1] == "scale":
+      value = 1 + 0.2 * rng.standard_normal(shape)
+    elif key[-1] == "bias":
+      value = 0.1 * rng.standard_normal(shape)
+    elif key[-1] == "logit_scale":
+      value = np.asarray(2.6592)
+    else:
+      value = 0.25 * rng.standard_normal(shape)
+    flat[key] = value.astype(np.float32)
+  return traverse_util.unflatten_dict(flat)
+
+
+def random_inception_params(abstract_params, seed=0):
+  """Random FidInception params in Flax layout: He-normal kernels, BN with non-trivial weights, biases and running
+  statistics (positive variances)."""
+  rng = np.random.default_rng(seed)
+  draws = {"kernel": lambda s: rng.normal(0, math.sqrt(2 / math.prod(s[:3])), s), "scale": lambda s: rng.uniform(
+      0.5, 1.5, s), "bias": lambda s: rng.normal(0, 0.1, s), "mean": lambda s: rng.normal(0, 0.2, s),
+           "var": lambda s: rng.uniform(0.5, 2.0, s)}
+  flat = traverse_util.flatten_dict(nn.unbox(abstract_params))
+  return traverse_util.unflatten_dict({k: draws[k[-1]](v.shape).astype(np.float32) for k, v in flat.items()})

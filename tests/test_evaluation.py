@@ -7,7 +7,7 @@ import pytest
 
 from tfusion.data import shapes
 from tfusion.evaluation import metrics, shapes_checker as checker
-from tests.helpers import tiny_run_config
+from tests.helpers import CLIP_TOKENIZER, clip_config_dict, random_clip_params, random_inception_params, tiny_run_config
 
 
 def test_scenes(size, n):
@@ -163,13 +163,12 @@ def test_fid_and_clip_score_hooks_load_user_weights(tmp_path):
   import jax   # pylint: disable=import-outside-toplevel
   from tfusion import config as config_lib   # pylint: disable=import-outside-toplevel
   from tfusion.evaluation import clip, inception, suite   # pylint: disable=import-outside-toplevel
-  from tests import test_clip, test_inception   # pylint: disable=import-outside-toplevel
   abstract = jax.eval_shape(inception.FidInception().init, jax.random.key(0), jax.ShapeDtypeStruct((1, 32, 32, 3),
                                                                                                     np.float32))
-  inception.save_inception_params(str(tmp_path / "fid.safetensors"), test_inception.random_params(abstract["params"]))
-  clip_config = test_clip.config_dict()
-  clip.save_clip(str(tmp_path / "clip"), test_clip.random_params(clip.config_from_dict(clip_config)), clip_config,
-                 test_clip.TOKENIZER)
+  inception.save_inception_params(str(tmp_path / "fid.safetensors"), random_inception_params(abstract["params"]))
+  clip_config = clip_config_dict()
+  clip.save_clip(str(tmp_path / "clip"), random_clip_params(clip.config_from_dict(clip_config)), clip_config,
+                 CLIP_TOKENIZER)
   config = config_lib.default_config()
   config.eval_inception_weights, config.eval_clip = str(tmp_path / "fid.safetensors"), str(tmp_path / "clip")
   scorers = suite.ImageScorers.from_config(config)

@@ -16,7 +16,7 @@ from tfusion import generate, sharding
 from tfusion.data import sequence
 from tfusion.inference import decoding, sampler as sampler_lib
 from tfusion.training import trainer
-from tests.helpers import REPO, tiny_run_config
+from tests.helpers import CLIP_TOKENIZER, REPO, clip_config_dict, random_clip_params, tiny_run_config
 
 
 @pytest.fixture(scope="module")
@@ -188,7 +188,8 @@ def test_held_out_image_loss_is_the_training_objective_at_fixed_timesteps(run_di
       layout, special, 1000)
   assert sum(int(r["image_valid"].sum()) for r in rows) == 5 and len(rows) > 1
   ab = diffusion.make_alpha_bar("cosine", 1000)[200]
-  errors, per_batch = [], -(-2 // sharding.data_shards(sampler.mesh)) * sharding.data_shards(sampler.mesh)     # rows_per_batch, rounded up to the mesh
+  shards = sharding.data_shards(sampler.mesh)
+  errors, per_batch = [], -(-2 // shards) * shards     # rows_per_batch, rounded up to the mesh
   for i, row in enumerate(rows):                                 # noise is drawn per batch of rows
     start = i // per_batch * per_batch
     eps = jax.random.normal(jax.random.fold_in(jax.random.key(3), start), (per_batch, *row["latents"].shape))
@@ -213,10 +214,9 @@ def test_training_evaluates_every_eval_every_steps(run_dir):
 
 def test_evaluate_command_writes_a_report(run_dir, tmp_path):
   from tfusion.evaluation import clip   # pylint: disable=import-outside-toplevel
-  from tests import test_clip   # pylint: disable=import-outside-toplevel
-  clip_config = test_clip.config_dict()
-  clip.save_clip(str(tmp_path / "clip"), test_clip.random_params(clip.config_from_dict(clip_config)), clip_config,
-                 test_clip.TOKENIZER)
+  clip_config = clip_config_dict()
+  clip.save_clip(str(tmp_path / "clip"), random_clip_params(clip.config_from_dict(clip_config)), clip_config,
+                 CLIP_TOKENIZER)
   done = subprocess.run([sys.executable, "-m", "tfusion.evaluate", "--workdir", run_dir, "--num_examples", "4",
                          "--eval_clip", str(tmp_path / "clip")], cwd=REPO, capture_output=True, text=True, timeout=600)
   assert done.returncode == 0, done.stderr[-3000:]

@@ -35,7 +35,8 @@ def test_elements_per_image_and_eps_shape_for_every_patch_size(k):
   """An 8x8x8 latent is (8/k)^2 sequence elements; linear and U-Net models return eps of the latent's shape."""
   n = (8 // k) ** 2
   for encoder in ("linear", "unet"):
-    config = tiny_model_config(patch_size=k, patch_encoder=encoder, unet_channels=(8,) * k.bit_length(), unet_res_blocks=1)
+    config = tiny_model_config(patch_size=k, patch_encoder=encoder, unet_channels=(8,) * k.bit_length(),
+                               unet_res_blocks=1)
     config.data.codec, config.data.image_size, config.data.latent_downsample, config.data.latent_channels = (
         "vae", 64, 8, 8)
     config.seq_len = n + 7                                        # one row [BOS c c c BOI p*n EOI EOS]

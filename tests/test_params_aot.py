@@ -16,7 +16,8 @@ LLAMA2_7B_PARAMS = 6_738_415_616      # the paper's 7B is Llama-2-7B's shape
 
 
 def paper(size, encoder="linear"):
-  return config_lib.load_experiment(os.path.join(REPO, "experiments", f"transfusion_paper.py:size={size},encoder={encoder}"))
+  return config_lib.load_experiment(
+      os.path.join(REPO, "experiments", f"transfusion_paper.py:size={size},encoder={encoder}"))
 
 
 @pytest.mark.parametrize("size", sorted(SIZES))
@@ -44,7 +45,8 @@ def test_paper_config_settings():
 
 
 def test_params_command_prints_the_table():
-  out = subprocess.run([sys.executable, "-m", "tfusion.params", "--config", "experiments/transfusion_paper.py:size=160m,encoder=unet"],
+  out = subprocess.run([sys.executable, "-m", "tfusion.params", "--config",
+                        "experiments/transfusion_paper.py:size=160m,encoder=unet"],
                        cwd=REPO, capture_output=True, text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert out.returncode == 0, out.stderr
   assert "transformer layers" in out.stdout and "unet enc/dec" in out.stdout and "0.16B" in out.stdout

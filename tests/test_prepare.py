@@ -12,7 +12,7 @@ from PIL import Image
 import pytest
 import tensorflow_datasets as tfds
 
-from tfusion import codecs, config as config_lib, prepare as prepare_lib
+from tfusion import codecs, config as config_lib, prepare as prepare_lib, run_dir
 from tfusion.data import mixture, prepared, tokenizer as tokenizer_lib
 from tfusion.models import vae as vae_lib
 from tests.helpers import set_fields, tiny_run_config
@@ -149,9 +149,9 @@ def test_text_jsonl_is_tokenized_with_a_trained_tokenizer(tmp_path):
   report = [json.loads(line) for line in open(tmp_path / "out" / prepared.SKIPPED)]
   assert [r["id"] for r in report] == ["corpus.jsonl:2", "corpus.jsonl:3", "corpus.jsonl:4", "corpus.jsonl:5",
                                        "corpus.jsonl:6"]
-  tok = tokenizer_lib.Tokenizer.load(str(tmp_path / "out" / prepared.TOKENIZER))
+  tok = tokenizer_lib.Tokenizer.load(str(tmp_path / "out" / run_dir.TOKENIZER_FILE))
   assert tok.requested_vocab_size == 300
-  assert manifest["tokenizer_sha256"] == prepare_lib.sha256_of(tmp_path / "out" / prepared.TOKENIZER)
+  assert manifest["tokenizer_sha256"] == prepare_lib.sha256_of(tmp_path / "out" / run_dir.TOKENIZER_FILE)
   source = prepared.PreparedSource(tmp_path / "out", "train")
   texts = [tok.decode(source[i]["ids"]) for i in range(len(source))]
   assert texts == ["The quick brown fox jumps over the lazy dog.",
@@ -159,7 +159,7 @@ def test_text_jsonl_is_tokenized_with_a_trained_tokenizer(tmp_path):
                    "How vexingly quick daft zebras jump!"]
   # An existing tokenizer is used as it is.
   again = prepare_lib.prepare(prepare_config(source="jsonl", path=str(corpus), examples_per_shard=3,
-                                             tokenizer=str(tmp_path / "out" / prepared.TOKENIZER)), tmp_path / "given")
+                                             tokenizer=str(tmp_path / "out" / run_dir.TOKENIZER_FILE)), tmp_path / "given")
   assert again["tokenizer_sha256"] == manifest["tokenizer_sha256"] and again["content_hash"] == manifest["content_hash"]
 
 
@@ -287,7 +287,7 @@ def test_training_on_a_prepared_mixture(prepared_mixture, tmp_path):
   trainer.train_and_evaluate(config, str(workdir))
   metrics = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
   assert [m["step"] for m in metrics] == [1, 2, 3] and all(m["images"] > 0 for m in metrics)
-  assert (workdir / "tokenizer.model").read_bytes() == (prepared_mixture / "text" / prepared.TOKENIZER).read_bytes()
+  assert (workdir / "tokenizer.model").read_bytes() == (prepared_mixture / "text" / run_dir.TOKENIZER_FILE).read_bytes()
   assert (workdir / "samples" / "step_3" / "images.png").is_file()
   assert not os.path.exists(prepared_mixture / "unused_tfds" / "tfusion_shapes")   # the embedded data is not built
   # Evaluation's held-out images: the sample split of the image source.

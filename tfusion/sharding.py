@@ -115,7 +115,7 @@ def check_batch_size(mesh: Mesh, batch_size: int, microbatches: int = 1) -> None
   """ConfigError unless every microbatch splits evenly over the data shards (mesh data x fsdp) and the batch
   over the processes."""
   shards = data_shards(mesh)
-  if (batch_size // microbatches) % data_shards or batch_size % jax.process_count():
+  if (batch_size // microbatches) % shards or batch_size % jax.process_count():
     raise ConfigError(f"config.batch_size = {batch_size}: batch_size / microbatches must be divisible by the "
                       f"{shards} data shards (mesh data x fsdp), and batch_size by the {jax.process_count()} "
                       "processes")
