@@ -135,7 +135,7 @@ def test_signals_second_launch_and_kill_resume_bit_exactly(tmp_path, data_dir, r
   workdir, logs = str(tmp_path / "run"), str(tmp_path)
   long_run = fields(data_dir, total_steps=1000, ckpt_every=1000)      # saves only when told to stop
   lock = os.path.join(workdir, workdir_lock.LOCK_FILE)
-  checkpoints = run_dir.RunDir(workdir).checkpoints
+  run = run_dir.RunDir(workdir)
 
   # The first run reads its data through two grain workers. Paused, they hold the run at an early step,
   # waiting for its next batch.
@@ -160,8 +160,8 @@ def test_signals_second_launch_and_kill_resume_bit_exactly(tmp_path, data_dir, r
   s1 = logged_steps(workdir)[-1]
   assert code == 130 and f"stopped by SIGINT: saved step {s1}" in out, out[-3000:]
   assert "SIGTERM received while stopping: ignored" in out and "Traceback" not in out
-  assert checkpoints.saved_steps(checkpoints) == [s1]
-  assert integrity.verify(os.path.join(checkpoints, str(s1)))
+  assert run.saved_steps() == [s1]
+  assert integrity.verify(os.path.join(run.checkpoints, str(s1)))
   assert os.path.getsize(lock) == 0                                   # released on a clean exit
 
   # SIGTERM saves the current step and exits 0.
@@ -176,9 +176,9 @@ def test_signals_second_launch_and_kill_resume_bit_exactly(tmp_path, data_dir, r
   # temporary directory exists, paused, killed. The lock is left behind.
   third = launch(workdir, dict(long_run, ckpt_every=1), f"{logs}/4.log")
   while True:
-    wait_until(lambda: checkpoints.temporary_dirs(checkpoints), third, f"{logs}/4.log", poll=0.001)
+    wait_until(lambda: checkpoints.temporary_dirs(run.checkpoints), third, f"{logs}/4.log", poll=0.001)
     pause(third)
-    unfinished = checkpoints.temporary_dirs(checkpoints)
+    unfinished = checkpoints.temporary_dirs(run.checkpoints)
     if unfinished:
       break
     third.send_signal(signal.SIGCONT)                                 # committed meanwhile: the next save
