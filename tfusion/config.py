@@ -29,8 +29,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.sample_every = 500
   c.eval_every = 0               # held-out evaluation (tfusion.evaluate) every this many steps; 0 = off
   c.eval_examples = 64           # held-out images captioned and captions drawn per evaluation
-  c.eval_inception_weights = ""  # FID Inception-v3 safetensors (tfusion.models.inception); "" = no FID
-  c.eval_clip = ""               # Hugging Face CLIP directory (tfusion.models.clip); "" = no CLIP score
+  c.eval_inception_weights = ""  # FID Inception-v3 safetensors (tfusion.evaluation.inception); "" = no FID
+  c.eval_clip = ""               # Hugging Face CLIP directory (tfusion.evaluation.clip); "" = no CLIP score
   c.max_to_keep = 3
   c.ema_decay = 0.9999           # EMA of the params (warmed up), used by samples, evaluation, generate and export;
   #                                0 = off (the paper states none)

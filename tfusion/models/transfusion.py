@@ -73,7 +73,7 @@ class Transfusion(nn.Module):
   timesteps: [B, M] int  ->  (logits [B, L, V] float32, prediction [B, M, h, w, c] float32), the
   prediction being eps_hat or v_hat (cfg.prediction; diffusion.eps_from_prediction converts).
 
-  Decoding (tfusion.decoding): with a KVCache, the L elements are a block written at cache slots
+  Decoding (tfusion.inference.decoding): with a KVCache, the L elements are a block written at cache slots
   write_index [B, L] that attends to everything cached, and the updated cache is returned third.
   M may be 0 (a text-only block); with_logits=False skips the LM head (logits None).
   """
