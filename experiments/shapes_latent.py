@@ -7,7 +7,7 @@ r"""The shapes demo in latent space: Transfusion on 8x8x8 latents of the shapes 
 config.data.vae and config.data.latent_cache default to workdir/demo/{vae,latents}; `:ROOT` moves both
 under another directory. 2x2 latent patches (the paper's choice): 16 elements per image, encoded and decoded
 by U-Net blocks (the paper's encoder of choice; at this size it is what makes the shapes sharp and their
-counts right, docs/results.md "Image generation"). 1500 steps, evaluated at the end (eval/step_1500.json).
+counts right, docs/results.md "Image generation"). 1000 steps, evaluated at the end (eval/step_1000.json).
 """
 import os
 
@@ -27,6 +27,6 @@ def get_config(arg=None):
   c.model.patch_encoder = "unet"
   c.model.unet_channels = (64, 128)
   c.model.unet_res_blocks = 1
-  c.total_steps = 1500
-  c.eval_every = 1500
+  c.total_steps = 1000
+  c.eval_every = 1000
   return c
