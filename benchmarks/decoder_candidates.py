@@ -19,8 +19,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tfusion import codecs, config as config_lib, decoding, diffusion, generate, sharding, visualize
+from tfusion import codecs, config as config_lib, diffusion, objective, sharding, spec as spec_lib, visualize
 from tfusion.data import sequence, shapes, tokenizer as tokenizer_lib
+from tfusion.inference import decoding, sampler as sampler_lib
 from tfusion.training import optim, state as state_lib, step as step_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -66,7 +67,8 @@ def run_variant(name: str, overrides: dict, steps: int, out_dir: str) -> dict:
   captions = [shapes.caption_for(s) for s in SCENES]
   tokenizer = tokenizer_lib.train_tokenizer(captions * 20 + ["the quick brown fox"] * 5, 300)
   special = sequence.SpecialIds.of(tokenizer)
-  model, layout = state_lib.model_and_layout(config, tokenizer.vocab_size)
+  spec = spec_lib.resolve(config)
+  model, layout = spec.transfusion(tokenizer.vocab_size), spec.layout
   codec = codecs.IdentityCodec()
   latents = codec.encode(images)
   alpha_bar = diffusion.make_alpha_bar(config.diffusion.schedule, 1000)
@@ -89,7 +91,7 @@ def run_variant(name: str, overrides: dict, steps: int, out_dir: str) -> dict:
   mesh = sharding.make_mesh(config.mesh)
   tx, schedule = optim.make_optimizer(config.optim, config.total_steps)
   init_key, train_key = jax.random.split(jax.random.key(config.seed))
-  state, shardings = state_lib.create_train_state(model, tx, state_lib.dummy_batch(1, layout), init_key, mesh,
+  state, shardings = state_lib.create_train_state(model, tx, sequence.dummy_batch(1, layout), init_key, mesh,
                                                   ema=config.ema_decay > 0)
   train_step = step_lib.jit_train_step(mesh, shardings, model=model, tx=tx, schedule=schedule, alpha_bar=alpha_bar,
                                        loss_weight=config.diffusion.loss_weight,
@@ -108,7 +110,7 @@ def run_variant(name: str, overrides: dict, steps: int, out_dir: str) -> dict:
     row.add(sequence.image_caption_document(tokenizer.encode(captions[i]), latents[i], True, special, 1000, 1000))
   batch = {k: v[None] for k, v in row.arrays().items()}
   eps = jax.random.normal(jax.random.key(7), batch["latents"].shape)
-  forward = jax.jit(lambda p, t: step_lib.forward(p, batch, t, eps, model=model,
+  forward = jax.jit(lambda p, t: objective.forward(p, batch, t, eps, model=model,
                                                   alpha_bar=jnp.asarray(alpha_bar, jnp.float32)))
   valid, mean_image = batch["image_valid"][0], latents.mean(0)
   for t in TIMESTEPS:
@@ -118,7 +120,7 @@ def run_variant(name: str, overrides: dict, steps: int, out_dir: str) -> dict:
     result[f"eps_mse_t{t}"] = float(jnp.mean(jnp.square(eps_hat - eps)[0][valid]))
     result[f"mean_image_eps_mse_t{t}"] = float(np.mean(np.square(mean_eps - np.asarray(eps[0][valid]))))
 
-  sampler = generate.Sampler(config, params, tokenizer, mesh, codec)
+  sampler = sampler_lib.Sampler(config, params, tokenizer, mesh, codec)
   for label, options in SAMPLERS.items():
     drawn = sampler.text_to_image(captions, options, jax.random.key(1))
     result[f"psnr_{label}"] = psnr(drawn, images)
