@@ -244,3 +244,18 @@ def random_inception_params(abstract_params, seed=0):
            "var": lambda s: rng.uniform(0.5, 2.0, s)}
   flat = traverse_util.flatten_dict(nn.unbox(abstract_params))
   return traverse_util.unflatten_dict({k: draws[k[-1]](v.shape).astype(np.float32) for k, v in flat.items()})
+
+
+def assert_safetensors_round_trip(save, load, path: str, params, tensors: dict) -> None:
+  """save(path, params) writes exactly `tensors` (name -> array) as float32, bit for bit, and load(path)
+  gives `params` back bit for bit."""
+  import safetensors.numpy   # pylint: disable=import-outside-toplevel
+  save(path, params)
+  saved = safetensors.numpy.load_file(path)
+  assert set(saved) == set(tensors)
+  for name, value in tensors.items():
+    assert saved[name].dtype == np.float32 and saved[name].shape == value.shape
+    np.testing.assert_array_equal(saved[name], value)
+  again = traverse_util.flatten_dict(load(path))
+  for key, value in traverse_util.flatten_dict(params).items():
+    np.testing.assert_array_equal(again[key], value)

@@ -148,8 +148,7 @@ def _train_vae(config, workdir: str, allow_config_change: tuple[str, ...]) -> in
         writer.write(step, metrics)
         progress.set_postfix(l1=f"{metrics['l1']:.4f}", psnr=f"{metrics['psnr']:.1f}")
       if save:
-        nonfinite.check_state(state, step, ckpt.latest_step())
-        ckpt.save(step, state, data_iterator)
+        nonfinite.save_if_finite(ckpt, step, state, data_iterator)
       if preempted:
         logging.warning("stopped by %s: saved step %d; run the same command to resume", stop.reason, step)
         break

@@ -152,8 +152,7 @@ def _train(config, spec: spec_lib.RunSpec, workdir: str, allow_config_change: tu
         progress.set_postfix(loss=f"{metrics['loss']:.3f}", text=f"{metrics['text_loss']:.3f}",
                              image=f"{metrics['image_loss']:.3f}")
       if save:
-        nonfinite.check_state(state, step, ckpt.latest_step())
-        ckpt.save(step, state, data_iterator)
+        nonfinite.save_if_finite(ckpt, step, state, data_iterator)
       if preempted:
         logging.warning("stopped by %s: saved step %d; run the same command to resume", stop.reason, step)
         break
