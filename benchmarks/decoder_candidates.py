@@ -47,7 +47,7 @@ SCENES = [shapes.Scene((shapes.Group("square", "red", 1),), "none"),
 
 
 def variant_config(overrides: dict, steps: int):
-  config = config_lib.shapes_demo_config(32)
+  config = config_lib.load_experiment(os.path.join(REPO, "experiments", "shapes_tiny.py"))
   config.seq_len, config.total_steps, config.optim.warmup_steps, config.ema_decay = 160, steps, 50, 0.0
   config.update_from_flattened_dict(overrides)
   config_lib.validate(config)

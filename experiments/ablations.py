@@ -12,9 +12,11 @@ Three seeds each (--config.seeds to change), 1000 steps of the demo's model with
 config, the paper's settings (bidirectional, lambda_5, capped_500, patch_2): with one --workdir per
 ablation, its cells can be trained once and linked into the others.
 """
+import os
+
 import ml_collections
 
-from tfusion.config import shapes_demo_config
+from tfusion.config import load_experiment
 
 ABLATIONS = {
     "mask": {"bidirectional": {"model": {"image_attention": "bidirectional"}},
@@ -30,7 +32,7 @@ def get_config(arg="lambda"):
   name, _, root = arg.partition(",")
   if name not in ABLATIONS:
     raise ValueError(f"unknown ablation {name!r}: one of {sorted(ABLATIONS)}")
-  base = shapes_demo_config(32)
+  base = load_experiment(os.path.join(os.path.dirname(__file__), "shapes_tiny.py"))
   root = root or "workdir/demo"
   base.data.codec, base.data.vae, base.data.latent_cache = "vae", f"{root}/vae", f"{root}/latents"
   base.data.latent_channels, base.data.latent_downsample = 8, 4

@@ -11,12 +11,12 @@ counts right, docs/results.md "Image generation"). 1000 steps, evaluated at the 
 """
 import os
 
-from tfusion.config import shapes_demo_config
+from tfusion.config import load_experiment
 
 
 def get_config(arg=None):
   """arg: the directory holding vae/ and latents/ (default workdir/demo)."""
-  c = shapes_demo_config(32)
+  c = load_experiment(os.path.join(os.path.dirname(__file__), "shapes_tiny.py"))
   root = arg or os.path.join("workdir", "demo")
   c.data.codec = "vae"
   c.data.vae = os.path.join(root, "vae")

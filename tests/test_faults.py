@@ -42,7 +42,7 @@ def fields(data_dir, **changes):  # noqa: F811
 
 
 def config_of(values: dict):
-  return set_fields(config_lib.shapes_demo_config(16), values)
+  return set_fields(config_lib.load_experiment(os.path.join(REPO, "experiments", "shapes_tiny.py:16")), values)
 
 
 def launch(workdir, values: dict, log: str, *extra, prefix=()) -> subprocess.Popen:

@@ -4,6 +4,8 @@ The training rows and the sampler are the library's (sequence.RowBuilder, the ji
 so a regression anywhere on the image path (noising, patching, the mask, the decoder's parameterisation, the
 DDPM/DDIM chains, CFG rows, the EMA) shows up as a blurred or wrong image.
 """
+import os
+
 import jax
 import numpy as np
 import pytest
@@ -12,6 +14,7 @@ from tfusion import codecs, config as config_lib, diffusion, sharding, spec as s
 from tfusion.data import sequence, shapes, tokenizer as tokenizer_lib
 from tfusion.inference import decoding, sampler as sampler_lib
 from tfusion.training import optim, state as state_lib, step as step_lib
+from tests.helpers import REPO
 
 SCENES = [shapes.Scene((shapes.Group("square", "red", 1),), "none"),
           shapes.Scene((shapes.Group("circle", "blue", 1),), "none"),
@@ -27,7 +30,7 @@ def psnr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def memorising_config(**diffusion_options):
-  c = config_lib.shapes_demo_config(16)          # pixel space
+  c = config_lib.load_experiment(os.path.join(REPO, "experiments", "shapes_tiny.py:16"))   # pixel space
   c.model.patch_size = 4                         # 4x4x3 patches: 16 elements per image
   c.total_steps, c.batch_size, c.seq_len = STEPS, 8, 80
   c.model.num_layers, c.model.d_model, c.model.num_heads, c.model.mlp_dim = 3, 128, 4, 384

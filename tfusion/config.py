@@ -136,30 +136,6 @@ def swiglu_width(d_model: int) -> int:
   return -(-8 * d_model // 3 // 256) * 256
 
 
-def shapes_demo_config(image_size: int = 32) -> ml_collections.ConfigDict:
-  """The embedded demo: a 4-layer, d = 128 Transfusion on the shapes data + pydoc text, pixel space
-  (8 x 8 patches per image), 1000 steps; minutes on 2 CPU cores. experiments/shapes_*.py start here."""
-  c = default_config()
-  c.data.image_size = image_size
-  c.total_steps = 1000
-  c.batch_size = 8
-  c.seq_len = 256
-  c.log_every = 10
-  c.ckpt_every = 250
-  c.sample_every = 500
-  c.model.num_layers = 4
-  c.model.d_model = 128
-  c.model.num_heads = 4
-  c.model.mlp_dim = 384
-  c.model.patch_size = image_size // 8
-  c.data.vocab_size = 512
-  c.optim.lr = 2e-3
-  c.optim.warmup_steps = 50
-  c.sample.diffusion_steps = 250
-  c.ema_decay = 0.999            # a 1000-step run: the average spans the last ~1000 updates
-  return c
-
-
 def load_experiment(path: str) -> ml_collections.ConfigDict:
   """The config of an experiment file as --config reads it: "experiments/x.py" or "experiments/x.py:arg"."""
   file, _, arg = path.partition(":")
