@@ -5,9 +5,9 @@ them back from their captions (docs/results.md, "Image generation").
 
 The shapes demo's pixel-space model (d 128, 4 layers, 8x8 patches) trains on rows packed with the four
 caption-first pairs (10% of captions dropped for CFG). Reported per variant: the eps MSE of the four images
-at fixed t and noise (from EMA weights when the variant keeps them), the same for the mean-image predictor
-(eps_hat = (x_t - sqrt(a) mean) / sqrt(1 - a)), and the PSNR of the drawn images against the true ones with
-DDPM 250, DDIM 50 and DDPM 250 + CFG 3. Prints a table and writes benchmarks/results/decoder_candidates.json
+at fixed t and noise (from EMA weights when the variant keeps them), the same for the two reference denoisers
+of the four images (evaluation.suite.reference_eps: the mean image, and the ideal denoiser), and the PSNR of
+the drawn images against the true ones with DDPM 250, DDIM 50 and DDPM 250 + CFG 3. Prints a table and writes benchmarks/results/decoder_candidates.json
 and one PNG grid per variant and sampler beside it.
 """
 import argparse
@@ -21,6 +21,7 @@ import numpy as np
 
 from tfusion import codecs, config as config_lib, diffusion, objective, sharding, spec as spec_lib, visualize
 from tfusion.data import sequence, shapes, tokenizer as tokenizer_lib
+from tfusion.evaluation import suite
 from tfusion.inference import decoding, sampler as sampler_lib
 from tfusion.training import optim, state as state_lib, step as step_lib
 
@@ -112,13 +113,14 @@ def run_variant(name: str, overrides: dict, steps: int, out_dir: str) -> dict:
   eps = jax.random.normal(jax.random.key(7), batch["latents"].shape)
   forward = jax.jit(lambda p, t: objective.forward(p, batch, t, eps, model=model,
                                                   alpha_bar=jnp.asarray(alpha_bar, jnp.float32)))
-  valid, mean_image = batch["image_valid"][0], latents.mean(0)
+  valid = batch["image_valid"][0]
   for t in TIMESTEPS:
     _, output, x_t = forward(params, jnp.full(batch["t_max"].shape, t))
     eps_hat = diffusion.eps_from_prediction(model.cfg.prediction, output, x_t, alpha_bar[t])
-    mean_eps = (np.asarray(x_t[0][valid]) - np.sqrt(alpha_bar[t]) * mean_image) / np.sqrt(1 - alpha_bar[t])
-    result[f"eps_mse_t{t}"] = float(jnp.mean(jnp.square(eps_hat - eps)[0][valid]))
-    result[f"mean_image_eps_mse_t{t}"] = float(np.mean(np.square(mean_eps - np.asarray(eps[0][valid]))))
+    mean_eps, ideal_eps = suite.reference_eps(x_t[0][valid], alpha_bar[t], latents)
+    for key, estimate in (("eps_mse", eps_hat[0][valid]), ("mean_image_eps_mse", mean_eps),
+                          ("ideal_eps_mse", ideal_eps)):
+      result[f"{key}_t{t}"] = float(jnp.mean(jnp.square(estimate - eps[0][valid])))
 
   sampler = sampler_lib.Sampler(config, params, tokenizer, mesh, codec)
   for label, options in SAMPLERS.items():
