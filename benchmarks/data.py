@@ -24,10 +24,9 @@ import jax
 import ml_collections
 import numpy as np
 
-from tfusion import codecs, config as config_lib, flops, prepare as prepare_lib
+from tfusion import codecs, config as config_lib, flops, prepare as prepare_lib, run_dir, spec as spec_lib
 from tfusion.data import latent_cache, mixture, pipeline, prepared, sequence
 from tfusion.models import vae as vae_lib
-from tfusion.training import state as state_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = ("the a red small dog runs over green field near tall tree under blue sky with two cats sitting on "
@@ -70,12 +69,12 @@ def save_random_vae(directory: str) -> None:
 
 
 def run_config(root: str, rows: int):
-  c = config_lib.paper_config("160m")
+  c = config_lib.load_experiment(os.path.join(REPO, "experiments", "transfusion_paper.py:size=160m"))
   c.batch_size = rows
   c.data.mixture.text = ml_collections.ConfigDict(dict(path=os.path.join(root, "text"), weight=0.5, split="train"))
   c.data.mixture.images = ml_collections.ConfigDict(dict(path=os.path.join(root, "images"), weight=0.5,
                                                          split="train"))
-  config_lib.validate(c)
+  spec_lib.resolve(c)
   return c
 
 
@@ -84,7 +83,7 @@ def time_pipeline(config, workdir: str, workers: int, rows: int) -> dict:
   codec = mixture.run_codec(config, workdir)
   data = mixture.training_data(config, workdir, codec)
   special = sequence.SpecialIds.of(data.tokenizer)
-  _, layout = state_lib.model_and_layout(config, data.tokenizer.vocab_size)
+  layout = spec_lib.resolve(config).layout
   mix = pipeline.MixOptions(config.data.caption_first_prob, config.diffusion.num_timesteps,
                             config.diffusion.image_first_max_t, config.seed, config.data.caption_dropout_prob)
   batches = pipeline.train_batches(data.sources, layout, special, mix, config.batch_size, workers=workers,
@@ -105,16 +104,17 @@ def time_pipeline(config, workdir: str, workers: int, rows: int) -> dict:
 
 def prepared_vocab_size(text_dir: str) -> int:
   from tfusion.data import tokenizer  # pylint: disable=import-outside-toplevel
-  return tokenizer.Tokenizer.load(os.path.join(text_dir, prepared.TOKENIZER)).vocab_size
+  return tokenizer.Tokenizer.load(os.path.join(text_dir, run_dir.TOKENIZER_FILE)).vocab_size
 
 
 def step_consumption(config, vocab_size: int) -> dict:
   """Upper bound of the 0.16B step's rows/s on this host: matmul peak / model FLOPs per row."""
-  model, layout = state_lib.model_and_layout(config, vocab_size)
-  batch = jax.eval_shape(lambda: state_lib.dummy_batch(1, layout))
+  spec = spec_lib.resolve(config)
+  model = spec.transfusion(vocab_size)
+  batch = jax.eval_shape(lambda: sequence.dummy_batch(1, spec.layout))
   params = nn.meta.unbox(jax.eval_shape(lambda: model.init(
-      jax.random.key(0), *state_lib.model_inputs(state_lib.dummy_batch(1, layout))))["params"])
-  row_flops = flops.train_flops(model, params, state_lib.model_inputs(batch))
+      jax.random.key(0), *sequence.model_inputs(sequence.dummy_batch(1, spec.layout))))["params"])
+  row_flops = flops.train_flops(model, params, sequence.model_inputs(batch))
   peak = flops.measured_matmul_tflops.__wrapped__("float32", size=2048, repeats=5) * 1e12
   return dict(model_tflops_per_row=row_flops / 1e12, matmul_peak_tflops=peak / 1e12, rows_per_sec=peak / row_flops,
               elements_per_sec=peak / row_flops * config.seq_len)

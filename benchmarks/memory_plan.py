@@ -17,17 +17,17 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # (label, experiment[:arg], topology, tfusion.aot flags and config overrides)
 PLANS = [
-    ("7b linear, remat full, chunked attn", "transfusion_7b.py", "v5p:4x4x8", []),
-    ("7b linear, remat dots_saveable", "transfusion_7b.py", "v5p:4x4x8", ["--config.model.remat_policy=dots_saveable"]),
-    ("7b linear, no remat", "transfusion_7b.py", "v5p:4x4x8", ["--config.model.remat_policy=none"]),
-    ("7b linear, dense attn", "transfusion_7b.py", "v5p:4x4x8", ["--config.model.attention=dense"]),
-    ("7b unet, remat full", "transfusion_7b.py:unet", "v5p:4x4x8", []),
-    ("7b linear on v4-256", "transfusion_7b.py", "v4:4x4x8", []),
-    ("7b linear, 2 slices v5p-128 (dcn data 2)", "transfusion_7b.py", "v5p:4x4x4",
+    ("7b linear, remat full, chunked attn", "transfusion_paper.py:size=7b", "v5p:4x4x8", []),
+    ("7b linear, remat dots_saveable", "transfusion_paper.py:size=7b", "v5p:4x4x8", ["--config.model.remat_policy=dots_saveable"]),
+    ("7b linear, no remat", "transfusion_paper.py:size=7b", "v5p:4x4x8", ["--config.model.remat_policy=none"]),
+    ("7b linear, dense attn", "transfusion_paper.py:size=7b", "v5p:4x4x8", ["--config.model.attention=dense"]),
+    ("7b unet, remat full", "transfusion_paper.py:size=7b,encoder=unet", "v5p:4x4x8", []),
+    ("7b linear on v4-256", "transfusion_paper.py:size=7b", "v4:4x4x8", []),
+    ("7b linear, 2 slices v5p-128 (dcn data 2)", "transfusion_paper.py:size=7b", "v5p:4x4x4",
      ["--num_slices=2", "--config.mesh.dcn_data_parallelism=2"]),
-    ("7b linear on v5p-16, 8 microbatches", "transfusion_7b.py", "v5p:2x2x2", ["--config.microbatches=8"]),
-    ("1.4b linear", "transfusion_1_4b.py", "v5p:2x2x2", ["--config.microbatches=4"]),
-    ("0.16b linear, no remat, 8 microbatches", "transfusion_160m.py", "v5p:2x2x2",
+    ("7b linear on v5p-16, 8 microbatches", "transfusion_paper.py:size=7b", "v5p:2x2x2", ["--config.microbatches=8"]),
+    ("1.4b linear", "transfusion_paper.py:size=1.4b", "v5p:2x2x2", ["--config.microbatches=4"]),
+    ("0.16b linear, no remat, 8 microbatches", "transfusion_paper.py:size=160m", "v5p:2x2x2",
      ["--config.model.remat_policy=none", "--config.microbatches=8"]),
 ]
 

@@ -91,7 +91,7 @@ def compile_train_step(model: PlainLlama, tx, batch_size: int, seq_len: int, mes
     params = model.init(key, jnp.zeros((1, seq_len), jnp.int32))["params"]
     return state_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
-  state, shardings = state_lib.abstract_state(init, mesh)
+  state, shardings = sharding.abstract_init(init, mesh)
   tokens = jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32, sharding=sharding.batch_sharding(mesh))
 
   def run(state, tokens):

@@ -6,7 +6,7 @@ tokens, and text tokens per second.
 
 Random weights (speed does not depend on training). The image is the paper's: 32x32x8 latents in 2x2
 patches, 256 elements (--size demo: the shapes demo model and its 64-patch images). "uncached" reruns
-the model over the whole sequence at every diffusion step and token (tfusion.decoding.FullMemory);
+the model over the whole sequence at every diffusion step and token (tfusion.inference.decoding.FullMemory);
 "cached" computes only the new block against the KV cache. Each is timed at a few step counts (after a
 compiling warm-up) and a line fitted: fixed cost (prefill, start-up) + per-step cost, which gives the
 time of a 250-step image. At prefix P and n patches a step's FLOPs differ by at most (P + n + 2) / n
@@ -21,9 +21,9 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from tfusion import config as config_lib, decoding, diffusion
+from tfusion import config as config_lib, diffusion, spec as spec_lib
 from tfusion.data import sequence
-from tfusion.models import transfusion
+from tfusion.inference import decoding
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPECIAL = sequence.SpecialIds(pad=0, bos=2, eos=3, boi=4, eoi=5)
@@ -35,12 +35,13 @@ def build_model(size: str):
     config = config_lib.default_config()
     config.update_from_flattened_dict({"model.num_layers": 4, "model.d_model": 128, "model.num_heads": 4,
                                        "model.mlp_dim": 384, "model.patch_size": 4})
-    latent_shape, vocab = (32, 32, 3), 512
+    vocab = 512
   else:
-    config = config_lib.paper_config(size)
+    config = config_lib.load_experiment(os.path.join(REPO, "experiments", f"transfusion_paper.py:size={size}"))
     config.model.dtype, config.model.remat_policy, config.model.attention = "float32", "none", "dense"
-    latent_shape, vocab = (32, 32, 8), config.data.vocab_size
-  model = transfusion.Transfusion(transfusion.config_from(config, vocab, latent_shape))
+    vocab = config.data.vocab_size
+  spec = spec_lib.resolve(config)
+  model, latent_shape = spec.transfusion(vocab), spec.latent_shape
   rows = np.zeros((1, 8), np.int32)
   params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), rows, rows, rows, rows,
                                               np.zeros((1, 1, *latent_shape), np.float32), np.zeros((1, 1), np.int32)))

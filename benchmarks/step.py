@@ -19,7 +19,7 @@ import time
 import jax
 import numpy as np
 
-from tfusion import config as config_lib, diffusion, flops, sharding
+from tfusion import config as config_lib, diffusion, flops, sharding, spec as spec_lib
 from tfusion.data import sequence
 from tfusion.training import optim, state as state_lib, step as step_lib
 
@@ -28,11 +28,11 @@ SPECIAL = sequence.SpecialIds(pad=0, bos=2, eos=3, boi=4, eoi=5)
 
 
 def benchmark_config(seq_len, rows, dtype, attention="dense", remat="none"):
-  c = config_lib.paper_config("160m")
+  c = config_lib.load_experiment(os.path.join(REPO, "experiments", "transfusion_paper.py:size=160m"))
   c.seq_len, c.batch_size, c.total_steps = seq_len, rows, 1000
   c.model.dtype, c.model.remat_policy, c.model.attention = dtype, remat, attention
   c.mesh.ici_data_parallelism, c.mesh.ici_fsdp_parallelism = 1, 1
-  config_lib.validate(c)
+  spec_lib.resolve(c)
   return c
 
 
@@ -87,16 +87,17 @@ def profile_step(run, state, batch):
 
 def time_steps(config, steps):
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
-  model, layout = state_lib.model_and_layout(config, config.data.vocab_size)
+  spec = spec_lib.resolve(config)
+  model, layout = spec.transfusion(config.data.vocab_size), spec.layout
   tx, schedule = optim.make_optimizer(config.optim, config.total_steps)
-  init = state_lib.dummy_batch(1, layout)
+  init = sequence.dummy_batch(1, layout)
   state, shardings = state_lib.create_train_state(model, tx, init, jax.random.key(0), mesh)
   run = step_lib.jit_train_step(mesh, shardings, model=model, tx=tx, schedule=schedule,
                                 alpha_bar=diffusion.make_alpha_bar("cosine", 1000), loss_weight=5.0,
                                 train_key=jax.random.key(1))
   batch = jax.device_put(packed_batch(layout, config.batch_size, config.data.vocab_size),
                          sharding.batch_sharding(mesh))
-  step_flops = flops.train_flops(model, state.params, state_lib.model_inputs(batch))
+  step_flops = flops.train_flops(model, state.params, sequence.model_inputs(batch))
   with jax.set_mesh(mesh):
     start = time.perf_counter()
     state, metrics = run(state, batch)

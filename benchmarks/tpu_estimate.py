@@ -26,10 +26,7 @@ import os
 import sys
 import time
 
-import jax
-
-from tfusion import aot, codecs, config as config_lib, flops, sharding
-from tfusion.models import transfusion
+from tfusion import aot, config as config_lib, flops, sharding, spec as spec_lib
 from tfusion.training import optim
 
 import plain_llama
@@ -62,7 +59,7 @@ def tfusion_step(config, devices, layers: int) -> dict:
 
 def llama_step(config, devices, layers: int) -> dict:
   """Figures of the plain Llama's step, as tfusion_step."""
-  tcfg = transfusion.config_from(config, config.data.vocab_size, codecs.latent_shape(config.data)).transformer
+  tcfg = spec_lib.resolve(config).model.transformer
   tcfg = dataclasses.replace(tcfg, num_layers=layers or tcfg.num_layers)
   tx, _ = optim.make_optimizer(config.optim, config.total_steps)
   mesh = sharding.make_mesh(config.mesh, devices)
@@ -102,7 +99,7 @@ def run_plan(plan: str, attentions: list[str], out: str, batch_size: int = 0, se
              llama: bool = True, memory: bool = True) -> list[dict]:
   """The rows of one plan, each printed and saved to `out` as soon as it is compiled."""
   size, topology = plan.split("@")
-  config = config_lib.paper_config(size)
+  config = config_lib.load_experiment(os.path.join(REPO, "experiments", f"transfusion_paper.py:size={size}"))
   config.batch_size = batch_size or config.batch_size
   config.seq_len = seq_len or config.seq_len
   devices = aot.topology_devices(topology)
@@ -111,7 +108,7 @@ def run_plan(plan: str, attentions: list[str], out: str, batch_size: int = 0, se
     variant = config.copy_and_resolve_references()
     variant.model.attention, _, block = attention.partition(":")
     variant.model.attention_chunk = int(block or variant.model.attention_chunk)
-    config_lib.validate(variant)
+    spec_lib.resolve(variant)                        # the config's and the model's checks, before any compile
     label = f"tfusion {size}, {variant.model.attention} attention {variant.model.attention_chunk}"
     variants.append((label, tfusion_step, variant))
   rows = []

@@ -7,16 +7,16 @@ r"""The shapes demo in latent space: Transfusion on 8x8x8 latents of the shapes 
 config.data.vae and config.data.latent_cache default to workdir/demo/{vae,latents}; `:ROOT` moves both
 under another directory. 2x2 latent patches (the paper's choice): 16 elements per image, encoded and decoded
 by U-Net blocks (the paper's encoder of choice; at this size it is what makes the shapes sharp and their
-counts right, docs/results.md "Image generation"). 1500 steps, evaluated at the end (eval/step_1500.json).
+counts right, docs/results.md "Image generation"). 1000 steps, evaluated at the end (eval/step_1000.json).
 """
 import os
 
-from tfusion.config import shapes_demo_config
+from tfusion.config import load_experiment
 
 
 def get_config(arg=None):
   """arg: the directory holding vae/ and latents/ (default workdir/demo)."""
-  c = shapes_demo_config(32)
+  c = load_experiment(os.path.join(os.path.dirname(__file__), "shapes_tiny.py"))
   root = arg or os.path.join("workdir", "demo")
   c.data.codec = "vae"
   c.data.vae = os.path.join(root, "vae")
@@ -27,6 +27,6 @@ def get_config(arg=None):
   c.model.patch_encoder = "unet"
   c.model.unet_channels = (64, 128)
   c.model.unet_res_blocks = 1
-  c.total_steps = 1500
-  c.eval_every = 1500
+  c.total_steps = 1000
+  c.eval_every = 1000
   return c

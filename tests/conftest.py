@@ -1,4 +1,4 @@
-"""Test set-up: 8 fake CPU devices (before jax is imported), parsed absl flags, a compile cache."""
+"""Test set-up: 8 fake CPU devices (before jax is imported), parsed absl flags, a compile cache; fixtures."""
 import os
 import tempfile
 
@@ -6,6 +6,7 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 from absl import flags  # noqa: E402
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 # grain worker processes read absl flags; outside absl.app.run they must be marked parsed.
 flags.FLAGS.mark_as_parsed()
@@ -18,3 +19,9 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 def pytest_configure(config):
   config.addinivalue_line("markers", "slow: multi-process runs of several minutes; left out by pytest.ini, run with -m slow")
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+  """The directory of the shapes data the tiny runs build (once per worker)."""
+  return str(tmp_path_factory.mktemp("tfds"))

@@ -1,84 +1,25 @@
 """CLIP: a tiny random Hugging Face-layout checkpoint (written by save_clip, with a BPE tokenizer.json trained here)
 loads bit for bit and embeds images and texts as a float64 NumPy reference of CLIPModel written from the torch
-names; the causal text tower and the EOS pooling rules; strict loading; batching; pre-processing."""
+names; the causal text tower and the CLIP_EOS pooling rules; strict loading; batching; pre-processing."""
 import json
 import os
 import shutil
 
-import flax.linen as nn
 import jax
 import numpy as np
 import pytest
 import safetensors.numpy
 import scipy.special
 from flax import traverse_util
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
 
-from tfusion.models import clip
-from tests.helpers import logically_partitioned_params
+from tfusion.evaluation import clip
+from tests.helpers import (CLIP_EOS, CLIP_MAX_POSITIONS, CLIP_SENTENCES, CLIP_TOKENIZER, clip_config_dict,
+                           make_clip_tokenizer, random_clip_params)
 
-SENTENCES = ["a photo of a cat", "a photo of a dog on the grass", "a painting of a red house by the sea",
-             "two cats sleeping on a blue sofa", "an old man reading a book in the park",
-             "a bowl of green apples on a wooden table", "the city at night with bright lights"]
 TEXTS = ["a photo of a red cat", "two dogs on the sofa", "an apple"]
 # CLIPImageProcessor's constants, written out here.
 MEAN = np.array([0.48145466, 0.4578275, 0.40821073])
 STD = np.array([0.26862954, 0.26130258, 0.27577711])
-MAX_POSITIONS = 16
-
-
-def make_tokenizer() -> Tokenizer:
-  """A small BPE with CLIP's specials appended after training (so <|endoftext|> is the largest id, as in CLIP) and
-  a post-processor wrapping each text in them."""
-  tok = Tokenizer(models.BPE())
-  tok.normalizer = normalizers.Lowercase()
-  tok.pre_tokenizer = pre_tokenizers.Whitespace()
-  tok.train_from_iterator(SENTENCES, trainers.BpeTrainer(vocab_size=90, show_progress=False))
-  tok.add_special_tokens(["<|startoftext|>", "<|endoftext|>"])
-  bos, eos = tok.token_to_id("<|startoftext|>"), tok.token_to_id("<|endoftext|>")
-  tok.post_processor = processors.TemplateProcessing(
-      single="<|startoftext|> $A <|endoftext|>", special_tokens=[("<|startoftext|>", bos), ("<|endoftext|>", eos)])
-  return tok
-
-
-TOKENIZER = make_tokenizer()
-EOS = TOKENIZER.token_to_id("<|endoftext|>")
-
-
-def config_dict(act="quick_gelu", eos_token_id=EOS) -> dict:
-  """Towers of different sizes (so a swapped size or weight cannot pass); extra HF keys as real configs have."""
-  return {"architectures": ["CLIPModel"], "model_type": "clip", "projection_dim": 16, "logit_scale_init_value": 2.6592,
-          "text_config": {"vocab_size": TOKENIZER.get_vocab_size(), "hidden_size": 24, "intermediate_size": 40,
-                          "num_hidden_layers": 2, "num_attention_heads": 3, "max_position_embeddings": MAX_POSITIONS,
-                          "hidden_act": act, "layer_norm_eps": 1e-5, "eos_token_id": eos_token_id,
-                          "bos_token_id": 0, "pad_token_id": 1, "projection_dim": 16},
-          "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                            "num_attention_heads": 2, "image_size": 32, "patch_size": 8, "hidden_act": act,
-                            "layer_norm_eps": 1e-6, "num_channels": 3, "projection_dim": 16}}
-
-
-def random_params(config: clip.ClipConfig, seed=0):
-  """ClipModel params of the init tree's shapes (checked to carry logical names), random NumPy values:
-  LayerNorm scales near 1, biases ~0.1, matrices and embeddings of O(1) outputs."""
-  abstract = jax.eval_shape(clip.ClipModel(config).init, jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32),
-                            np.zeros((1, MAX_POSITIONS), np.int32))
-  logically_partitioned_params(abstract)
-  rng = np.random.default_rng(seed)
-  flat = {}
-  for key, leaf in traverse_util.flatten_dict(nn.meta.unbox(abstract["params"])).items():
-    shape = leaf.shape
-    if key[-1] == "scale":
-      value = 1 + 0.2 * rng.standard_normal(shape)
-    elif key[-1] == "bias":
-      value = 0.1 * rng.standard_normal(shape)
-    elif key[-1] == "logit_scale":
-      value = np.asarray(2.6592)
-    else:
-      value = 0.25 * rng.standard_normal(shape)
-    flat[key] = value.astype(np.float32)
-  return traverse_util.unflatten_dict(flat)
-
-
 def images(seed, n=3, size=32):
   return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
 
@@ -148,15 +89,15 @@ def ref_texts(tensors, cfg, texts):
   t = {k: v.astype(np.float64) for k, v in tensors.items()}
   sub = cfg["text_config"]
   length = sub["max_position_embeddings"]
-  ids = np.full((len(texts), length), EOS)
+  ids = np.full((len(texts), length), CLIP_EOS)
   for i, text in enumerate(texts):
-    enc = make_tokenizer().encode(text).ids
-    assert len(enc) <= length and enc[-1] == EOS
+    enc = make_clip_tokenizer().encode(text).ids
+    assert len(enc) <= length and enc[-1] == CLIP_EOS
     ids[i, :len(enc)] = enc
   x = t["text_model.embeddings.token_embedding.weight"][ids] + t["text_model.embeddings.position_embedding.weight"]
   x = ref_encoder(x, t, "text_model", sub, causal=True)
   x = ref_layer_norm(x, t, "text_model.final_layer_norm", sub["layer_norm_eps"])
-  pooled = x[np.arange(len(texts)), np.argmax(ids == EOS, axis=1)]
+  pooled = x[np.arange(len(texts)), np.argmax(ids == CLIP_EOS, axis=1)]
   return ref_linear(pooled, t, "text_projection", bias=False)
 
 
@@ -170,10 +111,10 @@ def assert_close(got, want):
 @pytest.fixture(scope="module", params=["quick_gelu", "gelu"])
 def checkpoint(request, tmp_path_factory):
   """(directory, config dict, params saved, loaded Clip)."""
-  cfg = config_dict(request.param)
-  params = random_params(clip.config_from_dict(cfg))
+  cfg = clip_config_dict(request.param)
+  params = random_clip_params(clip.config_from_dict(cfg))
   directory = str(tmp_path_factory.mktemp(f"clip_{request.param}"))
-  clip.save_clip(directory, params, cfg, TOKENIZER)
+  clip.save_clip(directory, params, cfg, CLIP_TOKENIZER)
   return directory, cfg, params, clip.load_clip(directory)
 
 
@@ -181,7 +122,7 @@ def test_load_is_bit_exact_and_matches_reference(checkpoint):
   directory, cfg, params, model = checkpoint
   assert sorted(os.listdir(directory)) == ["config.json", "model.safetensors", "tokenizer.json"]
   assert model.config.vision.hidden_act == model.config.text.hidden_act == cfg["text_config"]["hidden_act"]
-  assert model.config.projection_dim == 16 and model.config.eos_token_id == EOS
+  assert model.config.projection_dim == 16 and model.config.eos_token_id == CLIP_EOS
   got_flat, want_flat = (traverse_util.flatten_dict(jax.tree.map(np.asarray, p)) for p in (model.params, params))
   assert got_flat.keys() == want_flat.keys()
   for key, value in want_flat.items():
@@ -218,12 +159,12 @@ def test_transposed_linear_weight_fails_the_reference(checkpoint):
 def test_text_tower_is_causal(checkpoint):
   _, _, _, model = checkpoint
   ids = clip.tokenize(model.tokenizer, ["a photo of a cat"], model.config)
-  eos_at = int(np.argmax(ids[0] == EOS))
-  assert ids[0, eos_at + 1:].tolist() == [EOS] * (MAX_POSITIONS - eos_at - 1)       # padded with <|endoftext|>
+  eos_at = int(np.argmax(ids[0] == CLIP_EOS))
+  assert ids[0, eos_at + 1:].tolist() == [CLIP_EOS] * (CLIP_MAX_POSITIONS - eos_at - 1)   # padded with <|endoftext|>
   after = ids.copy()
-  after[0, eos_at + 1:] = np.arange(MAX_POSITIONS - eos_at - 1) % 5 + 3            # other tokens after the EOS
+  after[0, eos_at + 1:] = np.arange(CLIP_MAX_POSITIONS - eos_at - 1) % 5 + 3            # other tokens after the EOS
   before = ids.copy()
-  before[0, eos_at - 1] = (before[0, eos_at - 1] + 1) % EOS                         # a token before it
+  before[0, eos_at - 1] = (before[0, eos_at - 1] + 1) % CLIP_EOS                         # a token before it
   base, changed_after, changed_before = (model.embed_token_ids(x)[0] for x in (ids, after, before))
   np.testing.assert_allclose(changed_after, base, rtol=0, atol=1e-6)
   assert np.abs(changed_before - base).max() > 1e-3
@@ -241,7 +182,7 @@ def test_pooling_index_rules():
 def test_legacy_eos_config_pools_the_same(checkpoint, tmp_path):
   """eos_token_id 2 (OpenAI's configs) pools at the largest id, here <|endoftext|>: the same embeddings."""
   directory, cfg, _, model = checkpoint
-  legacy_cfg = config_dict(cfg["text_config"]["hidden_act"], eos_token_id=2)
+  legacy_cfg = clip_config_dict(cfg["text_config"]["hidden_act"], eos_token_id=2)
   shutil.copytree(directory, tmp_path / "legacy")
   (tmp_path / "legacy" / "config.json").write_text(json.dumps(legacy_cfg))
   legacy = clip.load_clip(str(tmp_path / "legacy"))
@@ -251,11 +192,12 @@ def test_legacy_eos_config_pools_the_same(checkpoint, tmp_path):
 
 def test_tokenize_truncates_keeping_eos_and_needs_eos(checkpoint):
   _, _, _, model = checkpoint
-  long_text = " ".join(SENTENCES)
+  long_text = " ".join(CLIP_SENTENCES)
   ids = clip.tokenize(model.tokenizer, [long_text, "a cat"], model.config)
-  assert ids.shape == (2, MAX_POSITIONS) and ids.dtype == np.int32
-  assert ids[0, 0] == TOKENIZER.token_to_id("<|startoftext|>") and ids[0, -1] == EOS and EOS not in ids[0, :-1]
-  no_specials = make_tokenizer()
+  assert ids.shape == (2, CLIP_MAX_POSITIONS) and ids.dtype == np.int32
+  assert ids[0, 0] == CLIP_TOKENIZER.token_to_id("<|startoftext|>")
+  assert ids[0, -1] == CLIP_EOS and CLIP_EOS not in ids[0, :-1]
+  no_specials = make_clip_tokenizer()
   no_specials.post_processor = None
   with pytest.raises(ValueError, match="no eos_token_id"):
     clip.tokenize(no_specials, ["a cat"], model.config)
@@ -277,7 +219,7 @@ def rewrite_weights(directory, edit):
 
 def test_position_ids_buffers_are_ignored(good_dir, checkpoint):
   def add(t):
-    t["text_model.embeddings.position_ids"] = np.arange(MAX_POSITIONS, dtype=np.int64)[None]
+    t["text_model.embeddings.position_ids"] = np.arange(CLIP_MAX_POSITIONS, dtype=np.int64)[None]
     t["vision_model.embeddings.position_ids"] = np.arange(17, dtype=np.int64)[None]
   rewrite_weights(good_dir, add)
   loaded = clip.load_clip(str(good_dir))

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from tfusion import config as config_lib
+from tfusion import config as config_lib, spec as spec_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -21,7 +21,7 @@ def test_every_experiment_file_loads_and_validates(path):
     for variant in config.variants:
       ablate.cell_config(config, variant, config.seeds[-1])
     return
-  (config_lib.validate_vae if "loss" in config else config_lib.validate)(config)
+  (config_lib.validate_vae if "loss" in config else spec_lib.resolve)(config)
 
 
 def test_every_prepare_preset_validates():
@@ -44,8 +44,8 @@ def load_experiment(path):
 def test_experiment_argument_sets_the_image_size():
   config = load_experiment(os.path.join(REPO, "experiments", "shapes_tiny.py")).get_config("64")
   assert config.data.image_size == 64
-  config_lib.validate(config)
-  config_lib.validate(config)
+  spec_lib.resolve(config)
+  spec_lib.resolve(config)
 
 
 @pytest.mark.parametrize("field, value, message", [
@@ -77,7 +77,7 @@ def test_invalid_values_name_the_field(field, value, message):
   group, _, name = field.rpartition(".")
   (config[group] if group else config)[name] = value
   with pytest.raises(config_lib.ConfigError) as error:
-    config_lib.validate(config)
+    spec_lib.resolve(config)
   assert message in str(error.value)
 
 
@@ -86,14 +86,14 @@ def test_unknown_field_is_rejected():
   config.model.unlock()
   config.model.depth = 3
   with pytest.raises(config_lib.ConfigError, match=r"config.model has unknown or missing fields: \['depth'\]"):
-    config_lib.validate(config)
+    spec_lib.resolve(config)
 
 
 def test_unet_refuses_the_linear_decoder_options():
   config = config_lib.default_config()
   config.model.patch_encoder, config.model.unet_channels, config.model.decoder_skip = "unet", (8, 16), True
   with pytest.raises(config_lib.ConfigError, match="config.model.decoder_skip = True: applies to the linear patch"):
-    config_lib.validate(config)
+    spec_lib.resolve(config)
 
 
 def test_a_recorded_config_without_newer_fields_keeps_the_behaviour_it_was_trained_with():

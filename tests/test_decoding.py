@@ -8,11 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tfusion import decoding, diffusion, sharding
+from tfusion import diffusion, sharding
 from tfusion.data import sequence
+from tfusion.inference import decoding
 from tfusion.models import transformer, transfusion
-from tests.helpers import SPECIAL
-from tests.test_model import LATENT, VOCAB, make_model, tiny_config
+from tests.helpers import LATENT, SPECIAL, VOCAB, make_model, tiny_model_config
 
 AB = diffusion.cosine_alpha_bar(1000)
 N = 16                                   # patches per image of the tiny model (8x8 latent, 2x2 patches)
@@ -21,7 +21,7 @@ OPTS = decoding.SamplingOptions(diffusion_steps=4, max_new_tokens=8, max_images=
 
 @pytest.fixture(scope="module")
 def model_and_params():
-  model = make_model(tiny_config())
+  model = make_model(tiny_model_config())
   rows = np.zeros((1, 24), np.int32)
   params = nn.meta.unbox(model.init(jax.random.key(0), rows, rows, rows, rows, np.zeros((1, 1, *LATENT), np.float32),
                                     np.zeros((1, 1), np.int32))["params"])
@@ -36,13 +36,13 @@ def model_and_params():
 @pytest.fixture(scope="module")
 def causal_model_and_params(model_and_params):
   """The tiny model's params under model.image_attention = causal."""
-  return make_model(tiny_config(image_attention="causal")), model_and_params[1]
+  return make_model(tiny_model_config(image_attention="causal")), model_and_params[1]
 
 
 @pytest.fixture(scope="module")
 def unet_model_and_params():
   """The tiny model with U-Net patch encoder and decoder (2x2 patches: two levels)."""
-  model = make_model(tiny_config(patch_encoder="unet", unet_channels=(8, 16), unet_res_blocks=1))
+  model = make_model(tiny_model_config(patch_encoder="unet", unet_channels=(8, 16), unet_res_blocks=1))
   rows, latents = np.zeros((1, 24), np.int32), np.zeros((1, 1, *LATENT), np.float32)
   # An rbg key: the jitted init compiles in a third of the time it takes with threefry on CPU.
   params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0, impl="rbg"), rows, rows, rows, rows, latents,
@@ -140,7 +140,7 @@ def test_greedy_caption_matches_full_model_reference(model_and_params):
     a = row.arrays()
     logits, _ = model.apply({"params": params}, *(a[k][None] for k in ("tokens", "segment_ids", "positions",
                                                                          "image_ids")),
-                            a["latents"][None], np.full((1, layout.max_images), decoding.CONTEXT_TIMESTEP, np.int32))
+                            a["latents"][None], np.full((1, layout.max_images), sequence.CONTEXT_TIMESTEP, np.int32))
     step_logits = np.array(logits[0, row.length - 1])
     step_logits[[SPECIAL.pad, SPECIAL.bos, SPECIAL.eoi, SPECIAL.boi]] = -np.inf
     tokens.append(int(np.argmax(step_logits)))

@@ -7,6 +7,7 @@ import pytest
 
 from tfusion.data import shapes
 from tfusion.evaluation import metrics, shapes_checker as checker
+from tests.helpers import CLIP_TOKENIZER, clip_config_dict, random_clip_params, random_inception_params, tiny_run_config
 
 
 def test_scenes(size, n):
@@ -160,52 +161,50 @@ class ImagesFor:
 
 def test_fid_and_clip_score_hooks_load_user_weights(tmp_path):
   import jax   # pylint: disable=import-outside-toplevel
-  from tfusion import config as config_lib, evaluate   # pylint: disable=import-outside-toplevel
-  from tfusion.models import clip, inception   # pylint: disable=import-outside-toplevel
-  from tests import test_clip, test_inception   # pylint: disable=import-outside-toplevel
+  from tfusion import config as config_lib   # pylint: disable=import-outside-toplevel
+  from tfusion.evaluation import clip, inception, suite   # pylint: disable=import-outside-toplevel
   abstract = jax.eval_shape(inception.FidInception().init, jax.random.key(0), jax.ShapeDtypeStruct((1, 32, 32, 3),
                                                                                                     np.float32))
-  inception.save_inception_params(str(tmp_path / "fid.safetensors"), test_inception.random_params(abstract["params"]))
-  clip_config = test_clip.config_dict()
-  clip.save_clip(str(tmp_path / "clip"), test_clip.random_params(clip.config_from_dict(clip_config)), clip_config,
-                 test_clip.TOKENIZER)
+  inception.save_inception_params(str(tmp_path / "fid.safetensors"), random_inception_params(abstract["params"]))
+  clip_config = clip_config_dict()
+  clip.save_clip(str(tmp_path / "clip"), random_clip_params(clip.config_from_dict(clip_config)), clip_config,
+                 CLIP_TOKENIZER)
   config = config_lib.default_config()
   config.eval_inception_weights, config.eval_clip = str(tmp_path / "fid.safetensors"), str(tmp_path / "clip")
-  scorers = evaluate.ImageScorers.from_config(config)
+  scorers = suite.ImageScorers.from_config(config)
 
   scenes, images = test_scenes(32, 6)
   examples = [dict(image=i, caption=shapes.caption_for(s).encode()) for s, i in zip(scenes, images)]
-  same = evaluate.image_report(ImagesFor(images), examples, None, None, scorers)
+  same = suite.image_report(ImagesFor(images), examples, None, None, scorers)
   features = inception.inception_features(scorers.inception_params, np.stack(images))
   assert same["shapes_all"] == 1.0 and abs(same["fid"]) < 1e-6 * np.trace(np.cov(features, rowvar=False))
-  darker = evaluate.image_report(ImagesFor([i // 2 for i in images]), examples, None, None, scorers)
+  darker = suite.image_report(ImagesFor([i // 2 for i in images]), examples, None, None, scorers)
   assert darker["fid"] > 1.0 and darker["shapes_all"] < 1.0
   model = clip.load_clip(str(tmp_path / "clip"))
   want = metrics.clip_score(model.embed_images(np.stack(images)), model.embed_texts([e["caption"].decode()
                                                                                     for e in examples]))
   assert same["clip_score"] == pytest.approx(want, rel=1e-6) and darker["clip_score"] != pytest.approx(want)
   # Without weights neither number is reported; a bad file names its config field.
-  assert {"fid", "clip_score"}.isdisjoint(evaluate.image_report(ImagesFor(images), examples, None, None))
+  assert {"fid", "clip_score"}.isdisjoint(suite.image_report(ImagesFor(images), examples, None, None))
   config.eval_inception_weights = str(tmp_path / "missing.safetensors")
   with pytest.raises(config_lib.ConfigError, match="config.eval_inception_weights: .*missing.safetensors"):
-    evaluate.ImageScorers.from_config(config)
+    suite.ImageScorers.from_config(config)
   (tmp_path / "corrupt.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00not json")
   config.eval_inception_weights = str(tmp_path / "corrupt.safetensors")
   with pytest.raises(config_lib.ConfigError, match="config.eval_inception_weights: cannot load .*corrupt"):
-    evaluate.ImageScorers.from_config(config)
+    suite.ImageScorers.from_config(config)
   (tmp_path / "clip" / "tokenizer.json").write_text("{")
   config.eval_inception_weights = ""
   with pytest.raises(config_lib.ConfigError, match="config.eval_clip: cannot load"):
-    evaluate.ImageScorers.from_config(config)
+    suite.ImageScorers.from_config(config)
 
 
 # ---- The ablation runner. -------------------------------------------------------------------------
 def test_ablation_runner_on_a_two_by_two_toy(tmp_path):
   import ml_collections   # pylint: disable=import-outside-toplevel
   from tfusion import ablate   # pylint: disable=import-outside-toplevel
-  from tests.test_train import tiny_config   # pylint: disable=import-outside-toplevel
   ablation = ml_collections.ConfigDict()
-  ablation.base = tiny_config(str(tmp_path / "tfds"), total_steps=2, sample_every=100, eval_examples=2)
+  ablation.base = tiny_run_config(str(tmp_path / "tfds"), total_steps=2, sample_every=100, eval_examples=2)
   ablation.variants = ml_collections.ConfigDict({"lambda_1": {"diffusion": {"loss_weight": 1.0}},
                                                  "lambda_5": {"diffusion": {"loss_weight": 5.0}}})
   ablation.seeds = (0, 1)
@@ -243,9 +242,8 @@ def test_a_signal_during_a_cell_stops_the_ablation(tmp_path, monkeypatch):
   ablation with that status instead of going on to the next cell."""
   import ml_collections   # pylint: disable=import-outside-toplevel
   from tfusion import ablate   # pylint: disable=import-outside-toplevel
-  from tests.test_train import tiny_config   # pylint: disable=import-outside-toplevel
   ablation = ml_collections.ConfigDict()
-  ablation.base = tiny_config(str(tmp_path / "tfds"), total_steps=2)
+  ablation.base = tiny_run_config(str(tmp_path / "tfds"), total_steps=2)
   ablation.variants = ml_collections.ConfigDict({"a": {"diffusion": {"loss_weight": 1.0}},
                                                  "b": {"diffusion": {"loss_weight": 5.0}}})
   ablation.seeds = (0, 1)
@@ -258,23 +256,23 @@ def test_a_signal_during_a_cell_stops_the_ablation(tmp_path, monkeypatch):
   for saved_step, status, stopped in ((1, 0, 0), (1, 130, 130), (2, 0, None)):
     trained.clear()
     workdir = str(tmp_path / f"{saved_step}_{status}")
-    monkeypatch.setattr(ablate.train, "train_and_evaluate",
+    monkeypatch.setattr(ablate.trainer, "train_and_evaluate",
                         lambda config, directory, s=saved_step, c=status: train(config, directory, s, c))
     assert ablate.run_all(ablation, workdir) == stopped
     assert len(trained) == (4 if stopped is None else 1)
 
 
 def test_reference_denoisers_against_a_float64_computation():
-  """evaluate.reference_eps: the mean training image as x0, and the ideal denoiser of the training set (softmax
+  """suite.reference_eps: the mean training image as x0, and the ideal denoiser of the training set (softmax
   over -|x_t - sqrt(a) x_i|^2 / 2(1 - a) of the training latents x_i), written out in float64."""
   import jax.numpy as jnp
-  from tfusion import evaluate
+  from tfusion.evaluation import suite
   rng = np.random.default_rng(0)
   train = rng.standard_normal((50, 2, 2, 3))
   x0, eps = train[:3] + 0.01 * rng.standard_normal((3, 2, 2, 3)), rng.standard_normal((3, 2, 2, 3))
   for a in (0.999, 0.5, 0.01):
     x_t = np.sqrt(a) * x0 + np.sqrt(1 - a) * eps
-    mean_eps, ideal_eps = evaluate.reference_eps(jnp.asarray(x_t, jnp.float32), jnp.float32(a),
+    mean_eps, ideal_eps = suite.reference_eps(jnp.asarray(x_t, jnp.float32), jnp.float32(a),
                                                  jnp.asarray(train, jnp.float32))
     flat, data = x_t.reshape(3, -1), train.reshape(50, -1)
     logits = -((flat[:, None] - np.sqrt(a) * data[None]) ** 2).sum(-1) / (2 * (1 - a))
@@ -286,6 +284,6 @@ def test_reference_denoisers_against_a_float64_computation():
   # At a training image at low noise the ideal denoiser finds it: its eps is almost the true one, the mean
   # image's is far off.
   x_t = np.sqrt(0.999) * train[:3] + np.sqrt(0.001) * eps
-  mean_eps, ideal_eps = evaluate.reference_eps(jnp.asarray(x_t, jnp.float32), jnp.float32(0.999),
+  mean_eps, ideal_eps = suite.reference_eps(jnp.asarray(x_t, jnp.float32), jnp.float32(0.999),
                                                jnp.asarray(train, jnp.float32))
   assert np.mean((np.asarray(ideal_eps) - eps) ** 2) < 1e-3 < 10 < np.mean((np.asarray(mean_eps) - eps) ** 2)

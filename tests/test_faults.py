@@ -19,20 +19,16 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
-from tfusion import config as config_lib, config_resume, prepare as prepare_lib, train, train_vae, workdir_lock
+from tfusion import (checkpoints, config as config_lib, config_resume, integrity, prepare as prepare_lib, run_dir,
+                     train_vae, workdir_lock)
 from tfusion.metrics import read_metrics
-from tfusion.training import checkpoint, integrity, nonfinite, preemption, step as step_lib
-from tests.helpers import raising, set_fields
-from tests.test_train import data_dir  # noqa: F401  (a fixture: the 16 px shapes data, built once per worker)
+from tfusion.training import nonfinite, preemption, step as step_lib, trainer
+from tests.helpers import assert_same_state, raising, saved_state, set_fields, without_timing
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOTAL = 24          # steps of the reference run; every interrupted run stops well before
-TIMING = {"elements_per_sec", "tflops_per_device", "mfu"}
-
-
 def fields(data_dir, **changes):  # noqa: F811
   """The tiny run: shapes_tiny.py:16 with these fields; constant lr after warmup, so stopping a run and
   resuming it with another total_steps follows the same schedule."""
@@ -46,7 +42,7 @@ def fields(data_dir, **changes):  # noqa: F811
 
 
 def config_of(values: dict):
-  return set_fields(config_lib.shapes_demo_config(16), values)
+  return set_fields(config_lib.load_experiment(os.path.join(REPO, "experiments", "shapes_tiny.py:16")), values)
 
 
 def launch(workdir, values: dict, log: str, *extra, prefix=()) -> subprocess.Popen:
@@ -122,30 +118,11 @@ def wait_until(predicate, process, log, timeout=240, poll=0.02):
     time.sleep(poll)
 
 
-def saved_state(workdir, step) -> dict:
-  """The train state saved at `step`, as numpy arrays (whatever devices and processes saved it)."""
-  path = os.path.join(workdir, "checkpoints", str(step), "state")
-  with ocp.PyTreeCheckpointer() as c:
-    as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), c.metadata(path).item_metadata.tree)
-    return c.restore(path, restore_args=as_numpy)
-
-
-def assert_same_state(a, b):
-  leaves_a, leaves_b = jax.tree_util.tree_flatten_with_path(a)[0], jax.tree_util.tree_flatten_with_path(b)[0]
-  assert [p for p, _ in leaves_a] == [p for p, _ in leaves_b]
-  for (path, x), (_, y) in zip(leaves_a, leaves_b):
-    assert np.array_equal(x, y), jax.tree_util.keystr(path)
-
-
-def without_timing(entries):
-  return [{k: v for k, v in m.items() if k not in TIMING} for m in entries]
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, data_dir):  # noqa: F811
   """An uninterrupted in-process run of TOTAL steps: (workdir, its metrics, its final state)."""
   workdir = str(tmp_path_factory.mktemp("reference") / "run")
-  train.train_and_evaluate(config_of(fields(data_dir)), workdir)
+  trainer.train_and_evaluate(config_of(fields(data_dir)), workdir)
   return workdir, read_metrics(workdir), saved_state(workdir, TOTAL)
 
 
@@ -158,7 +135,7 @@ def test_signals_second_launch_and_kill_resume_bit_exactly(tmp_path, data_dir, r
   workdir, logs = str(tmp_path / "run"), str(tmp_path)
   long_run = fields(data_dir, total_steps=1000, ckpt_every=1000)      # saves only when told to stop
   lock = os.path.join(workdir, workdir_lock.LOCK_FILE)
-  checkpoints = checkpoint.checkpoint_dir(workdir)
+  run = run_dir.RunDir(workdir)
 
   # The first run reads its data through two grain workers. Paused, they hold the run at an early step,
   # waiting for its next batch.
@@ -183,8 +160,8 @@ def test_signals_second_launch_and_kill_resume_bit_exactly(tmp_path, data_dir, r
   s1 = logged_steps(workdir)[-1]
   assert code == 130 and f"stopped by SIGINT: saved step {s1}" in out, out[-3000:]
   assert "SIGTERM received while stopping: ignored" in out and "Traceback" not in out
-  assert checkpoint.saved_steps(checkpoints) == [s1]
-  assert integrity.verify(os.path.join(checkpoints, str(s1)))
+  assert run.saved_steps() == [s1]
+  assert integrity.verify(os.path.join(run.checkpoints, str(s1)))
   assert os.path.getsize(lock) == 0                                   # released on a clean exit
 
   # SIGTERM saves the current step and exits 0.
@@ -199,9 +176,9 @@ def test_signals_second_launch_and_kill_resume_bit_exactly(tmp_path, data_dir, r
   # temporary directory exists, paused, killed. The lock is left behind.
   third = launch(workdir, dict(long_run, ckpt_every=1), f"{logs}/4.log")
   while True:
-    wait_until(lambda: checkpoint.temporary_dirs(checkpoints), third, f"{logs}/4.log", poll=0.001)
+    wait_until(lambda: checkpoints.temporary_dirs(run.checkpoints), third, f"{logs}/4.log", poll=0.001)
     pause(third)
-    unfinished = checkpoint.temporary_dirs(checkpoints)
+    unfinished = checkpoints.temporary_dirs(run.checkpoints)
     if unfinished:
       break
     third.send_signal(signal.SIGCONT)                                 # committed meanwhile: the next save
@@ -251,7 +228,7 @@ def test_corrupt_checkpoint_falls_back_to_the_newest_that_verifies(tmp_path, dat
   ref_dir, ref_metrics, ref_state = reference
   workdir = str(tmp_path / "run")
   shutil.copytree(ref_dir, workdir)
-  assert checkpoint.saved_steps(checkpoint.checkpoint_dir(workdir)) == [TOTAL - 8, TOTAL - 4, TOTAL]
+  assert run_dir.RunDir(workdir).saved_steps() == [TOTAL - 8, TOTAL - 4, TOTAL]
   # 8 bytes overwritten inside the largest data file of the newest checkpoint, same size.
   newest = os.path.join(workdir, "checkpoints", str(TOTAL))
   data = max((os.path.join(root, n) for root, _, names in os.walk(os.path.join(newest, "state")) for n in names),
@@ -271,7 +248,7 @@ def test_corrupt_checkpoint_falls_back_to_the_newest_that_verifies(tmp_path, dat
   assert code == 0, out[-3000:]
   assert f"checkpoint {newest}: file {os.path.relpath(data, newest)} differs from its checksum" in out
   assert f"resuming from step {TOTAL - 4}, the newest that verifies" in out
-  (entry,) = [json.loads(line) for line in open(os.path.join(workdir, config_resume.CHANGES))]
+  (entry,) = [json.loads(line) for line in open(run_dir.RunDir(workdir).config_changes_file)]
   assert entry["step"] == TOTAL - 4 and entry["changed"] == {"peak_tflops_per_device": [1.0, 2.0]}
   assert f"removing {unfinished}" in out and not os.path.exists(unfinished)
   assert "dropping the torn last line" in out
@@ -279,7 +256,7 @@ def test_corrupt_checkpoint_falls_back_to_the_newest_that_verifies(tmp_path, dat
   assert len(aside) == 1                                             # kept for inspection, invisible to orbax
   # The last 4 steps were trained again exactly; their first logs were kept aside, not erased.
   assert without_timing(read_metrics(workdir)) == without_timing(ref_metrics)
-  assert [m["step"] for m in read_metrics(workdir, "metrics_dropped.jsonl")] == list(range(TOTAL - 3, TOTAL + 1))
+  assert [m["step"] for m in read_metrics(workdir, dropped=True)] == list(range(TOTAL - 3, TOTAL + 1))
   assert_same_state(saved_state(workdir, TOTAL), ref_state)
 
 
@@ -299,10 +276,10 @@ def test_changed_config_is_refused_naming_each_field_and_config_json_stays(tmp_p
   assert "config.log_every from" not in out                           # a cadence may change
   # Forced through the check, the new width fails to restore: config.json stays as it was all the same.
   with pytest.raises(RuntimeError, match=r"checkpoint .*/24 could not be restored"):
-    train.train_and_evaluate(config_of(fields(data_dir, model__d_model=64)), workdir,
+    trainer.train_and_evaluate(config_of(fields(data_dir, model__d_model=64)), workdir,
                              allow_config_change=["model.d_model"])
   assert open(os.path.join(workdir, "config.json")).read() == before
-  assert not os.path.exists(os.path.join(workdir, config_resume.CHANGES))
+  assert not os.path.exists(run_dir.RunDir(workdir).config_changes_file)
 
 
 def test_forced_and_allowed_changes_are_logged_and_recorded(tmp_path, data_dir, reference, caplog):  # noqa: F811
@@ -310,11 +287,11 @@ def test_forced_and_allowed_changes_are_logged_and_recorded(tmp_path, data_dir, 
   shutil.copytree(reference[0], workdir)
   config = config_of(fields(data_dir, log_every=2, optim__lr=1e-3, nonfinite_skip_limit=3))
   with pytest.raises(config_resume.ConfigChangeError, match=r"config.optim.lr from 0.002 to 0.001"):
-    train.train_and_evaluate(config, workdir)
-  assert train.train_and_evaluate(config, workdir, allow_config_change=["optim"]) == 0
+    trainer.train_and_evaluate(config, workdir)
+  assert trainer.train_and_evaluate(config, workdir, allow_config_change=["optim"]) == 0
   assert "config.optim.lr changed on resume: 0.002 -> 0.001 (forced by --allow_config_change)" in caplog.text
   assert json.load(open(os.path.join(workdir, "config.json")))["optim"]["lr"] == 1e-3
-  (entry,) = [json.loads(line) for line in open(os.path.join(workdir, config_resume.CHANGES))]
+  (entry,) = [json.loads(line) for line in open(run_dir.RunDir(workdir).config_changes_file)]
   assert entry["step"] == TOTAL and entry["forced"] == ["optim.lr"]
   assert entry["changed"] == {"log_every": [1, 2], "nonfinite_skip_limit": [0, 3], "optim.lr": [0.002, 0.001]}
 
@@ -324,19 +301,19 @@ def test_a_workdir_recorded_before_newer_fields_existed_resumes(tmp_path, data_d
   train reads it) or, without such a value, today's default."""
   workdir = str(tmp_path / "run")
   shutil.copytree(reference[0], workdir)
-  path = os.path.join(workdir, config_resume.CONFIG)
+  path = run_dir.RunDir(workdir).config_file
   old = json.load(open(path))
   ema = old.pop("ema_decay")
   del old["nonfinite_skip_limit"], old["optim"]["grad_clip"]          # fields older tfusions did not have
   json.dump(old, open(path, "w"))
   config = config_of(fields(data_dir))
   with pytest.raises(config_resume.ConfigChangeError, match=rf"config.ema_decay from 0.0 to {ema}"):
-    train.train_and_evaluate(config, workdir)      # a run recorded before EMA existed had none
+    trainer.train_and_evaluate(config, workdir)      # a run recorded before EMA existed had none
   json.dump(dict(old, ema_decay=ema), open(path, "w"))
-  assert train.train_and_evaluate(config, workdir) == 0                       # resumed at its last step
+  assert trainer.train_and_evaluate(config, workdir) == 0                       # resumed at its last step
   recorded = json.load(open(path))
   assert recorded["nonfinite_skip_limit"] == 0 and "grad_clip" in recorded["optim"]   # recorded in full
-  assert not os.path.exists(os.path.join(workdir, config_resume.CHANGES))
+  assert not os.path.exists(run_dir.RunDir(workdir).config_changes_file)
 
 
 def test_resumed_checkpoints_without_a_recorded_config_are_warned_about(tmp_path, caplog):
@@ -360,14 +337,14 @@ def test_nan_override_saves_nothing_non_finite_and_skip_mode_skips(tmp_path, dat
   code, out = finish(launch(workdir, blowing_up, log), log)
   assert code == 1
   assert "the train state after step 2 is not finite" in out and "last checkpoint: step 1" in out
-  assert checkpoint.saved_steps(checkpoint.checkpoint_dir(workdir)) == [1]    # the good one was not pushed out
+  assert run_dir.RunDir(workdir).saved_steps() == [1]    # the good one was not pushed out
   good = saved_state(workdir, 1)
   assert nonfinite.all_finite(good)
 
   # Resumed with skipping on (a field that may change): steps 2 and 3 are skipped, the third in a row stops.
   with pytest.raises(nonfinite.NonFiniteUpdate, match=r"steps 2\.\.4 all had a non-finite loss or update"):
-    train.train_and_evaluate(config_of(dict(blowing_up, nonfinite_skip_limit=2)), workdir)
-  assert checkpoint.saved_steps(checkpoint.checkpoint_dir(workdir)) == [3]
+    trainer.train_and_evaluate(config_of(dict(blowing_up, nonfinite_skip_limit=2)), workdir)
+  assert run_dir.RunDir(workdir).saved_steps() == [3]
   skipped = saved_state(workdir, 3)
   assert int(skipped["step"]) == 3
   assert_same_state({k: v for k, v in skipped.items() if k != "step"}, {k: v for k, v in good.items() if k != "step"})
@@ -393,8 +370,8 @@ def test_a_non_finite_state_after_a_finite_loss_is_not_saved(tmp_path, data_dir,
   poisoned_at_step(monkeypatch, 3)
   workdir = str(tmp_path / "run")
   with pytest.raises(nonfinite.NonFiniteUpdate, match=r"after step 3 is not finite .* last checkpoint: step 2"):
-    train.train_and_evaluate(config_of(fields(data_dir, total_steps=5, ckpt_every=1)), workdir)
-  assert checkpoint.saved_steps(checkpoint.checkpoint_dir(workdir)) == [1, 2]
+    trainer.train_and_evaluate(config_of(fields(data_dir, total_steps=5, ckpt_every=1)), workdir)
+  assert run_dir.RunDir(workdir).saved_steps() == [1, 2]
   assert np.isfinite(read_metrics(workdir)[-1]["loss"]) and read_metrics(workdir)[-1]["step"] == 3
 
 
@@ -402,7 +379,7 @@ def test_skip_mode_drops_one_bad_update_and_goes_on(tmp_path, data_dir, monkeypa
   poisoned_at_step(monkeypatch, 3)
   workdir = str(tmp_path / "run")
   config = config_of(fields(data_dir, total_steps=5, ckpt_every=1, max_to_keep=5, nonfinite_skip_limit=1))
-  assert train.train_and_evaluate(config, workdir) == 0
+  assert trainer.train_and_evaluate(config, workdir) == 0
   assert [m["skipped_steps"] for m in read_metrics(workdir)] == [0, 0, 1, 0, 0]
   before, skipped, after = (saved_state(workdir, s) for s in (2, 3, 4))
   assert int(skipped["step"]) == 3
@@ -425,7 +402,7 @@ def test_a_full_disk_during_a_save_keeps_the_earlier_checkpoints(tmp_path, data_
   code, out = finish(launch(workdir, fields(data_dir, total_steps=TOTAL + 2, ckpt_every=2), log, prefix=limited), log)
   assert code == 1 and re.search(rf"Failed writing: .*/checkpoints/{TOTAL + 2}{integrity.TMP_SUFFIX}/.*File too large",
                                  out), out[-3000:]
-  assert checkpoint.saved_steps(checkpoint.checkpoint_dir(workdir)) == [TOTAL - 8, TOTAL - 4, TOTAL]
+  assert run_dir.RunDir(workdir).saved_steps() == [TOTAL - 8, TOTAL - 4, TOTAL]
   for step in (TOTAL - 8, TOTAL - 4, TOTAL):
     assert integrity.verify(os.path.join(workdir, "checkpoints", str(step)))
 
@@ -433,13 +410,13 @@ def test_a_full_disk_during_a_save_keeps_the_earlier_checkpoints(tmp_path, data_
 def test_a_failed_save_still_closes_everything(tmp_path, data_dir, monkeypatch):  # noqa: F811
   """The background save fails (disk full, a hashing error) and wait() raises it: the checkpointer and
   the writer are closed all the same, the signal handlers removed, the lock released."""
-  monkeypatch.setattr(checkpoint.Checkpointer, "wait", raising(OSError(28, "No space left on device")))
+  monkeypatch.setattr(checkpoints.Checkpointer, "wait", raising(OSError(28, "No space left on device")))
   closed = []
-  monkeypatch.setattr(checkpoint.Checkpointer, "close", lambda self: closed.append(self.manager.close()))
+  monkeypatch.setattr(checkpoints.Checkpointer, "close", lambda self: closed.append(self.manager.close()))
   before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
   workdir = str(tmp_path / "run")
   with pytest.raises(OSError, match="No space left"):
-    train.train_and_evaluate(config_of(fields(data_dir, total_steps=1)), workdir)
+    trainer.train_and_evaluate(config_of(fields(data_dir, total_steps=1)), workdir)
   assert closed == [None] and (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
   assert os.path.getsize(os.path.join(workdir, workdir_lock.LOCK_FILE)) == 0
 
@@ -501,7 +478,7 @@ def test_history_without_checkpoints_is_kept_aside(tmp_path, data_dir, reference
   workdir = str(tmp_path / "run")
   shutil.copytree(reference[0], workdir)
   shutil.rmtree(os.path.join(workdir, "checkpoints"))
-  train.train_and_evaluate(config_of(fields(data_dir, total_steps=2)), workdir)
+  trainer.train_and_evaluate(config_of(fields(data_dir, total_steps=2)), workdir)
   assert [m["step"] for m in read_metrics(workdir)] == [1, 2]
-  assert [m["step"] for m in read_metrics(workdir, "metrics_dropped.jsonl")] == list(range(1, TOTAL + 1))
+  assert [m["step"] for m in read_metrics(workdir, dropped=True)] == list(range(1, TOTAL + 1))
   assert f"{TOTAL} entries of steps 1..{TOTAL} were logged after step 0" in caplog.text

@@ -12,14 +12,17 @@ import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
 
-from tfusion import decoding, generate, train
-from tests.test_train import REPO, data_dir, tiny_config  # noqa: F401,F811  (data_dir is a fixture)
+from tfusion import generate, sharding
+from tfusion.data import sequence
+from tfusion.inference import decoding, sampler as sampler_lib
+from tfusion.training import trainer
+from tests.helpers import CLIP_TOKENIZER, REPO, clip_config_dict, random_clip_params, tiny_run_config
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, data_dir):  # noqa: F811
   workdir = str(tmp_path_factory.mktemp("gen") / "run")
-  train.train_and_evaluate(tiny_config(data_dir, sample_every=100, eval_every=6, eval_examples=2), workdir)
+  trainer.train_and_evaluate(tiny_run_config(data_dir, sample_every=100, eval_every=6, eval_examples=2), workdir)
   return workdir
 
 
@@ -42,7 +45,7 @@ def test_image_mode_writes_pngs_grid_and_summary(run_dir, tmp_path):
 
 
 def test_caption_mode_from_png_files_and_test_examples(run_dir, tmp_path):
-  sampler = generate.load(run_dir)
+  sampler = sampler_lib.load(run_dir)
   pngs = []
   for i, image in enumerate(sampler.text_to_image(["", ""], decoding.SamplingOptions(diffusion_steps=2),
                                                   jax.random.key(0))):
@@ -72,32 +75,32 @@ def test_text_and_interleaved_modes(run_dir, tmp_path):
 
 def test_load_restores_only_the_saved_params_bit_for_bit(run_dir):
   """The EMA of the params by default, the raw params on request, each equal to what the checkpoint holds."""
-  sampler = generate.load(run_dir, step=3)
-  raw = generate.load(run_dir, step=3, weights="raw")
+  sampler = sampler_lib.load(run_dir, step=3)
+  raw = sampler_lib.load(run_dir, step=3, weights="raw")
   assert (sampler.weights, raw.weights) == ("ema", "raw")
   saved = ocp.StandardCheckpointer().restore(os.path.join(run_dir, "checkpoints", "3", "state"))
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(sampler.params), saved["ema_params"])
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(raw.params), saved["params"])
   leaf = lambda p: np.asarray(p["lm_head"]["kernel"])  # noqa: E731
   assert not np.array_equal(leaf(sampler.params), leaf(raw.params))
-  latest = generate.load(run_dir)
+  latest = sampler_lib.load(run_dir)
   assert not np.array_equal(leaf(latest.params), leaf(sampler.params))   # step 6, not 3
   with pytest.raises(ValueError, match="weights = 'best': one of"):
-    generate.load(run_dir, weights="best")
+    sampler_lib.load(run_dir, weights="best")
 
 
 def test_bad_inputs_are_named(run_dir, tmp_path):
   out = str(tmp_path / "out")
   with pytest.raises(FileNotFoundError, match="config.json not found"):
-    generate.load(str(tmp_path / "nowhere"))
+    sampler_lib.load(str(tmp_path / "nowhere"))
   empty = tmp_path / "no_ckpt"
   empty.mkdir()
   for name in ("config.json", "tokenizer.model"):
     (empty / name).write_bytes(open(os.path.join(run_dir, name), "rb").read())
   with pytest.raises(FileNotFoundError, match="no checkpoint in"):
-    generate.load(str(empty))
+    sampler_lib.load(str(empty))
   with pytest.raises(ValueError, match=r"no checkpoint for step 99 .* saved steps: \[3, 6\]"):
-    generate.load(run_dir, step=99)
+    sampler_lib.load(run_dir, step=99)
   wrong_size = str(tmp_path / "big.png")
   Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(wrong_size)
   with pytest.raises(ValueError, match=r"this model reads 16x16"):
@@ -130,12 +133,12 @@ def test_command_line(run_dir, tmp_path):
 
 def test_batches_are_full_size_so_one_compilation_serves_all(run_dir, tmp_path, monkeypatch):
   sizes = []
-  text_to_image = generate.Sampler.text_to_image
+  text_to_image = sampler_lib.Sampler.text_to_image
 
   def recording(self, captions, options, key):
     sizes.append(len(captions))
     return text_to_image(self, captions, options, key)
-  monkeypatch.setattr(generate.Sampler, "text_to_image", recording)
+  monkeypatch.setattr(sampler_lib.Sampler, "text_to_image", recording)
   prompts = ["a red circle", "a blue square", "two green triangles"]
   summary = generate.run(cli_args(run_dir, str(tmp_path / "b"), prompt=prompts, batch_size=2, diffusion_steps=2))
   assert sizes == [2, 2] and [o["prompt"] for o in summary["outputs"]] == prompts
@@ -144,13 +147,13 @@ def test_batches_are_full_size_so_one_compilation_serves_all(run_dir, tmp_path, 
 
 # ---- python -m tfusion.evaluate on the same run. -------------------------------------------------
 def test_text_perplexity_counts_every_held_out_target(run_dir):
-  from tfusion import evaluate   # pylint: disable=import-outside-toplevel
-  sampler = generate.load(run_dir)
-  docs = evaluate.held_out_documents(sampler.config, sampler.tokenizer)
-  result = evaluate.text_perplexity(sampler, docs, rows_per_batch=8)
+  from tfusion.evaluation import suite   # pylint: disable=import-outside-toplevel
+  sampler = sampler_lib.load(run_dir)
+  docs = suite.held_out_documents(sampler.config, sampler.tokenizer)
+  result = suite.text_perplexity(sampler, docs, rows_per_batch=8)
   # Every document gives len + 1 targets ([BOS ids] -> [ids EOS]), minus one per extra row it continues into.
-  model, layout = evaluate.state_lib.model_and_layout(sampler.config, sampler.tokenizer.vocab_size)
-  rows = evaluate.text_rows(docs, layout, evaluate.sequence.SpecialIds.of(sampler.tokenizer), 1000)
+  model, layout = sampler.model, sampler.spec.layout
+  rows = suite.text_rows(docs, layout, sequence.SpecialIds.of(sampler.tokenizer), 1000)
   assert result["text_targets"] == sum(int(r["text_loss_mask"].sum()) for r in rows)
   assert sum(len(d) + 1 for d in docs) - len(rows) <= result["text_targets"] <= sum(len(d) + 1 for d in docs)
   assert 1 < result["perplexity"] < sampler.tokenizer.vocab_size * 2     # a 6-step model: near uniform
@@ -166,26 +169,27 @@ def test_text_perplexity_counts_every_held_out_target(run_dir):
 
 
 def test_held_out_image_loss_is_the_training_objective_at_fixed_timesteps(run_dir):
-  from tfusion import diffusion, evaluate   # pylint: disable=import-outside-toplevel
+  from tfusion import diffusion   # pylint: disable=import-outside-toplevel
+  from tfusion.evaluation import suite   # pylint: disable=import-outside-toplevel
   from tfusion.data import shapes   # pylint: disable=import-outside-toplevel
-  sampler = generate.load(run_dir)
+  sampler = sampler_lib.load(run_dir)
   test = shapes.load_shapes(sampler.config.data.data_dir, "test", sampler.config.data.image_size)
   examples = test.__getitems__(list(range(5)))
-  result = evaluate.held_out_image_loss(sampler, examples, jax.random.key(3), timesteps=(200, 800), rows_per_batch=2)
+  result = suite.held_out_image_loss(sampler, examples, jax.random.key(3), timesteps=(200, 800), rows_per_batch=2)
   assert set(result) == {"eps_mse", "eps_mse_t200", "eps_mse_t800"}
   assert result["eps_mse"] == pytest.approx((result["eps_mse_t200"] + result["eps_mse_t800"]) / 2)
-  assert result == evaluate.held_out_image_loss(sampler, examples, jax.random.key(3), (200, 800), rows_per_batch=2)
+  assert result == suite.held_out_image_loss(sampler, examples, jax.random.key(3), (200, 800), rows_per_batch=2)
   # By hand, one document per row: noise each image at t with the same per-row noise, MSE of the predicted eps.
-  model, layout = evaluate.state_lib.model_and_layout(sampler.config, sampler.tokenizer.vocab_size)
-  special = evaluate.sequence.SpecialIds.of(sampler.tokenizer)
-  rows = evaluate.whole_document_rows([evaluate.sequence.image_caption_document(
+  model, layout = sampler.model, sampler.spec.layout
+  special = sequence.SpecialIds.of(sampler.tokenizer)
+  rows = suite.whole_document_rows([sequence.image_caption_document(
       sampler.tokenizer.encode(e["caption"].decode()), x, True, special, 1000, 1000)
       for e, x in zip(examples, sampler.encode_images(np.stack([e["image"] for e in examples])))],
       layout, special, 1000)
   assert sum(int(r["image_valid"].sum()) for r in rows) == 5 and len(rows) > 1
   ab = diffusion.make_alpha_bar("cosine", 1000)[200]
-  errors, per_batch = [], -(-2 // (sampler.mesh.shape["data"] * sampler.mesh.shape["fsdp"])) * (
-      sampler.mesh.shape["data"] * sampler.mesh.shape["fsdp"])     # rows_per_batch, rounded up to the mesh
+  shards = sharding.data_shards(sampler.mesh)
+  errors, per_batch = [], -(-2 // shards) * shards     # rows_per_batch, rounded up to the mesh
   for i, row in enumerate(rows):                                 # noise is drawn per batch of rows
     start = i // per_batch * per_batch
     eps = jax.random.normal(jax.random.fold_in(jax.random.key(3), start), (per_batch, *row["latents"].shape))
@@ -209,11 +213,10 @@ def test_training_evaluates_every_eval_every_steps(run_dir):
 
 
 def test_evaluate_command_writes_a_report(run_dir, tmp_path):
-  from tfusion.models import clip   # pylint: disable=import-outside-toplevel
-  from tests import test_clip   # pylint: disable=import-outside-toplevel
-  clip_config = test_clip.config_dict()
-  clip.save_clip(str(tmp_path / "clip"), test_clip.random_params(clip.config_from_dict(clip_config)), clip_config,
-                 test_clip.TOKENIZER)
+  from tfusion.evaluation import clip   # pylint: disable=import-outside-toplevel
+  clip_config = clip_config_dict()
+  clip.save_clip(str(tmp_path / "clip"), random_clip_params(clip.config_from_dict(clip_config)), clip_config,
+                 CLIP_TOKENIZER)
   done = subprocess.run([sys.executable, "-m", "tfusion.evaluate", "--workdir", run_dir, "--num_examples", "4",
                          "--eval_clip", str(tmp_path / "clip")], cwd=REPO, capture_output=True, text=True, timeout=600)
   assert done.returncode == 0, done.stderr[-3000:]
@@ -233,7 +236,7 @@ def test_export_round_trip_generates_what_the_run_generates(run_dir, tmp_path):
   from tfusion import export   # pylint: disable=import-outside-toplevel
   out = export.export(run_dir, str(tmp_path / "export"))
   assert sorted(os.listdir(out)) == ["config.json", "export.json", "model.safetensors", "params", "tokenizer.model"]
-  run, exported = generate.load(run_dir), tfusion.load(out)
+  run, exported = sampler_lib.load(run_dir), tfusion.load(out)
   assert exported.step == run.step == 6 and exported.weights == run.weights == "ema"
   flat = safetensors.numpy.load_file(os.path.join(out, "model.safetensors"))
   want = export.flat_params(run.params)
@@ -249,7 +252,7 @@ def test_export_round_trip_generates_what_the_run_generates(run_dir, tmp_path):
 
   raw = tfusion.load(export.export(run_dir, str(tmp_path / "raw"), weights="raw"))
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(raw.params),
-               jax.device_get(generate.load(run_dir, weights="raw").params))
+               jax.device_get(sampler_lib.load(run_dir, weights="raw").params))
   half = tfusion.load(export.export(run_dir, str(tmp_path / "bf16"), dtype="bfloat16"))
   assert {leaf.dtype for leaf in jax.tree.leaves(half.params)} == {jax.numpy.dtype("bfloat16")}
   assert len(half.caption(images, options, key)) == 2

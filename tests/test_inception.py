@@ -13,8 +13,8 @@ import pytest
 import safetensors.numpy
 from flax import traverse_util
 
-from tests.helpers import logically_partitioned_params
-from tfusion.models import inception
+from tests.helpers import logically_partitioned_params, random_inception_params
+from tfusion.evaluation import inception
 
 BN_STATS = ("running_mean", "running_var")
 
@@ -25,20 +25,9 @@ def abstract_variables():
   return jax.eval_shape(inception.FidInception().init, jax.random.key(0), x)
 
 
-def random_params(abstract_params, seed=0):
-  """Random FidInception params in Flax layout: He-normal kernels, BN with non-trivial weights, biases and running
-  statistics (positive variances)."""
-  rng = np.random.default_rng(seed)
-  draws = {"kernel": lambda s: rng.normal(0, math.sqrt(2 / math.prod(s[:3])), s), "scale": lambda s: rng.uniform(
-      0.5, 1.5, s), "bias": lambda s: rng.normal(0, 0.1, s), "mean": lambda s: rng.normal(0, 0.2, s),
-           "var": lambda s: rng.uniform(0.5, 2.0, s)}
-  flat = traverse_util.flatten_dict(nn.unbox(abstract_params))
-  return traverse_util.unflatten_dict({k: draws[k[-1]](v.shape).astype(np.float32) for k, v in flat.items()})
-
-
 @pytest.fixture(scope="module")
 def params(abstract_variables):
-  return random_params(abstract_variables["params"])
+  return random_inception_params(abstract_variables["params"])
 
 
 @pytest.fixture(scope="module")

@@ -10,12 +10,13 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from tfusion import codecs, config as config_lib, decoding, encode_latents, generate, sharding, train, train_vae
+from tfusion import codecs, config as config_lib, encode_latents, sharding, train_vae
 from tfusion.data import latent_cache, shapes
 from tfusion.metrics import read_metrics
 from tfusion.models import discriminator, lpips, vae as vae_lib
-from tfusion.training import state as state_lib, vae_step
-from tests.test_train import data_dir, tiny_config  # noqa: F401  (data_dir is a fixture)
+from tfusion.inference import decoding, sampler as sampler_lib
+from tfusion.training import trainer, vae_step
+from tests.helpers import tiny_run_config
 
 SIZE = 16
 
@@ -61,7 +62,7 @@ def vae_run(vae_run_and_config):
 
 
 def latent_config(data_dir, vae, cache, **top):  # noqa: F811
-  c = tiny_config(data_dir, **top)
+  c = tiny_run_config(data_dir, **top)
   c.data.codec, c.data.vae, c.data.latent_cache = "vae", vae, cache
   c.data.latent_channels, c.data.latent_downsample = 4, 4
   c.model.patch_size = 2
@@ -142,13 +143,13 @@ def test_diffusers_export_of_the_vae_encodes_the_same(vae_run, tmp_path):
 
 def test_transfusion_trains_and_samples_on_cached_latents(cache, vae_run, data_dir, tmp_path):  # noqa: F811
   workdir = str(tmp_path / "run")
-  train.train_and_evaluate(latent_config(data_dir, vae_run, cache), workdir)
+  trainer.train_and_evaluate(latent_config(data_dir, vae_run, cache), workdir)
   assert codecs.read_codec_metadata(workdir) == codecs.read_codec_metadata(cache)
   metrics = read_metrics(workdir)
   assert all(np.isfinite(m["image_loss"]) for m in metrics) and metrics[-1]["images"] > 0
   grid = Image.open(os.path.join(workdir, "samples", "step_6", "images.png"))
   assert grid.size == (4 * 128, 128 + 40)
-  sampler = generate.load(workdir)
+  sampler = sampler_lib.load(workdir)
   assert isinstance(sampler.codec, codecs.VaeCodec)
   images = sampler.text_to_image(["a red circle"], decoding.SamplingOptions(diffusion_steps=3), jax.random.key(0))
   assert images.shape == (1, SIZE, SIZE, 3) and images.dtype == np.uint8
@@ -158,9 +159,9 @@ def test_bad_latent_settings_name_the_field(cache, vae_run, data_dir, tmp_path):
   config = latent_config(data_dir, vae_run, cache)
   config.data.latent_channels = 8
   with pytest.raises(ValueError, match=r"config.data.latent_channels = 8, but the VAE .* has 4 latent channels"):
-    train.train_and_evaluate(config, str(tmp_path / "a"))
+    trainer.train_and_evaluate(config, str(tmp_path / "a"))
   with pytest.raises(FileNotFoundError, match="python -m tfusion.encode_latents"):
-    train.train_and_evaluate(latent_config(data_dir, vae_run, str(tmp_path / "none")), str(tmp_path / "b"))
+    trainer.train_and_evaluate(latent_config(data_dir, vae_run, str(tmp_path / "none")), str(tmp_path / "b"))
   with pytest.raises(FileNotFoundError, match="config.data.vae = .*neither a tfusion.train_vae workdir"):
     encode_latents.encode_dataset(latent_config(data_dir, str(tmp_path / "no_vae"), str(tmp_path / "c")))
   config = latent_config(data_dir, vae_run, cache)
@@ -182,7 +183,7 @@ def test_vae_step_on_an_fsdp_mesh_equals_one_device():
     mesh_config = config.mesh.copy_and_resolve_references()
     mesh_config.ici_fsdp_parallelism = fsdp
     mesh = sharding.make_mesh(mesh_config, devices)
-    state, shardings = state_lib.create_sharded(vae_step.init_fn(model, disc, tx, SIZE), jax.random.key(0), mesh)
+    state, shardings = sharding.create_sharded(vae_step.init_fn(model, disc, tx, SIZE), jax.random.key(0), mesh)
     step = vae_step.jit_train_step(mesh, shardings, adversarial=True, vae=model, disc=disc, tx=tx,
                                    weights=vae_step.LossWeights.of(config.loss), train_key=jax.random.key(1))
     batch = jax.device_put(images, sharding.batch_sharding(mesh))

@@ -1,16 +1,20 @@
 """End to end: a tiny Transfusion memorises a few captioned images and draws each back from its caption.
 
-The training rows and the sampler are the library's (sequence.RowBuilder, the jitted train step, generate.Sampler),
+The training rows and the sampler are the library's (sequence.RowBuilder, the jitted train step, sampler_lib.Sampler),
 so a regression anywhere on the image path (noising, patching, the mask, the decoder's parameterisation, the
 DDPM/DDIM chains, CFG rows, the EMA) shows up as a blurred or wrong image.
 """
+import os
+
 import jax
 import numpy as np
 import pytest
 
-from tfusion import codecs, config as config_lib, decoding, diffusion, generate, sharding
+from tfusion import codecs, config as config_lib, diffusion, sharding, spec as spec_lib
 from tfusion.data import sequence, shapes, tokenizer as tokenizer_lib
+from tfusion.inference import decoding, sampler as sampler_lib
 from tfusion.training import optim, state as state_lib, step as step_lib
+from tests.helpers import REPO
 
 SCENES = [shapes.Scene((shapes.Group("square", "red", 1),), "none"),
           shapes.Scene((shapes.Group("circle", "blue", 1),), "none"),
@@ -26,14 +30,14 @@ def psnr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def memorising_config(**diffusion_options):
-  c = config_lib.shapes_demo_config(16)          # pixel space
+  c = config_lib.load_experiment(os.path.join(REPO, "experiments", "shapes_tiny.py:16"))   # pixel space
   c.model.patch_size = 4                         # 4x4x3 patches: 16 elements per image
   c.total_steps, c.batch_size, c.seq_len = STEPS, 8, 80
   c.model.num_layers, c.model.d_model, c.model.num_heads, c.model.mlp_dim = 3, 128, 4, 384
   c.optim.lr, c.optim.warmup_steps = 2e-3, 20
   c.ema_decay = 0.99
   c.diffusion.update(diffusion_options)
-  config_lib.validate(c)
+  spec_lib.resolve(c)
   return c
 
 
@@ -45,11 +49,12 @@ def train(config):
   captions = [shapes.caption_for(s) for s in SCENES]
   tok = tokenizer_lib.train_tokenizer(captions * 10, 280)
   special = sequence.SpecialIds.of(tok)
-  model, layout = state_lib.model_and_layout(config, tok.vocab_size)
+  spec = spec_lib.resolve(config)
+  model, layout = spec.transfusion(tok.vocab_size), spec.layout
   latents = codecs.IdentityCodec().encode(images)
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
   tx, schedule = optim.make_optimizer(config.optim, config.total_steps)
-  state, shardings = state_lib.create_train_state(model, tx, state_lib.dummy_batch(1, layout), jax.random.key(0),
+  state, shardings = state_lib.create_train_state(model, tx, sequence.dummy_batch(1, layout), jax.random.key(0),
                                                   mesh, ema=True)
   step = step_lib.jit_train_step(
       mesh, shardings, model=model, tx=tx, schedule=schedule,
@@ -66,7 +71,7 @@ def train(config):
       rows.append(row.arrays())
     with jax.set_mesh(mesh):
       state, _ = step(state, {k: np.stack([r[k] for r in rows]) for k in rows[0]})
-  return generate.Sampler(config, state.ema_params, tok, mesh), images, captions
+  return sampler_lib.Sampler(config, state.ema_params, tok, mesh), images, captions
 
 
 @pytest.fixture(scope="module")

@@ -28,10 +28,10 @@ def test_resuming_keeps_entries_up_to_the_step_and_moves_the_rest_aside(tmp_path
   writer.write(4, {"loss": 0.5})
   writer.close()
   assert [m["step"] for m in metrics.read_metrics(str(tmp_path))] == [1, 2, 3, 4]
-  assert (tmp_path / metrics.DROPPED).read_text() == "".join(lines[3:])
+  assert (tmp_path / "metrics_dropped.jsonl").read_text() == "".join(lines[3:])
   metrics.MetricWriter(str(tmp_path), resume_step=0).close()     # no checkpoint left: everything moves aside
   assert metrics.read_metrics(str(tmp_path)) == []
-  assert [m["step"] for m in metrics.read_metrics(str(tmp_path), metrics.DROPPED)] == [4, 5, 1, 2, 3, 4]
+  assert [m["step"] for m in metrics.read_metrics(str(tmp_path), dropped=True)] == [4, 5, 1, 2, 3, 4]
 
 
 def test_a_kill_between_moving_aside_and_truncating_moves_nothing_twice(tmp_path, monkeypatch):
@@ -41,9 +41,9 @@ def test_a_kill_between_moving_aside_and_truncating_moves_nothing_twice(tmp_path
     patch.setattr(metrics.os, "replace", raising(KeyboardInterrupt("killed before metrics.jsonl was replaced")))
     with pytest.raises(KeyboardInterrupt):
       metrics.MetricWriter(str(tmp_path), resume_step=3)
-  assert (tmp_path / metrics.DROPPED).read_text() == "".join(lines[3:])      # moved aside, not yet truncated
+  assert (tmp_path / "metrics_dropped.jsonl").read_text() == "".join(lines[3:])      # moved aside, not yet truncated
   metrics.MetricWriter(str(tmp_path), resume_step=3).close()                   # the next start
-  assert (tmp_path / metrics.DROPPED).read_text() == "".join(lines[3:])
+  assert (tmp_path / "metrics_dropped.jsonl").read_text() == "".join(lines[3:])
   assert [m["step"] for m in metrics.read_metrics(str(tmp_path))] == [1, 2, 3]
 
 

@@ -13,7 +13,7 @@ import safetensors.numpy
 from flax import traverse_util
 
 from tfusion.models import moco
-from tests.helpers import logically_partitioned_params
+from tests.helpers import assert_safetensors_round_trip, logically_partitioned_params
 
 # Written out here, not taken from the module: torchvision resnet50's blocks per layer and widths.
 BLOCKS = (3, 4, 6, 3)
@@ -173,16 +173,8 @@ def test_moco_prefixed_file_loads_the_same_params(torch_tensors, params, tmp_pat
 
 
 def test_save_load_round_trip_bit_identical(torch_tensors, params, tmp_path):
-  path = str(tmp_path / "again.safetensors")
-  moco.save_moco_params(path, params)
-  saved = safetensors.numpy.load_file(path)
-  assert set(saved) == set(used(torch_tensors))
-  for name, value in used(torch_tensors).items():
-    assert saved[name].dtype == np.float32
-    np.testing.assert_array_equal(saved[name], value)
-  again = traverse_util.flatten_dict(moco.load_moco_params(path))
-  for key, value in traverse_util.flatten_dict(params).items():
-    np.testing.assert_array_equal(again[key], value)
+  assert_safetensors_round_trip(moco.save_moco_params, moco.load_moco_params, str(tmp_path / "again.safetensors"),
+                               params, used(torch_tensors))
 
 
 def test_load_is_strict(torch_tensors, tmp_path):

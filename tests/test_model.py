@@ -5,57 +5,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tfusion import config as config_lib, diffusion, sharding
+from tfusion import config as config_lib, diffusion, sharding, spec as spec_lib
 from tfusion.data import sequence
 from tfusion.models import patching, transformer, transfusion
 from tfusion.training import optim, state as state_lib, step as step_lib
-from tests.helpers import SPECIAL, image_doc, packed_rows, text_doc
-
-LATENT = (8, 8, 3)
-LAYOUT = sequence.RowLayout(seq_len=64, latent_shape=LATENT, patch_size=2)   # 16 patches per image
-VOCAB = 64
-
-
-def tiny_config(**overrides):
-  c = config_lib.default_config()
-  c.model.num_layers, c.model.d_model, c.model.num_heads, c.model.mlp_dim, c.model.patch_size = 2, 32, 4, 64, 2
-  c.optim.lr, c.optim.warmup_steps = 3e-3, 5
-  for k, v in overrides.items():
-    c.model[k] = v
-  return c
-
-
-def tiny_batch():
-  return packed_rows(LAYOUT, [
-      [image_doc(LAYOUT, caption=(10, 11, 12), seed=0), text_doc(20, start=30)],
-      [text_doc(5, start=40), image_doc(LAYOUT, caption=(13, 14), caption_first=False, seed=1),
-       image_doc(LAYOUT, caption=(15,), seed=2)],
-  ])
-
-
-def make_model(config):
-  return transfusion.Transfusion(transfusion.config_from(config, VOCAB, LATENT))
-
-
-def init_state(config, mesh, total_steps=100, microbatches=1):
-  model = make_model(config)
-  tx, schedule = optim.make_optimizer(config.optim, total_steps)
-  init = state_lib.dummy_batch(1, LAYOUT)
-  state, shardings = state_lib.create_train_state(model, tx, init, jax.random.key(0), mesh)
-  step = step_lib.jit_train_step(mesh, shardings, model=model, tx=tx, schedule=schedule,
-                                 alpha_bar=diffusion.cosine_alpha_bar(1000), loss_weight=5.0,
-                                 train_key=jax.random.key(1), microbatches=microbatches)
-  return model, state, step
-
-
-def run_steps(mesh, state, step, batch, n):
-  history = []
-  for _ in range(n):
-    with jax.set_mesh(mesh):
-      state, metrics = step(state, batch)
-    history.append(jax.device_get(metrics))
-  return state, history
-
+from tests.helpers import (LATENT, LAYOUT, SPECIAL, VOCAB, image_doc, init_state, make_model, packed_rows, run_steps,
+                           tiny_batch, tiny_model_config)
 
 def test_patchify_is_raster_order_and_inverts():
   x = jnp.arange(4 * 4 * 2, dtype=jnp.float32).reshape(1, 4, 4, 2)
@@ -92,12 +47,13 @@ def test_elements_per_image_and_eps_shape_for_every_patch_size(k):
   """An 8x8x8 latent is (8/k)^2 sequence elements; linear and U-Net models return eps of the latent's shape."""
   n = (8 // k) ** 2
   for encoder in ("linear", "unet"):
-    config = tiny_config(patch_size=k, patch_encoder=encoder, unet_channels=(8,) * k.bit_length(), unet_res_blocks=1)
+    config = tiny_model_config(patch_size=k, patch_encoder=encoder, unet_channels=(8,) * k.bit_length(),
+                               unet_res_blocks=1)
     config.data.codec, config.data.image_size, config.data.latent_downsample, config.data.latent_channels = (
         "vae", 64, 8, 8)
     config.seq_len = n + 7                                        # one row [BOS c c c BOI p*n EOI EOS]
-    config_lib.validate(config)
-    model, layout = state_lib.model_and_layout(config, VOCAB)
+    spec = spec_lib.resolve(config)
+    model, layout = spec.transfusion(VOCAB), spec.layout
     assert layout.latent_shape == (8, 8, 8) and layout.patches_per_image == model.cfg.patches_per_image == n
     assert layout.max_images == (2 if k == 8 else 1)             # 8 elements hold two [BOI p EOI]
 
@@ -105,7 +61,7 @@ def test_elements_per_image_and_eps_shape_for_every_patch_size(k):
     assert (batch["image_ids"][0] == 1).sum() == n and np.flatnonzero(batch["image_ids"][0]).tolist() == list(
         range(5, 5 + n))
     assert batch["tokens"][0, 4] == SPECIAL.boi and batch["tokens"][0, 5 + n] == SPECIAL.eoi
-    inputs = state_lib.model_inputs(batch)
+    inputs = sequence.model_inputs(batch)
 
     abstract = nn.meta.unbox(jax.eval_shape(model.init, jax.random.key(0), *inputs)["params"])
     logits, eps = jax.eval_shape(lambda p: model.apply({"params": p}, *inputs), abstract)
@@ -131,9 +87,9 @@ def test_elements_per_image_and_eps_shape_for_every_patch_size(k):
 
 
 def test_output_shapes_and_attention_structure():
-  model = make_model(tiny_config())
+  model = make_model(tiny_model_config())
   batch = tiny_batch()
-  inputs = state_lib.model_inputs(batch)
+  inputs = sequence.model_inputs(batch)
   params = model.init(jax.random.key(0), *inputs)["params"]
   # The decoder is zero-initialised; randomise it so eps_hat depends on the sequence.
   params["patch_decoder"]["proj"]["kernel"] = jax.random.normal(jax.random.key(3), (32, 12))
@@ -161,19 +117,19 @@ def test_causal_image_attention_patches_see_only_earlier_patches():
   """model.image_attention = causal (paper Table 5's other arm): a change to the last patch reaches no earlier
   patch; a change to the first reaches all. The three attention implementations agree."""
   batch = tiny_batch()
-  inputs = state_lib.model_inputs(batch)
+  inputs = sequence.model_inputs(batch)
   apply = {}
   for attention in ("dense", "chunked", "dot_product"):
-    model = make_model(tiny_config(image_attention="causal", attention=attention, attention_chunk=16))
+    model = make_model(tiny_model_config(image_attention="causal", attention=attention, attention_chunk=16))
     apply[attention] = jax.jit(lambda p, *x, model=model: model.apply({"params": p}, *x))
-  params = make_model(tiny_config()).init(jax.random.key(0), *inputs)["params"]
+  params = make_model(tiny_model_config()).init(jax.random.key(0), *inputs)["params"]
   params["patch_decoder"]["proj"]["kernel"] = jax.random.normal(jax.random.key(3), (32, 12))
   logits, eps = apply["dense"](params, *inputs)
   for attention in ("chunked", "dot_product"):
     other_logits, other_eps = apply[attention](params, *inputs)
     np.testing.assert_allclose(other_eps, eps, atol=1e-5)
     np.testing.assert_allclose(other_logits, logits, atol=1e-4)
-  with pytest.raises(ValueError, match="image_attention must be 'bidirectional' or 'causal', got 'sideways'"):
+  with pytest.raises(ValueError, match=r"image_attention must be one of \('bidirectional', 'causal'\), got 'sideways'"):
     transformer.TransformerConfig(2, 32, 4, 64, image_attention="sideways")
   for corner, earlier_changes in (((-2, None), False), ((0, 2), True)):
     latents = batch["latents"].copy()
@@ -189,7 +145,7 @@ def test_tiny_model_overfits_one_batch(prediction, ratio):
   """Text and image losses fall on one repeated batch (of N(0, 1) latents, so the v and eps targets both start
   at unit variance; v needs x0 at every t and falls more slowly)."""
   mesh = sharding.make_mesh(config_lib.default_config().mesh, jax.devices()[:1])
-  config = tiny_config()
+  config = tiny_model_config()
   config.optim.lr = 1e-2
   config.diffusion.prediction = prediction
   _, state, step = init_state(config, mesh, total_steps=300)
@@ -204,7 +160,7 @@ def test_tiny_model_overfits_one_batch(prediction, ratio):
 @pytest.mark.parametrize("axes", [dict(ici_data_parallelism=8, ici_fsdp_parallelism=1, ici_tensor_parallelism=1),
                                   dict(ici_data_parallelism=2, ici_fsdp_parallelism=2, ici_tensor_parallelism=2)])
 def test_sharded_step_equals_single_device(axes):
-  config = tiny_config()
+  config = tiny_model_config()
   batch = {k: np.concatenate([v] * 4) for k, v in tiny_batch().items()}       # 8 rows
   single = sharding.make_mesh(config.mesh, jax.devices()[:1])
   _, s1, step1 = init_state(config, single)
@@ -221,10 +177,10 @@ def test_sharded_step_equals_single_device(axes):
 
 
 def test_unet_patch_encoder_under_the_transfusion_mask_and_sharded():
-  config = tiny_config(patch_encoder="unet", unet_channels=(8, 16), unet_res_blocks=1)
+  config = tiny_model_config(patch_encoder="unet", unet_channels=(8, 16), unet_res_blocks=1)
   model = make_model(config)
   batch = tiny_batch()
-  inputs = state_lib.model_inputs(batch)
+  inputs = sequence.model_inputs(batch)
   params = jax.jit(model.init)(jax.random.key(0), *inputs)["params"]
   assert {"conv_in", "proj_out"} <= set(params["patch_encoder"]) and "conv_out" in params["patch_decoder"]
   params["patch_decoder"]["conv_out"]["kernel"] = jax.random.normal(jax.random.key(3), (3, 3, 8, 3))
@@ -258,8 +214,8 @@ def test_unet_patch_encoder_under_the_transfusion_mask_and_sharded():
                                      dict(decoder_skip=True)])
 def test_decoder_options_start_at_zero(options):
   """Every patch decoder option is zero-initialised: a fresh model predicts 0, as the paper's decoder does."""
-  model = make_model(tiny_config(**options))
-  inputs = state_lib.model_inputs(tiny_batch())
+  model = make_model(tiny_model_config(**options))
+  inputs = sequence.model_inputs(tiny_batch())
   params = model.init(jax.random.key(0), *inputs)["params"]
   _, out = model.apply({"params": params}, *inputs)
   np.testing.assert_array_equal(out, 0.0)
@@ -267,10 +223,10 @@ def test_decoder_options_start_at_zero(options):
 
 def test_decoder_input_and_skip_read_what_they_say():
   batch = tiny_batch()
-  inputs = state_lib.model_inputs(batch)
+  inputs = sequence.model_inputs(batch)
   outputs = {}
   for name, options in (("final_norm", {}), ("pre_norm", dict(decoder_input="pre_norm"))):
-    model = make_model(tiny_config(**options))
+    model = make_model(tiny_model_config(**options))
     params = model.init(jax.random.key(0), *inputs)["params"]
     params["patch_decoder"]["proj"]["kernel"] = jax.random.normal(jax.random.key(3), (32, 12))
     zero_norm = jax.tree.map(lambda x: x, params)
@@ -283,14 +239,14 @@ def test_decoder_input_and_skip_read_what_they_say():
   assert np.abs(outputs["pre_norm"][0] - outputs["final_norm"][0]).max() > 1e-2
 
   # A skip gain of 1 on every channel and time step copies the noisy input to the output.
-  model = make_model(tiny_config(decoder_skip=True))
+  model = make_model(tiny_model_config(decoder_skip=True))
   params = model.init(jax.random.key(0), *inputs)["params"]
   params["patch_decoder"]["skip_gain"]["bias"] = jnp.ones(12)
   _, out = model.apply({"params": params}, *inputs)
   np.testing.assert_allclose(out, batch["latents"], atol=1e-6)
 
   # adaln_zero: a modulation scale of -1 zeroes the normalised stream, so only the bias of proj remains.
-  model = make_model(tiny_config(decoder_head="adaln_zero"))
+  model = make_model(tiny_model_config(decoder_head="adaln_zero"))
   params = model.init(jax.random.key(0), *inputs)["params"]
   params["patch_decoder"]["proj"]["kernel"] = jax.random.normal(jax.random.key(3), (32, 12))
   _, out = model.apply({"params": params}, *inputs)
@@ -303,10 +259,10 @@ def test_decoder_input_and_skip_read_what_they_say():
 def test_ema_of_the_params_follows_its_recursion():
   """ema_0 = params_0; ema_{s+1} = d_s ema_s + (1 - d_s) params_{s+1} with d_s = min(decay, (1 + s) / (10 + s))."""
   mesh = sharding.make_mesh(config_lib.default_config().mesh, jax.devices()[:1])
-  config = tiny_config()
+  config = tiny_model_config()
   model = make_model(config)
   tx, schedule = optim.make_optimizer(config.optim, 100)
-  state, shardings = state_lib.create_train_state(model, tx, state_lib.dummy_batch(1, LAYOUT), jax.random.key(0),
+  state, shardings = state_lib.create_train_state(model, tx, sequence.dummy_batch(1, LAYOUT), jax.random.key(0),
                                                   mesh, ema=True)
   step = step_lib.jit_train_step(mesh, shardings, model=model, tx=tx, schedule=schedule,
                                  alpha_bar=diffusion.cosine_alpha_bar(1000), loss_weight=5.0,

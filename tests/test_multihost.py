@@ -12,10 +12,9 @@ import time
 import numpy as np
 import pytest
 
+from tfusion import integrity, run_dir
 from tfusion.metrics import read_metrics
-from tfusion.training import checkpoint, integrity
-from tests.test_faults import assert_same_state, saved_state, without_timing
-from tests.test_train import data_dir  # noqa: F401  (a fixture: the 16 px shapes data, built once per worker)
+from tests.helpers import assert_same_state, saved_state, without_timing
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMPARED = ("loss", "text_loss", "image_loss", "grad_norm", "text_targets", "images")
@@ -115,7 +114,7 @@ def test_ctrl_c_and_sigterm_on_one_process_stop_both_and_resume_bit_exactly(tmp_
   s1 = read_metrics(workdir)[-1]["step"]
   assert f"stopped by SIGINT: saved step {s1}" in outputs[0]
   assert f"stopped by a signal to one of the processes: saved step {s1}" in outputs[1]
-  assert checkpoint.saved_steps(checkpoint.checkpoint_dir(workdir)) == [s1]
+  assert run_dir.RunDir(workdir).saved_steps() == [s1]
   assert integrity.verify(os.path.join(workdir, "checkpoints", str(s1)))    # both processes' files
   assert any("this process hashed its" in out for out in outputs[1:])      # process 1 hashed its own
 

@@ -7,16 +7,17 @@ import sys
 import jax
 import pytest
 
-from tfusion import aot, config as config_lib, flops, params
-from tfusion.training import state as state_lib
-from tests.test_config import REPO, load_experiment
+from tfusion import aot, config as config_lib, flops, params, spec as spec_lib
+from tfusion.data import sequence
+from tests.helpers import REPO
 
 SIZES = {"160m": 0.16e9, "370m": 0.37e9, "760m": 0.76e9, "1_4b": 1.4e9}
 LLAMA2_7B_PARAMS = 6_738_415_616      # the paper's 7B is Llama-2-7B's shape
 
 
 def paper(size, encoder="linear"):
-  return load_experiment(os.path.join(REPO, "experiments", f"transfusion_{size}.py")).get_config(encoder)
+  return config_lib.load_experiment(
+      os.path.join(REPO, "experiments", f"transfusion_paper.py:size={size},encoder={encoder}"))
 
 
 @pytest.mark.parametrize("size", sorted(SIZES))
@@ -44,7 +45,8 @@ def test_paper_config_settings():
 
 
 def test_params_command_prints_the_table():
-  out = subprocess.run([sys.executable, "-m", "tfusion.params", "--config", "experiments/transfusion_160m.py:unet"],
+  out = subprocess.run([sys.executable, "-m", "tfusion.params", "--config",
+                        "experiments/transfusion_paper.py:size=160m,encoder=unet"],
                        cwd=REPO, capture_output=True, text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert out.returncode == 0, out.stderr
   assert "transformer layers" in out.stdout and "unet enc/dec" in out.stdout and "0.16B" in out.stdout
@@ -69,12 +71,13 @@ def test_aot_compiles_the_sharded_step_and_reports_per_device_memory():
   # ... and Adam's two moments are laid out the same way.
   assert abs(figures["optimizer_bytes"] - 2 * figures["params_bytes"]) < 64
   assert figures["temp_bytes"] > 0 and figures["peak_bytes"] >= figures["argument_bytes"]
-  model, layout = state_lib.model_and_layout(config, config.data.vocab_size)
-  batch = jax.eval_shape(lambda: state_lib.dummy_batch(8, layout))
-  abstract = jax.eval_shape(lambda *x: model.init(jax.random.key(0), *x), *state_lib.model_inputs(batch))
+  spec = spec_lib.resolve(config)
+  model, layout = spec.transfusion(config.data.vocab_size), spec.layout
+  batch = jax.eval_shape(lambda: sequence.dummy_batch(8, layout))
+  abstract = jax.eval_shape(lambda *x: model.init(jax.random.key(0), *x), *sequence.model_inputs(batch))
   expected = flops.train_flops(model, jax.tree.map(lambda x: x.value, abstract["params"],
                                                    is_leaf=lambda x: hasattr(x, "value")),
-                               state_lib.model_inputs(batch))
+                               sequence.model_inputs(batch))
   assert figures["model_tflops_per_device"] == pytest.approx(expected / 8 / 1e12)
   assert "peak / device" in aot.report(figures)
 

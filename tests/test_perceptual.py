@@ -13,7 +13,7 @@ import safetensors.numpy
 from flax import traverse_util
 
 from tfusion.models import discriminator, lpips
-from tests.helpers import logically_partitioned_params
+from tests.helpers import assert_safetensors_round_trip, logically_partitioned_params
 
 # Written out here, not taken from the module: torchvision vgg16 conv indices by stage, (in, out) channels.
 STAGES = ((0, 2), (5, 7), (10, 12, 14), (17, 19, 21), (24, 26, 28))
@@ -123,16 +123,8 @@ def test_load_matches_numpy_reference(torch_tensors, weight_file):
 
 def test_save_load_round_trip_bit_identical(torch_tensors, weight_file, tmp_path):
   params = lpips.load_lpips_params(weight_file)
-  path = str(tmp_path / "again.safetensors")
-  lpips.save_lpips_params(path, params)
-  saved = safetensors.numpy.load_file(path)
-  assert set(saved) == set(torch_tensors)
-  for name, value in torch_tensors.items():
-    assert saved[name].dtype == np.float32 and saved[name].shape == value.shape
-    np.testing.assert_array_equal(saved[name], value)
-  again = traverse_util.flatten_dict(lpips.load_lpips_params(path))
-  for key, value in traverse_util.flatten_dict(params).items():
-    np.testing.assert_array_equal(again[key], value)
+  assert_safetensors_round_trip(lpips.save_lpips_params, lpips.load_lpips_params,
+                               str(tmp_path / "again.safetensors"), params, torch_tensors)
 
 
 def test_load_is_strict(torch_tensors, tmp_path):

@@ -12,10 +12,10 @@ from PIL import Image
 import pytest
 import tensorflow_datasets as tfds
 
-from tfusion import codecs, config as config_lib, prepare as prepare_lib
+from tfusion import codecs, config as config_lib, prepare as prepare_lib, run_dir
 from tfusion.data import mixture, prepared, tokenizer as tokenizer_lib
 from tfusion.models import vae as vae_lib
-from tests.helpers import set_fields
+from tests.helpers import set_fields, tiny_run_config
 
 SIZE = 16
 
@@ -149,9 +149,9 @@ def test_text_jsonl_is_tokenized_with_a_trained_tokenizer(tmp_path):
   report = [json.loads(line) for line in open(tmp_path / "out" / prepared.SKIPPED)]
   assert [r["id"] for r in report] == ["corpus.jsonl:2", "corpus.jsonl:3", "corpus.jsonl:4", "corpus.jsonl:5",
                                        "corpus.jsonl:6"]
-  tok = tokenizer_lib.Tokenizer.load(str(tmp_path / "out" / prepared.TOKENIZER))
+  tok = tokenizer_lib.Tokenizer.load(str(tmp_path / "out" / run_dir.TOKENIZER_FILE))
   assert tok.requested_vocab_size == 300
-  assert manifest["tokenizer_sha256"] == prepare_lib.sha256_of(tmp_path / "out" / prepared.TOKENIZER)
+  assert manifest["tokenizer_sha256"] == prepare_lib.sha256_of(tmp_path / "out" / run_dir.TOKENIZER_FILE)
   source = prepared.PreparedSource(tmp_path / "out", "train")
   texts = [tok.decode(source[i]["ids"]) for i in range(len(source))]
   assert texts == ["The quick brown fox jumps over the lazy dog.",
@@ -159,7 +159,7 @@ def test_text_jsonl_is_tokenized_with_a_trained_tokenizer(tmp_path):
                    "How vexingly quick daft zebras jump!"]
   # An existing tokenizer is used as it is.
   again = prepare_lib.prepare(prepare_config(source="jsonl", path=str(corpus), examples_per_shard=3,
-                                             tokenizer=str(tmp_path / "out" / prepared.TOKENIZER)), tmp_path / "given")
+                                             tokenizer=str(tmp_path / "out" / run_dir.TOKENIZER_FILE)), tmp_path / "given")
   assert again["tokenizer_sha256"] == manifest["tokenizer_sha256"] and again["content_hash"] == manifest["content_hash"]
 
 
@@ -272,8 +272,7 @@ def prepared_mixture(tmp_path_factory):
 
 
 def mixture_config(out, weights=(0.5, 0.3, 0.2)):
-  from tests.test_train import tiny_config   # pylint: disable=import-outside-toplevel
-  c = tiny_config(str(out / "unused_tfds"), total_steps=3, batch_size=8, seq_len=128, ckpt_every=3, sample_every=3)
+  c = tiny_run_config(str(out / "unused_tfds"), total_steps=3, batch_size=8, seq_len=128, ckpt_every=3, sample_every=3)
   c.data.sample_split = "train"
   for name, weight in zip(("text", "images", "edits"), weights):
     c.data.mixture[name] = ml_collections.ConfigDict(dict(path=str(out / name), weight=weight, split="train"))
@@ -281,14 +280,14 @@ def mixture_config(out, weights=(0.5, 0.3, 0.2)):
 
 
 def test_training_on_a_prepared_mixture(prepared_mixture, tmp_path):
-  from tfusion import train   # pylint: disable=import-outside-toplevel
+  from tfusion.training import trainer   # pylint: disable=import-outside-toplevel
   workdir = tmp_path / "run"
   config = mixture_config(prepared_mixture)
   config.data.workers = 2          # the sources, tokenizer and codec travel to grain worker processes
-  train.train_and_evaluate(config, str(workdir))
+  trainer.train_and_evaluate(config, str(workdir))
   metrics = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
   assert [m["step"] for m in metrics] == [1, 2, 3] and all(m["images"] > 0 for m in metrics)
-  assert (workdir / "tokenizer.model").read_bytes() == (prepared_mixture / "text" / prepared.TOKENIZER).read_bytes()
+  assert (workdir / "tokenizer.model").read_bytes() == (prepared_mixture / "text" / run_dir.TOKENIZER_FILE).read_bytes()
   assert (workdir / "samples" / "step_3" / "images.png").is_file()
   assert not os.path.exists(prepared_mixture / "unused_tfds" / "tfusion_shapes")   # the embedded data is not built
   # Evaluation's held-out images: the sample split of the image source.
@@ -298,19 +297,19 @@ def test_training_on_a_prepared_mixture(prepared_mixture, tmp_path):
 
 
 def test_mixture_mismatches_name_the_source(prepared_mixture, tmp_path):
-  from tfusion import train   # pylint: disable=import-outside-toplevel
+  from tfusion.training import trainer   # pylint: disable=import-outside-toplevel
   config = mixture_config(prepared_mixture)
   config.data.image_size = 32
   config.model.patch_size = 8
   with pytest.raises(config_lib.ConfigError, match="config.data.mixture.edits: .* holds 16 px images"):
-    train.train_and_evaluate(config, str(tmp_path / "size"))
+    trainer.train_and_evaluate(config, str(tmp_path / "size"))
   config = mixture_config(prepared_mixture, weights=(0.0, 0.0, 0.0))
   with pytest.raises(config_lib.ConfigError, match="every weight is 0"):
-    train.train_and_evaluate(config, str(tmp_path / "weights"))
+    trainer.train_and_evaluate(config, str(tmp_path / "weights"))
   config = mixture_config(prepared_mixture)
   config.data.mixture.text.path = str(prepared_mixture / "nowhere")
   with pytest.raises(config_lib.ConfigError, match="config.data.mixture.text.path: .*nowhere is not a prepared"):
-    train.train_and_evaluate(config, str(tmp_path / "missing"))
+    trainer.train_and_evaluate(config, str(tmp_path / "missing"))
 
 
 def test_two_processes_prepare_disjoint_shards_that_cover_the_source(image_folder, tmp_path, monkeypatch):
@@ -349,7 +348,7 @@ def test_command_line(tmp_path):
 
 
 def test_mixture_of_text_sources_with_different_tokenizers_is_refused(prepared_mixture, tmp_path):
-  from tfusion import train   # pylint: disable=import-outside-toplevel
+  from tfusion.training import trainer   # pylint: disable=import-outside-toplevel
   corpus = tmp_path / "other.jsonl"
   corpus.write_text("".join(json.dumps({"text": f"Another corpus, line {i}: zebras and yaks."}) + "\n"
                             for i in range(20)))
@@ -359,7 +358,7 @@ def test_mixture_of_text_sources_with_different_tokenizers_is_refused(prepared_m
                                                                 split="train"))
   with pytest.raises(config_lib.ConfigError, match=r"config\.data\.mixture\.text was tokenized with .*, but "
                                                    r"config\.data\.mixture\.other uses .*: a run has one tokenizer"):
-    train.train_and_evaluate(config, str(tmp_path / "run"))
+    trainer.train_and_evaluate(config, str(tmp_path / "run"))
 
 
 def saved_params(workdir, step):
@@ -369,9 +368,9 @@ def saved_params(workdir, step):
 
 
 def test_fine_tuning_on_editing_data_starts_from_a_pretrained_run(prepared_mixture, tmp_path):
-  from tfusion import train   # pylint: disable=import-outside-toplevel
+  from tfusion.training import trainer   # pylint: disable=import-outside-toplevel
   pretrained = str(tmp_path / "pretrained")
-  train.train_and_evaluate(mixture_config(prepared_mixture), pretrained)
+  trainer.train_and_evaluate(mixture_config(prepared_mixture), pretrained)
   config = mixture_config(prepared_mixture)
   config.data.mixture = ml_collections.ConfigDict({"edits": config.data.mixture.edits})
   config.data.mixture.edits.weight = 1.0
@@ -380,17 +379,17 @@ def test_fine_tuning_on_editing_data_starts_from_a_pretrained_run(prepared_mixtu
   resumed.data.tokenizer = os.path.join(pretrained, "tokenizer.model")
   recorded = open(os.path.join(pretrained, "config.json")).read()
   with pytest.raises(config_lib.ConfigError, match=r"may not change config.data.mixture.edits.weight from 0.2 to 1"):
-    train.train_and_evaluate(resumed, pretrained)
+    trainer.train_and_evaluate(resumed, pretrained)
   # Forced past the config check, the saved data position still refuses the other mixture; the run that
   # was refused records nothing.
   with pytest.raises(ValueError, match=r"saved for the sources \['edits \(edit, 20 examples\)', 'images .*, this run "
                                        r"has \['edits \(edit, 20 examples\)'\]: a changed mixture needs a new"):
-    train.train_and_evaluate(resumed, pretrained, allow_config_change=["data"])
+    trainer.train_and_evaluate(resumed, pretrained, allow_config_change=["data"])
   assert open(os.path.join(pretrained, "config.json")).read() == recorded
   assert not os.path.exists(os.path.join(pretrained, "config_changes.jsonl"))
   config.init_from, config.total_steps, config.optim.lr = pretrained, 1, 1e-12   # one step that barely moves
   tuned = str(tmp_path / "tuned")
-  train.train_and_evaluate(config, tuned)
+  trainer.train_and_evaluate(config, tuned)
   assert open(os.path.join(tuned, "tokenizer.model"), "rb").read() == open(os.path.join(pretrained, "tokenizer.model"),
                                                                            "rb").read()
   start, after = saved_params(pretrained, 3), saved_params(tuned, 1)
@@ -398,7 +397,7 @@ def test_fine_tuning_on_editing_data_starts_from_a_pretrained_run(prepared_mixtu
     np.testing.assert_allclose(b, a, atol=1e-6)
   scratch = str(tmp_path / "scratch")
   config.init_from, config.data.tokenizer = "", os.path.join(pretrained, "tokenizer.model")
-  train.train_and_evaluate(config, scratch)
+  trainer.train_and_evaluate(config, scratch)
   # The same seed without init_from: the 3 pretraining steps moved the params ~6e-4, far beyond the 1e-6 above.
   assert max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(start),
                                                         jax.tree.leaves(saved_params(scratch, 1)))) > 1e-4
@@ -413,7 +412,7 @@ def dataclasses_copy(config, **top):
 def test_training_on_two_latent_datasets_of_one_vae(prepared_mixture, tiny_vae, tmp_path):
   """Each prepared latent set has its own statistics; the run normalises all of them with those of the first
   latent source in name order (the ConfigDict sorts names): "edits" here."""
-  from tfusion import train   # pylint: disable=import-outside-toplevel
+  from tfusion.training import trainer   # pylint: disable=import-outside-toplevel
   folder = prepared_mixture / "folder"
   for name, indices in (("a", range(8)), ("b", range(8, 16))):
     os.makedirs(tmp_path / name)
@@ -430,7 +429,7 @@ def test_training_on_two_latent_datasets_of_one_vae(prepared_mixture, tiny_vae, 
                                                              split="train"))
   config.data.workers = 2
   workdir = tmp_path / "run"
-  train.train_and_evaluate(config, str(workdir))
+  trainer.train_and_evaluate(config, str(workdir))
   recorded = codecs.read_codec_metadata(str(workdir))
   assert recorded == codecs.read_codec_metadata(str(tmp_path / "b_latents"))
   assert recorded["shift"] != codecs.read_codec_metadata(str(tmp_path / "a_latents"))["shift"]
@@ -438,11 +437,12 @@ def test_training_on_two_latent_datasets_of_one_vae(prepared_mixture, tiny_vae, 
   assert (workdir / "samples" / "step_3" / "captioned.png").is_file()
   # The export carries the VAE: moved elsewhere, it still decodes and captions exactly like the run.
   import tfusion   # pylint: disable=import-outside-toplevel
-  from tfusion import decoding, export, generate   # pylint: disable=import-outside-toplevel
+  from tfusion import export   # pylint: disable=import-outside-toplevel
+  from tfusion.inference import decoding, sampler as sampler_lib   # pylint: disable=import-outside-toplevel
   out = export.export(str(workdir), str(tmp_path / "export"))
   os.rename(out, tmp_path / "moved")
   assert sorted(os.listdir(tmp_path / "moved" / "vae")) == ["config.json", "diffusion_pytorch_model.safetensors"]
-  run, exported = generate.load(str(workdir)), tfusion.load(str(tmp_path / "moved"))
+  run, exported = sampler_lib.load(str(workdir)), tfusion.load(str(tmp_path / "moved"))
   options, key = decoding.SamplingOptions(diffusion_steps=2, max_new_tokens=4), jax.random.key(0)
   images = np.stack([banded_image(16, 16, 30 * i) for i in range(2)])
   assert exported.caption(images, options, key) == run.caption(images, options, key)

@@ -9,8 +9,9 @@ from jax.sharding import PartitionSpec as P
 
 from tfusion import config as config_lib, diffusion, flops, sharding
 from tfusion.models import transformer
-from tfusion.training import state as state_lib, step as step_lib
-from tests.test_model import LAYOUT, init_state, make_model, run_steps, tiny_batch, tiny_config
+from tfusion.data import sequence
+from tfusion.training import step as step_lib
+from tests.helpers import LAYOUT, init_state, make_model, run_steps, tiny_batch, tiny_model_config
 
 MESHES = [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4)]
 
@@ -26,7 +27,7 @@ def batch_of_8_rows():
 
 @pytest.fixture(scope="module")
 def single_device_run():
-  config = tiny_config()
+  config = tiny_model_config()
   mesh = mesh_of(config, (1, 1, 1))
   _, state, step = init_state(config, mesh)
   state, history = run_steps(mesh, state, step, batch_of_8_rows(), 2)
@@ -36,7 +37,7 @@ def single_device_run():
 @pytest.mark.parametrize("shape", MESHES)
 def test_two_steps_on_any_mesh_equal_one_device(shape, single_device_run):
   params1, history1 = single_device_run
-  config = tiny_config()
+  config = tiny_model_config()
   mesh = mesh_of(config, shape)
   _, state, step = init_state(config, mesh)
   state, history = run_steps(mesh, state, step, batch_of_8_rows(), 2)
@@ -47,7 +48,7 @@ def test_two_steps_on_any_mesh_equal_one_device(shape, single_device_run):
 
 
 def test_parameter_shardings_follow_the_rules():
-  config = tiny_config()
+  config = tiny_model_config()
   mesh = mesh_of(config, (1, 2, 4))
   _, state, _ = init_state(config, mesh)
   p = state.params
@@ -71,7 +72,7 @@ def test_parameter_shardings_follow_the_rules():
 
 
 def test_uneven_dimensions_stay_whole():
-  config = tiny_config()
+  config = tiny_model_config()
   mesh = mesh_of(config, (1, 8, 1))
   boxed = {"uneven": nn.Partitioned(jax.ShapeDtypeStruct((3, 16), jnp.float32), names=("embed", "mlp")),
            "even": nn.Partitioned(jax.ShapeDtypeStruct((16, 3), jnp.float32), names=("embed", "mlp"))}
@@ -82,7 +83,7 @@ def test_uneven_dimensions_stay_whole():
 
 def loss_and_grads(config, batch, microbatches):
   model = make_model(config)
-  params = model.init(jax.random.key(0), *state_lib.model_inputs(state_lib.dummy_batch(1, LAYOUT)))
+  params = model.init(jax.random.key(0), *sequence.model_inputs(sequence.dummy_batch(1, LAYOUT)))
   params = nn.meta.unbox(params)["params"]
   params["patch_decoder"]["proj"]["kernel"] = 0.1 * jax.random.normal(jax.random.key(3), (32, 12))
   fn = jax.jit(lambda p, b: step_lib.loss_and_grads(
@@ -94,7 +95,7 @@ def loss_and_grads(config, batch, microbatches):
 def gradient_program(config) -> str:
   """The jaxpr of the model's gradient, to check which implementation a switch selects."""
   model = make_model(config)
-  inputs = state_lib.model_inputs(tiny_batch())
+  inputs = sequence.model_inputs(tiny_batch())
   params = jax.eval_shape(lambda: nn.meta.unbox(model.init(jax.random.key(0), *inputs))["params"])
   return str(jax.make_jaxpr(jax.grad(lambda p: model.apply({"params": p}, *inputs)[0].sum()))(params))
 
@@ -104,8 +105,8 @@ def test_gradient_accumulation_over_4_microbatches_equals_one_batch():
   # Make the microbatches differ in their text-target and image counts.
   batch["text_loss_mask"][1::4] = False
   batch["image_valid"][2::4, 1:] = False
-  metrics1, grads1 = loss_and_grads(tiny_config(), batch, 1)
-  metrics4, grads4 = loss_and_grads(tiny_config(), batch, 4)
+  metrics1, grads1 = loss_and_grads(tiny_model_config(), batch, 1)
+  metrics4, grads4 = loss_and_grads(tiny_model_config(), batch, 4)
   for k in ("loss", "text_loss", "image_loss", "text_targets", "images"):
     np.testing.assert_allclose(metrics4[k], metrics1[k], rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-7), grads1, grads4)
@@ -113,7 +114,7 @@ def test_gradient_accumulation_over_4_microbatches_equals_one_batch():
 
 
 def test_gradient_accumulation_in_the_sharded_step():
-  config = tiny_config()
+  config = tiny_model_config()
   mesh = mesh_of(config, (2, 2, 2))
   first_steps = []
   for microbatches in (1, 2):
@@ -126,21 +127,21 @@ def test_gradient_accumulation_in_the_sharded_step():
 @pytest.mark.parametrize("policy", ["full", "dots_saveable"])
 def test_remat_gives_identical_gradients(policy):
   batch = tiny_batch()
-  _, grads = loss_and_grads(tiny_config(), batch, 1)
-  _, grads_remat = loss_and_grads(tiny_config(remat_policy=policy), batch, 1)
+  _, grads = loss_and_grads(tiny_model_config(), batch, 1)
+  _, grads_remat = loss_and_grads(tiny_model_config(remat_policy=policy), batch, 1)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-8), grads, grads_remat)
-  assert "remat" in gradient_program(tiny_config(remat_policy=policy))     # the switch reaches the layers
-  assert "remat" not in gradient_program(tiny_config())
+  assert "remat" in gradient_program(tiny_model_config(remat_policy=policy))     # the switch reaches the layers
+  assert "remat" not in gradient_program(tiny_model_config())
 
 
 @pytest.mark.parametrize("attention", ["chunked", "dot_product"])
 def test_attention_implementations_agree_with_dense(attention):
   batch = tiny_batch()
-  metrics, grads = loss_and_grads(tiny_config(), batch, 1)
-  metrics2, grads2 = loss_and_grads(tiny_config(attention=attention, attention_chunk=16), batch, 1)
+  metrics, grads = loss_and_grads(tiny_model_config(), batch, 1)
+  metrics2, grads2 = loss_and_grads(tiny_model_config(attention=attention, attention_chunk=16), batch, 1)
   np.testing.assert_allclose(metrics2["loss"], metrics["loss"], rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6), grads, grads2)
-  dense, other = gradient_program(tiny_config()), gradient_program(tiny_config(attention=attention, attention_chunk=16))
+  dense, other = gradient_program(tiny_model_config()), gradient_program(tiny_model_config(attention=attention, attention_chunk=16))
   assert other != dense                                                      # not a silent fall-back to dense
   if attention == "chunked":
     assert other.count("cond[") > dense.count("cond[")                       # a branch per block pair
@@ -158,7 +159,7 @@ def test_chunked_attention_equals_dense_for_any_chunk_length(chunk):
 def test_bfloat16_compute_keeps_float32_params_and_close_loss():
   losses = {}
   for dtype in ("float32", "bfloat16"):
-    config = tiny_config(dtype=dtype)
+    config = tiny_model_config(dtype=dtype)
     mesh = mesh_of(config, (2, 2, 2))
     _, state, step = init_state(config, mesh)
     state, history = run_steps(mesh, state, step, batch_of_8_rows(), 1)
@@ -169,17 +170,17 @@ def test_bfloat16_compute_keeps_float32_params_and_close_loss():
 
 
 def test_flop_count_matches_the_analytic_formula():
-  config = tiny_config()
+  config = tiny_model_config()
   model = make_model(config)
-  batch = jax.eval_shape(lambda: state_lib.dummy_batch(2, LAYOUT))
-  params = jax.eval_shape(lambda *x: nn.meta.unbox(model.init(jax.random.key(0), *x)), *state_lib.model_inputs(batch))
-  counted = flops.forward_flops(model, params["params"], state_lib.model_inputs(batch))
+  batch = jax.eval_shape(lambda: sequence.dummy_batch(2, LAYOUT))
+  params = jax.eval_shape(lambda *x: nn.meta.unbox(model.init(jax.random.key(0), *x)), *sequence.model_inputs(batch))
+  counted = flops.forward_flops(model, params["params"], sequence.model_inputs(batch))
   rows, length, d, mlp, layers, vocab = 2, LAYOUT.seq_len, 32, 64, 2, 64
   matmuls = layers * (2 * 4 * d * d + 2 * 3 * d * mlp + 2 * 2 * length * d) + 2 * d * vocab
   patches = 2 * 2 * 12 * d * LAYOUT.max_images * 16 / length      # encoder + decoder, per position
   analytic = rows * length * (matmuls + patches)
   assert 1.0 <= counted / analytic < 1.15       # the rest: softmax, norms, RoPE, timestep MLP
-  assert flops.train_flops(model, params["params"], state_lib.model_inputs(batch)) == 3 * counted
+  assert flops.train_flops(model, params["params"], sequence.model_inputs(batch)) == 3 * counted
 
 
 def test_bad_mesh_sizes_name_the_fields():

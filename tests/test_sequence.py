@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from tfusion.data import pipeline, sequence
-from tests.helpers import SPECIAL, image_doc, packed_rows, text_doc
+from tests.helpers import SPECIAL, image_doc, make_sources, make_stream, packed_rows, text_doc
 
 LAYOUT = sequence.RowLayout(seq_len=48, latent_shape=(4, 4, 3), patch_size=2)   # 4 patches, 6 elements/image
 
@@ -43,27 +43,6 @@ def test_builder_refuses_documents_that_do_not_fit():
 
 
 # ---- The packer over a stream of documents. -------------------------------------------------------
-def make_sources(text_fraction=0.5, text_lengths=(5, 30, 90)):
-  rng = np.random.default_rng(1)
-  texts = [np.arange(100, 100 + n, dtype=np.int32) for n in text_lengths * 10]
-  images = [dict(caption=rng.integers(40, 60, size=int(rng.integers(2, 6))).tolist(), index=i) for i in range(50)]
-
-  def prepare(example):
-    return example["caption"], np.full((4, 4, 3), example["index"], np.float32)
-
-  return [pipeline.Source("text", "text", texts, lambda ids: ids, text_fraction),
-          pipeline.Source("images", "image_caption", images, prepare, 1 - text_fraction)]
-
-
-def make_stream(text_fraction=0.5, caption_first_prob=0.8, seq_len=64, text_lengths=(5, 30, 90), seed=0,
-                process_index=0, process_count=1, caption_dropout_prob=0.0, sources=None, workers=0):
-  layout = sequence.RowLayout(seq_len, (4, 4, 3), 2)
-  mix = pipeline.MixOptions(caption_first_prob, 1000, 500, seed, caption_dropout_prob)
-  return pipeline.train_batches(sources or make_sources(text_fraction, text_lengths), layout, SPECIAL, mix,
-                                global_rows=4, process_index=process_index, process_count=process_count,
-                                workers=workers)
-
-
 def image_spans(tokens, image_ids):
   """(BOI index, EOI index, image id) of every image in a row."""
   spans = []

@@ -8,34 +8,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tfusion import config as config_lib, train
+from tfusion import config as config_lib
 from tfusion.metrics import read_metrics
-from tfusion.training import step as step_lib
+from tfusion.training import step as step_lib, trainer
+from tests.helpers import REPO, tiny_run_config
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOGGED = {"step", "loss", "text_loss", "image_loss", "lr", "grad_norm", "elements_per_sec", "text_targets", "images",
           "tflops_per_device", "mfu", "packing_efficiency"}
 
 
-@pytest.fixture(scope="session")
-def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("tfds"))
-
-
-def tiny_config(data_dir, **top):
-  c = config_lib.default_config()
-  c.total_steps, c.batch_size, c.seq_len, c.log_every, c.ckpt_every, c.sample_every = 6, 8, 64, 1, 3, 6
-  c.model.num_layers, c.model.d_model, c.model.num_heads, c.model.mlp_dim, c.model.patch_size = 2, 32, 2, 64, 4
-  c.data.data_dir, c.data.image_size, c.data.vocab_size = data_dir, 16, 512
-  c.optim.warmup_steps = 2
-  c.sample.num_images, c.sample.num_captions, c.sample.diffusion_steps, c.sample.max_caption_tokens = 2, 2, 4, 4
-  c.update(top)
-  return c
-
-
 def test_run_leaves_checkpoints_logs_and_samples(tmp_path, data_dir):
   workdir = str(tmp_path / "run")
-  train.train_and_evaluate(tiny_config(data_dir), workdir)
+  trainer.train_and_evaluate(tiny_run_config(data_dir), workdir)
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3", "6"]
   assert json.load(open(os.path.join(workdir, "config.json")))["seq_len"] == 64
   assert os.path.getsize(os.path.join(workdir, "tokenizer.model")) > 1000
@@ -53,8 +37,8 @@ def test_run_leaves_checkpoints_logs_and_samples(tmp_path, data_dir):
 
 
 def test_killed_and_resumed_run_reproduces_uninterrupted_run(tmp_path, data_dir, monkeypatch):
-  config = tiny_config(data_dir, sample_every=100)
-  train.train_and_evaluate(config, str(tmp_path / "straight"))
+  config = tiny_run_config(data_dir, sample_every=100)
+  trainer.train_and_evaluate(config, str(tmp_path / "straight"))
 
   real = step_lib.jit_train_step
 
@@ -69,10 +53,10 @@ def test_killed_and_resumed_run_reproduces_uninterrupted_run(tmp_path, data_dir,
 
   monkeypatch.setattr(step_lib, "jit_train_step", crashing_at_step_5)
   with pytest.raises(KeyboardInterrupt):
-    train.train_and_evaluate(config, str(tmp_path / "resumed"))
+    trainer.train_and_evaluate(config, str(tmp_path / "resumed"))
   assert [m["step"] for m in read_metrics(str(tmp_path / "resumed"))] == [1, 2, 3, 4]
   monkeypatch.setattr(step_lib, "jit_train_step", real)
-  train.train_and_evaluate(config, str(tmp_path / "resumed"))
+  trainer.train_and_evaluate(config, str(tmp_path / "resumed"))
 
   timing = {"elements_per_sec", "tflops_per_device", "mfu"}
   drop = lambda ms: [{k: v for k, v in m.items() if k not in timing} for m in ms]  # noqa: E731
@@ -100,22 +84,22 @@ def test_bad_overrides_stop_before_compute_naming_the_field(tmp_path, override, 
 
 
 def test_missing_text_corpus_names_the_file(tmp_path, data_dir):
-  config = tiny_config(data_dir)
+  config = tiny_run_config(data_dir)
   config.data.text_source = str(tmp_path / "missing.jsonl")
   with pytest.raises(FileNotFoundError, match="missing.jsonl"):
-    train.train_and_evaluate(config, str(tmp_path / "w"))
+    trainer.train_and_evaluate(config, str(tmp_path / "w"))
 
 
 def test_batch_size_must_divide_over_data_shards(tmp_path, data_dir):
   with pytest.raises(config_lib.ConfigError, match="config.batch_size = 6"):
-    train.train_and_evaluate(tiny_config(data_dir, batch_size=6), str(tmp_path / "w"))
+    trainer.train_and_evaluate(tiny_run_config(data_dir, batch_size=6), str(tmp_path / "w"))
 
 
 def test_nan_loss_stops_without_saving(tmp_path, data_dir):
-  config = tiny_config(data_dir, ckpt_every=1)
+  config = tiny_run_config(data_dir, ckpt_every=1)
   config.optim.lr, config.optim.warmup_steps, config.optim.grad_clip = 1e30, 1, 1e30
   with pytest.raises(FloatingPointError, match=r"at step \d+ .* last checkpoint: step \d+"):
-    train.train_and_evaluate(config, str(tmp_path / "w"))
+    trainer.train_and_evaluate(config, str(tmp_path / "w"))
   saved = [int(s) for s in os.listdir(tmp_path / "w" / "checkpoints") if s.isdigit()]
   last_logged = read_metrics(str(tmp_path / "w"))[-1]
   assert np.isfinite(last_logged["loss"]) and max(saved) == last_logged["step"]

@@ -2,6 +2,6 @@
 
 
 def load(path: str, mesh=None):
-  """A ready generate.Sampler from an export directory written by python -m tfusion.export."""
-  from tfusion import export  # pylint: disable=import-outside-toplevel  (import tfusion stays light)
-  return export.load(path, mesh)
+  """A ready inference Sampler from an export directory written by python -m tfusion.export."""
+  from tfusion.inference import sampler  # pylint: disable=import-outside-toplevel  (import tfusion stays light)
+  return sampler.load_export(path, mesh)

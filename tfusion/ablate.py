@@ -14,11 +14,15 @@ import json
 import os
 
 from absl import app, flags, logging
+import jax
 import ml_collections
+from ml_collections import config_flags
 import numpy as np
 
-from tfusion import config as config_lib, distributed, evaluate, metrics, train
-from tfusion.training import checkpoint, state as state_lib
+from tfusion import config as config_lib, distributed, metrics, run_dir, spec as spec_lib
+from tfusion.data import sequence
+from tfusion.evaluation import suite
+from tfusion.training import state as state_lib, trainer
 
 FINAL_LOSSES = ("loss", "text_loss", "image_loss")
 
@@ -46,7 +50,7 @@ def cell_config(ablation, variant: str, seed: int) -> ml_collections.ConfigDict:
     node[last] = value
   config.seed = seed
   config.eval_every = config.total_steps
-  config_lib.validate(config)
+  spec_lib.resolve(config)
   return config
 
 
@@ -60,11 +64,11 @@ def run_cell(ablation, workdir: str, variant: str, seed: int) -> tuple[int, bool
   SIGTERM (saved, exit 0) or a Ctrl-C."""
   config = cell_config(ablation, variant, seed)
   directory = cell_dir(workdir, variant, seed)
-  if os.path.isfile(_report_path(directory, config.total_steps)):
+  if os.path.isfile(run_dir.RunDir(directory).eval_report(config.total_steps)):
     logging.info("%s is finished", directory)
     return 0, True
-  status = train.train_and_evaluate(config, directory)
-  return status, config.total_steps in checkpoint.saved_steps(checkpoint.checkpoint_dir(directory))
+  status = trainer.train_and_evaluate(config, directory)
+  return status, config.total_steps in run_dir.RunDir(directory).saved_steps()
 
 
 def run_all(ablation, workdir: str) -> int | None:
@@ -79,19 +83,15 @@ def run_all(ablation, workdir: str) -> int | None:
   return None
 
 
-def _report_path(directory: str, step: int) -> str:
-  return os.path.join(directory, "eval", f"step_{step}.json")
-
-
 def cell_numbers(ablation, workdir: str, variant: str, seed: int) -> dict[str, float] | None:
   """The evaluation numbers, final losses and 6ND FLOPs of one finished cell (None if unfinished)."""
   config = cell_config(ablation, variant, seed)
   directory = cell_dir(workdir, variant, seed)
-  path = _report_path(directory, config.total_steps)
+  path = run_dir.RunDir(directory).eval_report(config.total_steps)
   if not os.path.isfile(path):
     return None
   with open(path) as f:
-    numbers = evaluate.scalars(json.load(f))
+    numbers = suite.scalars(json.load(f))
   logged = [m for m in metrics.read_metrics(directory) if "loss" in m]
   numbers.update({f"final/{k}": logged[-1][k] for k in FINAL_LOSSES})
   numbers["params"] = float(_param_count(config, directory))
@@ -100,12 +100,10 @@ def cell_numbers(ablation, workdir: str, variant: str, seed: int) -> dict[str, f
 
 
 def _param_count(config, directory: str) -> int:
-  from tfusion.data import tokenizer as tokenizer_lib   # pylint: disable=import-outside-toplevel
-  import jax   # pylint: disable=import-outside-toplevel
-  vocab = tokenizer_lib.Tokenizer.load(os.path.join(directory, "tokenizer.model")).vocab_size
-  model, layout = state_lib.model_and_layout(config, vocab)
-  batch = state_lib.dummy_batch(1, layout)
-  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), *state_lib.model_inputs(batch)))
+  spec = spec_lib.resolve(config)
+  model = spec.transfusion(run_dir.RunDir(directory).tokenizer().vocab_size)
+  batch = sequence.dummy_batch(1, spec.layout)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), *sequence.model_inputs(batch)))
   return state_lib.count_params(shapes)
 
 
@@ -177,7 +175,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from ml_collections import config_flags   # pylint: disable=g-import-not-at-top
   config_flags.DEFINE_config_file("config", None, "Ablation config (base, variants, seeds).", lock_config=False)
   flags.DEFINE_string("workdir", None, "Directory of the ablation (one subdirectory per variant and seed).")
   flags.DEFINE_string("only", None, "Run one cell, VARIANT:SEED (a cluster job).")

@@ -1,7 +1,7 @@
 r"""Compile the full train step for a target mesh without running it; print its per-device memory and FLOPs.
 
-  python -m tfusion.aot --config experiments/transfusion_7b.py --topology v5p:4x4x8
-  python -m tfusion.aot --config experiments/transfusion_160m.py --topology cpu:8 --config.mesh.ici_tensor_parallelism=2
+  python -m tfusion.aot --config experiments/transfusion_paper.py:size=7b --topology v5p:4x4x8
+  python -m tfusion.aot --config experiments/transfusion_paper.py:size=160m --topology cpu:8 --config.mesh.ici_tensor_parallelism=2
 
 --topology is a TPU topology name (`v5p:4x4x8`, `v6e:16x16`, `v4:2x2x1`; needs the libtpu of
 `pip install -e .[tpu]`, which compiles for TPUs on any host) or `cpu:N` (N fake CPU devices).
@@ -15,7 +15,8 @@ from absl import app, flags
 import jax
 from ml_collections import config_flags
 
-from tfusion import config as config_lib, diffusion, flops, sharding
+from tfusion import flops, sharding, spec as spec_lib
+from tfusion.data import sequence
 from tfusion.training import optim, state as state_lib, step as step_lib
 
 # Memory per device in GiB (HBM per chip on TPU), for the fits / does-not-fit line.
@@ -54,26 +55,25 @@ def compile_train_step(config, devices, unroll_layers: bool = False, count_model
   unroll_layers (straight-line layers, slower to compile).
   """
   mesh = sharding.make_mesh(config.mesh, devices)
-  model, layout = state_lib.model_and_layout(config, config.data.vocab_size)
+  spec = spec_lib.resolve(config)
+  model, layout = spec.transfusion(config.data.vocab_size), spec.layout
   if unroll_layers:
     tcfg = dataclasses.replace(model.cfg.transformer, unroll_layers=True)
     model = model.clone(cfg=dataclasses.replace(model.cfg, transformer=tcfg))
   tx, schedule = optim.make_optimizer(config.optim, config.total_steps)
-  init_batch = state_lib.dummy_batch(1, layout)
+  init_batch = sequence.dummy_batch(1, layout)
   state, shardings = state_lib.abstract_train_state(model, tx, init_batch, mesh)
   batch_sharding = sharding.batch_sharding(mesh)
   batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=batch_sharding),
-                       jax.eval_shape(lambda: state_lib.dummy_batch(config.batch_size, layout)))
-  step = step_lib.jit_train_step(mesh, shardings, model=model, tx=tx, schedule=schedule,
-                                 alpha_bar=diffusion.make_alpha_bar(config.diffusion.schedule,
-                                                                    config.diffusion.num_timesteps),
+                       jax.eval_shape(lambda: sequence.dummy_batch(config.batch_size, layout)))
+  step = step_lib.jit_train_step(mesh, shardings, model=model, tx=tx, schedule=schedule, alpha_bar=spec.alpha_bar,
                                  loss_weight=config.diffusion.loss_weight, train_key=jax.random.key(0),
                                  microbatches=config.microbatches)
   with jax.set_mesh(mesh):
     compiled = step.lower(state, batch).compile()
   memory = compiled.memory_analysis()
   cost = compiled.cost_analysis()
-  model_flops = flops.train_flops(model, state.params, state_lib.model_inputs(batch)) if count_model_flops else 0.0
+  model_flops = flops.train_flops(model, state.params, sequence.model_inputs(batch)) if count_model_flops else 0.0
   # The TPU compiler reports a heap-simulated peak; everything-live-at-once bounds it from above.
   live_bound = (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
                 + memory.temp_size_in_bytes)
@@ -97,7 +97,8 @@ def compile_train_step(config, devices, unroll_layers: bool = False, count_model
 
 
 def report(figures: dict) -> str:
-  gib = lambda b: f"{b / 2**30:10.2f} GiB"  # noqa: E731
+  def gib(b):
+    return f"{b / 2**30:10.2f} GiB"
   rows = [("device", f"{figures['num_devices']} x {figures['device_kind']}, mesh {figures['mesh']}"),
           ("parameters (total)", f"{figures['parameters']:,}"),
           ("params / device", gib(figures["params_bytes"])),
@@ -120,7 +121,7 @@ def main(argv):
   args = flags.FLAGS
   if args.config is None:
     raise app.UsageError("--config is required")
-  config_lib.validate(args.config)
+  spec_lib.resolve(args.config)
   if args.topology.startswith("cpu:"):
     jax.config.update("jax_num_cpu_devices", int(args.topology[4:]))
   figures = compile_train_step(args.config, topology_devices(args.topology, args.num_slices))
@@ -130,14 +131,9 @@ def main(argv):
       json.dump(figures, f, indent=2)
 
 
-def define_flags():
-  """Command-line flags, defined only when this module is the program (so libraries can import it)."""
+if __name__ == "__main__":
   config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
   flags.DEFINE_string("topology", "cpu:8", "TPU topology name (e.g. v5p:4x4x8) or cpu:N.")
   flags.DEFINE_integer("num_slices", 1, "TPU slices joined over the data-center network.")
   flags.DEFINE_string("json", None, "Also write the figures to this JSON file.")
-
-
-if __name__ == "__main__":
-  define_flags()
   app.run(main)

@@ -23,11 +23,9 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 import numpy as np
 
-from tfusion import config as config_lib
+from tfusion import config as config_lib, run_dir, sharding
 from tfusion.models import vae as vae_lib
-from tfusion.training import checkpoint
 
-CODEC_FILE = "codec.json"
 ENCODE_BATCH = 64   # images per VAE call (rounded up to whole rows per device); the last batch is padded
 
 
@@ -79,8 +77,7 @@ def _in_batches(fn, x: np.ndarray, batch: int) -> np.ndarray:
   out = []
   for start in range(0, len(x), batch):
     part = x[start:start + batch]
-    padded = np.concatenate([part, np.repeat(part[-1:], batch - len(part), 0)]) if len(part) < batch else part
-    out.append(np.asarray(fn(padded))[:len(part)])
+    out.append(np.asarray(fn(sharding.pad_rows(part, batch)))[:len(part)])
   return np.concatenate(out)
 
 
@@ -133,20 +130,15 @@ def load_vae(path: str) -> tuple[vae_lib.VAEConfig, Any, dict]:
   """(architecture, numpy params, provenance) of a VAE: a tfusion.train_vae workdir (latest checkpoint)
   or a diffusers AutoencoderKL directory / .safetensors file."""
   path = os.path.abspath(os.path.expanduser(path))
-  run_config = os.path.join(path, "config.json")
-  if os.path.isdir(os.path.join(path, "checkpoints")) and os.path.isfile(run_config):
-    with open(run_config) as f:
-      config = config_lib.from_json(f.read(), run_config, config_lib.default_vae_config())
-    vae = vae_config_of_run(config)
-    ckpt = checkpoint.Checkpointer(os.path.join(path, "checkpoints"), 1, writer=False)
-    step = ckpt.latest_step()
-    if step is None:
+  run = run_dir.RunDir(path)
+  if run.is_run():
+    vae = vae_config_of_run(run.read_config(config_lib.default_vae_config()))
+    if not run.saved_steps():
       raise FileNotFoundError(f"VAE run {path} has no checkpoint yet: train it with python -m tfusion.train_vae")
     shapes = jax.eval_shape(lambda: vae_lib.AutoencoderKL(vae).init(
         jax.random.key(0), jnp.zeros((1, vae.downsample, vae.downsample, vae.in_channels))))
     target = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), nn.meta.unbox(shapes["params"]))
-    params = ckpt.restore_params(step, target)
-    ckpt.close()
+    params, step = run.restore_params(None, target)
     return vae, params, {"vae": path, "vae_format": "tfusion", "vae_step": int(step)}
   if os.path.isdir(path) or path.endswith(".safetensors"):
     vae, params = vae_lib.load_diffusers(path)
@@ -173,7 +165,7 @@ def vae_codec(path: str, shift=None, scale=None, measured: dict | None = None,
 
 def read_codec_metadata(path: str) -> dict:
   """The codec.json at `path` (a file, or a directory holding one)."""
-  path = os.path.join(path, CODEC_FILE) if os.path.isdir(path) else path
+  path = os.path.join(path, run_dir.CODEC_FILE) if os.path.isdir(path) else path
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{path} not found: encode the dataset first (python -m tfusion.encode_latents)")
   with open(path) as f:
@@ -188,23 +180,14 @@ def codec_from_metadata(metadata: dict) -> VaeCodec:
                    {k: metadata[k] for k in ("images_measured",) if k in metadata}, metadata.get("value_range"))
 
 
-def latent_shape(data_config) -> tuple[int, int, int]:
-  """(h, w, c) of one image's latent under config.data's codec."""
-  size = data_config.image_size
-  if data_config.codec == "vae":
-    return (size // data_config.latent_downsample, size // data_config.latent_downsample,
-            data_config.latent_channels)
-  return (size, size, 3)
-
-
 def make_codec(data_config, metadata_dir: str | None = None):
   """The codec named by config.data.codec. The vae codec reads its codec.json from `metadata_dir` (a
   run's workdir) when that holds one, else from config.data.latent_cache."""
   if data_config.codec == "identity":
     return IdentityCodec()
   if data_config.codec != "vae":
-    raise ValueError(f"config.data.codec = {data_config.codec!r}: unknown codec (available: identity, vae)")
-  if metadata_dir and os.path.isfile(os.path.join(metadata_dir, CODEC_FILE)):
+    raise ValueError(f"config.data.codec = {data_config.codec!r}: unknown codec (available: {config_lib.CODECS})")
+  if metadata_dir and os.path.isfile(os.path.join(metadata_dir, run_dir.CODEC_FILE)):
     metadata = read_codec_metadata(metadata_dir)
     if not os.path.isabs(os.path.expanduser(metadata["vae"])):    # an export's own vae/ directory
       metadata = dict(metadata, vae=os.path.join(metadata_dir, metadata["vae"]))

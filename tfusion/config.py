@@ -1,16 +1,19 @@
-"""The default experiment config and its validation.
+"""The config schema: every field with its default, and validation.
 
 Experiment files in `experiments/` start from `default_config()` and change what they need. The
 fields users turn most are top level; the rest is grouped (`model`, `diffusion`, `data`, `optim`,
-`sample`, `mesh`). `validate(config)` runs before any compute and names the field at fault.
+`sample`, `mesh`). `validate(config)` checks each field and runs before any compute, naming the field at
+fault; `spec.resolve(config)` validates and resolves the config into the run spec, whose constructors check
+how the image, latent, patch and row sizes fit together.
 """
+import importlib.util
 import json
 
 import ml_collections
 import numpy as np
 
 from tfusion import diffusion
-from tfusion.models import patching
+from tfusion.models import patching, transformer, transfusion
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -26,8 +29,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.sample_every = 500
   c.eval_every = 0               # held-out evaluation (tfusion.evaluate) every this many steps; 0 = off
   c.eval_examples = 64           # held-out images captioned and captions drawn per evaluation
-  c.eval_inception_weights = ""  # FID Inception-v3 safetensors (tfusion.models.inception); "" = no FID
-  c.eval_clip = ""               # Hugging Face CLIP directory (tfusion.models.clip); "" = no CLIP score
+  c.eval_inception_weights = ""  # FID Inception-v3 safetensors (tfusion.evaluation.inception); "" = no FID
+  c.eval_clip = ""               # Hugging Face CLIP directory (tfusion.evaluation.clip); "" = no CLIP score
   c.max_to_keep = 3
   c.ema_decay = 0.9999           # EMA of the params (warmed up), used by samples, evaluation, generate and export;
   #                                0 = off (the paper states none)
@@ -67,7 +70,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.diffusion.loss_weight = 5.0          # lambda in L = L_LM + lambda * L_DDPM
   c.diffusion.image_first_max_t = 500    # noise limiting cap for image-before-caption pairs
   c.diffusion.prediction = "v"           # the patch decoder predicts v (velocity; ours, see docs/results.md) |
-  #                                        eps (the paper; paper_config keeps it)
+  #                                        eps (the paper; experiments/transfusion_paper.py keeps it)
   c.diffusion.min_snr_gamma = 0.0        # Min-SNR-gamma weighting of the image MSE; 0 = off (the paper)
 
   c.data = ml_collections.ConfigDict()
@@ -119,7 +122,8 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
-# Paper Table 2: layers, d_model, heads. SwiGLU width 8/3 d rounded up to a multiple of 256 (Llama).
+# Paper Table 2: layers, d_model, heads (experiments/transfusion_paper.py). SwiGLU width 8/3 d rounded up to a
+# multiple of 256 (Llama).
 PAPER_SIZES = {
     "160m": (16, 768, 12),
     "370m": (24, 1024, 16),
@@ -133,62 +137,13 @@ def swiglu_width(d_model: int) -> int:
   return -(-8 * d_model // 3 // 256) * 256
 
 
-def paper_config(size: str, patch_encoder: str = "linear") -> ml_collections.ConfigDict:
-  """A paper-size Transfusion (§4.1): 256 px images as 32x32x8 VAE latents in 2x2 patches, seq 4096,
-  2M elements per batch, 32K vocab, AdamW (0.9, 0.95) lr 3e-4, 4000 warmup, cosine to 1.5e-5, 250k steps."""
-  if size not in PAPER_SIZES:
-    raise ValueError(f"unknown paper size {size!r}: one of {sorted(PAPER_SIZES)}")
-  c = default_config()
-  c.total_steps = 250_000
-  c.seq_len = 4096
-  c.batch_size = 512                     # 512 x 4096 = 2M elements
-  c.log_every, c.ckpt_every, c.sample_every = 50, 2000, 10_000
-  layers, d_model, heads = PAPER_SIZES[size]
-  c.model.num_layers, c.model.d_model, c.model.num_heads = layers, d_model, heads
-  c.model.mlp_dim = swiglu_width(d_model)
-  c.model.patch_size = 2
-  c.model.patch_encoder = patch_encoder
-  c.model.unet_channels = (512, 1024)    # ~0.27B encoder + decoder, as the paper's U-Net
-  c.model.unet_res_blocks = 3
-  c.model.dtype = "bfloat16"
-  c.diffusion.prediction = "eps"         # the paper's parameterisation (x0 estimates clipped to the codec's range)
-  c.model.remat_policy = "full"
-  c.model.attention = "chunked"
-  c.model.attention_chunk = 1024
-  c.data.codec = "vae"
-  c.data.image_size = 256
-  c.data.latent_channels, c.data.latent_downsample = 8, 8
-  c.data.vocab_size = 32_000
-  c.optim.lr = 3e-4
-  c.optim.warmup_steps = 4000
-  c.optim.final_lr_fraction = 1.5e-5 / 3e-4
-  c.mesh.ici_data_parallelism = 1
-  c.mesh.ici_fsdp_parallelism = -1      # fully sharded data parallel over every chip of a slice
-  return c
-
-
-def shapes_demo_config(image_size: int = 32) -> ml_collections.ConfigDict:
-  """The embedded demo: a 4-layer, d = 128 Transfusion on the shapes data + pydoc text, pixel space
-  (8 x 8 patches per image), 1000 steps; minutes on 2 CPU cores. experiments/shapes_*.py start here."""
-  c = default_config()
-  c.data.image_size = image_size
-  c.total_steps = 1000
-  c.batch_size = 8
-  c.seq_len = 256
-  c.log_every = 10
-  c.ckpt_every = 250
-  c.sample_every = 500
-  c.model.num_layers = 4
-  c.model.d_model = 128
-  c.model.num_heads = 4
-  c.model.mlp_dim = 384
-  c.model.patch_size = image_size // 8
-  c.data.vocab_size = 512
-  c.optim.lr = 2e-3
-  c.optim.warmup_steps = 50
-  c.sample.diffusion_steps = 250
-  c.ema_decay = 0.999            # a 1000-step run: the average spans the last ~1000 updates
-  return c
+def load_experiment(path: str) -> ml_collections.ConfigDict:
+  """The config of an experiment file as --config reads it: "experiments/x.py" or "experiments/x.py:arg"."""
+  file, _, arg = path.partition(":")
+  spec = importlib.util.spec_from_file_location("experiment", file)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
 
 
 def default_vae_config() -> ml_collections.ConfigDict:
@@ -314,6 +269,7 @@ def _validate_optimizer(config) -> None:
       _fail(config, f"optim.{name}", "must be < 1")
 
 
+CODECS = ("identity", "vae")   # data.codec: pixels in [-1, 1], or a frozen VAE's latents (codecs.py)
 _POSITIVE_INTS = ("total_steps", "batch_size", "microbatches", "seq_len", "log_every", "ckpt_every", "sample_every",
                   "eval_examples", "max_to_keep", "model.num_layers", "model.d_model", "model.num_heads",
                   "model.mlp_dim", "model.patch_size", "model.attention_chunk", "model.unet_res_blocks",
@@ -326,16 +282,16 @@ _FRACTIONS = ("data.text_fraction", "data.caption_first_prob", "data.caption_dro
 _CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
     "model.param_dtype": ("float32", "bfloat16"),
-    "model.remat_policy": ("none", "full", "dots_saveable"),
-    "model.attention": ("dense", "chunked", "dot_product", "flash"),
-    "model.image_attention": ("bidirectional", "causal"),
-    "model.patch_encoder": ("linear", "unet"),
-    "model.decoder_input": ("final_norm", "pre_norm"),
+    "model.remat_policy": ("none", *transformer.REMAT_POLICIES),
+    "model.attention": transformer.ATTENTIONS,
+    "model.image_attention": transformer.IMAGE_ATTENTIONS,
+    "model.patch_encoder": transfusion.PATCH_ENCODERS,
+    "model.decoder_input": transfusion.DECODER_INPUTS,
     "model.decoder_head": patching.DECODER_HEADS,
     "diffusion.prediction": diffusion.PREDICTIONS,
     "diffusion.schedule": diffusion.SCHEDULES,
-    "data.codec": ("identity", "vae"),
-    "sample.sampler": ("ddpm", "ddim"),
+    "data.codec": CODECS,
+    "sample.sampler": diffusion.SAMPLERS,
 }
 
 
@@ -386,8 +342,13 @@ def _get(config, dotted):
   return value
 
 
+def field_error(field: str, value, why: str) -> ConfigError:
+  """The error of a field with an invalid value: config.<field> = <value>: <why>."""
+  return ConfigError(f"config.{field} = {value!r}: {why}")
+
+
 def _fail(config, field, why):
-  raise ConfigError(f"config.{field} = {_get(config, field)!r}: {why}")
+  raise field_error(field, _get(config, field), why)
 
 
 def _check_fields(config, defaults, positive_ints=(), fractions=(), choices=None) -> None:
@@ -416,7 +377,8 @@ def _check_fields(config, defaults, positive_ints=(), fractions=(), choices=None
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-  """Raise ConfigError naming the first invalid field. Cheap: runs before any compute."""
+  """Raise ConfigError naming the first invalid field. Cheap: runs before any compute. How the image, latent,
+  patch and row sizes fit together is checked by spec.resolve, which calls this first."""
   _check_fields(config, default_config(), _POSITIVE_INTS, _FRACTIONS, _CHOICES)
 
   def fail(field, why):
@@ -449,22 +411,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
     fail("model.attention_chunk", f"must be a multiple of 128 dividing seq_len = {config.seq_len} for flash attention")
   if config.peak_tflops_per_device < 0:
     fail("peak_tflops_per_device", "must be >= 0 (0 = look up / measure)")
-  latent_size = config.data.image_size
-  if config.data.codec == "vae":
-    if config.data.image_size % config.data.latent_downsample:
-      fail("data.latent_downsample", f"must divide data.image_size = {config.data.image_size}")
-    latent_size //= config.data.latent_downsample
-  if latent_size % config.model.patch_size:
-    fail("model.patch_size", f"must divide the latent size {latent_size}")
-  if config.model.patch_encoder == "unet":
-    k = config.model.patch_size
-    if k & (k - 1):
-      fail("model.patch_size", "must be a power of 2 with the unet patch encoder")
-    if len(config.model.unet_channels) != k.bit_length():
-      fail("model.unet_channels", f"needs log2(patch_size) + 1 = {k.bit_length()} widths")
-  patches = (latent_size // config.model.patch_size) ** 2
-  if config.seq_len < patches + 4:
-    fail("seq_len", f"must hold one image ({patches} patches + BOS, BOI, EOI, EOS)")
   if config.sample.cfg_scale < 0:
     fail("sample.cfg_scale", "must be >= 0 (1 = no guidance)")
   _validate_optimizer(config)

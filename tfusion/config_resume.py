@@ -19,11 +19,7 @@ import os
 from absl import flags, logging
 import ml_collections
 
-from tfusion import config as config_lib, distributed
-from tfusion.training import checkpoint
-
-CONFIG = "config.json"
-CHANGES = "config_changes.jsonl"
+from tfusion import config as config_lib, distributed, run_dir
 
 # Fields (or groups, "mesh" = mesh.*) whose change on resume continues the same run.
 MAY_CHANGE = (
@@ -72,25 +68,24 @@ def check(config, workdir: str, defaults: ml_collections.ConfigDict | None = Non
   values of its time) when the workdir has checkpoints to resume. Refuses as the module says, touching
   nothing; checkpoints without config.json are warned about. Returns the accepted {field: (old, new)}, for
   record()."""
-  path = os.path.join(workdir, CONFIG)
+  run = run_dir.RunDir(workdir)
   unknown = [name for name in allow if not any(_matches(f, [name]) for f in flatten(config))]
   if unknown:
     raise config_lib.ConfigError(f"--allow_config_change names fields the config does not have: {unknown}")
-  if not checkpoint.saved_steps(checkpoint.checkpoint_dir(workdir)):
+  if not run.saved_steps():
     return {}
-  if not os.path.isfile(path):
+  if not os.path.isfile(run.config_file):
     logging.warning("%s has checkpoints but no %s: this config cannot be compared with the run's, it is "
-                    "taken as it is and recorded", workdir, CONFIG)
+                    "taken as it is and recorded", workdir, os.path.basename(run.config_file))
     return {}
-  with open(path) as f:
-    saved = config_lib.from_json(f.read(), path, defaults)
+  saved = run.read_config(defaults)
   found = changes(saved, config)
   refused = {f: v for f, v in found.items() if not _matches(f, MAY_CHANGE) and not _matches(f, allow)}
   if refused:
     raise ConfigChangeError(
         f"{workdir} holds a run with another config; resuming it may not change "
         + "; ".join(f"config.{f} from {o!r} to {n!r}" for f, (o, n) in refused.items())
-        + f". {path} was left as it was. Use a new workdir for a new run, or pass "
+        + f". {run.config_file} was left as it was. Use a new workdir for a new run, or pass "
         f"--allow_config_change={','.join(refused)} to force the change into this run.")
   return found
 
@@ -111,12 +106,9 @@ def record(config, workdir: str, found: dict, step: int) -> None:
     entry = dict(time=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), step=step,
                  changed={f: [o, n] for f, (o, n) in found.items()},
                  forced=[f for f in found if not _matches(f, MAY_CHANGE)])
-    with open(os.path.join(workdir, CHANGES), "a") as f:
+    with open(run_dir.RunDir(workdir).config_changes_file, "a") as f:
       f.write(json.dumps(entry) + "\n")
-  path = os.path.join(workdir, CONFIG)
-  with open(path + ".tmp", "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
-  os.replace(path + ".tmp", path)
+  run_dir.RunDir(workdir).write_config(config)
 
 
 def define_flags() -> None:

@@ -13,6 +13,7 @@ import numpy as np
 
 SCHEDULES = ("cosine", "linear")
 PREDICTIONS = ("eps", "v")   # what the patch decoder outputs (see prediction_target)
+SAMPLERS = ("ddpm", "ddim")   # ancestral (ddpm_step) | ddim_step
 
 
 def cosine_alpha_bar(num_timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> np.ndarray:

@@ -6,12 +6,10 @@ id) work anywhere, including several processes on one machine; otherwise JAX's c
 """
 import os
 
-from absl import app, flags
+from absl import app, flags, logging
 import jax
 from jax.experimental import multihost_utils
 import numpy as np
-
-from tfusion import metrics
 
 MODES = ("auto", "on", "off")
 
@@ -44,7 +42,7 @@ def initialize(mode: str = "auto", coordinator_address: str | None = None, num_p
 
 
 def define_flags() -> None:
-  """The multi-process flags every entry point takes (read by start_entry_point)."""
+  """The multi-process flags every command takes (read by start_command)."""
   flags.DEFINE_enum("distributed", "auto", MODES,
                     "Join JAX's multi-process runtime: auto (when the flags below are given or a SLURM / "
                     "multi-host Cloud TPU job is detected), on (always), off.")
@@ -56,24 +54,13 @@ def define_flags() -> None:
 def start_command(argv, required: tuple[str, ...]) -> None:
   """The common start of the commands: checks argv and the `required` flags, quiets orbax's INFO logs and
   joins the multi-process runtime (flags of define_flags())."""
-  metrics.quiet_library_info_logs()
+  quiet_library_info_logs()
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   args = flags.FLAGS
   if any(args[name].value is None for name in required):
     raise app.UsageError(" and ".join(f"--{name}" for name in required) + " are required")
   initialize(args.distributed, args.coordinator_address, args.num_processes, args.process_id)
-
-
-def start_entry_point(argv) -> tuple:
-  """The start of the training commands (flags --config, --workdir): start_command, and compilations kept
-  in the workdir unless the environment names a cache (JAX_COMPILATION_CACHE_DIR, e.g. one shared by many
-  runs). Returns (config, workdir)."""
-  start_command(argv, ("config", "workdir"))
-  args = flags.FLAGS
-  if not jax.config.jax_compilation_cache_dir:
-    jax.config.update("jax_compilation_cache_dir", os.path.join(args.workdir, "jax_cache"))
-  return args.config, args.workdir
 
 
 def is_chief() -> bool:
@@ -119,3 +106,10 @@ def chief_decides(name: str, fn) -> int | None:
     return result
   shared = int(multihost_utils.broadcast_one_to_all(np.int32(-1 if result is None else result)))
   return None if shared < 0 else shared
+
+
+def quiet_library_info_logs() -> None:
+  """Orbax logs every checkpoint step at INFO; keep its warnings, drop the chatter."""
+  def keep(record):
+    return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
+  logging.get_absl_handler().python_handler.addFilter(keep)

@@ -1,11 +1,12 @@
-r"""Encode the image-caption dataset once with a frozen VAE, for training on cached latents.
+r"""Encode the embedded shapes data once with a frozen VAE, for training on cached latents.
 
-  python -m tfusion.encode_latents --config experiments/shapes_vae.py
+  python -m tfusion.encode_latents --config experiments/shapes_latent.py
 
-Reads config.data (image_size, data_dir, vae, latent_cache), encodes the train and test splits into
-config.data.latent_cache (see tfusion.data.latent_cache) and measures the per-channel latent shift and
+Reads config.data (image_size, data_dir, vae, latent_cache) of a Transfusion experiment, encodes the train and
+test splits of the shapes data into config.data.latent_cache (see tfusion.data.latent_cache) and measures the per-channel latent shift and
 scale, and the range of the normalised latents, on the train split. A cache already written with the same VAE
-checkpoint and image size (and these statistics) is kept.
+checkpoint and image size (and these statistics) is kept. Prepared datasets are encoded by
+`python -m tfusion.prepare --config.vae=...` instead.
 """
 import os
 
@@ -14,7 +15,7 @@ from ml_collections import config_flags
 import numpy as np
 import tqdm
 
-from tfusion import codecs, config as config_lib
+from tfusion import codecs, config as config_lib, run_dir, spec as spec_lib
 from tfusion.data import latent_cache, shapes
 
 SPLITS = ("train", "test")
@@ -22,7 +23,7 @@ SPLITS = ("train", "test")
 
 def encode_dataset(config) -> dict:
   """Write (or keep) the latent cache of config.data; returns its codec metadata."""
-  config_lib.validate(config)
+  spec_lib.resolve(config)
   data = config.data
   if data.codec != "vae":
     raise config_lib.ConfigError(f"config.data.codec = {data.codec!r}: only the vae codec has latents to cache")
@@ -33,7 +34,7 @@ def encode_dataset(config) -> dict:
   cache = os.path.abspath(os.path.expanduser(data.latent_cache))
   codec = codecs.vae_codec(data.vae)
   codecs.check_latent_shape(codec, data)
-  if os.path.isfile(os.path.join(cache, codecs.CODEC_FILE)):
+  if os.path.isfile(os.path.join(cache, run_dir.CODEC_FILE)):
     existing = codecs.read_codec_metadata(cache)
     same = all(existing.get(k) == v for k, v in dict(codec.metadata, image_size=data.image_size).items()
                if k in ("vae", "vae_step", "image_size"))

@@ -5,157 +5,25 @@ r"""Generate with a trained Transfusion: text -> image, image -> caption, text c
   python -m tfusion.generate --workdir RUN --mode text --prompt_file prompts.txt --out DIR
   python -m tfusion.generate --workdir RUN --mode interleaved --prompt "..." --max_images 2 --out DIR
 
-The Python API is `Sampler` (params + config + tokenizer) and `load(workdir)`; the training loop's
-periodic samples use the same calls. Decoding itself is tfusion.decoding (KV cache, CFG, DDPM/DDIM).
+The Python API is tfusion.inference.sampler (`Sampler`, `load(workdir)`); the training loop's periodic
+samples use the same calls.
 """
 import dataclasses
 import json
 import os
 
-from absl import app, flags, logging
+from absl import app, flags
 import jax
 import numpy as np
 from PIL import Image
 
-from tfusion import codecs, config as config_lib, decoding, diffusion, sharding, visualize
-from tfusion.data import sequence, shapes, tokenizer as tokenizer_lib
-from tfusion.training import checkpoint, optim, state as state_lib
+from tfusion import diffusion, sharding, visualize
+from tfusion.data import pipeline, shapes
+from tfusion.inference import decoding, sampler as sampler_lib
 
 MODES = ("text", "image", "caption", "interleaved")
 
 
-@dataclasses.dataclass
-class Sampler:
-  """A trained model ready to sample: config (a run's ConfigDict), params (on `mesh`, or on one
-  device), the run's tokenizer and latent codec (default: codecs.make_codec(config.data)). Every method
-  takes SamplingOptions and a PRNG key."""
-  config: object
-  params: object
-  tokenizer: tokenizer_lib.Tokenizer
-  mesh: jax.sharding.Mesh | None = None
-  codec: object = None
-  step: int | None = None     # the training step of the params, when known
-  weights: str | None = None  # "ema" (the params' moving average) or "raw", when known
-
-  def __post_init__(self):
-    self.model, _ = state_lib.model_and_layout(self.config, self.tokenizer.vocab_size)
-    self.codec = self.codec or codecs.make_codec(self.config.data)
-    self.special = sequence.SpecialIds.of(self.tokenizer)
-    self.alpha_bar = diffusion.make_alpha_bar(self.config.diffusion.schedule, self.config.diffusion.num_timesteps)
-
-  def _text(self, text: str, *extra: int) -> sequence.TextPiece:
-    return sequence.TextPiece(np.array([self.special.bos, *self.tokenizer.encode(text), *extra], np.int32))
-
-  def _decode(self, prompts, task, options, key):
-    options = dataclasses.replace(options, clip_x0=options.clip_x0 or self.codec.value_range)
-    return decoding.decode(self.model, self.params, prompts, task, self.special, self.alpha_bar, options, key,
-                           self.mesh)
-
-  def _until_eos(self, ids: list[int]) -> list[int]:
-    return ids[:ids.index(self.special.eos)] if self.special.eos in ids else ids
-
-  def _cut(self, ids: list[int]) -> str:
-    return self.tokenizer.decode(self._until_eos(ids))
-
-  def latents(self, captions: list[str], options: decoding.SamplingOptions, key) -> np.ndarray:
-    """Image latents [N, h, w, c] float32 generated from captions ("" = unconditional)."""
-    prompts = [[self._text(c, self.special.boi)] for c in captions]
-    options = dataclasses.replace(options, max_images=1)
-    return np.stack([g.images[0] for g in self._decode(prompts, decoding.IMAGE, options, key)])
-
-  def text_to_image(self, captions: list[str], options: decoding.SamplingOptions, key) -> np.ndarray:
-    """Images [N, S, S, 3] uint8 generated from captions."""
-    return self.codec.decode(self.latents(captions, options, key))
-
-  def encode_images(self, images: np.ndarray) -> np.ndarray:
-    """uint8 images [N, S, S, 3] at the run's image size -> latents; ValueError on another size."""
-    size = self.config.data.image_size
-    if images.ndim != 4 or images.shape[1:] != (size, size, 3):
-      raise ValueError(f"images of shape {images.shape[1:]}: this model reads {size}x{size} RGB images")
-    return self.codec.encode(images)
-
-  def caption(self, images: np.ndarray, options: decoding.SamplingOptions, key) -> list[str]:
-    """Captions of uint8 images [N, S, S, 3], decoded after [BOS BOI image EOI] (clean image)."""
-    prompts = [[self._text(""), sequence.ImagePiece(lat, 0)] for lat in self.encode_images(images)]
-    return [self._cut(g.tokens) for g in self._decode(prompts, decoding.CAPTION, options, key)]
-
-  def continue_text(self, prompts: list[str], options: decoding.SamplingOptions, key) -> list[str]:
-    """The text each prompt continues with, up to EOS or options.max_new_tokens."""
-    generations = self._decode([[self._text(p)] for p in prompts], decoding.TEXT, options, key)
-    return [self._cut(g.tokens) for g in generations]
-
-  def interleaved(self, prompts: list[str], options: decoding.SamplingOptions, key) -> list[list]:
-    """Free mixed-modal continuation: per prompt, a list of str and uint8 [S, S, 3] images in order;
-    the model decides when to draw BOI (at most options.max_images images)."""
-    results = []
-    for g in self._decode([[self._text(p)] for p in prompts], decoding.INTERLEAVED, options, key):
-      parts, start = [], 0
-      tokens = self._until_eos(g.tokens)
-      for image, at in zip(self.codec.decode(g.images), g.image_positions):
-        parts += [self.tokenizer.decode(tokens[start:at]), image]
-        start = at
-      parts.append(self.tokenizer.decode(tokens[start:]))
-      results.append([p for p in parts if not isinstance(p, str) or p])
-    return results
-
-
-WEIGHTS = ("ema", "raw")
-
-
-def load(workdir: str, step: int | None = None, mesh=None, weights: str = "ema") -> Sampler:
-  """The Sampler of a training run directory, from its latest (or `step`) checkpoint: params only, their EMA
-  when the run keeps one (config.ema_decay > 0) unless weights = "raw"."""
-  if weights not in WEIGHTS:
-    raise ValueError(f"weights = {weights!r}: one of {WEIGHTS}")
-  config_path = os.path.join(workdir, "config.json")
-  if not os.path.isfile(config_path):
-    raise FileNotFoundError(f"{config_path} not found: --workdir must be a tfusion training run directory")
-  with open(config_path) as f:
-    config = config_lib.from_json(f.read(), config_path)
-  tok = tokenizer_lib.Tokenizer.load(os.path.join(workdir, "tokenizer.model"))
-  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-  if not os.path.isdir(directory):
-    raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints: train the run first")
-  ckpt = checkpoint.Checkpointer(directory, 1, writer=False)
-  try:
-    steps = ckpt.all_steps()
-    if not steps:
-      raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints: train the run first")
-    step = max(steps) if step is None else step
-    if step not in steps:
-      raise ValueError(f"no checkpoint for step {step} in {workdir}/checkpoints; saved steps: {sorted(steps)}")
-    mesh = mesh or generation_mesh(config)
-    item = "ema_params" if weights == "ema" and config.ema_decay > 0 else "params"
-    params = ckpt.restore_params(step, abstract_params(config, tok.vocab_size, mesh), item)
-  finally:
-    ckpt.close()
-  logging.info("loaded the %s of step %d of %s", item, step, workdir)
-  return Sampler(config, params, tok, mesh, codecs.make_codec(config.data, workdir), step=step,
-                 weights="ema" if item == "ema_params" else "raw")
-
-
-def abstract_params(config, vocab_size: int, mesh):
-  """The run's params as ShapeDtypeStructs with their shardings on `mesh`: the restore target of a checkpoint."""
-  model, layout = state_lib.model_and_layout(config, vocab_size)
-  tx, _ = optim.make_optimizer(config.optim, config.total_steps)
-  abstract, _ = state_lib.abstract_train_state(model, tx, state_lib.dummy_batch(1, layout), mesh)
-  return abstract.params
-
-
-def generation_mesh(config):
-  """The run's mesh layout over this machine's devices, or plain data parallelism if it does not fit."""
-  try:
-    return sharding.make_mesh(config.mesh)
-  except ValueError as e:
-    logging.warning("the run's mesh does not fit these %d devices (%s); sampling data-parallel",
-                    jax.device_count(), e)
-    return sharding.make_mesh({f"{k}_{a}_parallelism": 1 for k in ("ici", "dcn") for a in sharding.MESH_AXES}
-                              | {"ici_data_parallelism": -1})
-
-
-# ----------------------------------------------------------------------------------------------
-# Command line.
-# ----------------------------------------------------------------------------------------------
 def read_images(paths: list[str]) -> np.ndarray:
   """PNG/JPEG files -> uint8 [N, S, S, 3]; the error names the unreadable file."""
   images = []
@@ -187,7 +55,7 @@ def in_batches(fn, items: list, batch_size: int, key) -> list:
   results = []
   for start in range(0, len(items), size):
     batch = items[start:start + size]
-    results += list(fn(batch + [batch[-1]] * (size - len(batch)), jax.random.fold_in(key, start // size)))[:len(batch)]
+    results += list(fn(sharding.pad_rows(batch, size), jax.random.fold_in(key, start // size)))[:len(batch)]
   return results
 
 
@@ -213,7 +81,7 @@ def run(args) -> dict:
     raise ValueError(f"--mode={args.mode}: prompts must not be empty")
   options = options_from_flags(args)
   options.validate(num_timesteps=10**9)   # before the (slow) load; the step count is checked against T later
-  sampler = load(args.workdir, args.step, weights=args.weights)
+  sampler = sampler_lib.load(args.workdir, args.step, weights=args.weights)
   options.validate(sampler.config.diffusion.num_timesteps)
   key = jax.random.key(args.seed)
   summary = {"workdir": args.workdir, "mode": args.mode, "options": dataclasses.asdict(options), "outputs": []}
@@ -231,7 +99,7 @@ def run(args) -> dict:
     if args.test_examples:
       test = shapes.load_shapes(os.path.expanduser(sampler.config.data.data_dir), "test",
                                 sampler.config.data.image_size)
-      examples = test.__getitems__(list(range(args.test_examples)))
+      examples = pipeline.take(test, args.test_examples)
       images += [e["image"] for e in examples]
       names += [f"test[{i}]: {e['caption'].decode()}" for i, e in enumerate(examples)]
     captions = in_batches(lambda b, k: sampler.caption(np.stack(b), options, k), images, args.batch_size, key)
@@ -280,11 +148,11 @@ def main(argv):
   print(f"wrote {flags.FLAGS.out}/generations.json")
 
 
-def define_flags():
+if __name__ == "__main__":
   flags.DEFINE_string("workdir", None, "Training run directory (config.json, tokenizer.model, checkpoints/).")
   flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
-  flags.DEFINE_enum("weights", "ema", WEIGHTS, "ema: the params' moving average when the run keeps one; raw: the "
-                    "trained params.")
+  flags.DEFINE_enum("weights", "ema", sampler_lib.WEIGHTS, "ema: the params' moving average when the run keeps "
+                    "one; raw: the trained params.")
   flags.DEFINE_enum("mode", "image", MODES, "text: continue prompts; image: text to image; caption: image to "
                     "text; interleaved: the model decides when to draw images.")
   flags.DEFINE_multi_string("prompt", None, "A prompt (repeatable).")
@@ -296,7 +164,7 @@ def define_flags():
   flags.DEFINE_integer("seed", 0, "PRNG seed.")
   defaults = decoding.SamplingOptions()
   flags.DEFINE_integer("diffusion_steps", defaults.diffusion_steps, "Denoising steps, respaced from T.")
-  flags.DEFINE_enum("sampler", defaults.sampler, decoding.SAMPLERS, "ddpm (ancestral) or ddim.")
+  flags.DEFINE_enum("sampler", defaults.sampler, diffusion.SAMPLERS, "ddpm (ancestral) or ddim.")
   flags.DEFINE_float("ddim_eta", defaults.ddim_eta, "DDIM eta: 0 deterministic, 1 = DDPM variance.")
   flags.DEFINE_float("cfg_scale", 3.0, "Classifier-free guidance scale w (1 = off; paper ablations: 3).")
   flags.DEFINE_float("temperature", defaults.temperature, "Text sampling temperature (0 = greedy).")
@@ -304,8 +172,4 @@ def define_flags():
   flags.DEFINE_float("top_p", defaults.top_p, "Nucleus sampling mass (1 = off).")
   flags.DEFINE_integer("max_new_tokens", 32, "Text tokens generated per prompt.")
   flags.DEFINE_integer("max_images", 1, "Images per prompt in interleaved mode.")
-
-
-if __name__ == "__main__":
-  define_flags()
   app.run(main)

@@ -6,8 +6,7 @@ import os
 from absl import logging
 import tensorboardX
 
-
-DROPPED = "metrics_dropped.jsonl"
+from tfusion import run_dir
 
 
 class MetricWriter:
@@ -23,11 +22,12 @@ class MetricWriter:
   """
 
   def __init__(self, workdir: str, resume_step: int = 0, active: bool = True):
-    self.path = os.path.join(workdir, "metrics.jsonl")
+    run = run_dir.RunDir(workdir)
+    self.path, self.dropped_path = run.metrics_file, run.dropped_metrics_file
     self.tb = None
     if active:
       self._truncate_after(resume_step)
-      self.tb = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=resume_step + 1)
+      self.tb = tensorboardX.SummaryWriter(run.tensorboard, purge_step=resume_step + 1)
 
   def _truncate_after(self, step: int) -> None:
     if not os.path.exists(self.path):
@@ -37,7 +37,7 @@ class MetricWriter:
     dropped = [line for line, entry in entries if entry["step"] > step]
     if dropped:
       steps = [entry["step"] for _, entry in entries if entry["step"] > step]
-      aside = os.path.join(os.path.dirname(self.path), DROPPED)
+      aside = self.dropped_path
       _append_once(aside, "".join(dropped).encode())
       logging.warning("%s: %d entries of steps %d..%d were logged after step %d, the step this run resumes "
                       "from%s; they were moved to %s", self.path, len(dropped), min(steps), max(steps), step,
@@ -74,10 +74,11 @@ def _append_once(path: str, text: bytes) -> None:
     f.write(text)
 
 
-def read_metrics(workdir: str, name: str = "metrics.jsonl") -> list[dict]:
-  """All entries of <workdir>/metrics.jsonl (or of `name`, e.g. DROPPED), in order; a torn last line is
+def read_metrics(workdir: str, dropped: bool = False) -> list[dict]:
+  """All entries of <workdir>/metrics.jsonl (or of metrics_dropped.jsonl), in order; a torn last line is
   dropped with a warning."""
-  return [entry for _, entry in _read_lines(os.path.join(workdir, name))]
+  run = run_dir.RunDir(workdir)
+  return [entry for _, entry in _read_lines(run.dropped_metrics_file if dropped else run.metrics_file)]
 
 
 def _read_lines(path: str) -> list[tuple[str, dict]]:
@@ -100,10 +101,3 @@ def _read_lines(path: str) -> list[tuple[str, dict]]:
       raise ValueError(f"{path}: line {number} is not a metrics entry ({line[:80]!r}); fix or remove it")
     entries.append((line, entry))
   return entries
-
-
-def quiet_library_info_logs() -> None:
-  """Orbax logs every checkpoint step at INFO; keep its warnings, drop the chatter."""
-  def keep(record):
-    return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
-  logging.get_absl_handler().python_handler.addFilter(keep)

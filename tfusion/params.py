@@ -1,4 +1,4 @@
-r"""Parameter counts by component: python -m tfusion.params --config experiments/transfusion_7b.py:unet
+r"""Parameter counts by component: python -m tfusion.params --config experiments/transfusion_paper.py:size=7b,encoder=unet
 
 Nothing is allocated (shapes only), so any size runs on a laptop. The transformer (with its text
 embedding and LM head) is compared with the paper's Table 2 sizes.
@@ -9,8 +9,8 @@ from absl import app, flags
 import jax
 from ml_collections import config_flags
 
-from tfusion import config as config_lib
-from tfusion.training import state as state_lib
+from tfusion import config as config_lib, spec as spec_lib
+from tfusion.data import sequence
 
 # Nominal sizes of paper Table 2, by (num_layers, d_model).
 PAPER_NOMINAL = {v[:2]: float(k[:-1]) * (1e9 if k.endswith("b") else 1e6) for k, v in config_lib.PAPER_SIZES.items()}
@@ -20,9 +20,10 @@ COMPONENTS = (("token_embedding", "text embedding"), ("transformer", "transforme
 
 def count_by_component(config) -> dict[str, int]:
   """{top-level param collection: parameter count} of the config's model (vocab from config.data)."""
-  model, layout = state_lib.model_and_layout(config, config.data.vocab_size)
-  batch = state_lib.dummy_batch(1, layout)
-  shapes = jax.eval_shape(lambda *x: model.init(jax.random.key(0), *x), *state_lib.model_inputs(batch))
+  spec = spec_lib.resolve(config)
+  model = spec.transfusion(config.data.vocab_size)
+  batch = sequence.dummy_batch(1, spec.layout)
+  shapes = jax.eval_shape(lambda *x: model.init(jax.random.key(0), *x), *sequence.model_inputs(batch))
   params = shapes["params"]
   return {name: sum(math.prod(x.shape) for x in jax.tree.leaves(tree)) for name, tree in params.items()}
 
@@ -50,7 +51,6 @@ def main(argv):
   config = flags.FLAGS.config
   if config is None:
     raise app.UsageError("--config is required")
-  config_lib.validate(config)
   print(report(config))
 
 

@@ -26,10 +26,10 @@ from ml_collections import config_flags
 import numpy as np
 import tqdm
 
-from tfusion import codecs, config as config_lib, distributed, workdir_lock
+from tfusion import codecs, config as config_lib, distributed, run_dir, workdir_lock
 from tfusion.data import latent_cache, prepared, raw_sources, tokenizer as tokenizer_lib
 from tfusion.data.images import BadRecord
-from tfusion.training.integrity import sha256_of
+from tfusion.integrity import sha256_of
 
 SETTINGS_FILE = "prepare_config.json"   # the settings the directory is prepared with (resuming checks them)
 IMAGE_FIELDS = {"image": "latents", "input_image": "input_latents", "output_image": "output_latents"}
@@ -79,7 +79,7 @@ def start_worker(reader, settings: str, out: str) -> None:
   """Pool initializer: the reader (its file list or line offsets come pickled, not re-scanned), the
   settings and, for text, the tokenizer."""
   config = config_lib.from_json(settings, SETTINGS_FILE, config_lib.default_prepare_config())
-  tokenizer = tokenizer_lib.Tokenizer.load(os.path.join(out, prepared.TOKENIZER)) if reader.kind == "text" else None
+  tokenizer = tokenizer_lib.Tokenizer.load(os.path.join(out, run_dir.TOKENIZER_FILE)) if reader.kind == "text" else None
   _WORKER.update(reader=reader, config=config, tokenizer=tokenizer)
 
 
@@ -177,7 +177,7 @@ def check_settings(config, reader, out: str) -> str:
 
 def prepare_tokenizer(config, reader, out: str) -> tokenizer_lib.Tokenizer:
   """The tokenizer of a text source: config.tokenizer, or one trained on the first documents."""
-  path = os.path.join(out, prepared.TOKENIZER)
+  path = os.path.join(out, run_dir.TOKENIZER_FILE)
   if os.path.isfile(path):
     return tokenizer_lib.Tokenizer.load(path)
   if config.tokenizer:
@@ -217,7 +217,7 @@ def write_manifest(config, reader, out: str, jobs: list[ShardJob], codec) -> dic
         m.merge(latent_cache.ChannelMoments.from_json(s["moments"]))
   os.replace(os.path.join(out, prepared.SKIPPED + ".tmp"), os.path.join(out, prepared.SKIPPED))
   content = hashlib.sha256("".join(f"{s['file']} {s['sha256']}\n" for s in summaries).encode()).hexdigest()
-  tokenizer = os.path.join(out, prepared.TOKENIZER)
+  tokenizer = os.path.join(out, run_dir.TOKENIZER_FILE)
   manifest = dict(kind=reader.kind, source=config.source, path=config.path, image_size=config.image_size,
                   latents=codec is not None, splits=splits, content_hash=content,
                   tokenizer_sha256=sha256_of(tokenizer) if reader.kind == "text" else None)

@@ -10,8 +10,10 @@ import flax.linen as nn
 import jax
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import numpy as np
 
 from tfusion.config import ConfigError
+from tfusion.models.transformer import even_spec
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -106,23 +108,30 @@ def _drop_uneven_splits(value, named: NamedSharding) -> NamedSharding:
   return NamedSharding(named.mesh, even_spec(value.shape, named.spec, named.mesh.shape))
 
 
-def even_spec(shape, spec: P, mesh_shape) -> P:
-  """`spec` for an array of `shape`, without the splits that would be uneven; mesh_shape: {axis: size}."""
-  even = []
-  for size, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
-    names = (axes,) if isinstance(axes, str) else (axes or ())
-    even.append(axes if size % math.prod(mesh_shape[a] for a in names) == 0 else None)
-  return P(*even)
-
-
 def check_batch_size(mesh: Mesh, batch_size: int, microbatches: int = 1) -> None:
   """ConfigError unless every microbatch splits evenly over the data shards (mesh data x fsdp) and the batch
   over the processes."""
-  data_shards = mesh.shape["data"] * mesh.shape["fsdp"]
-  if (batch_size // microbatches) % data_shards or batch_size % jax.process_count():
+  shards = data_shards(mesh)
+  if (batch_size // microbatches) % shards or batch_size % jax.process_count():
     raise ConfigError(f"config.batch_size = {batch_size}: batch_size / microbatches must be divisible by the "
-                      f"{data_shards} data shards (mesh data x fsdp), and batch_size by the {jax.process_count()} "
+                      f"{shards} data shards (mesh data x fsdp), and batch_size by the {jax.process_count()} "
                       "processes")
+
+
+def data_shards(mesh: Mesh) -> int:
+  """How many ways batch rows are split: mesh data x fsdp."""
+  return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def pad_rows(rows, multiple: int, fill=None):
+  """rows (a list, or an array along its first axis) padded at the end to a multiple of `multiple` with copies of
+  `fill` (default: the last row), so that every batch has the shape one compilation, or the devices, need."""
+  missing = -len(rows) % multiple
+  if not missing:
+    return rows
+  if isinstance(rows, np.ndarray):
+    return np.concatenate([rows, np.repeat(rows[-1:] if fill is None else fill[None], missing, 0)])
+  return list(rows) + [rows[-1] if fill is None else fill] * missing
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -132,3 +141,26 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
+
+
+def abstract_like(tree, shardings):
+  """ShapeDtypeStructs with shardings, e.g. the restore target of a checkpointed tree."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def abstract_init(init, mesh: Mesh):
+  """(tree of ShapeDtypeStructs carrying their shardings, shardings) of init(key) -> a boxed tree (params or a
+  train state); nothing is allocated. The shardings come from the logical axis names of the boxed values."""
+  key = jax.random.key(0)   # made outside the mesh context: the mesh may be of devices we cannot run on
+  with jax.set_mesh(mesh), nn.logical_axis_rules(RULES):
+    boxed = jax.eval_shape(init, key)
+    shardings = logical_shardings(mesh, boxed)
+  return abstract_like(nn.meta.unbox(boxed), shardings), shardings
+
+
+def create_sharded(init, key: jax.Array, mesh: Mesh):
+  """(tree, shardings): init(key) computed directly into the shardings of its logical axis names."""
+  _, shardings = abstract_init(init, mesh)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(RULES):
+    tree = jax.jit(lambda k: nn.meta.unbox(init(k)), out_shardings=shardings)(key)
+  return tree, shardings

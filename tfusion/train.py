@@ -4,186 +4,25 @@ Running the same command again in the same workdir resumes from the latest check
 with the same config (docs/reliability.md: what may change, --allow_config_change). SIGTERM or SIGINT
 saves a checkpoint at the current step and stops. Overrides: --config.total_steps=2000
 --config.model.num_layers=8 ...; `--config experiments/x.py:arg` passes `arg` to the experiment's get_config.
+The loop is tfusion/training/trainer.py.
 """
-import functools
-import os
-import time
-
-from absl import app, flags, logging
-import jax
-import numpy as np
+from absl import app, flags
 from ml_collections import config_flags
-import tqdm
 
-from tfusion import (config as config_lib, config_resume, decoding, diffusion, distributed, evaluate, flops,
-                     generate, sharding, visualize, workdir_lock)
-from tfusion.data import mixture, pipeline, sequence
-from tfusion import metrics as metrics_lib
-from tfusion.training import checkpoint, nonfinite, optim, preemption, state as state_lib, step as step_lib
-
-
-# ----------------------------------------------------------------------------------------------
-# Samples: images from fixed test captions, captions for fixed test images.
-# ----------------------------------------------------------------------------------------------
-def write_samples(step, state, mesh, tok, codec, sample_examples, config, workdir):
-  """Every process samples (the params are spread over all of them); process 0 writes the files."""
-  n = max(config.sample.num_images, config.sample.num_captions)
-  examples = sample_examples.__getitems__(list(range(n)))
-  sampler = generate.Sampler(config, state.sampling_params, tok, mesh, codec)
-  options = decoding.SamplingOptions(diffusion_steps=config.sample.diffusion_steps, sampler=config.sample.sampler,
-                                     cfg_scale=config.sample.cfg_scale, max_new_tokens=config.sample.max_caption_tokens)
-  key = jax.random.fold_in(jax.random.key(config.seed), 1_000_000 + step)
-  prompts = [mixture.decode_caption(e) for e in examples[:config.sample.num_images]]
-  images = sampler.text_to_image(prompts, options, key)
-  shown = np.stack([e["image"] for e in examples[:config.sample.num_captions]])
-  captions = sampler.caption(shown, options, key)
-  if not distributed.is_chief():
-    return
-  out = os.path.join(workdir, "samples", f"step_{step}")
-  os.makedirs(out, exist_ok=True)
-  visualize.save_image_grid(os.path.join(out, "images.png"), images, prompts)
-  visualize.save_image_grid(os.path.join(out, "captioned.png"), shown, captions)
-  with open(os.path.join(out, "captions.txt"), "w") as f:
-    for e, c in zip(examples, captions):
-      f.write(f"truth: {mixture.decode_caption(e)}\nmodel: {c}\n\n")
-
-
-# ----------------------------------------------------------------------------------------------
-# The run.
-# ----------------------------------------------------------------------------------------------
-def train_and_evaluate(config, workdir: str, allow_config_change: tuple[str, ...] = ()) -> int:
-  """Train (or resume) the run in `workdir` to config.total_steps, holding the workdir's lock. Returns the
-  process exit status: 0, or 130 after a clean stop on SIGINT. allow_config_change: config fields (or
-  groups) that may differ from the recorded config on resume although they change the run."""
-  config_lib.validate(config)
-  with workdir_lock.hold(workdir):
-    return _train(config, workdir, tuple(allow_config_change))
-
-
-def _train(config, workdir: str, allow_config_change: tuple[str, ...]) -> int:
-  # --- Setup: the config against the run's recorded one (recorded once the run is restored). ----
-  accepted = config_resume.check(config, workdir, allow=allow_config_change)
-  scorers = evaluate.ImageScorers.from_config(config) if config.eval_every else evaluate.ImageScorers()
-
-  # --- Mesh. ------------------------------------------------------------------------------------
-  mesh = sharding.make_mesh(config.mesh)
-  sharding.check_batch_size(mesh, config.batch_size, config.microbatches)
-  logging.info("mesh %s over %d devices, %d processes", dict(mesh.shape), jax.device_count(), jax.process_count())
-
-  # --- Data. ------------------------------------------------------------------------------------
-  codec = mixture.run_codec(config, workdir)
-  data = mixture.training_data(config, workdir, codec)
-  tok = data.tokenizer
-  special = sequence.SpecialIds.of(tok)
-  model, layout = state_lib.model_and_layout(config, tok.vocab_size)
-  mix = pipeline.MixOptions(caption_first_prob=config.data.caption_first_prob,
-                            caption_dropout_prob=config.data.caption_dropout_prob,
-                            num_timesteps=config.diffusion.num_timesteps,
-                            image_first_max_t=config.diffusion.image_first_max_t, seed=config.seed)
-
-  data_iterator = pipeline.train_batches(data.sources, layout, special, mix, config.batch_size, jax.process_index(),
-                                         jax.process_count(), config.data.workers, config.data.prefetch)
-
-  # --- Model, optimizer and state. ------------------------------------------------------------
-  tx, schedule = optim.make_optimizer(config.optim, config.total_steps)
-  init_key, train_key = jax.random.split(jax.random.key(config.seed))
-  init_batch = state_lib.dummy_batch(1, layout)
-  state, state_shardings = state_lib.create_train_state(model, tx, init_batch, init_key, mesh,
-                                                        ema=config.ema_decay > 0)
-  logging.info("parameters: %d", state_lib.count_params(state.params))
-  global_batch = jax.eval_shape(lambda: state_lib.dummy_batch(config.batch_size, layout))
-  step_flops = flops.train_flops(model, state.params, state_lib.model_inputs(global_batch))
-  peak, peak_source = flops.peak_tflops_per_device(config.peak_tflops_per_device, config.model.dtype)
-  logging.info("model TFLOPs per step %.3f; MFU peak %.1f TFLOP/s per device (%s)", step_flops / 1e12, peak,
-               peak_source)
-
-  # --- Restore. ---------------------------------------------------------------------------------
-  ckpt, state, start_step = checkpoint.open_run(workdir, config.max_to_keep, state, state_shardings, data_iterator,
-                                                config.init_from)
-  config_resume.record(config, workdir, accepted, start_step)
-  writer = metrics_lib.MetricWriter(workdir, start_step, active=distributed.is_chief())
-
-  alpha_bar = diffusion.make_alpha_bar(config.diffusion.schedule, config.diffusion.num_timesteps)
-  train_step = step_lib.jit_train_step(mesh, state_shardings, model=model, tx=tx, schedule=schedule,
-                                       alpha_bar=alpha_bar, loss_weight=config.diffusion.loss_weight,
-                                       min_snr_gamma=config.diffusion.min_snr_gamma, ema_decay=config.ema_decay,
-                                       train_key=train_key, microbatches=config.microbatches)
-  batch_sharding = sharding.batch_sharding(mesh)
-  reference = evaluate.reference_latents(config, codec) if config.eval_every else None
-  skip_guard = None
-  if config.nonfinite_skip_limit:
-    skip_guard = nonfinite.SkipGuard(config.nonfinite_skip_limit)
-    train_step = skip_guard.wrap(train_step, state_shardings, batch_sharding, sharding.replicated(mesh))
-  samples = functools.partial(write_samples, mesh=mesh, tok=tok, codec=codec, sample_examples=data.sample_examples,
-                              config=config, workdir=workdir)
-
-  # --- Train loop. ------------------------------------------------------------------------------
-  progress = tqdm.tqdm(total=config.total_steps, initial=start_step, unit="step", dynamic_ncols=True,
-                       disable=jax.process_index() != 0)
-  elements, steps_timed, last_time = 0, 0, time.time()
-  # The cleanups run also on errors and interrupts: the checkpoints already started are finished.
-  with preemption.stop_signals(progress.close, ckpt.wait, ckpt.close, writer.close) as stop:
-    for step in range(start_step + 1, config.total_steps + 1):
-      local = next(data_iterator)
-      batch = jax.tree.map(lambda x: jax.make_array_from_process_local_data(batch_sharding, x), local)
-      with jax.set_mesh(mesh):
-        state, metrics = train_step(state, batch)
-      skipped = skip_guard is not None and skip_guard.after_step(step, metrics)
-      progress.update(1)
-      steps_timed += 1
-      elements += int(local["segment_ids"].astype(bool).sum()) * jax.process_count()
-      is_last = step == config.total_steps
-      preempted = stop.reached(step)    # SIGTERM / SIGINT: all processes save and stop at this step
-      log = step % config.log_every == 0 or is_last
-      save = step % config.ckpt_every == 0 or is_last or preempted
-      if log or save:
-        metrics = jax.device_get(metrics)
-        if not np.isfinite(metrics["loss"]) and not skipped:
-          raise nonfinite.NonFiniteUpdate(
-              f"loss is {metrics['loss']} at step {step} (text_loss {metrics['text_loss']}, image_loss "
-              f"{metrics['image_loss']}); stopped without saving, last checkpoint: step {ckpt.latest_step()}")
-      if log:
-        now = time.time()
-        metrics["elements_per_sec"] = elements / (now - last_time)
-        metrics["packing_efficiency"] = elements / (steps_timed * config.batch_size * config.seq_len)
-        metrics["tflops_per_device"] = step_flops * steps_timed / (now - last_time) / jax.device_count() / 1e12
-        metrics["mfu"] = metrics["tflops_per_device"] / peak
-        elements, steps_timed, last_time = 0, 0, now
-        if skip_guard is not None:
-          metrics["skipped_steps"] = skip_guard.take_count()
-        writer.write(step, {k: v for k, v in metrics.items() if k not in ("elements", "skipped")})
-        progress.set_postfix(loss=f"{metrics['loss']:.3f}", text=f"{metrics['text_loss']:.3f}",
-                             image=f"{metrics['image_loss']:.3f}")
-      if save:
-        nonfinite.check_state(state, step, ckpt.latest_step())
-        ckpt.save(step, state, data_iterator)
-      if preempted:
-        logging.warning("stopped by %s: saved step %d; run the same command to resume", stop.reason, step)
-        break
-      if (step % config.sample_every == 0 or is_last) and data.sample_examples is not None:
-        samples(step, state)
-      if config.eval_every and (step % config.eval_every == 0 or is_last) and data.sample_examples is not None:
-        sampler = generate.Sampler(config, state.sampling_params, tok, mesh, codec, step=step,
-                                   weights="raw" if state.ema_params is None else "ema")
-        report = evaluate.evaluate(sampler, data.sample_examples, step, config.eval_examples, config.seed, scorers,
-                                   reference)
-        evaluate.write_report(workdir, report)
-        writer.write(step, evaluate.scalars(report))
-  return stop.exit_code
+from tfusion import config_resume, distributed, run_dir
+from tfusion.training import trainer
 
 
 def main(argv):
-  return train_and_evaluate(*distributed.start_entry_point(argv), flags.FLAGS.allow_config_change)
+  distributed.start_command(argv, ("config", "workdir"))
+  args = flags.FLAGS
+  run_dir.RunDir(args.workdir).keep_compilations()
+  return trainer.train_and_evaluate(args.config, args.workdir, args.allow_config_change)
 
 
-def define_flags():
-  """Command-line flags, defined only when this module is the program (so libraries can import it)."""
+if __name__ == "__main__":
   config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
   flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
   config_resume.define_flags()
   distributed.define_flags()
-
-
-if __name__ == "__main__":
-  define_flags()
   app.run(main)

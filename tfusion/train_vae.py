@@ -19,11 +19,12 @@ from ml_collections import config_flags
 import numpy as np
 import tqdm
 
-from tfusion import (codecs, config as config_lib, config_resume, distributed, metrics as metrics_lib, sharding,
-                     visualize, workdir_lock)
-from tfusion.data import shapes
+from tfusion import (codecs, config as config_lib, config_resume, distributed, metrics as metrics_lib, run_dir,
+                     sharding, visualize, workdir_lock)
+from tfusion.data import pipeline, shapes
+from tfusion.evaluation import metrics as eval_metrics
 from tfusion.models import discriminator as disc_lib, lpips as lpips_lib, moco as moco_lib, vae as vae_lib
-from tfusion.training import checkpoint, nonfinite, preemption, state as state_lib, vae_step
+from tfusion.training import nonfinite, preemption, state as state_lib, vae_step
 
 GRID_IMAGES = 8        # test images shown with their reconstructions
 EVAL_IMAGES = 1000     # test images the PSNR is measured on
@@ -61,24 +62,18 @@ def reconstruct(vae: vae_lib.VAEConfig, params, images: np.ndarray) -> np.ndarra
   return codec.decode(codec.encode(images))
 
 
-def image_psnr(images: np.ndarray, reconstructions: np.ndarray) -> float:
-  """Mean over images of the PSNR in dB of uint8 images."""
-  mse = np.mean(np.square(images.astype(np.float64) - reconstructions.astype(np.float64)), axis=(1, 2, 3))
-  return float(np.mean(10 * np.log10(255.0 ** 2 / np.maximum(mse, 1e-10))))
-
-
 def evaluate(step: int, params, vae, test_images: np.ndarray, workdir: str) -> float:
   """Test PSNR; process 0 also writes samples/step_<step>/reconstructions.png (input, reconstruction)."""
   params = multihost_utils.process_allgather(params, tiled=True)
   reconstructions = reconstruct(vae, params, test_images)
   if distributed.is_chief():
-    out = os.path.join(workdir, "samples", f"step_{step}")
+    out = run_dir.RunDir(workdir).samples(step)
     os.makedirs(out, exist_ok=True)
     pairs = np.stack([test_images[:GRID_IMAGES], reconstructions[:GRID_IMAGES]], 1).reshape(
         -1, *test_images.shape[1:])
     visualize.save_image_grid(os.path.join(out, "reconstructions.png"), pairs,
                               ["input", "reconstruction"] * GRID_IMAGES)
-  return image_psnr(test_images, reconstructions)
+  return float(eval_metrics.psnr(test_images, reconstructions))
 
 
 def train_vae(config, workdir: str, allow_config_change: tuple[str, ...] = ()) -> int:
@@ -98,8 +93,7 @@ def _train_vae(config, workdir: str, allow_config_change: tuple[str, ...]) -> in
   train_images, test_source = distributed.chief_first("build shapes", lambda: (
       shapes.load_shapes(data_dir, "train", config.data.image_size),
       shapes.load_shapes(data_dir, "test", config.data.image_size)))
-  test_images = np.stack([e["image"] for e in test_source.__getitems__(
-      list(range(min(EVAL_IMAGES, len(test_source)))))])
+  test_images = np.stack([e["image"] for e in pipeline.take(test_source, EVAL_IMAGES)])
   data_iterator = iter(image_batches(train_images, config.batch_size // jax.process_count(), config.seed,
                                      jax.process_index(), jax.process_count()))
 
@@ -108,14 +102,15 @@ def _train_vae(config, workdir: str, allow_config_change: tuple[str, ...]) -> in
   disc = disc_lib.PatchDiscriminator(config.discriminator.channels, config.discriminator.num_layers)
   tx = vae_step.make_optimizer(config.optim)
   init_key, train_key = jax.random.split(jax.random.key(config.seed))
-  state, state_shardings = state_lib.create_sharded(vae_step.init_fn(model, disc, tx, config.data.image_size),
+  state, state_shardings = sharding.create_sharded(vae_step.init_fn(model, disc, tx, config.data.image_size),
                                                     init_key, mesh)
   logging.info("VAE parameters: %d (f = %d, %d latent channels); discriminator: %d",
                state_lib.count_params(state.params), vae.downsample, vae.latent_channels,
                state_lib.count_params(state.disc_params))
   frozen = load_frozen_networks(config.loss, mesh)
 
-  ckpt, state, start_step = checkpoint.open_run(workdir, config.max_to_keep, state, state_shardings, data_iterator)
+  ckpt, state, start_step = run_dir.RunDir(workdir).open_checkpoints(config.max_to_keep, state, state_shardings,
+                                                                     data_iterator)
   config_resume.record(config, workdir, accepted, start_step)
   writer = metrics_lib.MetricWriter(workdir, start_step, active=distributed.is_chief())
 
@@ -153,8 +148,7 @@ def _train_vae(config, workdir: str, allow_config_change: tuple[str, ...]) -> in
         writer.write(step, metrics)
         progress.set_postfix(l1=f"{metrics['l1']:.4f}", psnr=f"{metrics['psnr']:.1f}")
       if save:
-        nonfinite.check_state(state, step, ckpt.latest_step())
-        ckpt.save(step, state, data_iterator)
+        nonfinite.save_if_finite(ckpt, step, state, data_iterator)
       if preempted:
         logging.warning("stopped by %s: saved step %d; run the same command to resume", stop.reason, step)
         break
@@ -162,7 +156,9 @@ def _train_vae(config, workdir: str, allow_config_change: tuple[str, ...]) -> in
 
 
 def main(argv):
-  return train_vae(*distributed.start_entry_point(argv), flags.FLAGS.allow_config_change)
+  distributed.start_command(argv, ("config", "workdir"))
+  run_dir.RunDir(flags.FLAGS.workdir).keep_compilations()
+  return train_vae(flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.allow_config_change)
 
 
 if __name__ == "__main__":

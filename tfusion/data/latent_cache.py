@@ -6,14 +6,14 @@ order of the image source), and `codec.json`: the VAE it was encoded with, the p
 scale measured on the train split, the range of the normalised latents there, and the record counts. codec.json is written last, so a cache
 without it is incomplete and is encoded again.
 """
-import json
 import os
 
 from array_record.python import array_record_data_source, array_record_module
 from flax import serialization
 import numpy as np
 
-from tfusion import codecs
+from tfusion import codecs, run_dir
+from tfusion.data import pipeline
 
 
 def split_path(cache_dir: str, split: str) -> str:
@@ -70,7 +70,7 @@ def encode_split(codec: codecs.VaeCodec, source, path: str, batch_size: int = 25
   writer = array_record_module.ArrayRecordWriter(tmp, "group_size:1")
   try:
     for start in range(0, len(source), batch_size):
-      examples = source.__getitems__(list(range(start, min(start + batch_size, len(source)))))
+      examples = pipeline.take(source, batch_size, start)
       latents = codec.raw_latents(np.stack([e["image"] for e in examples]))
       moments.add(latents)
       for example, latent in zip(examples, latents):
@@ -108,7 +108,4 @@ class LatentSource:
 
 
 def write_metadata(cache_dir: str, metadata: dict) -> None:
-  tmp = os.path.join(cache_dir, codecs.CODEC_FILE + ".tmp")
-  with open(tmp, "w") as f:
-    json.dump(metadata, f, indent=2)
-  os.replace(tmp, os.path.join(cache_dir, codecs.CODEC_FILE))
+  run_dir.write_json(os.path.join(cache_dir, run_dir.CODEC_FILE), metadata)

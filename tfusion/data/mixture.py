@@ -12,18 +12,15 @@ codec's statistics (see run_codec).
 """
 import dataclasses
 import filecmp
-import json
 import os
 import shutil
 
 from absl import logging
 import numpy as np
 
-from tfusion import codecs, config as config_lib, distributed
-from tfusion.training import checkpoint
+from tfusion import codecs, config as config_lib, distributed, run_dir
 from tfusion.data import latent_cache, pipeline, prepared, shapes, text_corpus, tokenizer as tokenizer_lib
 
-TOKENIZER_FILE = "tokenizer.model"
 TOKENIZER_SAMPLE_CAPTIONS = 5000
 _VAE_IDENTITY = ("vae", "vae_step", "latent_channels", "downsample")   # codec.json fields latent sources share
 
@@ -63,14 +60,12 @@ def run_codec(config, workdir):
     raise config_lib.ConfigError("config.data.latent_cache is empty: the vae codec trains on latents written by "
                                  "python -m tfusion.encode_latents (or prepared with --config.vae)")
   metadata = codecs.read_codec_metadata(metadata_dir)
-  recorded = os.path.join(workdir, codecs.CODEC_FILE)
+  recorded = run_dir.RunDir(workdir).codec_file
   if os.path.isfile(recorded) and codecs.read_codec_metadata(recorded) != metadata:
     raise config_lib.ConfigError(f"the latents in {metadata_dir} were encoded with another VAE or statistics than "
                                  f"this run was trained on ({recorded})")
   if distributed.is_chief() and not os.path.isfile(recorded):
-    with open(recorded + ".tmp", "w") as f:
-      json.dump(metadata, f, indent=2)
-    os.replace(recorded + ".tmp", recorded)
+    run_dir.write_json(recorded, metadata)
   codec = codecs.codec_from_metadata(metadata)
   codecs.check_latent_shape(codec, config.data)
   return codec
@@ -78,11 +73,11 @@ def run_codec(config, workdir):
 
 def run_tokenizer(config, workdir: str, sample_texts, prepared_tokenizers: dict[str, str]):
   """The run's tokenizer, kept as <workdir>/tokenizer.model (see the module docstring)."""
-  kept = os.path.join(workdir, TOKENIZER_FILE)
+  kept = run_dir.RunDir(workdir).tokenizer_file
   given = os.path.expanduser(config.data.tokenizer) if config.data.tokenizer else None
   given_by = "config.data.tokenizer"
   if given is None and config.init_from:
-    given, given_by = os.path.join(checkpoint.init_workdir(config.init_from), TOKENIZER_FILE), "config.init_from"
+    given, given_by = run_dir.init_source(config.init_from)[0].tokenizer_file, "config.init_from"
   for name, path in prepared_tokenizers.items():
     if given is None:
       given, given_by = path, f"config.data.mixture.{name}"
@@ -147,7 +142,7 @@ def train_image_latents(config, codec, limit: int, batch: int = 1024) -> np.ndar
   latents = _latents_fn(codec, pixels=True)
   count = min(limit, len(source))
   return np.stack([latents(e) for start in range(0, count, batch)
-                   for e in source.__getitems__(range(start, min(start + batch, count)))])
+                   for e in pipeline.take(source, min(batch, count - start), start)])
 
 
 def _builtin_data(config, workdir, codec) -> TrainingData:
@@ -157,8 +152,7 @@ def _builtin_data(config, workdir, codec) -> TrainingData:
   train_docs, _ = text_corpus.split_documents(documents, config.data.text_test_fraction, config.seed)
 
   def sample_texts():
-    sample = range(min(TOKENIZER_SAMPLE_CAPTIONS, len(train_images)))
-    return [decode_caption(e) for e in train_images.__getitems__(list(sample))] + train_docs
+    return [decode_caption(e) for e in pipeline.take(train_images, TOKENIZER_SAMPLE_CAPTIONS)] + train_docs
 
   tok = distributed.chief_first("tokenizer", lambda: run_tokenizer(config, workdir, sample_texts, {}))
   text_ids = [np.array(tok.encode(d), np.int32) for d in train_docs]
@@ -208,7 +202,7 @@ def _prepared_data(config, workdir, codec) -> TrainingData:
     _check_prepared(config, name, manifest, entry.path, codec)
   inputs = {name: _prepared_split(f"config.data.mixture.{name}.split", e.path, e.split)
             for name, (e, _) in entries.items()}
-  tokenized = {name: os.path.join(os.path.expanduser(e.path), prepared.TOKENIZER)
+  tokenized = {name: os.path.join(os.path.expanduser(e.path), run_dir.TOKENIZER_FILE)
                for name, (e, m) in entries.items() if m["kind"] == "text"}
   text_field = {"image_caption": "caption", "edit": "instruction"}
 

@@ -65,6 +65,11 @@ class Source:
       raise ValueError(f"data source {self.name!r}: weight must be >= 0, got {self.weight}")
 
 
+def take(source, n: int, start: int = 0) -> list:
+  """Examples start, ..., start + n - 1 of a random-access source (fewer at its end), read in one call."""
+  return source.__getitems__(list(range(start, min(start + n, len(source)))))
+
+
 def shard_and_shuffle(source, seed: int, shard: int, num_shards: int, name: str = "") -> grain.MapDataset:
   """Share `shard` of `num_shards` of a random-access source; index i >= len continues into reshuffled
   epochs."""
@@ -285,7 +290,7 @@ def _ignore_stop_signals(worker: int, workers: int) -> None:  # pylint: disable=
 
 
 def train_batches(sources: Sequence[Source], layout: sequence.RowLayout, special: sequence.SpecialIds,
-                  mix: MixOptions, global_rows: int, process_index: int = 0, process_count: int = 1,
+                  mix: MixOptions, global_rows: int, *, process_index: int = 0, process_count: int = 1,
                   workers: int = 0, prefetch: int = 2) -> TrainBatches:
   """This process's rows of each global batch: dicts of [global_rows / process_count, ...] numpy arrays."""
   rows_per_process = global_rows // process_count

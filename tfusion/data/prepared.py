@@ -21,7 +21,6 @@ from flax import serialization
 
 MANIFEST = "manifest.json"
 SKIPPED = "skipped.jsonl"
-TOKENIZER = "tokenizer.model"
 KINDS = ("text", "image_caption", "edit")
 
 

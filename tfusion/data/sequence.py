@@ -21,6 +21,7 @@ each part is its own segment (positions restart at 0).
 """
 import dataclasses
 
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -44,8 +45,10 @@ class TextPiece:
   ids: np.ndarray                 # [n] int32
 
 
-# Context images (inputs the model reads but does not learn to generate) are noised at this timestep,
-# the least-noisy trained one, both in training rows and when decoding reads a finished image.
+# Context images (inputs the model reads but does not learn to generate: prompt images, finished images when
+# decoding, the input image of an editing row) are read at this timestep: 1, the least-noisy one training
+# uses (alpha_bar_1 = 0.99996 under the cosine schedule). t = 0 would be an embedding training never shows,
+# since it draws t from {1, ..., t_max}.
 CONTEXT_TIMESTEP = 1
 
 
@@ -82,6 +85,23 @@ class RowLayout:
     """Whether a document fits an empty row (else it must be split)."""
     images = sum(isinstance(p, ImagePiece) for p in pieces)
     return self.document_length(pieces) <= self.seq_len and images <= self.max_images
+
+
+def dummy_batch(rows: int, layout: RowLayout) -> dict:
+  """Zero arrays with the batch format's shapes, for initialisation and abstract compilation."""
+  def zeros(*shape, dtype=jnp.int32):
+    return jnp.zeros(shape, dtype)
+  seq_len, max_images = layout.seq_len, layout.max_images
+  return dict(tokens=zeros(rows, seq_len), segment_ids=zeros(rows, seq_len), positions=zeros(rows, seq_len),
+              image_ids=zeros(rows, seq_len), text_loss_mask=zeros(rows, seq_len, dtype=bool),
+              latents=zeros(rows, max_images, *layout.latent_shape, dtype=jnp.float32),
+              image_valid=zeros(rows, max_images, dtype=bool), t_max=zeros(rows, max_images))
+
+
+def model_inputs(batch: dict) -> tuple:
+  """The positional model inputs for a batch dict (clean latents stand in for noisy ones)."""
+  return (batch["tokens"], batch["segment_ids"], batch["positions"], batch["image_ids"],
+          batch["latents"], batch["t_max"])
 
 
 def image_caption_document(caption_ids, latents, caption_first: bool, special: SpecialIds,

@@ -259,7 +259,9 @@ class Shapes(tfds.core.GeneratorBasedBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     s = self.builder_config.image_size
-    slot = lambda: tfds.features.Tensor(shape=(MAX_GROUPS,), dtype=np.int32)   # noqa: E731
+
+    def slot():
+      return tfds.features.Tensor(shape=(MAX_GROUPS,), dtype=np.int32)
     return self.dataset_info_from_configs(
         description=__doc__,
         features=tfds.features.FeaturesDict({

@@ -4,6 +4,7 @@ import collections
 import math
 import re
 
+import jax.numpy as jnp
 import numpy as np
 
 CIDER_SIGMA = 6.0       # CIDEr-D's length penalty exp(-(len(c) - len(r))^2 / (2 sigma^2))
@@ -103,6 +104,14 @@ def clip_score(image_embeddings: np.ndarray, text_embeddings: np.ndarray, weight
   b = np.asarray(text_embeddings, np.float64)
   cos = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
   return float(weight * np.maximum(cos, 0).mean())
+
+
+def psnr(images, reconstructions):
+  """Mean over images of the PSNR in dB of pixel values in [0, 255]: images, reconstructions [N, H, W, C] (numpy
+  or traced)."""
+  mse = jnp.mean(jnp.square(jnp.asarray(images, jnp.float32) - jnp.asarray(reconstructions, jnp.float32)),
+                 axis=(1, 2, 3))
+  return jnp.mean(10.0 * jnp.log10(255.0 ** 2 / jnp.maximum(mse, 1e-10)))
 
 
 def perplexity(loss_sum: float, tokens: int) -> float:

@@ -127,7 +127,9 @@ def check_caption(text: str, scene: shapes.Scene) -> dict[str, bool]:
   parsed = parse_caption(text)
   if parsed is None:
     return dict(parsed=False, colors=False, shapes=False, counting=False, position=False, exact=False)
-  kinds = lambda s: sorted((g.shape, g.color) for g in s.groups)  # noqa: E731
+
+  def kinds(s):
+    return sorted((g.shape, g.color) for g in s.groups)
   return dict(parsed=True,
               colors=sorted(g.color for g in parsed.groups) == sorted(g.color for g in scene.groups),
               shapes=sorted(g.shape for g in parsed.groups) == sorted(g.shape for g in scene.groups),

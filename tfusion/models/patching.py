@@ -44,10 +44,10 @@ class TimestepEmbedding(nn.Module):
 
   @nn.compact
   def __call__(self, t):
-    dense = lambda name, axes: nn.Dense(  # noqa: E731
-        self.features, dtype=self.dtype, param_dtype=self.param_dtype, name=name,
-        kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axes[1],)))
+    def dense(name, axes):
+      return nn.Dense(self.features, dtype=self.dtype, param_dtype=self.param_dtype, name=name,
+                      kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes),
+                      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axes[1],)))
     h = timestep_features(t, self.num_frequencies).astype(self.dtype)
     return dense("out", ("time_hidden", "patch"))(nn.silu(dense("hidden", ("time", "time_hidden"))(h)))
 

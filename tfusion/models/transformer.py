@@ -9,14 +9,19 @@ same Transfusion mask (causality comes from the slot indices).
 """
 import dataclasses
 import functools
+import math
 
 import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from tfusion import masks, sharding
+from tfusion import masks
 from tfusion.models import flash_attention
+
+
+ATTENTIONS = ("dense", "chunked", "dot_product", "flash")
+IMAGE_ATTENTIONS = ("bidirectional", "causal")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,8 +41,8 @@ class TransformerConfig:
   unroll_layers: bool = False    # straight-line layers instead of a loop (XLA's cost analysis prices a loop body once)
 
   def __post_init__(self):
-    if self.image_attention not in ("bidirectional", "causal"):
-      raise ValueError(f"image_attention must be 'bidirectional' or 'causal', got {self.image_attention!r}")
+    if self.image_attention not in IMAGE_ATTENTIONS:
+      raise ValueError(f"image_attention must be one of {IMAGE_ATTENTIONS}, got {self.image_attention!r}")
 
   @property
   def head_dim(self) -> int:
@@ -232,10 +237,20 @@ def sharded_flash_attention(cfg: TransformerConfig, q, k, v, segment_ids, image_
                                 bidirectional_images=cfg.image_attention == "bidirectional")
   mesh = jax.sharding.get_abstract_mesh()
   if not mesh.empty:
-    spec = lambda a, names: sharding.even_spec(a.shape, nn.logical_to_mesh_axes(names), mesh.shape)  # noqa: E731
+    spec = lambda a, names: even_spec(a.shape, nn.logical_to_mesh_axes(names), mesh.shape)  # noqa: E731
     rows, ids = spec(q, ("batch", "length", "act_heads", "kv")), spec(segment_ids, ("batch", "length"))
     attention = jax.shard_map(attention, in_specs=(rows, rows, rows, ids, ids), out_specs=rows, check_vma=False)
   return attention(q, k, v, segment_ids, image_ids)
+
+
+def even_spec(shape, spec: jax.sharding.PartitionSpec, mesh_shape) -> jax.sharding.PartitionSpec:
+  """`spec` for an array of `shape`, without the splits that would be uneven; mesh_shape: {axis: size}.
+  (Here, below tfusion.sharding, which lays out every array with it, so the models need nothing above them.)"""
+  even = []
+  for size, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    names = (axes,) if isinstance(axes, str) else (axes or ())
+    even.append(axes if size % math.prod(mesh_shape[a] for a in names) == 0 else None)
+  return jax.sharding.PartitionSpec(*even)
 
 
 def write_slots(buffer, values, slots):

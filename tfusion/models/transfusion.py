@@ -15,6 +15,10 @@ from tfusion.models import patching, unet
 from tfusion.models.transformer import KVCache, Projection, Transformer, TransformerConfig
 
 
+PATCH_ENCODERS = ("linear", "unet")
+DECODER_INPUTS = ("final_norm", "pre_norm")
+
+
 @dataclasses.dataclass(frozen=True)
 class TransfusionConfig:
   transformer: TransformerConfig
@@ -37,21 +41,6 @@ class TransfusionConfig:
   @property
   def patch_dim(self) -> int:
     return self.patch_size * self.patch_size * self.latent_shape[2]
-
-
-def config_from(config, vocab_size: int, latent_shape) -> TransfusionConfig:
-  """Build the model config from an experiment ConfigDict."""
-  m = config.model
-  return TransfusionConfig(
-      transformer=TransformerConfig(
-          num_layers=m.num_layers, d_model=m.d_model, num_heads=m.num_heads, mlp_dim=m.mlp_dim,
-          rope_theta=m.rope_theta, norm_eps=m.norm_eps, dtype=jnp.dtype(m.dtype),
-          param_dtype=jnp.dtype(m.param_dtype), remat_policy=m.remat_policy, attention=m.attention,
-          attention_chunk=m.attention_chunk, image_attention=m.image_attention),
-      vocab_size=vocab_size, latent_shape=tuple(latent_shape), patch_size=m.patch_size,
-      patch_encoder=m.patch_encoder, unet_channels=tuple(m.unet_channels), unet_res_blocks=m.unet_res_blocks,
-      prediction=config.diffusion.prediction, decoder_input=m.decoder_input, decoder_head=m.decoder_head,
-      decoder_skip=m.decoder_skip)
 
 
 def patch_slot_positions(image_ids, num_slots):
@@ -89,7 +78,7 @@ class Transfusion(nn.Module):
   timesteps: [B, M] int  ->  (logits [B, L, V] float32, prediction [B, M, h, w, c] float32), the
   prediction being eps_hat or v_hat (cfg.prediction; diffusion.eps_from_prediction converts).
 
-  Decoding (tfusion.decoding): with a KVCache, the L elements are a block written at cache slots
+  Decoding (tfusion.inference.decoding): with a KVCache, the L elements are a block written at cache slots
   write_index [B, L] that attends to everything cached, and the updated cache is returned third.
   M may be 0 (a text-only block); with_logits=False skips the LM head (logits None).
   """

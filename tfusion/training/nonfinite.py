@@ -49,6 +49,13 @@ def check_state(state, step: int, last_checkpoint: int | None) -> None:
       "optim.lr or raise optim.warmup_steps, or resume with --config.nonfinite_skip_limit=N to skip such steps")
 
 
+def save_if_finite(checkpointer, step: int, state, data_iterator) -> None:
+  """Save `state` (after `step`) with the input position, after check_state: a non-finite state is never
+  written, so the keep-N limit never deletes a good checkpoint for it."""
+  check_state(state, step, checkpointer.latest_step())
+  checkpointer.save(step, state, data_iterator)
+
+
 class SkipGuard:
   """Wraps a jitted step(state, batch) -> (state, metrics with "loss") so non-finite updates are dropped.
 

@@ -14,13 +14,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from tfusion import diffusion, sharding
+from tfusion import diffusion, objective, sharding
 from tfusion.training.state import TrainState
-
-
-def text_targets(tokens):
-  """Next-token targets: targets[:, l] = tokens[:, l + 1] (the last column is never a target)."""
-  return jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1)
 
 
 def draw_noise(key, batch):
@@ -33,19 +28,11 @@ def draw_noise(key, batch):
           jax.random.normal(eps_key, batch["latents"].shape, jnp.float32))
 
 
-def forward(params, batch, t, eps, *, model, alpha_bar):
-  """The model on the batch's images noised to t [B, M] with eps -> (logits, decoder output, x_t)."""
-  x_t = diffusion.q_sample(batch["latents"], eps, alpha_bar[t])
-  logits, output = model.apply({"params": params}, batch["tokens"], batch["segment_ids"],
-                               batch["positions"], batch["image_ids"], x_t, t)
-  return logits, output, x_t
-
-
 def loss_sums(params, batch, t, eps, *, model, alpha_bar, min_snr_gamma=0.0):
   """(summed CE over text targets, summed weighted per-image decoder MSE over real images) for a batch."""
   prediction = model.cfg.prediction
-  logits, output, _ = forward(params, batch, t, eps, model=model, alpha_bar=alpha_bar)
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits, text_targets(batch["tokens"]))
+  logits, output, _ = objective.forward(params, batch, t, eps, model=model, alpha_bar=alpha_bar)
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, objective.text_targets(batch["tokens"]))
   text_sum = (ce * batch["text_loss_mask"]).sum()
   target = diffusion.prediction_target(prediction, batch["latents"], eps, alpha_bar[t])
   per_image = jnp.mean(jnp.square(output - target), axis=(2, 3, 4))   # [B, M]

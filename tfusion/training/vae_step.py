@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import optax
 
 from tfusion import sharding
+from tfusion.evaluation import metrics as eval_metrics
 from tfusion.models import discriminator as disc_lib, lpips as lpips_lib, moco as moco_lib, vae as vae_lib
 
 
@@ -58,7 +59,7 @@ def make_optimizer(optim_config) -> optax.GradientTransformation:
 
 
 def init_fn(vae: vae_lib.AutoencoderKL, disc: disc_lib.PatchDiscriminator, tx, image_size: int):
-  """init(key) -> VAEState with boxed (logically named) params, for training.state.create_sharded."""
+  """init(key) -> VAEState with boxed (logically named) params, for sharding.create_sharded."""
   def init(key):
     vae_key, disc_key = jax.random.split(key)
     images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
@@ -73,8 +74,7 @@ def psnr(images, reconstructions):
   """Mean PSNR in dB of uint8-range images; inputs in [-1, 1] [B, H, W, 3] (quantised to 8 bits first)."""
   def to_pixels(x):
     return jnp.round(jnp.clip((x + 1.0) * 127.5, 0, 255))
-  mse = jnp.mean(jnp.square(to_pixels(images) - to_pixels(reconstructions)), axis=(1, 2, 3))
-  return jnp.mean(10.0 * jnp.log10(255.0 ** 2 / jnp.maximum(mse, 1e-10)))
+  return eval_metrics.psnr(to_pixels(images), to_pixels(reconstructions))
 
 
 def autoencoder_loss(params, disc_params, frozen, images, key, *, vae, disc, weights, adversarial):

@@ -1,4 +1,6 @@
-"""Orbax checkpoints of the train state together with the grain data iterator state, with checksums."""
+"""Orbax checkpoints of a train state together with the grain data iterator state, with checksums.
+
+Where they live and which one a run resumes from is tfusion.run_dir's business."""
 import collections
 import glob
 import json
@@ -10,13 +12,12 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
-from tfusion import distributed
-from tfusion.training import integrity
+from tfusion import distributed, integrity
 
 
 class Checkpointer:
   """<directory>/<step>/{state, data, checksums.json}: params, optimizer state, step, input position, and the
-  checksums of those files (training/integrity.py), each process hashing its own files before the commit.
+  checksums of those files (tfusion/integrity.py), each process hashing its own files before the commit.
 
   writer: this Checkpointer saves (it creates the directory and removes saves that never completed); False
   only reads. restore and restore_params verify the checksums of what they read before reading it."""
@@ -135,31 +136,6 @@ class Checkpointer:
     self.manager.close()
 
 
-def open_run(workdir: str, max_to_keep: int, state, shardings, data_iterator,
-             init_from: str = "") -> tuple[Checkpointer, object, int]:
-  """(checkpointer of <workdir>/checkpoints, state, step): the newest checkpoint that verifies (process 0
-  decides, set_aside_corrupt; every process restores that step) together with the data position; else, at
-  step 0, `state` with the params of `init_from` (see init_checkpoint) if given, or as it is."""
-  directory = checkpoint_dir(workdir)
-  step = distributed.chief_decides("checking the checkpoints", lambda: set_aside_corrupt(directory)) or 0
-  ckpt = Checkpointer(directory, max_to_keep)
-  if step:
-    logging.info("resuming from step %d", step)
-    state = ckpt.restore(step, abstract_like(state, shardings), data_iterator, verified=True)
-  elif init_from:
-    source, source_step = init_checkpoint(init_from)
-    logging.info("initialising the params from %s, step %d", source.directory, source_step)
-    params = source.restore_params(source_step, abstract_like(state.params, shardings.params))
-    state = state.replace(params=params,
-                          ema_params=None if state.ema_params is None else jax.tree.map(jax.numpy.copy, params))
-    source.close()
-  return ckpt, state, step
-
-
-def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), "checkpoints")
-
-
 def saved_steps(directory: str) -> list[int]:
   """Steps of the committed checkpoints in `directory`, ascending (none if it does not exist)."""
   if not os.path.isdir(directory):
@@ -203,30 +179,3 @@ def set_aside_corrupt(directory: str) -> int | None:
         "no checkpoint verifies: " + "; ".join(e for _, e in corrupt) + f". Nothing was moved; move the damaged "
         f"ones away to resume from an older one, or the whole {directory} to start over.")
   return None
-
-
-def init_checkpoint(path: str) -> tuple[Checkpointer, int]:
-  """(checkpointer, step) of `path`: a training workdir (its latest checkpoint) or one checkpoint
-  directory <workdir>/checkpoints/<step>."""
-  path = os.path.abspath(os.path.expanduser(path))
-  if os.path.isdir(os.path.join(path, "checkpoints")):
-    ckpt = Checkpointer(os.path.join(path, "checkpoints"), 1, writer=False)
-    step = ckpt.latest_step()
-  elif os.path.basename(path).isdigit() and os.path.isdir(path):
-    ckpt, step = Checkpointer(os.path.dirname(path), 1, writer=False), int(os.path.basename(path))
-  else:
-    raise FileNotFoundError(f"config.init_from = {path!r}: neither a training workdir nor <workdir>/checkpoints/<step>")
-  if step is None:
-    raise FileNotFoundError(f"config.init_from = {path!r}: the run has no checkpoint yet")
-  return ckpt, step
-
-
-def init_workdir(path: str) -> str:
-  """The training workdir of an init_from path (see init_checkpoint)."""
-  path = os.path.abspath(os.path.expanduser(path))
-  return path if os.path.isdir(os.path.join(path, "checkpoints")) else os.path.dirname(os.path.dirname(path))
-
-
-def abstract_like(state, shardings):
-  """ShapeDtypeStructs with shardings, the restore target for a state tree."""
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)

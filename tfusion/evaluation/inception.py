@@ -24,7 +24,6 @@ num_batches_tracked keys are ignored by load_inception_params:
   state = torch.load("pt_inception-2015-12-05-6726825d.pth", map_location="cpu")
   safetensors.torch.save_file({k: v.contiguous() for k, v in state.items()}, "fid_inception.safetensors")
 """
-
 import functools
 
 import flax.linen as nn
@@ -33,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from tfusion.models import moco, torch_weights
+from tfusion.models import torch_weights
 
 FEATURES = 2048
 SIZE = 299                      # the network's input resolution
@@ -41,6 +40,9 @@ BN_EPS = 1e-3
 # Flax param name -> the torch name's last part.
 TORCH_NAMES = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}
 WHAT = "FID Inception"
+# Logical axis names: convs and vectors are laid out like the VAE's convs (sharding.RULES).
+CONV_AXES = ("conv_height", "conv_width", "vae_in", "vae_out")
+VECTOR_AXES = ("vae_out",)
 
 
 class BatchNorm(nn.Module):
@@ -51,7 +53,7 @@ class BatchNorm(nn.Module):
   @nn.compact
   def __call__(self, x):
     def vector(name, init):
-      return self.param(name, nn.with_logical_partitioning(init, moco.VECTOR_AXES), x.shape[-1:], jnp.float32)
+      return self.param(name, nn.with_logical_partitioning(init, VECTOR_AXES), x.shape[-1:], jnp.float32)
 
     scale, bias = vector("scale", nn.initializers.ones), vector("bias", nn.initializers.zeros)
     mean, var = vector("mean", nn.initializers.zeros), vector("var", nn.initializers.ones)
@@ -75,7 +77,7 @@ class BasicConv2d(nn.Module):
   def __call__(self, x):
     x = nn.Conv(self.features, self.kernel, strides=self.stride, padding=[(p, p) for p in self.padding],
                 use_bias=False, precision=jax.lax.Precision.HIGHEST, name="conv",
-                kernel_init=nn.with_logical_partitioning(nn.initializers.he_normal(), moco.CONV_AXES))(x)
+                kernel_init=nn.with_logical_partitioning(nn.initializers.he_normal(), CONV_AXES))(x)
     return nn.relu(BatchNorm(name="bn")(x))
 
 

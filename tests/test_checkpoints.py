@@ -6,15 +6,12 @@ import jax
 import numpy as np
 import pytest
 
-from tfusion import config as config_lib, sharding
-from tfusion.training import checkpoint, integrity
-from tests.helpers import raising
-from tests.test_model import init_state, tiny_batch, tiny_config, run_steps
-from tests.test_sequence import make_stream
+from tfusion import checkpoints, config as config_lib, integrity, run_dir, sharding
+from tests.helpers import init_state, make_stream, raising, run_steps, tiny_batch, tiny_model_config
 
 
 def test_save_restore_gives_identical_params_and_next_batch(tmp_path):
-  config = tiny_config()
+  config = tiny_model_config()
   mesh = sharding.make_mesh(config.mesh)                      # 8 fake devices
   _, state, step = init_state(config, mesh)
   state, _ = run_steps(mesh, state, step, {k: np.concatenate([v] * 4) for k, v in tiny_batch().items()}, 2)
@@ -22,7 +19,7 @@ def test_save_restore_gives_identical_params_and_next_batch(tmp_path):
   for _ in range(5):
     next(data)
 
-  ckpt = checkpoint.Checkpointer(str(tmp_path / "ckpt"), max_to_keep=2)
+  ckpt = checkpoints.Checkpointer(str(tmp_path / "ckpt"), max_to_keep=2)
   ckpt.save(2, state, data)
   ckpt.wait()
   expected_batch = next(data)
@@ -30,8 +27,8 @@ def test_save_restore_gives_identical_params_and_next_batch(tmp_path):
   _, fresh, _ = init_state(config, mesh)                        # same shapes, other values after training
   fresh_data = iter(make_stream())
   shardings = jax.tree.map(lambda x: x.sharding, fresh)
-  restored = checkpoint.Checkpointer(str(tmp_path / "ckpt"), 2).restore(
-      2, checkpoint.abstract_like(fresh, shardings), fresh_data)
+  restored = checkpoints.Checkpointer(str(tmp_path / "ckpt"), 2).restore(
+      2, sharding.abstract_like(fresh, shardings), fresh_data)
 
   assert int(restored.step) == 2
   for a, b in zip(jax.tree.leaves(jax.device_get(state)), jax.tree.leaves(jax.device_get(restored))):
@@ -53,16 +50,16 @@ def test_a_damaged_checkpoint_is_refused_naming_the_file_and_kept(tmp_path, capl
         with open(os.path.join(root, name), "wb") as f:
           f.write(b"garbage")
   shardings = jax.tree.map(lambda x: x.sharding, state)
-  abstract = checkpoint.abstract_like(state, shardings)
+  abstract = sharding.abstract_like(state, shardings)
   with pytest.raises(integrity.CorruptCheckpoint, match=r"ckpt/1: file state/\S+ has 7 bytes"):
-    checkpoint.Checkpointer(str(tmp_path / "ckpt"), 2).restore(1, abstract, iter(make_stream()))
+    checkpoints.Checkpointer(str(tmp_path / "ckpt"), 2).restore(1, abstract, iter(make_stream()))
   # Saved before tfusion wrote checksums (none, no mark in the step metadata): restored unverified, and
   # what orbax cannot read stops the restore naming the checkpoint.
   os.remove(step_dir / integrity.MANIFEST)
   metadata = json.load(open(step_dir / integrity.STEP_METADATA))
   json.dump(dict(metadata, custom_metadata={}), open(step_dir / integrity.STEP_METADATA, "w"))
   with pytest.raises(RuntimeError, match=r"checkpoint .*ckpt/1 could not be restored.*left untouched"):
-    checkpoint.Checkpointer(str(tmp_path / "ckpt"), 2).restore(1, abstract, iter(make_stream()))
+    checkpoints.Checkpointer(str(tmp_path / "ckpt"), 2).restore(1, abstract, iter(make_stream()))
   assert "saved before tfusion wrote checksums): restored unverified" in caplog.text
   assert step_dir.exists()
 
@@ -70,10 +67,10 @@ def test_a_damaged_checkpoint_is_refused_naming_the_file_and_kept(tmp_path, capl
 def saved_checkpoints(tmp_path, steps, directory="ckpt"):
   """A Checkpointer of tmp_path/directory with the tiny model's state saved at `steps` (its step counter set
   to the step), and the state."""
-  config = tiny_config()
+  config = tiny_model_config()
   mesh = sharding.make_mesh(config_lib.default_config().mesh, jax.devices()[:1])
   _, state, _ = init_state(config, mesh)
-  ckpt = checkpoint.Checkpointer(str(tmp_path / directory), 5)
+  ckpt = checkpoints.Checkpointer(str(tmp_path / directory), 5)
   for step in steps:
     ckpt.save(step, state.replace(step=jax.device_put(step, state.step.sharding)), iter(make_stream()))
   ckpt.wait()
@@ -99,7 +96,7 @@ def test_every_checkpoint_carries_checksums_that_catch_flips_truncation_and_loss
     f.write(bytes(b ^ 0xFF for b in original[len(original) // 2:len(original) // 2 + 8]))
   with pytest.raises(integrity.CorruptCheckpoint, match=rf"ckpt/1: file {name} differs from its checksum"):
     integrity.verify(step_dir)
-  abstract = checkpoint.abstract_like(state.params, jax.tree.map(lambda x: x.sharding, state.params))
+  abstract = sharding.abstract_like(state.params, jax.tree.map(lambda x: x.sharding, state.params))
   with pytest.raises(integrity.CorruptCheckpoint, match=name):
     ckpt.restore_params(1, abstract)                      # what generate and export load through
 
@@ -121,15 +118,15 @@ def test_corrupt_checkpoints_are_set_aside_unless_none_verifies(tmp_path):
   for step in (2, 3):
     with open(largest_file(os.path.join(directory, str(step), "state")), "r+b") as f:
       f.write(b"\0" * 8)
-  assert checkpoint.set_aside_corrupt(directory) == 1
-  assert checkpoint.saved_steps(directory) == [1]
+  assert checkpoints.set_aside_corrupt(directory) == 1
+  assert checkpoints.saved_steps(directory) == [1]
   assert sorted(n.split("-")[0] for n in os.listdir(directory) if ".corrupt-" in n) == ["2.corrupt", "3.corrupt"]
 
   with open(largest_file(os.path.join(directory, "1", "state")), "r+b") as f:
     f.write(b"\0" * 8)
   with pytest.raises(integrity.CorruptCheckpoint, match=r"no checkpoint verifies: checkpoint .*ckpt/1: file"):
-    checkpoint.set_aside_corrupt(directory)
-  assert checkpoint.saved_steps(directory) == [1]                  # nothing moved: a person decides
+    checkpoints.set_aside_corrupt(directory)
+  assert checkpoints.saved_steps(directory) == [1]                  # nothing moved: a person decides
 
 
 def test_malformed_checksums_unreadable_files_and_lost_checksums_are_corruption(tmp_path, monkeypatch):
@@ -164,8 +161,8 @@ def test_malformed_checksums_unreadable_files_and_lost_checksums_are_corruption(
   with pytest.raises(integrity.CorruptCheckpoint, match=r"ckpt/2: unreadable _CHECKPOINT_METADATA"):
     integrity.verify(str(directory / "2"))
   # All three as the fallback finds them: 3 and 2 are set aside, 1 is resumed from.
-  assert checkpoint.set_aside_corrupt(str(directory)) == 1
-  assert checkpoint.saved_steps(str(directory)) == [1]
+  assert checkpoints.set_aside_corrupt(str(directory)) == 1
+  assert checkpoints.saved_steps(str(directory)) == [1]
 
 
 def test_each_process_hashes_its_own_files_and_process_0_the_rest(tmp_path):
@@ -203,25 +200,25 @@ def test_a_save_that_fails_to_start_is_forgotten_and_restore_params_verifies_onl
   ckpt.save(3, state, iter(make_stream()))                # its checksums go to its own directory
   ckpt.wait()
   ckpt.close()
-  assert checkpoint.saved_steps(ckpt.directory) == [1, 3] and integrity.verify(ckpt.step_dir(3))
+  assert checkpoints.saved_steps(ckpt.directory) == [1, 3] and integrity.verify(ckpt.step_dir(3))
 
   with open(ckpt.step_dir(3) + "/data/process_0-of-1.json", "a") as f:
     f.write(" ")
-  reader = checkpoint.Checkpointer(ckpt.directory, 1, writer=False)
-  abstract = checkpoint.abstract_like(state.params, jax.tree.map(lambda x: x.sharding, state.params))
+  reader = checkpoints.Checkpointer(ckpt.directory, 1, writer=False)
+  abstract = sharding.abstract_like(state.params, jax.tree.map(lambda x: x.sharding, state.params))
   reader.restore_params(3, abstract)                      # the data position is not read, not checked
   with pytest.raises(integrity.CorruptCheckpoint, match=r"file data/process_0-of-1.json has"):
-    reader.restore(3, checkpoint.abstract_like(state, jax.tree.map(lambda x: x.sharding, state)), iter(make_stream()))
+    reader.restore(3, sharding.abstract_like(state, jax.tree.map(lambda x: x.sharding, state)), iter(make_stream()))
   reader.close()
 
 
 def test_every_process_restores_the_step_process_0_chose(tmp_path, monkeypatch):
-  """On a shared filesystem another process may still list a checkpoint process 0 set aside: open_run
+  """On a shared filesystem another process may still list a checkpoint process 0 set aside: RunDir.open_checkpoints
   restores the step process 0 broadcast, not the newest one the process sees."""
   ckpt, state = saved_checkpoints(tmp_path, [1, 2], directory="checkpoints")
   ckpt.close()
-  monkeypatch.setattr(checkpoint.distributed, "chief_decides", lambda name, fn: 1)
+  monkeypatch.setattr(run_dir.distributed, "chief_decides", lambda name, fn: 1)
   shardings = jax.tree.map(lambda x: x.sharding, state)
-  ckpt, restored, step = checkpoint.open_run(str(tmp_path), 5, state, shardings, iter(make_stream()))
+  ckpt, restored, step = run_dir.RunDir(str(tmp_path)).open_checkpoints(5, state, shardings, iter(make_stream()))
   assert step == 1 and int(restored.step) == 1
   ckpt.close()

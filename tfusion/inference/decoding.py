@@ -3,7 +3,7 @@
 Every row is one document that grows element by element. LM mode writes the last token into the
 sequence and samples the next one. When the next token is BOI, the image phase writes BOI, appends n
 patches of pure noise and denoises them step by step, each step overwriting the image block in place;
-the finished image is written once more at t = CONTEXT_TIMESTEP (what later text attends to), EOI
+the finished image is written once more at t = sequence.CONTEXT_TIMESTEP (what later text attends to), EOI
 becomes the next token and LM mode resumes.
 
 Two memories run the same driver and give the same results:
@@ -34,11 +34,6 @@ from tfusion import diffusion, sharding
 from tfusion.data import sequence
 from tfusion.models import transformer
 
-SAMPLERS = ("ddpm", "ddim")
-# The timestep clean images are read at when they are context (prompt images, finished images): 1, the
-# least-noisy one training uses (alpha_bar_1 = 0.99996 under the cosine schedule). t = 0 would be an
-# embedding training never shows, since it draws t from {1, ..., t_max}. Editing rows train on it.
-CONTEXT_TIMESTEP = sequence.CONTEXT_TIMESTEP
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,8 +52,8 @@ class SamplingOptions:
 
   def validate(self, num_timesteps: int) -> None:
     """ValueError naming the first bad option."""
-    if self.sampler not in SAMPLERS:
-      raise ValueError(f"sampler {self.sampler!r} is unknown: use one of {SAMPLERS}")
+    if self.sampler not in diffusion.SAMPLERS:
+      raise ValueError(f"sampler {self.sampler!r} is unknown: use one of {diffusion.SAMPLERS}")
     if not 1 <= self.diffusion_steps <= num_timesteps:
       raise ValueError(f"diffusion_steps = {self.diffusion_steps} must be in [1, {num_timesteps}]")
     if not 0.0 <= self.ddim_eta <= 1.0:
@@ -140,15 +135,20 @@ class FullMemory(Elements):
     return self.tokens.shape[1]
 
   def feed(self, model, params, block: Block, with_logits: bool):
-    w = lambda buf, val: transformer.write_slots(buf, val, block.slots)  # noqa: E731
-    wi = lambda buf, val: transformer.write_slots(buf, val, block.image_slots)  # noqa: E731
+    def w(buf, val):
+      return transformer.write_slots(buf, val, block.slots)
+
+    def wi(buf, val):
+      return transformer.write_slots(buf, val, block.image_slots)
+
+    def gather(a, idx):
+      return jnp.take_along_axis(a, jnp.clip(idx, 0, a.shape[1] - 1).reshape(idx.shape + (1,) * (a.ndim - 2)), axis=1)
+
     memory = FullMemory(tokens=w(self.tokens, block.tokens), segment_ids=w(self.segment_ids, block.segment_ids),
                         positions=w(self.positions, block.positions), image_ids=w(self.image_ids, block.image_ids),
                         latents=wi(self.latents, block.latents), timesteps=wi(self.timesteps, block.timesteps))
     logits, eps = model.apply({"params": params}, memory.tokens, memory.segment_ids, memory.positions,
                               memory.image_ids, memory.latents, memory.timesteps, with_logits=with_logits)
-    gather = lambda a, idx: jnp.take_along_axis(  # noqa: E731
-        a, jnp.clip(idx, 0, a.shape[1] - 1).reshape(idx.shape + (1,) * (a.ndim - 2)), axis=1)
     return (gather(logits, block.slots) if with_logits else None), gather(eps, block.image_slots), memory
 
 
@@ -272,7 +272,7 @@ def text_phase(model, params, state: DecodeState, opts: TextOptions, special, ta
   return jax.lax.while_loop(lambda s: jnp.any(active(s)), step, state)
 
 
-def image_phase(model, params, state: DecodeState, special, task: Task, alpha_bar, timesteps, sampler: str,
+def image_phase(model, params, state: DecodeState, *, special, task: Task, alpha_bar, timesteps, sampler: str,
                 ddim_eta, cfg_scale, guided: bool, clip_x0):
   """Draws an image for every row waiting at BOI (see the module docstring); others are untouched.
 
@@ -325,7 +325,7 @@ def image_phase(model, params, state: DecodeState, special, task: Task, alpha_ba
 
   x, memory = jax.lax.fori_loop(0, timesteps.shape[0] - 1, denoise, (x, memory))
   if not task.stop_after_image:   # the finished image is context for what follows
-    _, _, memory = memory.feed(model, params, image_block(x, CONTEXT_TIMESTEP), with_logits=False)
+    _, _, memory = memory.feed(model, params, image_block(x, sequence.CONTEXT_TIMESTEP), with_logits=False)
 
   images = transformer.write_slots(state.images, x[:, None],
                                    jnp.where(waiting, state.num_images, state.images.shape[1])[:, None])
@@ -350,7 +350,8 @@ def prefill(model, params, state: DecodeState, block: Block):
 def _prompt_rows(prompts: list[list], special, latent_shape, patch_size):
   """Pieces -> the prompt arrays of every row (data.sequence layout, one document per row), with the
   last element of each prompt held back as the row's first `last` token. Returns (arrays, lengths)."""
-  layout_of = lambda n: sequence.RowLayout(n, latent_shape, patch_size)  # noqa: E731
+  def layout_of(n):
+    return sequence.RowLayout(n, latent_shape, patch_size)
   lengths = [layout_of(1).document_length(p) for p in prompts]
   layout = layout_of(-(-max(lengths) // 16) * 16)
   rows = []
@@ -365,7 +366,7 @@ def decode(model, params, prompts: list[list], task: Task, special: sequence.Spe
            options: SamplingOptions, key: jax.Array, mesh=None, cached: bool = True,
            guided: bool | None = None) -> list[Generation]:
   """Generate after each prompt. A prompt is a list of sequence pieces (TextPiece, ImagePiece: clean
-  latents, read at CONTEXT_TIMESTEP) starting with BOS and ending with a text token, the first one the
+  latents, read at sequence.CONTEXT_TIMESTEP) starting with BOS and ending with a text token, the first one the
   model reads before drawing (for images only, end it with BOI). guided defaults to cfg_scale != 1."""
   num_timesteps = len(alpha_bar) - 1
   options.validate(num_timesteps)
@@ -383,9 +384,9 @@ def decode(model, params, prompts: list[list], task: Task, special: sequence.Spe
   guided = guided and task.allow_images
   cfg = model.cfg
   mesh = mesh or _mesh_of(params)
-  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  shards = sharding.data_shards(mesh)
   num_prompts = len(prompts)
-  prompts = list(prompts) + [prompts[0]] * (-num_prompts % shards)   # whole rows per data shard
+  prompts = sharding.pad_rows(list(prompts), shards, prompts[0])   # whole rows per data shard
   if guided:
     prompts = prompts + [[sequence.TextPiece(np.array([special.bos, special.boi], np.int32))]] * len(prompts)
   arrays, lengths = _prompt_rows(prompts, special, cfg.latent_shape, cfg.patch_size)
@@ -403,7 +404,7 @@ def decode(model, params, prompts: list[list], task: Task, special: sequence.Spe
   prompt_block = Block(
       tokens=arrays["tokens"], segment_ids=in_prompt.astype(np.int32), positions=arrays["positions"],
       image_ids=arrays["image_ids"], latents=arrays["latents"],
-      timesteps=np.full(arrays["t_max"].shape, CONTEXT_TIMESTEP, np.int32),
+      timesteps=np.full(arrays["t_max"].shape, sequence.CONTEXT_TIMESTEP, np.int32),
       slots=np.where(in_prompt, np.arange(prompt_slots), total).astype(np.int32),
       image_slots=np.where(arrays["image_valid"], np.arange(arrays["image_valid"].shape[1]), image_capacity
                            ).astype(np.int32))
@@ -414,17 +415,19 @@ def decode(model, params, prompts: list[list], task: Task, special: sequence.Spe
                   timesteps=jnp.asarray(diffusion.respaced_timesteps(num_timesteps, options.diffusion_steps)))
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
-    state = _init_state(model, cached, batch, total, image_capacity, special.pad, jnp.asarray(lengths - 1),
-                        jnp.asarray(last), jnp.asarray(partner), text_budget, row_keys, jnp.asarray(prompt_images))
+    state = _init_state(model, cached=cached, batch=batch, total=total, image_capacity=image_capacity, pad=special.pad,
+                        length=jnp.asarray(lengths - 1), last=jnp.asarray(last), partner=jnp.asarray(partner),
+                        text_budget=text_budget, keys=row_keys, prompt_images=jnp.asarray(prompt_images))
     state = _jit_prefill(model, params, state, prompt_block)
     while True:  # the text phase leaves every row done or waiting at BOI
       state = _jit_text_phase(model, params, state, text_opts, special, task, image_budget)
       done, last = _host((state.done, state.last))
       if not np.any(~done & (last == special.boi)):
         break
-      state = _jit_image_phase(model, params, state, special, task, schedule["alpha_bar"], schedule["timesteps"],
-                               options.sampler, jnp.float32(options.ddim_eta), jnp.float32(options.cfg_scale),
-                               guided, options.clip_x0)
+      state = _jit_image_phase(model, params, state, special=special, task=task, alpha_bar=schedule["alpha_bar"],
+                               timesteps=schedule["timesteps"], sampler=options.sampler,
+                               ddim_eta=jnp.float32(options.ddim_eta), cfg_scale=jnp.float32(options.cfg_scale),
+                               guided=guided, clip_x0=options.clip_x0)
   text, num_text, images, num_images, positions = _host(
       (state.text, state.num_text, state.images, state.num_images, state.image_positions))
   results = []
@@ -449,7 +452,7 @@ def _host(tree):
 
 @functools.partial(jax.jit, static_argnames=("model", "cached", "batch", "total", "image_capacity", "pad",
                                              "text_budget"))
-def _init_state(model, cached, batch, total, image_capacity, pad, length, last, partner, text_budget, keys,
+def _init_state(model, *, cached, batch, total, image_capacity, pad, length, last, partner, text_budget, keys,
                 prompt_images):
   cfg = model.cfg
   if cached:
