@@ -27,6 +27,8 @@ def get_config(arg=None):
   c.model.patch_encoder = "unet"
   c.model.unet_channels = (64, 128)
   c.model.unet_res_blocks = 1
+  c.data.max_images_per_row = 6  # 256-element rows hold 14 images of 16 patches but carry ~5 in the 1:1 mix;
+  #                                the U-Net runs on every slot, so 6 slots cut the step time by 40%
   c.total_steps = 1000
   c.eval_every = 1000
   return c

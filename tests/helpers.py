@@ -167,8 +167,9 @@ def make_sources(text_fraction=0.5, text_lengths=(5, 30, 90)):
 
 
 def make_stream(text_fraction=0.5, caption_first_prob=0.8, seq_len=64, text_lengths=(5, 30, 90), seed=0,
-                process_index=0, process_count=1, caption_dropout_prob=0.0, sources=None, workers=0):
-  layout = sequence.RowLayout(seq_len, (4, 4, 3), 2)
+                process_index=0, process_count=1, caption_dropout_prob=0.0, sources=None, workers=0,
+                max_images_per_row=0):
+  layout = sequence.RowLayout(seq_len, (4, 4, 3), 2, max_images_per_row)
   mix = pipeline.MixOptions(caption_first_prob, 1000, 500, seed, caption_dropout_prob)
   return pipeline.train_batches(sources or make_sources(text_fraction, text_lengths), layout, SPECIAL, mix,
                                 global_rows=4, process_index=process_index, process_count=process_count,

@@ -71,6 +71,7 @@ def test_experiment_argument_sets_the_image_size():
     ("optim.weight_decay", -0.1, "config.optim.weight_decay = -0.1: must be >= 0"),
     ("optim.grad_clip", float("inf"), "config.optim.grad_clip = inf: must be finite"),
     ("nonfinite_skip_limit", -1, "config.nonfinite_skip_limit = -1: must be >= 0"),
+    ("data.max_images_per_row", -2, "config.data.max_images_per_row = -2: must be an int >= 0"),
 ])
 def test_invalid_values_name_the_field(field, value, message):
   config = config_lib.default_config()

@@ -83,6 +83,27 @@ def test_packing_keeps_images_whole_and_orders_captions_80_20():
   assert total / (60 * 4 * 64) > 0.99         # text fills what images leave free
 
 
+def test_image_slots_per_row_are_capped_and_the_mix_is_kept_above_its_mean():
+  # 128-element rows hold 21 images of 6 elements; the 1:1 mix of ~12-element image documents puts ~5.3 in a
+  # row. Capped at 7 slots, rows carry at most 7 and the images keep their share (the packer evens them out
+  # over rows); capped at 3, text fills what images cannot take and their share falls.
+  def pack(cap):
+    it = make_stream(seq_len=128, max_images_per_row=cap)
+    counts, per_row = collections.Counter(), []
+    for _ in range(40):
+      batch = next(it)
+      counts.update(source_of_each_segment(batch))
+      per_row.extend(batch["image_valid"].sum(1))
+    assert batch["image_valid"].shape == (4, cap or 21)
+    assert sum(counts.values()) == 40 * 4 * 128
+    return counts["images"] / sum(counts.values()), max(per_row)
+
+  uncapped, capped, too_few = pack(0), pack(7), pack(3)
+  assert uncapped[1] > 7 and capped[1] == 7 and too_few[1] == 3
+  assert abs(uncapped[0] - 0.5) < 0.03 and abs(capped[0] - 0.5) < 0.03
+  assert too_few[0] < 0.35
+
+
 def test_text_only_and_image_only_streams():
   text_only = next(iter(make_stream(text_fraction=1.0)))
   assert text_only["image_valid"].sum() == 0 and (text_only["segment_ids"] > 0).all()

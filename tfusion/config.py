@@ -93,6 +93,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.sample_split = "test"           # mixture: samples show this split of the first image-caption source
   c.data.workers = 0                     # grain worker processes per host (0: pack in the main process)
   c.data.prefetch = 2                    # rows buffered ahead (per worker with workers > 0)
+  c.data.max_images_per_row = 0          # image slots per packed row (the patch encoder/decoder runs on all of
+  #                                       them, empty or not); 0 = as many as seq_len holds. Keep it above the
+  #                                       mix's mean images per row, or text takes the images' share
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 3e-4
@@ -418,6 +421,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     fail("nonfinite_skip_limit", "must be >= 0 (0 = stop at the first non-finite step)")
   if config.eval_every < 0:
     fail("eval_every", "must be >= 0 (0 = no evaluation during training)")
+  if not isinstance(config.data.max_images_per_row, int) or config.data.max_images_per_row < 0:
+    fail("data.max_images_per_row", "must be an int >= 0 (0 = as many images as seq_len holds)")
   _validate_mixture(config)
 
 

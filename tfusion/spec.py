@@ -86,7 +86,8 @@ def resolve(config) -> RunSpec:
       decoder_skip=m.decoder_skip)
   s = config.sample
   return RunSpec(
-      model=model, layout=sequence.RowLayout(config.seq_len, model.latent_shape, m.patch_size),
+      model=model, layout=sequence.RowLayout(config.seq_len, model.latent_shape, m.patch_size,
+                                                config.data.max_images_per_row),
       alpha_bar=diffusion.make_alpha_bar(config.diffusion.schedule, config.diffusion.num_timesteps),
       sampling=decoding.SamplingOptions(diffusion_steps=s.diffusion_steps, sampler=s.sampler, cfg_scale=s.cfg_scale,
                                         max_new_tokens=s.max_caption_tokens),

@@ -61,9 +61,13 @@ class ImagePiece:
 
 @dataclasses.dataclass(frozen=True)
 class RowLayout:
+  """seq_len elements per row; images of latent_shape in patch_size patches; max_images_per_row caps the image
+  slots of a row (each slot costs the patch encoder and decoder whether it holds an image or not; 0 = no cap
+  below what seq_len holds)."""
   seq_len: int
   latent_shape: tuple[int, int, int]
   patch_size: int
+  max_images_per_row: int = 0
 
   @property
   def patches_per_image(self) -> int:
@@ -72,8 +76,9 @@ class RowLayout:
 
   @property
   def max_images(self) -> int:
-    """Most images a row can hold: each needs BOI + n patches + EOI."""
-    return self.seq_len // (self.patches_per_image + 2)
+    """Most images a row holds: each needs BOI + n patches + EOI, and at most max_images_per_row if set."""
+    fit = self.seq_len // (self.patches_per_image + 2)
+    return min(fit, self.max_images_per_row) if self.max_images_per_row else fit
 
   def piece_length(self, piece) -> int:
     return len(piece.ids) if isinstance(piece, TextPiece) else self.patches_per_image + 2
