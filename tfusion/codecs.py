@@ -9,6 +9,9 @@ says how far latents may range (the sampler clips its x0 estimate to that range 
   scale measured on the training images when the dataset is encoded (`python -m tfusion.encode_latents`),
   so diffusion sees zero-mean unit-variance latents. The measurement is the codec's metadata
   (`codec.json`, in the latent cache and in every Transfusion run that trains on it).
+
+A VQ-VAE run (`model.bottleneck = "vq"`) has codes, not continuous latents: it is no codec; vq_reconstruct gives
+its reconstructions through the codes.
 """
 import dataclasses
 import functools
@@ -72,6 +75,25 @@ def _vae_programs(config: vae_lib.VAEConfig):
   return encode, decode, -(-ENCODE_BATCH // n) * n
 
 
+@functools.lru_cache(maxsize=8)
+def _vq_programs(model: vae_lib.VQModel):
+  """Jitted (encode -> codes, decode codes) of one VQ-VAE, data parallel over local devices."""
+  replicated, rows = _local_shardings()
+  jit = functools.partial(jax.jit, in_shardings=(replicated, rows), out_shardings=rows)
+  encode = jit(lambda p, x: model.apply({"params": p}, x, method=vae_lib.VQModel.encode))
+  decode = jit(lambda p, codes: model.apply({"params": p}, codes, method=vae_lib.VQModel.decode))
+  n = jax.local_device_count()
+  return encode, decode, -(-ENCODE_BATCH // n) * n
+
+
+def vq_reconstruct(model: vae_lib.VQModel, params, images: np.ndarray) -> np.ndarray:
+  """uint8 images [N, S, S, 3] -> their codes int32 [N, S/f, S/f] -> uint8 reconstructions (on this process)."""
+  encode, decode, batch = _vq_programs(model)
+  params = jax.device_put(params, _local_shardings()[0])
+  codes = _in_batches(lambda x: encode(params, pixels_to_unit(x)), np.asarray(images), batch)
+  return unit_to_pixels(_in_batches(lambda c: decode(params, c), codes, batch))
+
+
 def _in_batches(fn, x: np.ndarray, batch: int) -> np.ndarray:
   """fn over [N, ...] in fixed-size batches (the last one padded), concatenated back to N rows."""
   out = []
@@ -126,13 +148,25 @@ def vae_config_of_run(vae_run_config) -> vae_lib.VAEConfig:
                            latent_channels=m.latent_channels, norm_num_groups=m.norm_num_groups)
 
 
+def autoencoder_of_run(vae_run_config) -> vae_lib.AutoencoderKL | vae_lib.VQModel:
+  """The model of a tfusion.train_vae config: the KL-VAE, or the VQ-VAE when model.bottleneck is "vq"."""
+  vae, m = vae_config_of_run(vae_run_config), vae_run_config.model
+  if m.bottleneck == "vq":
+    return vae_lib.VQModel(vae, m.codebook_size, m.vq_dim)
+  return vae_lib.AutoencoderKL(vae)
+
+
 def load_vae(path: str) -> tuple[vae_lib.VAEConfig, Any, dict]:
   """(architecture, numpy params, provenance) of a VAE: a tfusion.train_vae workdir (latest checkpoint)
   or a diffusers AutoencoderKL directory / .safetensors file."""
   path = os.path.abspath(os.path.expanduser(path))
   run = run_dir.RunDir(path)
   if run.is_run():
-    vae = vae_config_of_run(run.read_config(config_lib.default_vae_config()))
+    run_config = run.read_config(config_lib.default_vae_config())
+    if run_config.model.bottleneck != "kl":
+      raise ValueError(f"{path} is a VQ-VAE run (model.bottleneck = {run_config.model.bottleneck!r}): its codes are "
+                       f"not continuous latents; a latent codec needs a KL-VAE run")
+    vae = vae_config_of_run(run_config)
     if not run.saved_steps():
       raise FileNotFoundError(f"VAE run {path} has no checkpoint yet: train it with python -m tfusion.train_vae")
     shapes = jax.eval_shape(lambda: vae_lib.AutoencoderKL(vae).init(

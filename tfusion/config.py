@@ -153,7 +153,8 @@ def default_vae_config() -> ml_collections.ConfigDict:
   """Every field tfusion.train_vae reads. The loss is the paper's (§4.1, App. A):
   L1 + LPIPS + 0.5 GAN + 0.2 ID + 1e-6 KL with the GAN on from step 50k; LPIPS and the MoCo v2 identity
   term run only when their weights files are given. The architecture defaults are the LDM / SD
-  KL-VAE widths with 8 latent channels and f = 8 (84M parameters; the paper's is 86M)."""
+  KL-VAE widths with 8 latent channels and f = 8 (84M parameters; the paper's is 86M). With
+  model.bottleneck = "vq" the same network is the Chameleon baseline's VQ-VAE and L_codebook replaces the KL."""
   c = ml_collections.ConfigDict()
   c.total_steps = 100_000
   c.batch_size = 16
@@ -166,12 +167,20 @@ def default_vae_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.model.block_out_channels = (128, 256, 512, 512)   # width per level; f = 2 ** (levels - 1)
   c.model.layers_per_block = 2
-  c.model.latent_channels = 8
+  c.model.latent_channels = 8     # kl: latent channels c; vq: the encoder's output width before the projection
   c.model.norm_num_groups = 32
+  c.model.bottleneck = "kl"       # kl: the VAE of Transfusion | vq: the VQ-VAE of the Chameleon baseline (the
+  #                                 encoder's outputs projected to vq_dim, each replaced by its nearest code)
+  c.model.vq_dim = 8              # vq: dims of a code (paper: 8)
+  c.model.codebook_size = 16_384  # vq: codes (paper: 16,384)
+  c.model.codebook_restart_steps = 100  # vq: against dead codes, a code chosen by none of the last this many
+  #                                       batches is restarted at a random encoder output of the current batch
 
   c.loss = ml_collections.ConfigDict()
   c.loss.l1_weight = 1.0          # mean absolute pixel error, images in [-1, 1]
-  c.loss.kl_weight = 1e-6         # KL summed over latent dims, mean over images
+  c.loss.kl_weight = 1e-6         # kl: KL summed over latent dims, mean over images
+  c.loss.codebook_weight = 1.0    # vq: weight of the codebook + commitment loss (the paper's L_codebook)
+  c.loss.commitment_beta = 0.25   # vq: L_codebook = mean (sg[z_e] - e)^2 + beta mean (z_e - sg[e])^2
   c.loss.lpips_weight = 1.0
   c.loss.lpips_params = ""        # safetensors file of VGG16 + LPIPS weights; "" = perceptual term off
   c.loss.gan_weight = 0.5
@@ -242,7 +251,11 @@ def validate_vae(config: ml_collections.ConfigDict) -> None:
                 positive_ints=("total_steps", "batch_size", "log_every", "ckpt_every", "sample_every",
                                "max_to_keep", "model.layers_per_block", "model.latent_channels",
                                "model.norm_num_groups", "discriminator.channels", "discriminator.num_layers",
-                               "optim.warmup_steps", "data.image_size"))
+                               "optim.warmup_steps", "data.image_size", "model.vq_dim", "model.codebook_size",
+                               "model.codebook_restart_steps"),
+                choices={"model.bottleneck": BOTTLENECKS})
+  if config.model.codebook_size < 2:
+    _fail(config, "model.codebook_size", "needs at least 2 codes")
   widths = config.model.block_out_channels
   if not widths or any(w % config.model.norm_num_groups for w in widths):
     _fail(config, "model.block_out_channels", f"needs widths divisible by model.norm_num_groups = "
@@ -250,7 +263,7 @@ def validate_vae(config: ml_collections.ConfigDict) -> None:
   if config.data.image_size % 2 ** (len(widths) - 1):
     _fail(config, "data.image_size", f"must be divisible by the downsampling factor {2 ** (len(widths) - 1)}")
   for field in ("loss.l1_weight", "loss.kl_weight", "loss.lpips_weight", "loss.gan_weight", "loss.gan_start_step",
-                "loss.moco_weight"):
+                "loss.moco_weight", "loss.codebook_weight", "loss.commitment_beta"):
     if _get(config, field) < 0:
       _fail(config, field, "must be >= 0")
   _validate_optimizer(config)
@@ -272,6 +285,7 @@ def _validate_optimizer(config) -> None:
       _fail(config, f"optim.{name}", "must be < 1")
 
 
+BOTTLENECKS = ("kl", "vq")     # VAE model.bottleneck: Gaussian latents (models/vae.AutoencoderKL) or codes (VQModel)
 CODECS = ("identity", "vae")   # data.codec: pixels in [-1, 1], or a frozen VAE's latents (codecs.py)
 _POSITIVE_INTS = ("total_steps", "batch_size", "microbatches", "seq_len", "log_every", "ckpt_every", "sample_every",
                   "eval_examples", "max_to_keep", "model.num_layers", "model.d_model", "model.num_heads",

@@ -42,6 +42,8 @@ RULES = (
     ("unet_out", "fsdp"),
     ("vae_in", None),
     ("vae_out", "fsdp"),
+    ("vq_codes", None),
+    ("vq_dim", None),
 )
 
 

@@ -1,11 +1,12 @@
 r"""Train the image VAE: python -m tfusion.train_vae --config experiments/vae_shapes.py --workdir DIR.
 
-The KL-VAE of tfusion.models.vae with the paper's loss (tfusion.training.vae_step), sharded like the
+The KL-VAE of tfusion.models.vae, or with config.model.bottleneck = "vq" the VQ-VAE of the Chameleon baseline
+(experiments/vqvae_shapes.py), with the paper's loss (tfusion.training.vae_step), sharded like the
 Transfusion trainer (params by logical axis names, image rows over data x fsdp), orbax checkpoints
 with the input position, metrics.jsonl + TensorBoard, and reconstruction grids of test images with the
 test PSNR. Running the same command again resumes (with the same config, as tfusion.train: the workdir
 lock, SIGTERM / SIGINT saves, checkpoint checksums and the non-finite check before saves apply here too;
-docs/reliability.md). A finished workdir is a VAE that
+docs/reliability.md). A finished KL workdir is a VAE that
 `config.data.vae` of a Transfusion run (and tfusion.encode_latents) can point at.
 """
 import os
@@ -55,17 +56,21 @@ def load_frozen_networks(loss_config, mesh) -> dict:
   return frozen
 
 
-def reconstruct(vae: vae_lib.VAEConfig, params, images: np.ndarray) -> np.ndarray:
-  """uint8 [N, S, S, 3] -> uint8 reconstructions through the posterior mean (on this process)."""
+def reconstruct(model: vae_lib.AutoencoderKL | vae_lib.VQModel, params, images: np.ndarray) -> np.ndarray:
+  """uint8 [N, S, S, 3] -> uint8 reconstructions through the posterior mean, or the nearest codes (on this
+  process)."""
+  if isinstance(model, vae_lib.VQModel):
+    return codecs.vq_reconstruct(model, params, images)
+  vae = model.config
   codec = codecs.VaeCodec(vae, params, np.zeros(vae.latent_channels, np.float32),
                           np.ones(vae.latent_channels, np.float32), {})
   return codec.decode(codec.encode(images))
 
 
-def evaluate(step: int, params, vae, test_images: np.ndarray, workdir: str) -> float:
+def evaluate(step: int, params, model, test_images: np.ndarray, workdir: str) -> float:
   """Test PSNR; process 0 also writes samples/step_<step>/reconstructions.png (input, reconstruction)."""
   params = multihost_utils.process_allgather(params, tiled=True)
-  reconstructions = reconstruct(vae, params, test_images)
+  reconstructions = reconstruct(model, params, test_images)
   if distributed.is_chief():
     out = run_dir.RunDir(workdir).samples(step)
     os.makedirs(out, exist_ok=True)
@@ -97,16 +102,18 @@ def _train_vae(config, workdir: str, allow_config_change: tuple[str, ...]) -> in
   data_iterator = iter(image_batches(train_images, config.batch_size // jax.process_count(), config.seed,
                                      jax.process_index(), jax.process_count()))
 
-  vae = codecs.vae_config_of_run(config)
-  model = vae_lib.AutoencoderKL(vae)
+  model = codecs.autoencoder_of_run(config)
   disc = disc_lib.PatchDiscriminator(config.discriminator.channels, config.discriminator.num_layers)
   tx = vae_step.make_optimizer(config.optim)
   init_key, train_key = jax.random.split(jax.random.key(config.seed))
   state, state_shardings = sharding.create_sharded(vae_step.init_fn(model, disc, tx, config.data.image_size),
                                                     init_key, mesh)
   logging.info("VAE parameters: %d (f = %d, %d latent channels); discriminator: %d",
-               state_lib.count_params(state.params), vae.downsample, vae.latent_channels,
+               state_lib.count_params(state.params), model.config.downsample, model.config.latent_channels,
                state_lib.count_params(state.disc_params))
+  if config.model.bottleneck == "vq":
+    logging.info("VQ: %d codes of %d dims; codes unused for %d steps restart", config.model.codebook_size,
+                 config.model.vq_dim, config.model.codebook_restart_steps)
   frozen = load_frozen_networks(config.loss, mesh)
 
   ckpt, state, start_step = run_dir.RunDir(workdir).open_checkpoints(config.max_to_keep, state, state_shardings,
@@ -116,7 +123,8 @@ def _train_vae(config, workdir: str, allow_config_change: tuple[str, ...]) -> in
 
   steps = {adversarial: vae_step.jit_train_step(
       mesh, state_shardings, adversarial=adversarial, vae=model, disc=disc, tx=tx,
-      weights=vae_step.LossWeights.of(config.loss), train_key=train_key) for adversarial in (False, True)}
+      weights=vae_step.LossWeights.of(config.loss), train_key=train_key,
+      codebook_restart_steps=config.model.codebook_restart_steps) for adversarial in (False, True)}
   batch_sharding = sharding.batch_sharding(mesh)
   progress = tqdm.tqdm(total=config.total_steps, initial=start_step, unit="step", dynamic_ncols=True,
                        disable=not distributed.is_chief())
@@ -139,7 +147,7 @@ def _train_vae(config, workdir: str, allow_config_change: tuple[str, ...]) -> in
           raise nonfinite.NonFiniteUpdate(f"VAE loss is {metrics['loss']} at step {step} ({metrics}); stopped "
                                           f"without saving, last checkpoint: step {ckpt.latest_step()}")
       if (step % config.sample_every == 0 or is_last) and not preempted:
-        metrics = dict(jax.device_get(metrics), test_psnr=evaluate(step, state.params, vae, test_images, workdir))
+        metrics = dict(jax.device_get(metrics), test_psnr=evaluate(step, state.params, model, test_images, workdir))
         log = True
       if log:
         now = time.time()

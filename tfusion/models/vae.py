@@ -13,6 +13,10 @@ and conv_out to 2c moments, then the 1x1 quant_conv. Decoder: the 1x1 post_quant
 level (widest first) `layers_per_block + 1` ResnetBlocks and a nearest-neighbour 2x upsampler (all levels but the
 last), GroupNorm, SiLU, conv_out. Images are NHWC.
 
+VQModel is the VQ-VAE of the Chameleon baseline (§4.1, App. A) on the same encoder and decoder: the encoder's
+latent_channels outputs are projected to vq_dim (paper: 8) and each latent vector is replaced by its nearest code
+in a learned codebook (models/quantizer.py); it encodes images to code indices and decodes indices to images.
+
 The parameter tree mirrors the diffusers state dict: a Flax module name is the diffusers dotted path with each
 numeric index fused onto the previous part by "_" (diffusers `decoder.up_blocks.0.resnets.1.conv1.weight` is
 Flax ('decoder', 'up_blocks_0', 'resnets_1', 'conv1', 'kernel')), so diffusers safetensors files load with
@@ -31,6 +35,8 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 from flax import traverse_util
+
+from tfusion.models import quantizer
 
 CONV_AXES = ("conv_height", "conv_width", "vae_in", "vae_out")
 DENSE_AXES = ("vae_in", "vae_out")
@@ -201,8 +207,10 @@ class UpBlock(nn.Module):
 
 
 class Encoder(nn.Module):
-  """images [N, H, W, in_channels] -> moments [N, H/f, W/f, 2 * latent_channels] (before quant_conv)."""
+  """images [N, H, W, in_channels] -> moments [N, H/f, W/f, 2 * latent_channels] (before quant_conv); with
+  double_z False (the VQ-VAE) [N, H/f, W/f, latent_channels]."""
   config: VAEConfig
+  double_z: bool = True
 
   @nn.compact
   def __call__(self, x):
@@ -213,7 +221,7 @@ class Encoder(nn.Module):
       x = DownBlock(width, cfg.layers_per_block, cfg.norm_num_groups, i < last, name=f"down_blocks_{i}")(x)
     x = MidBlock(cfg.norm_num_groups, name="mid_block")(x)
     x = nn.silu(_group_norm(cfg.norm_num_groups, "conv_norm_out")(x))
-    return _conv(2 * cfg.latent_channels, 3, "conv_out")(x)
+    return _conv((2 if self.double_z else 1) * cfg.latent_channels, 3, "conv_out")(x)
 
 
 class Decoder(nn.Module):
@@ -246,9 +254,7 @@ class AutoencoderKL(nn.Module):
 
   def encode(self, images):
     """images [B, H, W, in_channels] in [-1, 1] -> (mean, logvar), each [B, H/f, W/f, latent_channels]."""
-    f = self.config.downsample
-    if images.shape[1] % f or images.shape[2] % f:
-      raise ValueError(f"image size {images.shape[1:3]} is not a multiple of the VAE downsampling {f}")
+    _check_image_size(images, self.config.downsample)
     mean, logvar = jnp.split(self.quant_conv(self.encoder(images)), 2, axis=-1)
     return mean, jnp.clip(logvar, *LOGVAR_RANGE)
 
@@ -264,6 +270,58 @@ class AutoencoderKL(nn.Module):
     mean, logvar = self.encode(images)
     z = mean if key is None else mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape, mean.dtype)
     return self.decode(z), mean, logvar
+
+
+class VQModel(nn.Module):
+  """The VQ-VAE (diffusers VQModel layout): encoder (double_z False) -> 1x1 quant_conv to vq_dim -> nearest code
+  of `quantize` (models/quantizer.py) -> 1x1 post_quant_conv to latent_channels -> decoder. Call encode / embed /
+  decode through apply(..., method=VQModel.encode); init(key, images) makes all parameters."""
+  config: VAEConfig
+  codebook_size: int
+  vq_dim: int
+
+  def setup(self):
+    self.encoder = Encoder(self.config, double_z=False)
+    self.decoder = Decoder(self.config)
+    self.quant_conv = _conv(self.vq_dim, 1)
+    self.quantize = quantizer.VectorQuantizer(self.codebook_size, self.vq_dim)
+    self.post_quant_conv = _conv(self.config.latent_channels, 1)
+
+  def project(self, images):
+    """images [B, H, W, in_channels] in [-1, 1] -> encoder outputs z_e [B, H/f, W/f, vq_dim] (before quantising)."""
+    _check_image_size(images, self.config.downsample)
+    return self.quant_conv(self.encoder(images))
+
+  def encode(self, images):
+    """images [B, H, W, in_channels] in [-1, 1] -> code indices int32 [B, H/f, W/f]."""
+    return self.quantize(self.project(images))[1]
+
+  def embed(self, codes):
+    """code indices int [B, h, w] -> quantised vectors [B, h, w, vq_dim]."""
+    return self.quantize.embed(codes)
+
+  def decode(self, codes):
+    """code indices int [B, h, w] -> images [B, h*f, w*f, out_channels]."""
+    return self.decode_vectors(self.embed(codes))
+
+  def decode_vectors(self, z):
+    """vectors [B, h, w, vq_dim] -> images [B, h*f, w*f, out_channels]."""
+    return self.decoder(self.post_quant_conv(z))
+
+  def __call__(self, images):
+    """images [B, H, W, in_channels] -> (reconstruction [B, H, W, out_channels], z_e, z_q, codes).
+
+    z_e [B, h, w, vq_dim] are the encoder outputs, z_q the nearest codes (differentiable in the codebook), codes
+    int32 [B, h, w] their indices; the decoder reads z_q with the straight-through gradient to z_e.
+    """
+    z_e = self.project(images)
+    z_q, codes = self.quantize(z_e)
+    return self.decode_vectors(quantizer.straight_through(z_e, z_q)), z_e, z_q, codes
+
+
+def _check_image_size(images, f: int) -> None:
+  if images.shape[1] % f or images.shape[2] % f:
+    raise ValueError(f"image size {images.shape[1:3]} is not a multiple of the VAE downsampling {f}")
 
 
 def kl_divergence(mean, logvar):
