@@ -96,7 +96,8 @@ def run_variant(name: str, overrides: dict, steps: int, out_dir: str) -> dict:
                                                   ema=config.ema_decay > 0)
   train_step = step_lib.jit_train_step(mesh, shardings, model=model, tx=tx, schedule=schedule, alpha_bar=alpha_bar,
                                        loss_weight=config.diffusion.loss_weight,
-                                       min_snr_gamma=config.diffusion.min_snr_gamma, ema_decay=config.ema_decay,
+                                       min_snr_gamma=config.diffusion.min_snr_gamma,
+                                       z_loss_weight=config.z_loss_weight, ema_decay=config.ema_decay,
                                        train_key=train_key)
   start = time.time()
   for step in range(steps):

@@ -6,21 +6,33 @@ seq 4096, 2M elements per batch, 32K vocab, AdamW (0.9, 0.95) lr 3e-4, 4000 warm
   launch/tpu_pod.sh TPU_NAME ZONE experiments/transfusion_paper.py:size=7b gs://BUCKET/transfusion_7b
 
 size: 160m, 370m, 760m, 1.4b (or 1_4b) or 7b (default); encoder: linear (default) or unet.
+recipe: transfusion (default) or chameleon: the stability changes the paper's Chameleon baseline adds (§4.1
+Baseline): QK-norm (model.qk_norm), Chameleon's norm reordering (model.norm_placement = branch_output), z-loss
+(z_loss_weight = 1e-4, PaLM's weight; the paper gives none) and lr 1e-4 (cosine to 5% of it, as the 3e-4 run).
+Only these switch: images stay continuous latents under the diffusion loss (the baseline's discrete VQ image
+tokens are not part of this recipe), so recipe=chameleon measures what the stability changes do to Transfusion.
+
+  python -m tfusion.aot --config experiments/transfusion_paper.py:size=7b,recipe=chameleon --topology v5p:4x4x8
 """
 from tfusion import config as config_lib
 
+RECIPES = ("transfusion", "chameleon")
+
 
 def get_config(arg="size=7b"):
-  """arg: comma-separated key=value pairs, size=... and encoder=..."""
-  args = dict(size="7b", encoder="linear")
+  """arg: comma-separated key=value pairs, size=..., encoder=... and recipe=..."""
+  args = dict(size="7b", encoder="linear", recipe="transfusion")
   for pair in filter(None, (arg or "").split(",")):
     key, _, value = pair.partition("=")
     if key not in args:
-      raise ValueError(f"transfusion_paper.py:{arg}: unknown argument {key!r}; use size=... and encoder=...")
+      raise ValueError(f"transfusion_paper.py:{arg}: unknown argument {key!r}; use size=..., encoder=... and "
+                       "recipe=...")
     args[key] = value
   size = args["size"].replace("_", ".")
   if size not in config_lib.PAPER_SIZES:
     raise ValueError(f"unknown paper size {size!r}: one of {sorted(config_lib.PAPER_SIZES)}")
+  if args["recipe"] not in RECIPES:
+    raise ValueError(f"unknown recipe {args['recipe']!r}: one of {RECIPES}")
   c = config_lib.default_config()
   c.total_steps = 250_000
   c.seq_len = 4096
@@ -47,4 +59,9 @@ def get_config(arg="size=7b"):
   c.optim.final_lr_fraction = 1.5e-5 / 3e-4
   c.mesh.ici_data_parallelism = 1
   c.mesh.ici_fsdp_parallelism = -1      # fully sharded data parallel over every chip of a slice
+  if args["recipe"] == "chameleon":
+    c.model.qk_norm = True
+    c.model.norm_placement = "branch_output"
+    c.z_loss_weight = 1e-4
+    c.optim.lr = 1e-4                    # final_lr_fraction stays 0.05: cosine to 5e-6
   return c

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from tfusion import config as config_lib, spec as spec_lib
+from tfusion import config as config_lib, config_resume, spec as spec_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -72,6 +72,10 @@ def test_experiment_argument_sets_the_image_size():
     ("optim.grad_clip", float("inf"), "config.optim.grad_clip = inf: must be finite"),
     ("nonfinite_skip_limit", -1, "config.nonfinite_skip_limit = -1: must be >= 0"),
     ("data.max_images_per_row", -2, "config.data.max_images_per_row = -2: must be an int >= 0"),
+    ("model.norm_placement", "post", "config.model.norm_placement = 'post': must be one of ('pre', 'branch_output')"),
+    ("z_loss_weight", -1e-4, "config.z_loss_weight = -0.0001: must be finite and >= 0 (0 = off)"),
+    ("z_loss_weight", float("nan"), "config.z_loss_weight = nan: must be finite and >= 0"),
+    ("z_loss_weight", float("inf"), "config.z_loss_weight = inf: must be finite and >= 0"),
 ])
 def test_invalid_values_name_the_field(field, value, message):
   config = config_lib.default_config()
@@ -80,6 +84,22 @@ def test_invalid_values_name_the_field(field, value, message):
   with pytest.raises(config_lib.ConfigError) as error:
     spec_lib.resolve(config)
   assert message in str(error.value)
+
+
+def test_paper_recipes_differ_by_the_chameleon_stability_changes_only():
+  """transfusion_paper.py:recipe=chameleon switches on QK-norm, the branch-output norms, z-loss 1e-4 and lr 1e-4;
+  every other field stays the Transfusion recipe's; an unknown recipe is refused."""
+  module = load_experiment(os.path.join(REPO, "experiments", "transfusion_paper.py"))
+  flat = config_resume.flatten
+  base, chameleon = flat(module.get_config("size=160m")), flat(module.get_config("size=160m,recipe=chameleon"))
+  assert {k: (base[k], chameleon[k]) for k in base if base[k] != chameleon[k]} == {
+      "model.qk_norm": (False, True), "model.norm_placement": ("pre", "branch_output"),
+      "z_loss_weight": (0.0, 1e-4), "optim.lr": (3e-4, 1e-4)}
+  assert base == flat(module.get_config("size=160m,recipe=transfusion"))
+  spec = spec_lib.resolve(module.get_config("size=160m,recipe=chameleon"))
+  assert (spec.model.transformer.qk_norm, spec.model.transformer.norm_placement) == (True, "branch_output")
+  with pytest.raises(ValueError, match="unknown recipe 'llama': one of"):
+    module.get_config("recipe=llama")
 
 
 def test_unknown_field_is_rejected():
@@ -108,6 +128,7 @@ def test_a_recorded_config_without_newer_fields_keeps_the_behaviour_it_was_train
     del (old[group[0]] if group else old)[name]
   loaded = config_lib.from_json(json.dumps(old))
   assert (loaded.diffusion.prediction, loaded.ema_decay, loaded.model.decoder_input) == ("eps", 0.0, "final_norm")
+  assert (loaded.z_loss_weight, loaded.model.qk_norm, loaded.model.norm_placement) == (0.0, False, "pre")
   assert config_lib.from_json(recorded.to_json()).diffusion.prediction == "v"
 
 

@@ -40,6 +40,21 @@ def causal_model_and_params(model_and_params):
 
 
 @pytest.fixture(scope="module")
+def chameleon_model_and_params(model_and_params):
+  """The tiny model under Chameleon's recipe (QK-norm, norms on the branch outputs): the linear model's params plus
+  QK-norm scales, every norm scale drawn from U(0.5, 1.5) so that keys cached before or after their norm differ."""
+  model = make_model(tiny_model_config(qk_norm=True, norm_placement="branch_output"))
+  rows = np.zeros((1, 24), np.int32)
+  stack = nn.meta.unbox(model.init(jax.random.key(0), rows, rows, rows, rows, np.zeros((1, 1, *LATENT), np.float32),
+                                   np.zeros((1, 1), np.int32))["params"]["transformer"])
+  keys = iter(jax.random.split(jax.random.key(2), 16))
+  stack = jax.tree_util.tree_map_with_path(lambda path, x: jax.random.uniform(next(keys), x.shape, minval=0.5,
+                                                                              maxval=1.5)
+                                           if "scale" in jax.tree_util.keystr(path) else x, stack)
+  return model, dict(model_and_params[1], transformer=stack)
+
+
+@pytest.fixture(scope="module")
 def unet_model_and_params():
   """The tiny model with U-Net patch encoder and decoder (2x2 patches: two levels)."""
   model = make_model(tiny_model_config(patch_encoder="unet", unet_channels=(8, 16), unet_res_blocks=1))
@@ -99,7 +114,9 @@ def test_image_cached_equals_uncached_with_guidance(request, models, sampler):
   assert np.abs(cached[0].images - cached[2].images).max() > 1e-2     # different captions, different images
 
 
-def test_interleaved_cached_equals_uncached(model_and_params):
+@pytest.mark.parametrize("models", ["model_and_params", "chameleon_model_and_params"], ids=["llama", "chameleon"])
+def test_interleaved_cached_equals_uncached(request, models):
+  model_and_params = request.getfixturevalue(models)
   options = dataclasses.replace(OPTS, temperature=1.0, cfg_scale=2.0, max_new_tokens=12)
   prompts = [text_prompt(10, 11), text_prompt(20, 21, 22, boi=True), text_prompt(30), text_prompt(31)]
   cached = decode(model_and_params, prompts, decoding.INTERLEAVED, options)

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tfusion import config as config_lib, diffusion, sharding, spec as spec_lib
+from tfusion import config as config_lib, diffusion, masks, objective, sharding, spec as spec_lib
 from tfusion.data import sequence
 from tfusion.models import patching, transformer, transfusion
 from tfusion.training import optim, state as state_lib, step as step_lib
@@ -279,3 +279,174 @@ def test_ema_of_the_params_follows_its_recursion():
     assert state.sampling_params is state.ema_params
   np.testing.assert_allclose(leaf(state.ema_params), expected, rtol=1e-5, atol=1e-7)
   assert np.abs(leaf(state.ema_params) - leaf(state.params)).max() > 1e-4
+
+
+# ---- Chameleon's stability recipe: QK-norm, norm on the branch outputs, z-loss (all off by default). -----------
+def randomised_norm_scales(params, seed=5):
+  """params with every RMSNorm scale drawn from U(0.5, 1.5), so a scale that were not applied, or applied at the
+  wrong place (e.g. after RoPE, which mixes dims i and i + Dh / 2), shows."""
+  keys = iter(jax.random.split(jax.random.key(seed), 64))
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: jax.random.uniform(next(keys), x.shape, minval=0.5, maxval=1.5)
+      if "scale" in jax.tree_util.keystr(path) else x, params)
+
+
+def reference_block(p, x, segment_ids, image_ids, positions, placement, qk_norm, eps=1e-5, theta=10_000.0):
+  """One Block written out in float64 numpy from the formulas: p are the layer's params, x [B, L, D]."""
+  f64 = lambda a: np.asarray(a, np.float64)  # noqa: E731
+  x = f64(x)
+
+  def rms_norm(v, scale):
+    return v / np.sqrt(np.mean(v * v, axis=-1, keepdims=True) + eps) * f64(scale)
+
+  def rope(v):
+    half = v.shape[-1] // 2
+    angles = f64(positions)[..., None] * theta ** (-np.arange(half) / half)
+    sin, cos = np.sin(angles)[:, :, None], np.cos(angles)[:, :, None]
+    return np.concatenate([v[..., :half] * cos - v[..., half:] * sin, v[..., half:] * cos + v[..., :half] * sin], -1)
+
+  def attention(h):
+    a = p["attention"]
+    q, k, v = (np.einsum("bld,dhk->blhk", h, f64(a[n]["kernel"])) for n in ("query", "key", "value"))
+    if qk_norm:
+      q, k = rms_norm(q, a["query_norm"]["scale"]), rms_norm(k, a["key_norm"]["scale"])
+    q, k = rope(q), rope(k)
+    logits = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
+    allowed = np.asarray(masks.transfusion_mask(jnp.asarray(segment_ids), jnp.asarray(image_ids)))[:, None]
+    logits = np.where(allowed, logits, -np.inf)
+    weights = np.exp(logits - logits.max(-1, keepdims=True))
+    out = np.einsum("bhqk,bkhd->bqhd", weights / weights.sum(-1, keepdims=True), v)
+    return np.einsum("blhk,hkd->bld", out, f64(a["out"]["kernel"]))
+
+  def mlp(h):
+    m = p["mlp"]
+    gate, up = h @ f64(m["gate"]["kernel"]), h @ f64(m["up"]["kernel"])
+    return (gate / (1 + np.exp(-gate)) * up) @ f64(m["down"]["kernel"])
+
+  norm = lambda name, v: rms_norm(v, p[name]["scale"])  # noqa: E731
+  if placement == "pre":
+    x = x + attention(norm("attention_norm", x))
+    return x + mlp(norm("mlp_norm", x))
+  x = x + norm("attention_norm", attention(x))
+  return x + norm("mlp_norm", mlp(x))
+
+
+@pytest.mark.parametrize("placement", transformer.NORM_PLACEMENTS)
+@pytest.mark.parametrize("qk_norm", [False, True], ids=["no_qk_norm", "qk_norm"])
+def test_block_equals_the_hand_written_reference(placement, qk_norm):
+  """Every combination of model.norm_placement and model.qk_norm, the defaults (pre, no QK-norm) included, on the
+  packed tiny batch with random norm scales."""
+  cfg = transformer.TransformerConfig(2, 32, 4, 64, qk_norm=qk_norm, norm_placement=placement)
+  batch = tiny_batch()
+  ids = [jnp.asarray(batch[k]) for k in ("segment_ids", "image_ids", "positions")]
+  x = jax.random.normal(jax.random.key(2), (2, 64, 32))
+  block = transformer.Block(cfg)
+  params = randomised_norm_scales(nn.meta.unbox(block.init(jax.random.key(0), x, *ids)["params"]))
+  assert ("query_norm" in params["attention"]) == ("key_norm" in params["attention"]) == qk_norm
+  got, kv = block.apply({"params": params}, x, *ids)
+  assert kv is None
+  np.testing.assert_allclose(got, reference_block(params, x, *[batch[k] for k in ("segment_ids", "image_ids",
+                                                                                 "positions")], placement, qk_norm),
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_unknown_norm_placement_is_refused():
+  with pytest.raises(ValueError, match=r"norm_placement must be one of \('pre', 'branch_output'\), got 'post'"):
+    transformer.TransformerConfig(2, 32, 4, 64, norm_placement="post")
+
+
+def test_qk_norm_makes_each_heads_queries_and_keys_unit_rms_before_rope():
+  # By hand: head 0 of [3, 4, 0, 0] has rms 2.5 -> [1.2, 1.6, 0, 0]; head 1 of [1, 1, 1, 1] is already unit rms.
+  norm = transformer.RMSNorm(1e-5, jnp.float32, jnp.float32, axis="kv")
+  q = jnp.array([[[[3.0, 4.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]]]])            # [B=1, L=1, H=2, Dh=4]
+  variables = norm.init(jax.random.key(0), q)
+  assert variables["params"]["scale"].names == ("kv",) and variables["params"]["scale"].value.shape == (4,)
+  np.testing.assert_allclose(norm.apply(variables, q), [[[[1.2, 1.6, 0, 0], [1, 1, 1, 1]]]], rtol=1e-5)
+
+  # In the model, the per-layer scales carry the logical names (layers, kv); the default has no QK-norm params.
+  batch = tiny_batch()
+  inputs = sequence.model_inputs(batch)
+  layer = make_model(tiny_model_config(qk_norm=True)).init(jax.random.key(0), *inputs)["params"]["transformer"][
+      "layers"]["attention"]
+  assert layer["query_norm"]["scale"].names == layer["key_norm"]["scale"].names == ("layers", "kv")
+  assert "query_norm" not in make_model(tiny_model_config()).init(jax.random.key(0), *inputs)["params"][
+      "transformer"]["layers"]["attention"]
+
+  # The queries and keys entering RoPE are, for every (row, element, head), x W / rms(x W) * scale.
+  attention = transformer.Attention(transformer.TransformerConfig(2, 32, 4, 64, qk_norm=True))
+  ids = [jnp.asarray(batch[k]) for k in ("segment_ids", "image_ids", "positions")]
+  x = jax.random.normal(jax.random.key(2), (2, 64, 32))
+  params = randomised_norm_scales(nn.meta.unbox(attention.init(jax.random.key(0), x, *ids)["params"]))
+  _, state = attention.apply({"params": params}, x, *ids, capture_intermediates=True)
+  for name in ("query", "key"):
+    projected = state["intermediates"][name]["__call__"][0]                 # [B, L, H, Dh]
+    normed = state["intermediates"][f"{name}_norm"]["__call__"][0]
+    scale = params[f"{name}_norm"]["scale"]
+    np.testing.assert_allclose(np.sqrt(np.mean(np.square(normed / scale), axis=-1)), 1.0, rtol=1e-4)
+    np.testing.assert_allclose(normed, projected / np.sqrt(np.mean(np.square(projected), -1, keepdims=True) + 1e-5)
+                               * scale, rtol=1e-5, atol=1e-6)
+
+
+def test_chameleon_recipe_model_agrees_across_attention_implementations():
+  """QK-norm and the branch-output norms sit outside the attention kernel: dense, chunked (block-skipping) and
+  jax.nn.dot_product_attention give one function."""
+  batch = tiny_batch()
+  inputs = sequence.model_inputs(batch)
+  recipe = dict(qk_norm=True, norm_placement="branch_output")
+  params = make_model(tiny_model_config(**recipe)).init(jax.random.key(0), *inputs)["params"]
+  params = randomised_norm_scales(nn.meta.unbox(params))
+  params["patch_decoder"]["proj"]["kernel"] = jax.random.normal(jax.random.key(3), (32, 12))
+  outputs = {}
+  for attention in ("dense", "chunked", "dot_product"):
+    model = make_model(tiny_model_config(attention=attention, attention_chunk=16, **recipe))
+    outputs[attention] = jax.jit(lambda p, *x, model=model: model.apply({"params": p}, *x))(params, *inputs)
+  for attention in ("chunked", "dot_product"):
+    np.testing.assert_allclose(outputs[attention][0], outputs["dense"][0], atol=1e-4)
+    np.testing.assert_allclose(outputs[attention][1], outputs["dense"][1], atol=1e-5)
+  default_logits, _ = make_model(tiny_model_config()).apply({"params": params}, *inputs)   # ignores the QK scales
+  assert np.abs(default_logits - outputs["dense"][0]).max() > 1e-2
+
+
+def test_z_loss_is_the_squared_log_normaliser():
+  # log Z of [0, 0, 0, 0] is log 4; of [1, 2, 3] it is 3 + log(1 + e^-1 + e^-2); of [1000, 1000] 1000 + log 2
+  # (computed stably: a naive log(sum(exp)) overflows).
+  logits = jnp.array([[[0.0, 0.0, 0.0, -np.inf], [1.0, 2.0, 3.0, -np.inf], [1000.0, 1000.0, -np.inf, -np.inf]]])
+  want = [np.log(3.0) ** 2, (3 + np.log(1 + np.exp(-1) + np.exp(-2))) ** 2, (1000 + np.log(2.0)) ** 2]
+  np.testing.assert_allclose(objective.z_loss(logits), [want], rtol=1e-6)
+  np.testing.assert_allclose(objective.z_loss(jnp.zeros((1, 1, 4))), [[np.log(4.0) ** 2]], rtol=1e-6)
+
+
+def test_z_loss_enters_the_loss_metrics_and_gradients():
+  """L = text_loss + 5 image_loss + w z_loss with z_loss the mean of log(Z)^2 over text targets (computed here from
+  the model's logits); the gradient changes by exactly w times the z_loss gradient; microbatches agree; w = 0
+  computes and logs no z-loss."""
+  model = make_model(tiny_model_config())
+  batch = tiny_batch()
+  params = nn.meta.unbox(model.init(jax.random.key(0), *sequence.model_inputs(batch))["params"])
+  alpha_bar = jnp.asarray(diffusion.cosine_alpha_bar(1000), jnp.float32)
+  key = jax.random.key(4)
+  run = lambda w, k=1: jax.jit(lambda p: step_lib.loss_and_grads(  # noqa: E731
+      p, batch, key, model=model, alpha_bar=alpha_bar, loss_weight=5.0, z_loss_weight=w, microbatches=k))(params)
+
+  def mean_z(p):
+    t, eps = step_lib.draw_noise(key, batch)
+    logits, _, _ = objective.forward(p, batch, t, eps, model=model, alpha_bar=alpha_bar)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    return jnp.sum(lse * lse * batch["text_loss_mask"]) / batch["text_loss_mask"].sum()
+
+  off, grads_off = run(0.0)
+  on, grads_on = run(0.01)
+  assert "z_loss" not in off
+  z = float(mean_z(params))
+  assert z > 10.0                                       # log Z ~ log 64 = 4.2 at init: log(Z)^2 ~ 17
+  np.testing.assert_allclose(on["z_loss"], z, rtol=1e-5)
+  np.testing.assert_allclose(on["loss"], on["text_loss"] + 5.0 * on["image_loss"] + 0.01 * z, rtol=1e-6)
+  np.testing.assert_allclose(on["loss"] - off["loss"], 0.01 * z, rtol=1e-4)
+  expected = jax.tree.map(lambda a, g: a + 0.01 * g, grads_off, jax.grad(mean_z)(params))
+  jax.tree.map(lambda g, e: np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-7), grads_on, expected)
+  head = lambda g: np.asarray(g["lm_head"]["kernel"])  # noqa: E731
+  assert np.abs(head(grads_on) - head(grads_off)).max() > 1e-4
+  accumulated, grads_accumulated = run(0.01, k=2)
+  np.testing.assert_allclose(accumulated["z_loss"], on["z_loss"], rtol=1e-5)
+  np.testing.assert_allclose(accumulated["loss"], on["loss"], rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads_accumulated, grads_on)

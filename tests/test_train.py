@@ -36,6 +36,20 @@ def test_run_leaves_checkpoints_logs_and_samples(tmp_path, data_dir):
   assert lines[0].startswith("truth: ") and lines[1].startswith("model: ")
 
 
+def test_chameleon_recipe_trains_and_logs_the_z_loss(tmp_path, data_dir):
+  """QK-norm, the branch-output norms and the z-loss switched on through the config: the run logs z_loss, and
+  loss = text_loss + lambda image_loss + w z_loss."""
+  workdir = str(tmp_path / "run")
+  config = tiny_run_config(data_dir, total_steps=3, ckpt_every=3, sample_every=100, z_loss_weight=0.01)
+  config.model.qk_norm, config.model.norm_placement = True, "branch_output"
+  trainer.train_and_evaluate(config, workdir)
+  metrics = read_metrics(workdir)
+  assert [m["step"] for m in metrics] == [1, 2, 3] and set(metrics[0]) == LOGGED | {"z_loss"}
+  for m in metrics:
+    assert m["z_loss"] > 1.0                          # log(Z)^2 at init, Z summed over a 512-token vocabulary
+    np.testing.assert_allclose(m["loss"], m["text_loss"] + 5.0 * m["image_loss"] + 0.01 * m["z_loss"], rtol=1e-5)
+
+
 def test_killed_and_resumed_run_reproduces_uninterrupted_run(tmp_path, data_dir, monkeypatch):
   config = tiny_run_config(data_dir, sample_every=100)
   trainer.train_and_evaluate(config, str(tmp_path / "straight"))

@@ -67,8 +67,8 @@ def compile_train_step(config, devices, unroll_layers: bool = False, count_model
   batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=batch_sharding),
                        jax.eval_shape(lambda: sequence.dummy_batch(config.batch_size, layout)))
   step = step_lib.jit_train_step(mesh, shardings, model=model, tx=tx, schedule=schedule, alpha_bar=spec.alpha_bar,
-                                 loss_weight=config.diffusion.loss_weight, train_key=jax.random.key(0),
-                                 microbatches=config.microbatches)
+                                 loss_weight=config.diffusion.loss_weight, z_loss_weight=config.z_loss_weight,
+                                 train_key=jax.random.key(0), microbatches=config.microbatches)
   with jax.set_mesh(mesh):
     compiled = step.lower(state, batch).compile()
   memory = compiled.memory_analysis()

@@ -39,6 +39,8 @@ def default_config() -> ml_collections.ConfigDict:
   #                                latest checkpoint or of <workdir>/checkpoints/<step>; fresh optimizer and data
   c.nonfinite_skip_limit = 0     # 0: a NaN / inf loss or update stops the run; N: such steps are skipped (update
   #                                dropped, counted in metrics as skipped_steps), more than N in a row stop it
+  c.z_loss_weight = 0.0          # w in L = L_LM + lambda * L_DDPM + w * mean over text targets of log(Z)^2 (z-loss,
+  #                                Chameleon's "denominator loss"; PaLM uses 1e-4); 0 = off (Transfusion)
 
   c.model = ml_collections.ConfigDict()
   c.model.num_layers = 4
@@ -56,6 +58,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.attention_chunk = 512   # block length of chunked and flash attention
   c.model.image_attention = "bidirectional"  # inside an image: bidirectional (the paper) | causal (Table 5
   #                                            ablation; in the transformer only: a U-Net encoder still mixes patches)
+  c.model.qk_norm = False        # RMSNorm of each head's queries and keys before RoPE (Chameleon; not Transfusion)
+  c.model.norm_placement = "pre"  # pre: x + f(norm(x)) (Llama, Transfusion) | branch_output: x + norm(f(x))
+  #                                 (Chameleon's norm reordering)
   c.model.patch_encoder = "linear"  # linear | unet
   c.model.unet_channels = (256, 512)  # U-Net width per resolution level (log2(patch_size) + 1 levels)
   c.model.unet_res_blocks = 2
@@ -302,6 +307,7 @@ _CHOICES = {
     "model.remat_policy": ("none", *transformer.REMAT_POLICIES),
     "model.attention": transformer.ATTENTIONS,
     "model.image_attention": transformer.IMAGE_ATTENTIONS,
+    "model.norm_placement": transformer.NORM_PLACEMENTS,
     "model.patch_encoder": transfusion.PATCH_ENCODERS,
     "model.decoder_input": transfusion.DECODER_INPUTS,
     "model.decoder_head": patching.DECODER_HEADS,
@@ -321,6 +327,9 @@ VALUES_BEFORE_FIELD_EXISTED = {
     "model.decoder_skip": False,
     "diffusion.prediction": "eps",
     "diffusion.min_snr_gamma": 0.0,
+    "z_loss_weight": 0.0,
+    "model.qk_norm": False,
+    "model.norm_placement": "pre",
 }
 
 
@@ -405,6 +414,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     fail("diffusion.loss_weight", "must be >= 0")
   if config.diffusion.min_snr_gamma < 0:
     fail("diffusion.min_snr_gamma", "must be >= 0 (0 = off)")
+  if not 0.0 <= config.z_loss_weight < float("inf"):     # also NaN
+    fail("z_loss_weight", "must be finite and >= 0 (0 = off)")
   if not 0.0 <= config.ema_decay < 1.0:
     fail("ema_decay", "must be in [0, 1) (0 = no EMA)")
   if config.model.patch_encoder == "unet":

@@ -1,5 +1,7 @@
 """The training objective's two halves on a batch (data.sequence arrays), shared by the train step and the
-held-out evaluation: next-token targets, and the model's forward pass on noised images."""
+held-out evaluation: next-token targets, and the model's forward pass on noised images; and the optional z-loss
+on the text logits."""
+import jax
 import jax.numpy as jnp
 
 from tfusion import diffusion
@@ -8,6 +10,13 @@ from tfusion import diffusion
 def text_targets(tokens):
   """Next-token targets: targets[:, l] = tokens[:, l + 1] (the last column is never a target)."""
   return jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1)
+
+
+def z_loss(logits):
+  """log(Z)^2 per position, log Z = logsumexp of the logits over the vocabulary: the z-loss of PaLM (Chowdhery et
+  al. 2022) and Chameleon's "denominator loss", which keeps the softmax normaliser near 1.
+  logits: [B, L, V] -> [B, L] float32."""
+  return jnp.square(jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1))
 
 
 def forward(params, batch, t, eps, *, model, alpha_bar):

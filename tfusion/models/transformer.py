@@ -1,5 +1,9 @@
 """Llama-style decoder stack: RMSNorm, RoPE, SwiGLU, pre-norm residual blocks, scanned layers.
 
+Chameleon's stability changes (arXiv 2405.09818 §2.3; the Transfusion paper's Chameleon baseline adds them) are
+options, off by default: qk_norm (RMSNorm of each head's queries and keys before RoPE) and
+norm_placement = "branch_output" (the block's norms on its branch outputs, h = x + norm(attn(x))).
+
 Parameters carry logical axis names (embed, heads, kv, mlp, layers) and key activations are
 constrained to (batch, length, act_*) names; `tfusion.sharding` maps both to the device mesh.
 
@@ -22,6 +26,7 @@ from tfusion.models import flash_attention
 
 ATTENTIONS = ("dense", "chunked", "dot_product", "flash")
 IMAGE_ATTENTIONS = ("bidirectional", "causal")
+NORM_PLACEMENTS = ("pre", "branch_output")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,10 +44,14 @@ class TransformerConfig:
   attention_chunk: int = 512     # block length of chunked and flash attention
   image_attention: str = "bidirectional"  # bidirectional | causal (patches of one image in raster order)
   unroll_layers: bool = False    # straight-line layers instead of a loop (XLA's cost analysis prices a loop body once)
+  qk_norm: bool = False          # RMSNorm of each head's queries and keys over the head dim, before RoPE (Chameleon)
+  norm_placement: str = "pre"    # pre: x + f(norm(x)) (Llama) | branch_output: x + norm(f(x)) (Chameleon, Swin v2)
 
   def __post_init__(self):
     if self.image_attention not in IMAGE_ATTENTIONS:
       raise ValueError(f"image_attention must be one of {IMAGE_ATTENTIONS}, got {self.image_attention!r}")
+    if self.norm_placement not in NORM_PLACEMENTS:
+      raise ValueError(f"norm_placement must be one of {NORM_PLACEMENTS}, got {self.norm_placement!r}")
 
   @property
   def head_dim(self) -> int:
@@ -77,14 +86,15 @@ def _projection(cfg, name, spec, shape, axes, fan_in_axes=(0,)):
 
 
 class RMSNorm(nn.Module):
-  """x / rms(x) * scale.  x: [..., D]; computed in float32."""
+  """x / rms(x) * scale over the last axis.  x: [..., D]; scale: [D], logical axis `axis`; computed in float32."""
   eps: float
   dtype: jnp.dtype
   param_dtype: jnp.dtype
+  axis: str = "norm"
 
   @nn.compact
   def __call__(self, x):
-    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, (self.axis,)),
                        (x.shape[-1],), self.param_dtype)
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
@@ -292,6 +302,9 @@ class Attention(nn.Module):
   written at cache slots write_index [B, L]; they attend to the cache's keys and values kv = (keys,
   values) [B, K, H, Dh] (whose ids `cached_ids` hide the slots being rewritten) and to their own;
   returns the block's (keys, values) [B, L, H, Dh] for the caller to write into the cache.
+
+  With cfg.qk_norm, queries and keys are RMS-normalised over the head dim (one learned scale [Dh] each, shared
+  by the heads) before RoPE, so every attention implementation and the KV cache see normalised keys.
   """
   cfg: TransformerConfig
 
@@ -302,6 +315,9 @@ class Attention(nn.Module):
     q = _projection(cfg, "query", "bld,dhk->blhk", qkv_shape, qkv_axes)(x)
     k = _projection(cfg, "key", "bld,dhk->blhk", qkv_shape, qkv_axes)(x)
     v = _projection(cfg, "value", "bld,dhk->blhk", qkv_shape, qkv_axes)(x)
+    if cfg.qk_norm:
+      q = RMSNorm(cfg.norm_eps, cfg.dtype, cfg.param_dtype, axis="kv", name="query_norm")(q)
+      k = RMSNorm(cfg.norm_eps, cfg.dtype, cfg.param_dtype, axis="kv", name="key_norm")(k)
     q = apply_rope(q, positions, cfg.rope_theta)
     k = apply_rope(k, positions, cfg.rope_theta)
     q, k, v = (nn.with_logical_constraint(a, ("batch", "length", "act_heads", "kv")) for a in (q, k, v))
@@ -330,18 +346,30 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-  """Pre-norm residual block; fits nn.scan: (x, segment_ids, image_ids, positions[, kv, cached_ids,
-  write_index]) -> (x, the block's kv or None). See Attention for the decoding arguments."""
+  """Residual block; fits nn.scan: (x, segment_ids, image_ids, positions[, kv, cached_ids, write_index]) ->
+  (x, the block's kv or None). See Attention for the decoding arguments.
+
+  cfg.norm_placement = "pre" (Llama):  h = x + attn(norm(x));  out = h + mlp(norm(h)).
+  "branch_output" (Chameleon's norm reordering, from Swin Transformer v2; Chameleon §2.3):
+  h = x + norm(attn(x));  out = h + norm(mlp(h)). The residual stream itself is never normalised inside a block;
+  the final RMSNorm before the heads stays.
+  """
   cfg: TransformerConfig
 
   @nn.compact
   def __call__(self, x, segment_ids, image_ids, positions, kv=None, cached_ids=None, write_index=None):
     cfg = self.cfg
     norm = lambda name: RMSNorm(cfg.norm_eps, cfg.dtype, cfg.param_dtype, name=name)  # noqa: E731
-    attended, kv = Attention(cfg, name="attention")(norm("attention_norm")(x), segment_ids, image_ids, positions,
-                                                    kv, cached_ids, write_index)
-    x = x + attended
-    x = x + SwiGLU(cfg, name="mlp")(norm("mlp_norm")(x))
+    attention, mlp = Attention(cfg, name="attention"), SwiGLU(cfg, name="mlp")
+    if cfg.norm_placement == "pre":
+      attended, kv = attention(norm("attention_norm")(x), segment_ids, image_ids, positions, kv, cached_ids,
+                               write_index)
+      x = x + attended
+      x = x + mlp(norm("mlp_norm")(x))
+    else:
+      attended, kv = attention(x, segment_ids, image_ids, positions, kv, cached_ids, write_index)
+      x = x + norm("attention_norm")(attended)
+      x = x + norm("mlp_norm")(mlp(x))
     return nn.with_logical_constraint(x, ("batch", "length", "act_embed")), kv
 
 

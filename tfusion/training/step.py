@@ -1,7 +1,10 @@
-"""The loss and the train step: L = mean CE over text targets + lambda * mean per-image decoder MSE.
+"""The loss and the train step: L = mean CE over text targets + lambda * mean per-image decoder MSE
+[+ w * mean over text targets of log(Z)^2].
 
 The decoder MSE is the paper's eps MSE, or with diffusion.prediction = v the v MSE, optionally weighted per
-image by Min-SNR-gamma (diffusion.loss_weights).
+image by Min-SNR-gamma (diffusion.loss_weights). The z-loss term (objective.z_loss, weight config.z_loss_weight)
+is Chameleon's; with w = 0 (Transfusion) it is not computed. The metrics hold each term's mean unweighted:
+loss = text_loss + lambda * image_loss [+ w * z_loss].
 
 One jax.jit covers noising, the forward pass, both losses, gradients and the optimizer update. With
 gradient accumulation the batch runs as sequential microbatches whose summed losses are divided by
@@ -28,17 +31,20 @@ def draw_noise(key, batch):
           jax.random.normal(eps_key, batch["latents"].shape, jnp.float32))
 
 
-def loss_sums(params, batch, t, eps, *, model, alpha_bar, min_snr_gamma=0.0):
-  """(summed CE over text targets, summed weighted per-image decoder MSE over real images) for a batch."""
+def loss_sums(params, batch, t, eps, *, model, alpha_bar, min_snr_gamma=0.0, z_loss=False):
+  """A batch's loss sums: {"text": CE summed over text targets, "image": weighted per-image decoder MSE summed over
+  real images, and with z_loss "z": log(Z)^2 summed over text targets}."""
   prediction = model.cfg.prediction
   logits, output, _ = objective.forward(params, batch, t, eps, model=model, alpha_bar=alpha_bar)
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, objective.text_targets(batch["tokens"]))
-  text_sum = (ce * batch["text_loss_mask"]).sum()
+  sums = dict(text=(ce * batch["text_loss_mask"]).sum())
   target = diffusion.prediction_target(prediction, batch["latents"], eps, alpha_bar[t])
   per_image = jnp.mean(jnp.square(output - target), axis=(2, 3, 4))   # [B, M]
   per_image *= diffusion.loss_weights(prediction, alpha_bar[t], min_snr_gamma)
-  image_sum = (per_image * batch["image_valid"]).sum()
-  return text_sum, image_sum
+  sums["image"] = (per_image * batch["image_valid"]).sum()
+  if z_loss:
+    sums["z"] = (objective.z_loss(logits) * batch["text_loss_mask"]).sum()
+  return sums
 
 
 def microbatch_slices(tree, k):
@@ -50,31 +56,39 @@ def microbatch_slices(tree, k):
   return jax.tree.map(split, tree)
 
 
-def loss_and_grads(params, batch, key, *, model, alpha_bar, loss_weight, min_snr_gamma=0.0, microbatches=1):
-  """Returns (metrics, grads) of L = text_sum / num_targets + lambda * image_sum / num_images."""
+def loss_and_grads(params, batch, key, *, model, alpha_bar, loss_weight, min_snr_gamma=0.0, z_loss_weight=0.0,
+                   microbatches=1):
+  """Returns (metrics, grads) of L = text_sum / num_targets + lambda * image_sum / num_images
+  [+ z_loss_weight * z_sum / num_targets when z_loss_weight > 0]."""
   t, eps = draw_noise(key, batch)
   num_targets = batch["text_loss_mask"].sum().astype(jnp.float32)
   num_images = batch["image_valid"].sum().astype(jnp.float32)
   text_scale, image_scale = 1.0 / jnp.maximum(num_targets, 1.0), loss_weight / jnp.maximum(num_images, 1.0)
 
   def scaled_loss(params, inputs):
-    text_sum, image_sum = loss_sums(params, *inputs, model=model, alpha_bar=alpha_bar, min_snr_gamma=min_snr_gamma)
-    return text_sum * text_scale + image_sum * image_scale, (text_sum, image_sum)
+    sums = loss_sums(params, *inputs, model=model, alpha_bar=alpha_bar, min_snr_gamma=min_snr_gamma,
+                     z_loss=z_loss_weight > 0)
+    loss = sums["text"] * text_scale + sums["image"] * image_scale
+    if z_loss_weight > 0:
+      loss = loss + sums["z"] * (z_loss_weight * text_scale)
+    return loss, sums
 
   grad_fn = jax.value_and_grad(scaled_loss, has_aux=True)
   if microbatches == 1:
-    (loss, (text_sum, image_sum)), grads = grad_fn(params, (batch, t, eps))
+    (loss, sums), grads = grad_fn(params, (batch, t, eps))
   else:
     def accumulate(carry, inputs):
       (loss, sums), grads = grad_fn(params, inputs)
       return jax.tree.map(jnp.add, carry, (loss, sums, grads)), None
 
     zeros = jax.tree.map(jnp.zeros_like, params)
-    init = (jnp.zeros(()), (jnp.zeros(()), jnp.zeros(())), zeros)
-    (loss, (text_sum, image_sum), grads), _ = jax.lax.scan(
-        accumulate, init, microbatch_slices((batch, t, eps), microbatches))
-  metrics = dict(loss=loss, text_loss=text_sum / jnp.maximum(num_targets, 1.0),
-                 image_loss=image_sum / jnp.maximum(num_images, 1.0), text_targets=num_targets, images=num_images)
+    init = (jnp.zeros(()), dict.fromkeys(("text", "image") + (("z",) if z_loss_weight > 0 else ()), jnp.zeros(())),
+            zeros)
+    (loss, sums, grads), _ = jax.lax.scan(accumulate, init, microbatch_slices((batch, t, eps), microbatches))
+  metrics = dict(loss=loss, text_loss=sums["text"] / jnp.maximum(num_targets, 1.0),
+                 image_loss=sums["image"] / jnp.maximum(num_images, 1.0), text_targets=num_targets, images=num_images)
+  if z_loss_weight > 0:
+    metrics["z_loss"] = sums["z"] / jnp.maximum(num_targets, 1.0)
   return metrics, grads
 
 
@@ -87,11 +101,12 @@ def ema_update(ema_params, params, step, decay: float):
 
 
 def train_step(state: TrainState, batch: dict, *, model, tx, schedule, alpha_bar, loss_weight, train_key,
-               min_snr_gamma=0.0, ema_decay=0.0, microbatches=1):
+               min_snr_gamma=0.0, z_loss_weight=0.0, ema_decay=0.0, microbatches=1):
   """One optimizer step. The step's randomness is fold_in(train_key, step): resumable exactly."""
   key = jax.random.fold_in(train_key, state.step)
   metrics, grads = loss_and_grads(state.params, batch, key, model=model, alpha_bar=alpha_bar,
-                                  loss_weight=loss_weight, min_snr_gamma=min_snr_gamma, microbatches=microbatches)
+                                  loss_weight=loss_weight, min_snr_gamma=min_snr_gamma, z_loss_weight=z_loss_weight,
+                                  microbatches=microbatches)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   ema_params = state.ema_params
@@ -103,12 +118,12 @@ def train_step(state: TrainState, batch: dict, *, model, tx, schedule, alpha_bar
 
 
 def jit_train_step(mesh, state_shardings, *, model, tx, schedule, alpha_bar, loss_weight, train_key,
-                   min_snr_gamma=0.0, ema_decay=0.0, microbatches=1):
+                   min_snr_gamma=0.0, z_loss_weight=0.0, ema_decay=0.0, microbatches=1):
   """train_step jitted with explicit shardings: batch rows over (data, fsdp), state donated."""
   step = functools.partial(train_step, model=model, tx=tx, schedule=schedule,
                            alpha_bar=jnp.asarray(alpha_bar, jnp.float32), loss_weight=loss_weight,
-                           train_key=train_key, min_snr_gamma=min_snr_gamma, ema_decay=ema_decay,
-                           microbatches=microbatches)
+                           train_key=train_key, min_snr_gamma=min_snr_gamma, z_loss_weight=z_loss_weight,
+                           ema_decay=ema_decay, microbatches=microbatches)
 
   def run(state, batch):
     with nn.logical_axis_rules(sharding.RULES):

@@ -103,8 +103,9 @@ def _train(config, spec: spec_lib.RunSpec, workdir: str, allow_config_change: tu
 
   train_step = step_lib.jit_train_step(mesh, state_shardings, model=model, tx=tx, schedule=schedule,
                                        alpha_bar=spec.alpha_bar, loss_weight=config.diffusion.loss_weight,
-                                       min_snr_gamma=config.diffusion.min_snr_gamma, ema_decay=config.ema_decay,
-                                       train_key=train_key, microbatches=config.microbatches)
+                                       min_snr_gamma=config.diffusion.min_snr_gamma, z_loss_weight=config.z_loss_weight,
+                                       ema_decay=config.ema_decay, train_key=train_key,
+                                       microbatches=config.microbatches)
   batch_sharding = sharding.batch_sharding(mesh)
   reference = suite.reference_latents(config, codec) if config.eval_every else None
   skip_guard = None
