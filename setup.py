@@ -25,6 +25,7 @@ setup(
         "safetensors>=0.8,<0.9",   # VAE / LPIPS weights in the format diffusers and torch users exchange
         "scipy>=1.17,<2",          # connected components (ndimage) of the shapes checker; already a jax dependency
         "tokenizers>=0.23,<0.24",  # CLIP's BPE from a Hugging Face tokenizer.json (CLIP score), no torch
+        "matplotlib>=3.11,<4",     # the scaling plot of an ablation with methods (log-log trendlines per metric)
     ],
     extras_require={
         "test": ["pytest>=9.2,<10", "pytest-xdist>=3.8,<4", "scipy>=1.17,<2"],

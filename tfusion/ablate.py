@@ -9,6 +9,11 @@ after the other here; on a cluster, launch one job per cell with --only and then
 in training and stops the ablation there (exit 0 or 130); the same command goes on. DIR/results.json and results.md hold
 per variant the mean and standard deviation over seeds of every evaluation number and of the final losses,
 and the training FLOPs counted as 6 N D (N parameters, D elements trained on; paper §4.2).
+
+An optional `methods` (variant -> method, e.g. "transfusion" or "chameleon") makes it a scaling study (paper
+§4.2, Table 3): the variants are each method's model sizes x token budgets, and collecting also writes
+DIR/scaling.json (per metric and method the points and log-log trendline, and the parity FLOP ratio of
+transfusion against chameleon's largest run), DIR/table3.md and DIR/scaling.png (evaluation/scaling_laws.py).
 """
 import json
 import os
@@ -21,10 +26,23 @@ import numpy as np
 
 from tfusion import config as config_lib, distributed, metrics, run_dir, spec as spec_lib
 from tfusion.data import sequence
-from tfusion.evaluation import suite
+from tfusion.evaluation import scaling_laws, suite
 from tfusion.training import state as state_lib, trainer
 
 FINAL_LOSSES = ("loss", "text_loss", "image_loss")
+
+
+def scaling_methods(ablation) -> dict[str, str]:
+  """config.methods as a dict (empty without the field); a ConfigError names an entry of an unknown variant or a
+  missing reference or candidate method."""
+  methods = dict(ablation.get("methods") or {})
+  for variant in methods:
+    if variant not in ablation.variants:
+      raise config_lib.ConfigError(f"config.methods.{variant}: not a variant (variants {list(ablation.variants)})")
+  for method in (scaling_laws.REFERENCE, scaling_laws.CANDIDATE):
+    if methods and method not in methods.values():
+      raise config_lib.ConfigError(f"config.methods: no variant of the method {method!r}")
+  return methods
 
 
 def cell_config(ablation, variant: str, seed: int) -> ml_collections.ConfigDict:
@@ -116,7 +134,8 @@ def collect(ablation, workdir: str) -> dict:
   """results.json and results.md: per variant and number, mean, std (ddof 1) and the seeds it covers; for every
   variant after the first (the baseline), the per-seed differences to the baseline over the seeds both have:
   seeds move both arms alike (same data order, held-out split and noise), so paired differences are far less
-  noisy than the two means."""
+  noisy than the two means. With config.methods also scaling.json, table3.md and scaling.png."""
+  methods = scaling_methods(ablation)
   table, cells = {}, {}
   for variant in ablation.variants:
     numbers = {seed: cell_numbers(ablation, workdir, variant, seed) for seed in ablation.seeds}
@@ -135,6 +154,13 @@ def collect(ablation, workdir: str) -> dict:
     json.dump(table, f, indent=2)
   with open(os.path.join(workdir, "results.md"), "w") as f:
     f.write(markdown_table(table))
+  if methods:
+    report = scaling_laws.scaling_report(table, methods)
+    with open(os.path.join(workdir, "scaling.json"), "w") as f:
+      json.dump(report, f, indent=2)
+    with open(os.path.join(workdir, "table3.md"), "w") as f:
+      f.write(scaling_laws.table3_markdown(report))
+    scaling_laws.plot(report, os.path.join(workdir, "scaling.png"))
   return table
 
 
@@ -161,6 +187,7 @@ def main(argv):
   distributed.start_command(argv, ("config", "workdir"))
   args = flags.FLAGS
   ablation = args.config
+  scaling_methods(ablation)   # a bad config.methods fails before any cell trains
   if args.only:
     variant, seed = args.only.rsplit(":", 1)
     if variant not in ablation.variants or int(seed) not in ablation.seeds:
@@ -171,13 +198,18 @@ def main(argv):
     if stopped is not None:
       return stopped
   print(markdown_table(collect(ablation, args.workdir)))
+  if scaling_methods(ablation):
+    with open(os.path.join(args.workdir, "table3.md")) as f:
+      print(f.read())
   return 0
 
 
 if __name__ == "__main__":
-  config_flags.DEFINE_config_file("config", None, "Ablation config (base, variants, seeds).", lock_config=False)
+  config_flags.DEFINE_config_file("config", None, "Ablation config (base, variants, seeds[, methods]).",
+                                  lock_config=False)
   flags.DEFINE_string("workdir", None, "Directory of the ablation (one subdirectory per variant and seed).")
   flags.DEFINE_string("only", None, "Run one cell, VARIANT:SEED (a cluster job).")
-  flags.DEFINE_bool("collect", False, "Only collect the finished cells into results.json / results.md.")
+  flags.DEFINE_bool("collect", False, "Only collect the finished cells into results.json / results.md "
+                    "(and scaling.json, table3.md, scaling.png with methods).")
   distributed.define_flags()
   app.run(main)
