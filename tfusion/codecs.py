@@ -10,8 +10,10 @@ says how far latents may range (the sampler clips its x0 estimate to that range 
   so diffusion sees zero-mean unit-variance latents. The measurement is the codec's metadata
   (`codec.json`, in the latent cache and in every Transfusion run that trains on it).
 
-A VQ-VAE run (`model.bottleneck = "vq"`) has codes, not continuous latents: it is no codec; vq_reconstruct gives
-its reconstructions through the codes.
+- `vq`: a frozen VQ-VAE (a `tfusion.train_vae` run with model.bottleneck = "vq"), the Chameleon baseline's
+  image tokenizer. Its "latents" are code indices [..., H/f, W/f, 1], held in float32 (exact below 2^24) so they
+  travel the paths continuous latents do; the model reads them as tokens (data.sequence.image_tokens).
+  `python -m tfusion.encode_latents` caches the codes; codec.json records the VQ-VAE and its code usage.
 """
 import dataclasses
 import functools
@@ -94,6 +96,43 @@ def vq_reconstruct(model: vae_lib.VQModel, params, images: np.ndarray) -> np.nda
   return unit_to_pixels(_in_batches(lambda c: decode(params, c), codes, batch))
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class VqCodec:
+  """A frozen VQ-VAE: uint8 images <-> code indices [..., h, w, 1] (float32 holding ints)."""
+  model: vae_lib.VQModel
+  params: Any                 # replicated on this process's devices
+  metadata: dict              # what codec.json records
+  name: str = "vq"
+  value_range: float | None = None   # codes are not clipped
+
+  @property
+  def codebook_size(self) -> int:
+    return self.model.codebook_size
+
+  @property
+  def downsample(self) -> int:
+    return self.model.config.downsample
+
+  def codes(self, images: np.ndarray) -> np.ndarray:
+    """uint8 [N, S, S, 3] -> code indices int32 [N, S/f, S/f]."""
+    encode, _, batch = _vq_programs(self.model)
+    return _in_batches(lambda x: encode(self.params, pixels_to_unit(x)), np.asarray(images), batch).astype(np.int32)
+
+  def encode(self, images: np.ndarray) -> np.ndarray:
+    """uint8 [..., S, S, 3] -> codes [..., S/f, S/f, 1] float32."""
+    images = np.asarray(images)
+    codes = self.codes(images.reshape(-1, *images.shape[-3:]))
+    return codes.reshape(*images.shape[:-3], *codes.shape[1:], 1).astype(np.float32)
+
+  def decode(self, latents) -> np.ndarray:
+    """codes [..., h, w, 1] (any numeric dtype) -> uint8 images [..., h f, w f, 3]."""
+    _, decode, batch = _vq_programs(self.model)
+    latents = np.asarray(latents)
+    codes = np.rint(latents.reshape(-1, *latents.shape[-3:-1])).astype(np.int32)
+    images = _in_batches(lambda c: decode(self.params, c), codes, batch)
+    return unit_to_pixels(images).reshape(*latents.shape[:-3], *images.shape[1:])
+
+
 def _in_batches(fn, x: np.ndarray, batch: int) -> np.ndarray:
   """fn over [N, ...] in fixed-size batches (the last one padded), concatenated back to N rows."""
   out = []
@@ -113,6 +152,10 @@ class VaeCodec:
   metadata: dict              # what codec.json records
   name: str = "vae"
   value_range: float | None = None   # the largest |normalised latent| measured on the training images
+
+  @property
+  def downsample(self) -> int:
+    return self.vae.downsample
 
   def raw_latents(self, images: np.ndarray) -> np.ndarray:
     """uint8 [N, S, S, 3] -> posterior means [N, S/f, S/f, c] float32, before normalisation."""
@@ -181,6 +224,36 @@ def load_vae(path: str) -> tuple[vae_lib.VAEConfig, Any, dict]:
                           f"checkpoints/) nor a diffusers AutoencoderKL directory or .safetensors file")
 
 
+def frozen_codec(path: str) -> "VaeCodec | VqCodec":
+  """The raw codec of the VAE at `path`: a VqCodec for a VQ-VAE run, else vae_codec(path) (shift 0, scale 1)."""
+  run = run_dir.RunDir(os.path.abspath(os.path.expanduser(path)))
+  if run.is_run() and run.read_config(config_lib.default_vae_config()).model.bottleneck == "vq":
+    return vq_codec(path)
+  return vae_codec(path)
+
+
+def vq_codec(path: str) -> VqCodec:
+  """The codec of the VQ-VAE run at `path` (a tfusion.train_vae workdir with model.bottleneck = "vq")."""
+  path = os.path.abspath(os.path.expanduser(path))
+  run = run_dir.RunDir(path)
+  if not run.is_run():
+    raise FileNotFoundError(f"config.data.vae = {path!r}: not a tfusion.train_vae workdir (config.json + "
+                            f"checkpoints/); the vq codec needs a VQ-VAE run")
+  run_config = run.read_config(config_lib.default_vae_config())
+  if run_config.model.bottleneck != "vq":
+    raise ValueError(f"config.data.vae = {path!r} is a KL-VAE run: the vq codec needs model.bottleneck = 'vq'")
+  if not run.saved_steps():
+    raise FileNotFoundError(f"VQ-VAE run {path} has no checkpoint yet: train it with python -m tfusion.train_vae")
+  model = autoencoder_of_run(run_config)
+  f = model.config.downsample
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, f, f, model.config.in_channels))))
+  target = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), nn.meta.unbox(shapes["params"]))
+  params, step = run.restore_params(None, target)
+  metadata = dict(codec="vq", vae=path, vae_format="tfusion", vae_step=int(step), codebook_size=model.codebook_size,
+                  downsample=f)
+  return VqCodec(model, jax.device_put(params, _local_shardings()[0]), metadata)
+
+
 def vae_codec(path: str, shift=None, scale=None, measured: dict | None = None,
               value_range: float | None = None) -> VaeCodec:
   """The codec of the VAE at `path`; without shift and scale, raw latents (shift 0, scale 1). value_range: the
@@ -206,7 +279,9 @@ def read_codec_metadata(path: str) -> dict:
     return json.load(f)
 
 
-def codec_from_metadata(metadata: dict) -> VaeCodec:
+def codec_from_metadata(metadata: dict) -> VaeCodec | VqCodec:
+  if metadata.get("codec") == "vq":
+    return vq_codec(metadata["vae"])
   if "value_range" not in metadata:
     logging.warning("the codec of %s records no value_range (latents encoded by an older tfusion): sampled x0 "
                     "estimates are not clipped; encode the latents again to measure it", metadata["vae"])
@@ -219,7 +294,7 @@ def make_codec(data_config, metadata_dir: str | None = None):
   run's workdir) when that holds one, else from config.data.latent_cache."""
   if data_config.codec == "identity":
     return IdentityCodec()
-  if data_config.codec != "vae":
+  if data_config.codec not in config_lib.CODECS:
     raise ValueError(f"config.data.codec = {data_config.codec!r}: unknown codec (available: {config_lib.CODECS})")
   if metadata_dir and os.path.isfile(os.path.join(metadata_dir, run_dir.CODEC_FILE)):
     metadata = read_codec_metadata(metadata_dir)
@@ -235,8 +310,22 @@ def make_codec(data_config, metadata_dir: str | None = None):
   return codec
 
 
-def check_latent_shape(codec: VaeCodec, data_config) -> None:
-  """ValueError naming the config field when the VAE's latents do not match config.data."""
+def check_latent_shape(codec, data_config) -> None:
+  """ValueError naming the config field when the VAE's latents (or the VQ-VAE's codes) do not match config.data."""
+  if isinstance(codec, VqCodec):
+    if data_config.codec != "vq":
+      raise ValueError(f"config.data.codec = {data_config.codec!r}, but {codec.metadata['vae']} is a VQ-VAE: set "
+                       f"config.data.codec = 'vq'")
+    if codec.codebook_size != data_config.codebook_size:
+      raise ValueError(f"config.data.codebook_size = {data_config.codebook_size}, but the VQ-VAE "
+                       f"{codec.metadata['vae']} has {codec.codebook_size} codes")
+    if codec.model.config.downsample != data_config.latent_downsample:
+      raise ValueError(f"config.data.latent_downsample = {data_config.latent_downsample}, but the VQ-VAE "
+                       f"{codec.metadata['vae']} downsamples by {codec.model.config.downsample}")
+    return
+  if data_config.codec != "vae":
+    raise ValueError(f"config.data.codec = {data_config.codec!r}, but {codec.metadata['vae']} is a KL-VAE: set "
+                     f"config.data.codec = 'vae'")
   if codec.vae.latent_channels != data_config.latent_channels:
     raise ValueError(f"config.data.latent_channels = {data_config.latent_channels}, but the VAE "
                      f"{codec.metadata['vae']} has {codec.vae.latent_channels} latent channels")

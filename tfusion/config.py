@@ -81,11 +81,14 @@ def default_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.data_dir = "~/tensorflow_datasets"
   c.data.image_size = 32
-  c.data.codec = "identity"              # latent codec: identity (pixels in [-1, 1]) | vae
+  c.data.codec = "identity"              # image codec: identity (pixels in [-1, 1]) | vae (a KL-VAE's latents) |
+  #                                       vq (a VQ-VAE's codes as tokens: the Chameleon baseline, no diffusion)
   c.data.latent_channels = 8             # vae codec: latent channels c
   c.data.latent_downsample = 8           # vae codec: image size / latent size f
-  c.data.vae = ""                        # vae codec: a tfusion.train_vae workdir or a diffusers AutoencoderKL dir
-  c.data.latent_cache = ""               # vae codec: latents written by python -m tfusion.encode_latents
+  c.data.codebook_size = 16_384         # vq codec: codes of the VQ-VAE (paper: 16,384), appended to the vocabulary
+  c.data.vae = ""                        # vae codec: a tfusion.train_vae workdir or a diffusers AutoencoderKL dir;
+  #                                       vq codec: a tfusion.train_vae workdir with model.bottleneck = "vq"
+  c.data.latent_cache = ""               # vae / vq codec: latents / codes written by python -m tfusion.encode_latents
   c.data.text_source = "pydoc"           # "pydoc" (ships with Python) or a .jsonl of {"text": ...}
   c.data.text_fraction = 0.5             # share of elements from the text-only stream (paper: 1:1)
   c.data.caption_first_prob = 0.8
@@ -118,7 +121,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.sample.diffusion_steps = 250
   c.sample.max_caption_tokens = 32
   c.sample.sampler = "ddpm"              # ddpm (ancestral) | ddim
-  c.sample.cfg_scale = 3.0               # classifier-free guidance of sampled images (paper ablations: 3)
+  c.sample.cfg_scale = 3.0               # classifier-free guidance of sampled images (paper ablations: 3); with
+  #                                       the vq codec on the image tokens' logits
+  c.sample.image_temperature = 1.0       # vq codec: temperature of sampled image tokens (0 = greedy)
+  c.sample.image_top_k = 0               # vq codec: image tokens drawn among the k most likely codes (0 = all)
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.ici_data_parallelism = -1       # -1: all devices not used by the other axes
@@ -291,12 +297,12 @@ def _validate_optimizer(config) -> None:
 
 
 BOTTLENECKS = ("kl", "vq")     # VAE model.bottleneck: Gaussian latents (models/vae.AutoencoderKL) or codes (VQModel)
-CODECS = ("identity", "vae")   # data.codec: pixels in [-1, 1], or a frozen VAE's latents (codecs.py)
+CODECS = ("identity", "vae", "vq")   # data.codec: pixels in [-1, 1], a frozen KL-VAE's latents, or a VQ-VAE's codes
 _POSITIVE_INTS = ("total_steps", "batch_size", "microbatches", "seq_len", "log_every", "ckpt_every", "sample_every",
                   "eval_examples", "max_to_keep", "model.num_layers", "model.d_model", "model.num_heads",
                   "model.mlp_dim", "model.patch_size", "model.attention_chunk", "model.unet_res_blocks",
                   "data.latent_channels", "data.latent_downsample", "diffusion.num_timesteps", "data.image_size",
-                  "data.vocab_size",
+                  "data.vocab_size", "data.codebook_size",
                   "optim.warmup_steps", "sample.num_images", "sample.num_captions",
                   "sample.diffusion_steps", "sample.max_caption_tokens")
 _FRACTIONS = ("data.text_fraction", "data.caption_first_prob", "data.caption_dropout_prob", "data.text_test_fraction",
@@ -446,7 +452,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
     fail("nonfinite_skip_limit", "must be >= 0 (0 = stop at the first non-finite step)")
   if config.eval_every < 0:
     fail("eval_every", "must be >= 0 (0 = no evaluation during training)")
-  if not isinstance(config.data.max_images_per_row, int) or config.data.max_images_per_row < 0:
+  if config.data.codec == "vq":
+    if config.model.patch_size != 1:
+      fail("model.patch_size", "must be 1 with the vq codec (one code is one token)")
+    if config.sample.image_temperature < 0 or config.sample.image_top_k < 0:
+      fail("sample.image_temperature", f"and sample.image_top_k = {config.sample.image_top_k} must be >= 0")
+  max_images = config.data.max_images_per_row
+  if not isinstance(max_images, int) or isinstance(max_images, bool) or max_images < 0:
     fail("data.max_images_per_row", "must be an int >= 0 (0 = as many images as seq_len holds)")
   _validate_mixture(config)
 

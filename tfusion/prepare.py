@@ -32,7 +32,7 @@ from tfusion.data.images import BadRecord
 from tfusion.integrity import sha256_of
 
 SETTINGS_FILE = "prepare_config.json"   # the settings the directory is prepared with (resuming checks them)
-IMAGE_FIELDS = {"image": "latents", "input_image": "input_latents", "output_image": "output_latents"}
+IMAGE_FIELDS = ("image", "input_image", "output_image")   # each becomes <prefix>latents, or <prefix>codes (VQ)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,21 +113,24 @@ def built_shards(reader, settings: str, out: str, jobs: list[ShardJob], workers:
       yield from pool.imap(build_records, jobs[begin:begin + window])
 
 
-def encode_images(codec: codecs.VaeCodec, records: list[dict], moments: latent_cache.ChannelMoments) -> None:
-  """Replaces every image field of `records` by the VAE's raw latents (in place)."""
-  for image_key, latent_key in IMAGE_FIELDS.items():
+def encode_images(codec, records: list[dict], statistics) -> None:
+  """Replaces every image field of `records` by the VAE's raw latents, or the VQ-VAE's codes (in place)."""
+  discrete = isinstance(codec, codecs.VqCodec)
+  for image_key in IMAGE_FIELDS:
     if records and image_key in records[0]:
-      latents = codec.raw_latents(np.stack([r.pop(image_key) for r in records]))
-      moments.add(latents)
-      for record, latent in zip(records, latents):
-        record[latent_key] = latent
+      images = np.stack([r.pop(image_key) for r in records])
+      encoded = codec.codes(images) if discrete else codec.raw_latents(images)
+      statistics.add(encoded)
+      field = image_key.removesuffix("image") + ("codes" if discrete else "latents")
+      for record, value in zip(records, encoded):
+        record[field] = value
 
 
 def write_shard(out: str, job: ShardJob, records: list[dict], skipped: list[dict], codec) -> dict:
   """Writes the shard (temporary file, then rename) and then its .json; returns that summary."""
   moments = None
   if codec is not None:
-    moments = latent_cache.ChannelMoments(codec.vae.latent_channels)
+    moments = latent_cache.statistics_of(codec)
     encode_images(codec, records, moments)
   path = os.path.join(out, job.file)
   writer = array_record_module.ArrayRecordWriter(path + ".tmp", "group_size:1")
@@ -213,8 +216,11 @@ def write_manifest(config, reader, out: str, jobs: list[ShardJob], codec) -> dic
         split["skipped"] += 1
         split["skipped_by_reason"][reason] = split["skipped_by_reason"].get(reason, 0) + 1
       if s["moments"]:
-        m = moments.setdefault(s["split"], latent_cache.ChannelMoments(len(s["moments"]["sum"])))
-        m.merge(latent_cache.ChannelMoments.from_json(s["moments"]))
+        shard = latent_cache.statistics_from_json(s["moments"])
+        if s["split"] in moments:
+          moments[s["split"]].merge(shard)
+        else:
+          moments[s["split"]] = shard
   os.replace(os.path.join(out, prepared.SKIPPED + ".tmp"), os.path.join(out, prepared.SKIPPED))
   content = hashlib.sha256("".join(f"{s['file']} {s['sha256']}\n" for s in summaries).encode()).hexdigest()
   tokenizer = os.path.join(out, run_dir.TOKENIZER_FILE)
@@ -247,10 +253,10 @@ def _prepare(config, out: str) -> dict:
   settings = check_settings(config, reader, out)
   if reader.kind == "text":
     distributed.chief_first("tokenizer", lambda: prepare_tokenizer(config, reader, out))
-  codec = codecs.vae_codec(config.vae) if config.vae and reader.kind != "text" else None
-  if codec is not None and config.image_size % codec.vae.downsample:
+  codec = codecs.frozen_codec(config.vae) if config.vae and reader.kind != "text" else None
+  if codec is not None and config.image_size % codec.downsample:
     raise config_lib.ConfigError(f"config.image_size = {config.image_size} is not a multiple of the VAE's "
-                                 f"downsampling factor {codec.vae.downsample}")
+                                 f"downsampling factor {codec.downsample}")
   jobs = shard_jobs(reader, config.examples_per_shard)
   mine = [j for j in jobs if j.index % jax.process_count() == jax.process_index()]
   todo = [j for j in mine if not os.path.isfile(os.path.join(out, j.file + ".json"))]

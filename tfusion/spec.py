@@ -5,7 +5,8 @@
   spec.layout: data.sequence.RowLayout    spec.alpha_bar: [T + 1]    spec.sampling: SamplingOptions
 
 The model's vocabulary is the run's tokenizer's (known once the tokenizer is; until then
-config.data.vocab_size); everything else is fixed by the config. The constructors check how the image,
+config.data.vocab_size), followed with the vq codec by data.codebook_size image codes; everything else is
+fixed by the config. The constructors check how the image,
 latent, patch and row sizes fit together and name the config field at fault.
 """
 import dataclasses
@@ -20,14 +21,15 @@ from tfusion.models import transformer, transfusion
 
 
 def latent_shape(data) -> tuple[int, int, int]:
-  """(h, w, c) of one image's latent under config.data's codec."""
+  """(h, w, c) of one image's latent under config.data's codec (vq: its code grid, c = 1)."""
   size = data.image_size
-  if data.codec != "vae":
+  if data.codec == "identity":
     return (size, size, 3)
   if size % data.latent_downsample:
     raise config_lib.field_error("data.latent_downsample", data.latent_downsample,
                                  f"must divide data.image_size = {size}")
-  return (size // data.latent_downsample, size // data.latent_downsample, data.latent_channels)
+  channels = 1 if data.codec == "vq" else data.latent_channels
+  return (size // data.latent_downsample, size // data.latent_downsample, channels)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -65,9 +67,14 @@ class RunSpec:
   def num_timesteps(self) -> int:
     return len(self.alpha_bar) - 1
 
+  @property
+  def discrete_images(self) -> bool:
+    """Images are VQ code tokens (the Chameleon baseline), not diffused latents."""
+    return self.model.image_codes > 0
+
   def transfusion(self, vocab_size: int) -> transfusion.Transfusion:
-    """The model, with the run tokenizer's vocabulary."""
-    return transfusion.Transfusion(dataclasses.replace(self.model, vocab_size=vocab_size))
+    """The model, with the run tokenizer's vocabulary (and after it the image codes of a vq codec)."""
+    return transfusion.Transfusion(dataclasses.replace(self.model, vocab_size=vocab_size + self.model.image_codes))
 
 
 def resolve(config) -> RunSpec:
@@ -84,12 +91,13 @@ def resolve(config) -> RunSpec:
       vocab_size=config.data.vocab_size, latent_shape=latent_shape(config.data), patch_size=m.patch_size,
       patch_encoder=m.patch_encoder, unet_channels=tuple(m.unet_channels), unet_res_blocks=m.unet_res_blocks,
       prediction=config.diffusion.prediction, decoder_input=m.decoder_input, decoder_head=m.decoder_head,
-      decoder_skip=m.decoder_skip)
+      decoder_skip=m.decoder_skip, image_codes=config.data.codebook_size if config.data.codec == "vq" else 0)
   s = config.sample
   return RunSpec(
       model=model, layout=sequence.RowLayout(config.seq_len, model.latent_shape, m.patch_size,
-                                                config.data.max_images_per_row),
+                                                config.data.max_images_per_row, model.image_codes > 0),
       alpha_bar=diffusion.make_alpha_bar(config.diffusion.schedule, config.diffusion.num_timesteps),
       sampling=decoding.SamplingOptions(diffusion_steps=s.diffusion_steps, sampler=s.sampler, cfg_scale=s.cfg_scale,
-                                        max_new_tokens=s.max_caption_tokens),
+                                        max_new_tokens=s.max_caption_tokens, image_temperature=s.image_temperature,
+                                        image_top_k=s.image_top_k),
       image_size=config.data.image_size)

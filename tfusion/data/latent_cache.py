@@ -2,7 +2,7 @@
 
 A cache directory holds one array_record file per split, `<split>.array_record`, whose records are
 msgpack dicts {"caption": utf-8 bytes, "latents": float32 [h, w, c]} (the raw posterior means, in the
-order of the image source), and `codec.json`: the VAE it was encoded with, the per-channel shift and
+order of the image source) or, with a VQ-VAE, {"caption", "codes": int32 [h, w]}, and `codec.json`: the VAE it was encoded with, the per-channel shift and
 scale measured on the train split, the range of the normalised latents there, and the record counts. codec.json is written last, so a cache
 without it is incomplete and is encoded again.
 """
@@ -62,29 +62,75 @@ class ChannelMoments:
     return dict(shift=shift.tolist(), scale=scale.tolist(), value_range=value_range)
 
 
-def encode_split(codec: codecs.VaeCodec, source, path: str, batch_size: int = 256, progress=None) -> ChannelMoments:
+class CodeCounts:
+  """How often each code of a VQ-VAE is used: codec.json's usage (codes used at least once) and perplexity."""
+
+  def __init__(self, codebook_size: int):
+    self.counts = np.zeros(codebook_size, np.int64)
+
+  @property
+  def count(self) -> int:
+    return int(self.counts.sum())
+
+  def add(self, codes: np.ndarray) -> None:
+    self.counts += np.bincount(np.asarray(codes).reshape(-1), minlength=len(self.counts))
+
+  def merge(self, other: "CodeCounts") -> None:
+    self.counts += other.counts
+
+  def to_json(self) -> dict:
+    return dict(code_counts=self.counts.tolist())
+
+  @classmethod
+  def from_json(cls, d: dict) -> "CodeCounts":
+    c = cls(len(d["code_counts"]))
+    c.counts = np.asarray(d["code_counts"], np.int64)
+    return c
+
+  def codec_statistics(self) -> dict:
+    p = self.counts / max(self.counts.sum(), 1)
+    perplexity = float(np.exp(-np.sum(p[p > 0] * np.log(p[p > 0]))))
+    return dict(codes_used=int(np.count_nonzero(self.counts)), code_perplexity=perplexity)
+
+
+def statistics_of(codec) -> ChannelMoments | CodeCounts:
+  """The empty statistics a codec's cache records: code counts of a VqCodec, latent moments of a VaeCodec."""
+  return CodeCounts(codec.codebook_size) if isinstance(codec, codecs.VqCodec) else ChannelMoments(
+      codec.vae.latent_channels)
+
+
+def statistics_from_json(d: dict) -> ChannelMoments | CodeCounts:
+  return CodeCounts.from_json(d) if "code_counts" in d else ChannelMoments.from_json(d)
+
+
+def encode_split(codec, source, path: str, batch_size: int = 256, progress=None) -> ChannelMoments | CodeCounts:
   """Encode every example of `source` (random access; example["image"] uint8 [S, S, 3], example["caption"]
-  utf-8 bytes) into the array_record file `path`; returns the moments of the raw latents."""
-  moments = ChannelMoments(codec.vae.latent_channels)
+  utf-8 bytes) into the array_record file `path`: raw latents with a VaeCodec (returns their moments), codes
+  with a VqCodec (returns their counts)."""
+  discrete = isinstance(codec, codecs.VqCodec)
+  stats = statistics_of(codec)
   tmp = path + ".tmp"
   writer = array_record_module.ArrayRecordWriter(tmp, "group_size:1")
   try:
     for start in range(0, len(source), batch_size):
       examples = pipeline.take(source, batch_size, start)
-      latents = codec.raw_latents(np.stack([e["image"] for e in examples]))
-      moments.add(latents)
-      for example, latent in zip(examples, latents):
-        writer.write(serialization.msgpack_serialize({"caption": example["caption"], "latents": latent}))
+      images = np.stack([e["image"] for e in examples])
+      encoded = codec.codes(images) if discrete else codec.raw_latents(images)
+      stats.add(encoded)
+      field = "codes" if discrete else "latents"
+      for example, value in zip(examples, encoded):
+        writer.write(serialization.msgpack_serialize({"caption": example["caption"], field: value}))
       if progress is not None:
         progress.update(len(examples))
   finally:
     writer.close()
   os.replace(tmp, path)
-  return moments
+  return stats
 
 
 class LatentSource:
-  """Random-access examples of one cached split: {"caption": bytes, "latents": float32 [h, w, c]}."""
+  """Random-access examples of one cached split: {"caption": bytes, "latents": float32 [h, w, c]} or
+  {"caption", "codes": int32 [h, w]}."""
 
   def __init__(self, cache_dir: str, split: str):
     path = split_path(cache_dir, split)
@@ -104,6 +150,8 @@ class LatentSource:
 
   def _decode(self, record: bytes) -> dict:
     example = serialization.msgpack_restore(record)
+    if "codes" in example:
+      return {"caption": example["caption"], "codes": np.asarray(example["codes"], np.int32)}
     return {"caption": example["caption"], "latents": np.asarray(example["latents"], np.float32)}
 
 

@@ -50,15 +50,15 @@ def run_codec(config, workdir):
   """The run's latent codec. With the vae codec, the latents' codec.json (data.latent_cache, else that of the
   first prepared latent source in name order) is recorded in the workdir on the first run; a resumed run
   refuses latents re-encoded with another VAE or statistics. Every latent source is normalised with this
-  shift and scale (they store raw posterior means)."""
-  if config.data.codec != "vae":
+  shift and scale (they store raw posterior means). The vq codec works the same way with code caches."""
+  if config.data.codec == "identity":
     return codecs.make_codec(config.data)
   metadata_dir = os.path.expanduser(config.data.latent_cache) if config.data.latent_cache else None
   if metadata_dir is None and config.data.mixture:
     metadata_dir = next((path for _, path in _latent_dirs(config)), None)
   if metadata_dir is None:
-    raise config_lib.ConfigError("config.data.latent_cache is empty: the vae codec trains on latents written by "
-                                 "python -m tfusion.encode_latents (or prepared with --config.vae)")
+    raise config_lib.ConfigError(f"config.data.latent_cache is empty: the {config.data.codec} codec trains on "
+                                 "latents written by python -m tfusion.encode_latents (or prepared with --config.vae)")
   metadata = codecs.read_codec_metadata(metadata_dir)
   recorded = run_dir.RunDir(workdir).codec_file
   if os.path.isfile(recorded) and codecs.read_codec_metadata(recorded) != metadata:
@@ -95,21 +95,27 @@ def run_tokenizer(config, workdir: str, sample_texts, prepared_tokenizers: dict[
 
 
 def image_of(example, codec) -> np.ndarray:
-  """uint8 [S, S, 3] of an image-caption example holding pixels or raw latents."""
-  return example["image"] if "image" in example else codec.decode(codec.normalize(example["latents"]))
+  """uint8 [S, S, 3] of an image-caption example holding pixels, raw latents or codes."""
+  if "image" in example:
+    return example["image"]
+  if "codes" in example:
+    return codec.decode(example["codes"][..., None])
+  return codec.decode(codec.normalize(example["latents"]))
 
 
 def _latents_fn(codec, pixels: bool):
   """example -> model latents of its image ("image" or f"{key}image" fields): stored raw latents normalised with
-  the run's shift and scale, or (pixels=True) images encoded by the codec. Without pixels the function holds
-  only numpy shift and scale, so grain worker processes receive no VAE."""
+  the run's shift and scale, stored codes as [h, w, 1] (the vq codec), or (pixels=True) images encoded by the
+  codec. Without pixels the function holds only numpy shift and scale, so grain worker processes receive no VAE."""
   shift, scale = (codec.shift, codec.scale) if isinstance(codec, codecs.VaeCodec) else (None, None)
 
   def from_latents(example, key=""):
+    if f"{key}codes" in example:
+      return example[f"{key}codes"][..., None].astype(np.float32)
     return ((example[f"{key}latents"] - shift) / scale).astype(np.float32)
 
   def from_either(example, key=""):
-    if f"{key}latents" in example:
+    if f"{key}latents" in example or f"{key}codes" in example:
       return from_latents(example, key)
     return codec.encode(example[f"{key}image"])
 
@@ -121,15 +127,17 @@ def _builtin_train_images(config):
   data_dir = os.path.expanduser(config.data.data_dir)
   train_images = distributed.chief_first("build shapes", lambda: shapes.load_shapes(data_dir, "train",
                                                                                     config.data.image_size))
-  if config.data.codec == "vae":
+  if config.data.codec != "identity":
     train_images = latent_cache.LatentSource(os.path.expanduser(config.data.latent_cache), "train")
   return train_images
 
 
 def train_image_latents(config, codec, limit: int, batch: int = 1024) -> np.ndarray | None:
   """Model latents [K, h, w, c] of the first `limit` training images: the shapes train split, or the training
-  split of a mixture's first image-caption source (None if it has none). Evaluation's reference denoisers
-  use them."""
+  split of a mixture's first image-caption source (None if it has none, or with discrete images). Evaluation's
+  reference denoisers use them."""
+  if config.data.codec == "vq":
+    return None
   source = None
   if not config.data.mixture:
     source = _builtin_train_images(config)
@@ -156,7 +164,7 @@ def _builtin_data(config, workdir, codec) -> TrainingData:
 
   tok = distributed.chief_first("tokenizer", lambda: run_tokenizer(config, workdir, sample_texts, {}))
   text_ids = [np.array(tok.encode(d), np.int32) for d in train_docs]
-  latents = _latents_fn(codec, pixels=config.data.codec != "vae")
+  latents = _latents_fn(codec, pixels=config.data.codec == "identity")
   sources = [pipeline.Source("text", "text", text_ids, lambda ids: ids, config.data.text_fraction),
              pipeline.Source("images", "image_caption", train_images,
                              lambda e: (tok.encode(decode_caption(e)), latents(e)), 1 - config.data.text_fraction)]
@@ -173,8 +181,10 @@ def _check_prepared(config, name: str, manifest: dict, path: str, codec) -> None
     raise config_lib.ConfigError(f"{field}: {path} holds {manifest['image_size']} px images, the run trains on "
                                  f"config.data.image_size = {config.data.image_size}")
   if manifest["latents"]:
-    if config.data.codec != "vae":
-      raise config_lib.ConfigError(f"{field}: {path} holds VAE latents; set config.data.codec = 'vae'")
+    kind = codecs.read_codec_metadata(path).get("codec", "vae")
+    if config.data.codec != kind:
+      raise config_lib.ConfigError(f"{field}: {path} holds {kind.upper()}-VAE latents; set config.data.codec = "
+                                   f"{kind!r}")
     theirs = codecs.read_codec_metadata(path)
     if any(theirs.get(k) != codec.metadata.get(k) for k in _VAE_IDENTITY):
       raise config_lib.ConfigError(f"{field}: {path} was encoded with another VAE ({theirs.get('vae')}, step "

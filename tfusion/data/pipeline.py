@@ -43,6 +43,7 @@ class MixOptions:
   image_first_max_t: int      # noise cap for image-first pairs
   seed: int
   caption_dropout_prob: float = 0.0  # caption-first pairs trained with an empty caption (for CFG)
+  image_token_offset: int = 0        # > 0: images are VQ codes, tokens from this id on (sequence.image_tokens)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,12 +121,17 @@ class Packer:
     if source.kind == "text":
       return sequence.text_document(inputs, special)
     if source.kind == "edit":
+      if mix.image_token_offset:
+        raise ValueError(f"data source {source.name!r}: editing examples need continuous images, not the vq codec")
       return sequence.edit_document(*inputs, special, mix.num_timesteps)
     caption_ids, latents = inputs
     order_draw, dropout_draw = np.random.default_rng((mix.seed, k, self.stream, index)).random(2)
     caption_first = order_draw < mix.caption_first_prob
     if caption_first and dropout_draw < mix.caption_dropout_prob:
       caption_ids = []          # the unconditional branch of classifier-free guidance: [BOS image EOS]
+    if mix.image_token_offset:
+      return sequence.discrete_image_caption_document(caption_ids, latents, caption_first, special,
+                                                      mix.image_token_offset)
     return sequence.image_caption_document(caption_ids, latents, caption_first, special, mix.num_timesteps,
                                            mix.image_first_max_t)
 

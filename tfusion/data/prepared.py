@@ -4,12 +4,14 @@
                            bytes, sha256), skipped records by reason, and a content hash over all shards
   <dir>/<split>-00003-of-00012.array_record   one msgpack dict per record, by kind:
       text           {"ids": int32 [n]}  sentencepiece ids of one document, no BOS / EOS
-      image_caption  {"caption": utf-8 bytes, "image": uint8 [S, S, 3] | "latents": float32 [h, w, c]}
+      image_caption  {"caption": utf-8 bytes, "image": uint8 [S, S, 3] | "latents": float32 [h, w, c] |
+                      "codes": int32 [h, w] (prepared with a VQ-VAE)}
       edit           {"instruction": utf-8 bytes, "input_image", "output_image" | "input_latents", "output_latents"}
   <dir>/<shard>.json       a finished shard: its counts, hash and skipped records (resuming skips it)
   <dir>/skipped.jsonl      every skipped record: split, id (file, line or index) and reason
   <dir>/tokenizer.model    text: the tokenizer of the ids
-  <dir>/codec.json         latents: the VAE, and the per-channel shift / scale of the train split's raw latents
+  <dir>/codec.json         latents: the VAE, and the per-channel shift / scale of the train split's raw latents;
+                           codes: the VQ-VAE, and the codes the train split uses
 
 Latents are the VAE's raw posterior means; training normalises them with codec.json.
 """

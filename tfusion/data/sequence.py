@@ -18,6 +18,10 @@ Row arrays (all numpy, fixed shapes):
 
 A document longer than a row is split across rows between or inside text pieces, never inside an image;
 each part is its own segment (positions restart at 0).
+
+Discrete images (the Chameleon baseline, data.codec = vq) are no image pieces: an image is the text piece
+[BOI codes EOI] whose codes (a VQ-VAE's, raster order) are vocabulary ids after the text vocabulary. Such rows
+have no image slots (M = 0) and the LM loss covers the codes like any text.
 """
 import dataclasses
 
@@ -63,11 +67,12 @@ class ImagePiece:
 class RowLayout:
   """seq_len elements per row; images of latent_shape in patch_size patches; max_images_per_row caps the image
   slots of a row (each slot costs the patch encoder and decoder whether it holds an image or not; 0 = no cap
-  below what seq_len holds)."""
+  below what seq_len holds); discrete_images: images are code tokens in text pieces, and rows have no slots."""
   seq_len: int
   latent_shape: tuple[int, int, int]
   patch_size: int
   max_images_per_row: int = 0
+  discrete_images: bool = False
 
   @property
   def patches_per_image(self) -> int:
@@ -77,6 +82,8 @@ class RowLayout:
   @property
   def max_images(self) -> int:
     """Most images a row holds: each needs BOI + n patches + EOI, and at most max_images_per_row if set."""
+    if self.discrete_images:
+      return 0
     fit = self.seq_len // (self.patches_per_image + 2)
     return min(fit, self.max_images_per_row) if self.max_images_per_row else fit
 
@@ -118,6 +125,21 @@ def image_caption_document(caption_ids, latents, caption_first: bool, special: S
             ImagePiece(latents, num_timesteps), TextPiece(np.array([special.eos], np.int32))]
   return [TextPiece(np.array([special.bos], np.int32)), ImagePiece(latents, image_first_max_t),
           TextPiece(np.concatenate([caption, [special.eos]]).astype(np.int32))]
+
+
+def image_tokens(codes, offset: int, special: SpecialIds) -> np.ndarray:
+  """A discrete image's ids: [BOI, codes + offset (raster order), EOI]. codes: [h, w] (or [h, w, 1]) code indices,
+  any numeric dtype; offset: the text vocabulary's size."""
+  codes = np.rint(np.asarray(codes)).astype(np.int64).reshape(-1) + offset
+  return np.concatenate([[special.boi], codes, [special.eoi]]).astype(np.int32)
+
+
+def discrete_image_caption_document(caption_ids, codes, caption_first: bool, special: SpecialIds,
+                                    offset: int) -> list:
+  """[BOS caption BOI codes EOI EOS] or [BOS BOI codes EOI caption EOS], one text piece (see image_tokens)."""
+  caption, image = np.asarray(caption_ids, np.int32), image_tokens(codes, offset, special)
+  middle = [caption, image] if caption_first else [image, caption]
+  return [TextPiece(np.concatenate([[special.bos], *middle, [special.eos]]).astype(np.int32))]
 
 
 def text_document(ids, special: SpecialIds) -> list:

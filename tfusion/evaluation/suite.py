@@ -3,7 +3,8 @@
   text perplexity   token-level, on the held-out documents (every text target of [BOS doc EOS], documents
                     packed into seq_len rows as in training)
   image loss        the eps MSE of held-out caption-first image documents at t = 100, 300, ..., 900 with fixed
-                    noise (the training objective, measured without sampling)
+                    noise (the training objective, measured without sampling); with discrete images (the vq
+                    codec) the mean negative log-likelihood per code token of those documents' images instead
   image-to-text     greedy captions of held-out images: CIDEr-D against their captions, and on the shapes
                     data the analytic checker's exact match and per-attribute accuracy
   text-to-image     images from held-out captions: on the shapes data scored by the analytic checker; FID
@@ -94,12 +95,17 @@ def _row_batches(mesh, rows: list[dict], rows_per_batch: int):
 
 
 @functools.partial(jax.jit, static_argnames="model")
-def _text_loss(model, params, batch):
-  """(summed cross-entropy over the text targets, their number)."""
+def _token_losses(model, params, batch):
+  """Per-position cross-entropy [B, L] of the next token."""
   logits, _ = model.apply({"params": params}, batch["tokens"], batch["segment_ids"], batch["positions"],
                           batch["image_ids"], batch["latents"], batch["t_max"])
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits, objective.text_targets(batch["tokens"]))
-  return (ce * batch["text_loss_mask"]).sum(), batch["text_loss_mask"].sum()
+  return optax.softmax_cross_entropy_with_integer_labels(logits, objective.text_targets(batch["tokens"]))
+
+
+@functools.partial(jax.jit, static_argnames="model")
+def _text_loss(model, params, batch):
+  """(summed cross-entropy over the text targets, their number)."""
+  return (_token_losses(model, params, batch) * batch["text_loss_mask"]).sum(), batch["text_loss_mask"].sum()
 
 
 def text_perplexity(sampler: sampler_lib.Sampler, documents, rows_per_batch: int = 8) -> dict:
@@ -174,6 +180,24 @@ def held_out_image_loss(sampler: sampler_lib.Sampler, examples: list[dict], key,
             sums[name, t] += float(jnp.sum(jnp.mean(jnp.square(eps_hat - noise), axis=(1, 2, 3))))
   report = {f"{name}_t{t}": total / count for (name, t), total in sums.items()}
   return dict(eps_mse=float(np.mean([report[f"eps_mse_t{t}"] for t in timesteps])), **report)
+
+
+def held_out_code_loss(sampler: sampler_lib.Sampler, examples: list[dict], rows_per_batch: int = 8) -> dict:
+  """Discrete images: the mean cross-entropy (nats) of the code tokens of held-out [BOS caption BOI codes EOI EOS]
+  documents, each code predicted from the caption and the codes before it. -> {"code_nll", "codes"}."""
+  special, offset = sampler.special, sampler.model.cfg.image_token_offset
+  codes = sampler.encode_images(np.stack([e["image"] for e in examples]))
+  documents = [sequence.discrete_image_caption_document(sampler.tokenizer.encode(e["caption"].decode("utf-8")), c,
+                                                        True, special, offset) for e, c in zip(examples, codes)]
+  rows = whole_document_rows(documents, sampler.spec.layout, special, sampler.spec.num_timesteps)
+  total, count = 0.0, 0
+  with jax.set_mesh(sampler.mesh), nn.logical_axis_rules(sharding.RULES):
+    for _, batch in _row_batches(sampler.mesh, rows, rows_per_batch):
+      ce = np.asarray(jax.device_get(_token_losses(sampler.model, sampler.params, batch)))
+      is_code = np.asarray(objective.text_targets(batch["tokens"])) >= offset
+      targets = is_code & np.asarray(batch["text_loss_mask"])
+      total, count = total + float(ce[targets].sum()), count + int(targets.sum())
+  return dict(code_nll=total / count, codes=count)
 
 
 def caption_report(sampler: sampler_lib.Sampler, examples: list[dict], options, key) -> dict:
@@ -254,7 +278,8 @@ def evaluate(sampler: sampler_lib.Sampler, test_examples, step: int, num_example
   caption_key, image_key = jax.random.split(key)
   return dict(step=step, weights=sampler.weights,
               text=text_perplexity(sampler, held_out_documents(config, sampler.tokenizer)),
-              image_loss=held_out_image_loss(sampler, examples, jax.random.key(seed), train_latents=train_latents),
+              image_loss=(held_out_code_loss(sampler, examples) if sampler.discrete_images else
+                          held_out_image_loss(sampler, examples, jax.random.key(seed), train_latents=train_latents)),
               image_to_text=caption_report(sampler, examples, options, caption_key),
               text_to_image=image_report(sampler, examples, options, image_key, scorers))
 

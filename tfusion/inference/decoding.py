@@ -18,6 +18,11 @@ run in lockstep phases: the text phase runs until every row has finished or is w
 image, then the image phase draws all waiting rows' images at once. With classifier-free guidance
 (cfg_scale != 1) each row has an unconditional partner row that sees [BOS BOI image] only (the
 empty caption of training's caption dropout); both predict eps and share the guided update.
+
+A model with discrete images (model.cfg.image_codes > 0, the Chameleon baseline) draws an image as n code
+tokens instead (image_token_phase): sampled one by one with image_temperature and image_top_k from the code
+logits alone, guided as l_u + w (l_c - l_u) by the same partner rows. Its images are code grids [h, w, 1]
+(float32 holding the indices, as codecs.VqCodec reads them); text never draws a code.
 """
 import dataclasses
 import functools
@@ -49,6 +54,8 @@ class SamplingOptions:
   max_new_tokens: int = 64        # text tokens generated per row (EOS included)
   max_images: int = 1             # images a row may generate (interleaved mode)
   clip_x0: float | None = None    # clip the x0 estimate to [-clip_x0, clip_x0] (the codec's range)
+  image_temperature: float = 1.0  # discrete images: temperature of the code tokens (0 = greedy)
+  image_top_k: int = 0            # discrete images: codes drawn among the k most likely (0 = all)
 
   def validate(self, num_timesteps: int) -> None:
     """ValueError naming the first bad option."""
@@ -63,6 +70,9 @@ class SamplingOptions:
     if self.temperature < 0 or self.top_k < 0 or not 0.0 < self.top_p <= 1.0:
       raise ValueError(f"temperature = {self.temperature}, top_k = {self.top_k} must be >= 0 and top_p = "
                        f"{self.top_p} in (0, 1]")
+    if self.image_temperature < 0 or self.image_top_k < 0:
+      raise ValueError(f"image_temperature = {self.image_temperature} and image_top_k = {self.image_top_k} must be "
+                       ">= 0")
     if self.max_new_tokens < 0 or self.max_images < 0:
       raise ValueError(f"max_new_tokens = {self.max_new_tokens} and max_images = {self.max_images} must be >= 0")
 
@@ -221,12 +231,13 @@ def sample_tokens(logits, keys, opts: TextOptions):
   return jax.lax.cond(opts.temperature > 0, sample, greedy, logits)
 
 
-def _banned(vocab, special, task: Task, may_draw_image, first_token):
-  """[B, V] bool: ids the LM may not draw. PAD, BOS and EOI never (EOI follows every image by rule);
-  BOI only when images are allowed and the row has room for one; text ids when no text is asked; EOS
-  as a row's first token (first_token [B]) when the task wants non-empty text."""
+def _banned(vocab, special, task: Task, may_draw_image, first_token, image_codes: int = 0):
+  """[B, V] bool: ids the LM may not draw. PAD, BOS and EOI never (EOI follows every image by rule), nor
+  the last image_codes ids (discrete images' codes, drawn by the image phase); BOI only when images are allowed
+  and the row has room for one; text ids when no text is asked; EOS as a row's first token (first_token [B]) when
+  the task wants non-empty text."""
   ids = jnp.arange(vocab)
-  never = (ids == special.pad) | (ids == special.bos) | (ids == special.eoi)
+  never = (ids == special.pad) | (ids == special.bos) | (ids == special.eoi) | (ids >= vocab - image_codes)
   if not task.allow_text:
     never |= (ids != special.boi)
   banned = never[None, :] | (ids == special.boi)[None, :] & ~may_draw_image[:, None]
@@ -258,7 +269,8 @@ def text_phase(model, params, state: DecodeState, opts: TextOptions, special, ta
     act = active(s)
     logits, _, memory = s.memory.feed(model, params, _token_block(s, act, model.cfg.latent_shape), with_logits=True)
     room = s.length + 1 + model.cfg.patches_per_image + 2 <= slots
-    banned = _banned(logits.shape[-1], special, task, (s.num_images < image_budget) & room, s.num_text == 0)
+    banned = _banned(logits.shape[-1], special, task, (s.num_images < image_budget) & room, s.num_text == 0,
+                     model.cfg.image_codes)
     logits = jnp.where(banned, -jnp.inf, logits[:, 0])
     keys = jax.vmap(jax.random.fold_in)(s.keys, s.length)
     token = sample_tokens(logits, keys, opts)
@@ -283,12 +295,7 @@ def image_phase(model, params, state: DecodeState, *, special, task: Task, alpha
   waiting = ~state.done & (state.last == special.boi)
   if guided:
     half = batch // 2
-    waiting = jnp.concatenate([waiting[:half], waiting[:half]])
-    partner = jnp.arange(batch) >= half
-    # A partner restarts from [BOS] before every image: the unconditional context.
-    state = state.replace(length=jnp.where(partner & waiting, 1, state.length),
-                          last=jnp.where(partner & waiting, special.boi, state.last),
-                          num_images=jnp.where(partner, 0, state.num_images))
+    state, waiting, partner = _restart_partners(state, waiting, special)
   _, _, memory = state.memory.feed(model, params, _token_block(state, waiting, cfg.latent_shape), with_logits=False)
 
   start = state.length + 1
@@ -339,6 +346,59 @@ def image_phase(model, params, state: DecodeState, *, special, task: Task, alpha
                        num_images=state.num_images + waiting, image_positions=positions)
 
 
+def _restart_partners(state: DecodeState, waiting, special):
+  """With guidance: rows [B/2, B) wait with their partners [0, B/2) and restart from [BOS] before the image, the
+  unconditional context (their cache beyond it is overwritten as they go). -> (state, waiting, partner)."""
+  half = state.length.shape[0] // 2
+  waiting = jnp.concatenate([waiting[:half], waiting[:half]])
+  partner = jnp.arange(2 * half) >= half
+  state = state.replace(length=jnp.where(partner & waiting, 1, state.length),
+                        last=jnp.where(partner & waiting, special.boi, state.last),
+                        num_images=jnp.where(partner, 0, state.num_images))
+  return state, waiting, partner
+
+
+def image_token_phase(model, params, state: DecodeState, opts: TextOptions, *, special, task: Task, cfg_scale,
+                      guided: bool):
+  """Draws a discrete image for every row waiting at BOI: BOI and n code tokens, each sampled (opts: the image
+  temperature and top-k) from the code logits, guided as l_u + cfg_scale (l_c - l_u) with guided=True (rows
+  [B, 2B) the partners of rows [0, B)); EOI is the next token. Others are untouched."""
+  cfg = model.cfg
+  n, batch, offset = cfg.patches_per_image, state.length.shape[0], cfg.image_token_offset
+  waiting = ~state.done & (state.last == special.boi)
+  if guided:
+    state, waiting, partner = _restart_partners(state, waiting, special)
+  half = batch // 2
+
+  def draw(i, carry):
+    s, codes = carry
+    logits, _, memory = s.memory.feed(model, params, _token_block(s, waiting, cfg.latent_shape), with_logits=True)
+    logits = logits[:, 0, offset:]
+    keys = jax.vmap(jax.random.fold_in)(s.keys, 2_000_000 + s.num_images * n + i)
+    if guided:
+      guided_logits = logits[half:] + cfg_scale * (logits[:half] - logits[half:])
+      code = sample_tokens(guided_logits, keys[:half], opts)
+      code = jnp.concatenate([code, code])
+    else:
+      code = sample_tokens(logits, keys, opts)
+    codes = codes.at[:, i].set(code)
+    return s.replace(memory=memory, length=s.length + waiting, last=jnp.where(waiting, code + offset, s.last)), codes
+
+  state, codes = jax.lax.fori_loop(0, n, draw, (state, jnp.zeros((batch, n), jnp.int32)))
+  if not task.stop_after_image:   # the last code is context for what follows
+    _, _, memory = state.memory.feed(model, params, _token_block(state, waiting, cfg.latent_shape), with_logits=False)
+    state = state.replace(memory=memory, length=state.length + waiting)
+  image = codes.reshape(batch, *cfg.latent_shape).astype(jnp.float32)
+  slot = jnp.where(waiting, state.num_images, state.images.shape[1])[:, None]
+  done = state.done | (waiting & task.stop_after_image)
+  if guided:
+    done = done | partner
+  return state.replace(last=jnp.where(waiting, special.eoi, state.last), done=done,
+                       images=transformer.write_slots(state.images, image[:, None], slot),
+                       image_positions=transformer.write_slots(state.image_positions, state.num_text[:, None], slot),
+                       num_images=state.num_images + waiting)
+
+
 def prefill(model, params, state: DecodeState, block: Block):
   _, _, memory = state.memory.feed(model, params, block, with_logits=False)
   return state.replace(memory=memory)
@@ -347,11 +407,11 @@ def prefill(model, params, state: DecodeState, block: Block):
 # ----------------------------------------------------------------------------------------------
 # The driver.
 # ----------------------------------------------------------------------------------------------
-def _prompt_rows(prompts: list[list], special, latent_shape, patch_size):
+def _prompt_rows(prompts: list[list], special, cfg):
   """Pieces -> the prompt arrays of every row (data.sequence layout, one document per row), with the
   last element of each prompt held back as the row's first `last` token. Returns (arrays, lengths)."""
   def layout_of(n):
-    return sequence.RowLayout(n, latent_shape, patch_size)
+    return sequence.RowLayout(n, cfg.latent_shape, cfg.patch_size, discrete_images=cfg.image_codes > 0)
   lengths = [layout_of(1).document_length(p) for p in prompts]
   layout = layout_of(-(-max(lengths) // 16) * 16)
   rows = []
@@ -389,7 +449,7 @@ def decode(model, params, prompts: list[list], task: Task, special: sequence.Spe
   prompts = sharding.pad_rows(list(prompts), shards, prompts[0])   # whole rows per data shard
   if guided:
     prompts = prompts + [[sequence.TextPiece(np.array([special.bos, special.boi], np.int32))]] * len(prompts)
-  arrays, lengths = _prompt_rows(prompts, special, cfg.latent_shape, cfg.patch_size)
+  arrays, lengths = _prompt_rows(prompts, special, cfg)
   batch, prompt_slots = arrays["tokens"].shape
   last = arrays["tokens"][np.arange(batch), lengths - 1]
   prompt_images = arrays["image_valid"].sum(axis=1).astype(np.int32)
@@ -411,6 +471,7 @@ def decode(model, params, prompts: list[list], task: Task, special: sequence.Spe
   image_budget = jnp.asarray(prompt_images + max_images)
   partner = np.arange(batch) >= conditional_rows
   text_opts = TextOptions(jnp.float32(options.temperature), jnp.int32(options.top_k), jnp.float32(options.top_p))
+  image_opts = TextOptions(jnp.float32(options.image_temperature), jnp.int32(options.image_top_k), jnp.float32(1.0))
   schedule = dict(alpha_bar=jnp.asarray(alpha_bar, jnp.float32),
                   timesteps=jnp.asarray(diffusion.respaced_timesteps(num_timesteps, options.diffusion_steps)))
 
@@ -424,6 +485,10 @@ def decode(model, params, prompts: list[list], task: Task, special: sequence.Spe
       done, last = _host((state.done, state.last))
       if not np.any(~done & (last == special.boi)):
         break
+      if cfg.image_codes:
+        state = _jit_image_token_phase(model, params, state, image_opts, special=special, task=task,
+                                       cfg_scale=jnp.float32(options.cfg_scale), guided=guided)
+        continue
       state = _jit_image_phase(model, params, state, special=special, task=task, alpha_bar=schedule["alpha_bar"],
                                timesteps=schedule["timesteps"], sampler=options.sampler,
                                ddim_eta=jnp.float32(options.ddim_eta), cfg_scale=jnp.float32(options.cfg_scale),
@@ -458,7 +523,8 @@ def _init_state(model, *, cached, batch, total, image_capacity, pad, length, las
   if cached:
     memory = CachedMemory.empty(model, batch, total)
   else:
-    memory = FullMemory.empty(batch, total, image_capacity, cfg.latent_shape, pad)
+    memory_images = 0 if cfg.image_codes else image_capacity     # discrete images live in the tokens
+    memory = FullMemory.empty(batch, total, memory_images, cfg.latent_shape, pad)
   zeros = jnp.zeros(batch, jnp.int32)
   return DecodeState(memory=memory, length=length, last=last, done=partner, text=jnp.full((batch, text_budget), pad),
                      num_text=zeros, images=jnp.zeros((batch, image_capacity, *cfg.latent_shape), jnp.float32),
@@ -468,5 +534,7 @@ def _init_state(model, *, cached, batch, total, image_capacity, pad, length, las
 
 _jit_prefill = jax.jit(prefill, static_argnames=("model",), donate_argnames=("state",))
 _jit_text_phase = jax.jit(text_phase, static_argnames=("model", "special", "task"), donate_argnames=("state",))
+_jit_image_token_phase = jax.jit(image_token_phase, static_argnames=("model", "special", "task", "guided"),
+                                 donate_argnames=("state",))
 _jit_image_phase = jax.jit(image_phase, static_argnames=("model", "special", "task", "sampler", "guided", "clip_x0"),
                            donate_argnames=("state",))

@@ -48,6 +48,17 @@ class Sampler:
   def alpha_bar(self) -> np.ndarray:
     return self.spec.alpha_bar
 
+  @property
+  def discrete_images(self) -> bool:
+    """Images are VQ code tokens (the Chameleon baseline)."""
+    return self.spec.discrete_images
+
+  def _image_piece(self, latents: np.ndarray):
+    """A clean context image: an ImagePiece, or with discrete images the text piece [BOI codes EOI]."""
+    if self.discrete_images:
+      return sequence.TextPiece(sequence.image_tokens(latents, self.model.cfg.image_token_offset, self.special))
+    return sequence.ImagePiece(latents, 0)
+
   def _text(self, text: str, *extra: int) -> sequence.TextPiece:
     return sequence.TextPiece(np.array([self.special.bos, *self.tokenizer.encode(text), *extra], np.int32))
 
@@ -63,7 +74,8 @@ class Sampler:
     return self.tokenizer.decode(self._until_eos(ids))
 
   def latents(self, captions: list[str], options: decoding.SamplingOptions, key) -> np.ndarray:
-    """Image latents [N, h, w, c] float32 generated from captions ("" = unconditional)."""
+    """Image latents [N, h, w, c] float32 generated from captions ("" = unconditional); with discrete images the
+    code grids [N, h, w, 1]."""
     prompts = [[self._text(c, self.special.boi)] for c in captions]
     options = dataclasses.replace(options, max_images=1)
     return np.stack([g.images[0] for g in self._decode(prompts, decoding.IMAGE, options, key)])
@@ -81,7 +93,7 @@ class Sampler:
 
   def caption(self, images: np.ndarray, options: decoding.SamplingOptions, key) -> list[str]:
     """Captions of uint8 images [N, S, S, 3], decoded after [BOS BOI image EOI] (clean image)."""
-    prompts = [[self._text(""), sequence.ImagePiece(lat, 0)] for lat in self.encode_images(images)]
+    prompts = [[self._text(""), self._image_piece(lat)] for lat in self.encode_images(images)]
     return [self._cut(g.tokens) for g in self._decode(prompts, decoding.CAPTION, options, key)]
 
   def continue_text(self, prompts: list[str], options: decoding.SamplingOptions, key) -> list[str]:

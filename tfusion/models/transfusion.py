@@ -32,6 +32,13 @@ class TransfusionConfig:
   decoder_input: str = "final_norm"             # final_norm (the LM head's input) | pre_norm (the residual stream)
   decoder_head: str = "linear"                  # linear decoder: linear | adaln_zero (patching.DECODER_HEADS)
   decoder_skip: bool = False                    # linear decoder: timestep-gated skip from the noisy patch
+  image_codes: int = 0                          # > 0: images are this many VQ codes, the last ids of the vocabulary
+  #                                               (the Chameleon baseline; its rows have no image slots)
+
+  @property
+  def image_token_offset(self) -> int:
+    """The id of code 0 of a discrete image (the text vocabulary's size)."""
+    return self.vocab_size - self.image_codes
 
   @property
   def patches_per_image(self) -> int:

@@ -76,7 +76,8 @@ def _train(config, spec: spec_lib.RunSpec, workdir: str, allow_config_change: tu
   mix = pipeline.MixOptions(caption_first_prob=config.data.caption_first_prob,
                             caption_dropout_prob=config.data.caption_dropout_prob,
                             num_timesteps=config.diffusion.num_timesteps,
-                            image_first_max_t=config.diffusion.image_first_max_t, seed=config.seed)
+                            image_first_max_t=config.diffusion.image_first_max_t, seed=config.seed,
+                            image_token_offset=model.cfg.image_token_offset if spec.discrete_images else 0)
 
   data_iterator = pipeline.train_batches(data.sources, layout, special, mix, config.batch_size,
                                          process_index=jax.process_index(), process_count=jax.process_count(),
