@@ -1,10 +1,15 @@
-r"""Train-step throughput and MFU of a 0.16B-shaped Transfusion on this machine, against the same
-run's measured matmul peak, with a profile of where the step's time goes.
+r"""Train-step throughput and MFU of a 0.16B-shaped Transfusion (or an experiment's config) on this machine,
+against the same run's measured matmul peak, with a profile of where the step's time goes.
 
   python benchmarks/step.py [--seq_len 1024] [--rows 2] [--steps 3] [--dtypes float32,bfloat16]
       [--attention chunked|dense|dot_product] [--remat dots_saveable|none|full]
+  python benchmarks/step.py --experiment experiments/shapes_latent.py [--steps 3]
 
-Runs on one device (XLA uses every core); prints a table and writes benchmarks/results/step.json.
+Runs on one device (XLA uses every core); prints a table and writes benchmarks/results/step.json. With
+--experiment (a path as --config takes it, "experiments/x.py" or "experiments/x.py:arg") it times that config's
+train step (model, batch_size, seq_len, image slots per row, EMA, losses) on synthetic rows of its layout
+(random latents: a VAE codec needs no trained VAE) and writes benchmarks/results/step_<x>.json; --seq_len,
+--rows, --dtypes, --attention and --remat, when given, override its fields.
 """
 import argparse
 import collections
@@ -19,18 +24,23 @@ import time
 import jax
 import numpy as np
 
-from tfusion import config as config_lib, diffusion, flops, sharding, spec as spec_lib
+from tfusion import config as config_lib, flops, sharding, spec as spec_lib
 from tfusion.data import sequence
 from tfusion.training import optim, state as state_lib, step as step_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PAPER_160M = os.path.join(REPO, "experiments", "transfusion_paper.py:size=160m")
+SHAPE_DEFAULTS = dict(seq_len=1024, rows=2, dtypes="float32,bfloat16", attention="chunked", remat="dots_saveable")
 SPECIAL = sequence.SpecialIds(pad=0, bos=2, eos=3, boi=4, eoi=5)
 
 
-def benchmark_config(seq_len, rows, dtype, attention="dense", remat="none"):
-  c = config_lib.load_experiment(os.path.join(REPO, "experiments", "transfusion_paper.py:size=160m"))
-  c.seq_len, c.batch_size, c.total_steps = seq_len, rows, 1000
-  c.model.dtype, c.model.remat_policy, c.model.attention = dtype, remat, attention
+def benchmark_config(experiment, seq_len=None, rows=None, attention=None, remat=None):
+  """The config of `experiment` (a load_experiment path) on one device, with the fields given overridden."""
+  c = config_lib.load_experiment(experiment)
+  for node, field, value in ((c, "seq_len", seq_len), (c, "batch_size", rows), (c.model, "attention", attention),
+                             (c.model, "remat_policy", remat)):
+    if value is not None:
+      node[field] = value
   c.mesh.ici_data_parallelism, c.mesh.ici_fsdp_parallelism = 1, 1
   spec_lib.resolve(c)
   return c
@@ -91,10 +101,12 @@ def time_steps(config, steps):
   model, layout = spec.transfusion(config.data.vocab_size), spec.layout
   tx, schedule = optim.make_optimizer(config.optim, config.total_steps)
   init = sequence.dummy_batch(1, layout)
-  state, shardings = state_lib.create_train_state(model, tx, init, jax.random.key(0), mesh)
-  run = step_lib.jit_train_step(mesh, shardings, model=model, tx=tx, schedule=schedule,
-                                alpha_bar=diffusion.make_alpha_bar("cosine", 1000), loss_weight=5.0,
-                                train_key=jax.random.key(1))
+  state, shardings = state_lib.create_train_state(model, tx, init, jax.random.key(0), mesh,
+                                                  ema=config.ema_decay > 0)
+  run = step_lib.jit_train_step(mesh, shardings, model=model, tx=tx, schedule=schedule, alpha_bar=spec.alpha_bar,
+                                loss_weight=config.diffusion.loss_weight, min_snr_gamma=config.diffusion.min_snr_gamma,
+                                z_loss_weight=config.z_loss_weight, ema_decay=config.ema_decay,
+                                microbatches=config.microbatches, train_key=jax.random.key(1))
   batch = jax.device_put(packed_batch(layout, config.batch_size, config.data.vocab_size),
                          sharding.batch_sharding(mesh))
   step_flops = flops.train_flops(model, state.params, sequence.model_inputs(batch))
@@ -118,23 +130,33 @@ def time_steps(config, steps):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--seq_len", type=int, default=1024)
-  parser.add_argument("--rows", type=int, default=2)
+  parser.add_argument("--experiment", help='time this config ("experiments/x.py" or "experiments/x.py:arg"), not the '
+                                           "0.16B shape; the shape flags then default to its fields")
+  parser.add_argument("--seq_len", type=int, help="default 1024 (0.16B shape)")
+  parser.add_argument("--rows", type=int, help="default 2 (0.16B shape)")
   parser.add_argument("--steps", type=int, default=3)
-  parser.add_argument("--dtypes", default="float32,bfloat16")
-  parser.add_argument("--attention", default="chunked", choices=("dense", "chunked", "dot_product"))
-  parser.add_argument("--remat", default="dots_saveable", choices=("none", "full", "dots_saveable"))
-  parser.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "step.json"))
+  parser.add_argument("--dtypes", help="default float32,bfloat16 (0.16B shape)")
+  parser.add_argument("--attention", choices=("dense", "chunked", "dot_product"), help="default chunked (0.16B shape)")
+  parser.add_argument("--remat", choices=("none", "full", "dots_saveable"), help="default dots_saveable (0.16B shape)")
+  parser.add_argument("--out", help="default benchmarks/results/step.json (0.16B shape) or step_<experiment>.json")
   args = parser.parse_args()
+  if not args.experiment:
+    vars(args).update({k: v for k, v in SHAPE_DEFAULTS.items() if getattr(args, k) is None})
 
-  results = {"device": jax.devices()[0].device_kind, "cpu_count": os.cpu_count(), "seq_len": args.seq_len,
-             "rows": args.rows, "attention": args.attention, "remat": args.remat, "runs": {}}
+  name = os.path.splitext(os.path.basename(args.experiment.partition(":")[0]))[0] if args.experiment else ""
+  base = benchmark_config(args.experiment or PAPER_160M, args.seq_len, args.rows, args.attention, args.remat)
+  results = {"device": jax.devices()[0].device_kind, "cpu_count": os.cpu_count(), "experiment": args.experiment,
+             "seq_len": base.seq_len, "rows": base.batch_size,
+             "image_slots_per_row": spec_lib.resolve(base).layout.max_images, "attention": base.model.attention,
+             "remat": base.model.remat_policy, "runs": {}}
   peak = lambda dtype: flops.measured_matmul_tflops.__wrapped__(dtype, size=4096, repeats=5)  # noqa: E731
-  for dtype in args.dtypes.split(","):
+  for dtype in (args.dtypes or base.model.dtype).split(","):
+    config = base.copy_and_resolve_references()
+    config.model.dtype = dtype
     # The machine is shared and its speed drifts: time the matmul peak right before and after the
     # steps and divide by their mean.
     before = peak(dtype)
-    r = time_steps(benchmark_config(args.seq_len, args.rows, dtype, args.attention, args.remat), args.steps)
+    r = time_steps(config, args.steps)
     r["matmul_peak_tflops_before_after"] = [before, peak(dtype)]
     r["matmul_peak_tflops"] = statistics.mean(r["matmul_peak_tflops_before_after"])
     r["achieved_tflops"] = r["model_tflops_per_step"] / r["step_seconds"]
@@ -142,11 +164,12 @@ def main():
     r["elements_per_sec"] = r["elements_per_step"] / r["step_seconds"]
     results["runs"][dtype] = r
 
-  print(f"0.16B-shaped Transfusion, seq {args.seq_len} x {args.rows} rows, attention {args.attention}, remat "
-        f"{args.remat}, 1 {results['device']} device, {results['cpu_count']} cores")
-  print(f"{'dtype':<10}{'s/step':>9}{'elem/s':>9}{'TFLOP/step':>11}{'TFLOP/s':>9}{'peak':>8}{'MFU':>7}")
+  print(f"{args.experiment or '0.16B-shaped Transfusion'}, seq {base.seq_len} x {base.batch_size} rows, "
+        f"{results['image_slots_per_row']} image slots per row, attention {base.model.attention}, remat "
+        f"{base.model.remat_policy}, 1 {results['device']} device, {results['cpu_count']} cores")
+  print(f"{'dtype':<10}{'s/step':>9}{'elem/s':>9}{'GFLOP/step':>11}{'TFLOP/s':>9}{'peak':>8}{'MFU':>7}")
   for dtype, r in results["runs"].items():
-    print(f"{dtype:<10}{r['step_seconds']:>9.2f}{r['elements_per_sec']:>9.0f}{r['model_tflops_per_step']:>11.3f}"
+    print(f"{dtype:<10}{r['step_seconds']:>9.2f}{r['elements_per_sec']:>9.0f}{r['model_tflops_per_step'] * 1e3:>11.1f}"
           f"{r['achieved_tflops']:>9.3f}{r['matmul_peak_tflops']:>8.3f}{r['mfu']:>7.1%}")
   for dtype, r in results["runs"].items():
     total = sum(r["profile_seconds"].values())
@@ -155,8 +178,9 @@ def main():
   for dtype, r in results["runs"].items():
     print(f"matmul peak {dtype} before / after the steps: "
           + " / ".join(f"{p:.3f}" for p in r["matmul_peak_tflops_before_after"]) + " TFLOP/s")
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out, "w") as f:
+  out = args.out or os.path.join(REPO, "benchmarks", "results", f"step_{name}.json" if name else "step.json")
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  with open(out, "w") as f:
     json.dump(results, f, indent=2)
 
 

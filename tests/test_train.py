@@ -4,14 +4,19 @@ import os
 import subprocess
 import sys
 
+from flax import traverse_util
+import flax.linen as nn
+import jax
 import numpy as np
+import optax
 import pytest
 from PIL import Image
 
 from tfusion import config as config_lib
+from tfusion.data import sequence
 from tfusion.metrics import read_metrics
-from tfusion.training import step as step_lib, trainer
-from tests.helpers import REPO, tiny_run_config
+from tfusion.training import optim, step as step_lib, trainer
+from tests.helpers import LAYOUT, REPO, make_model, tiny_model_config, tiny_run_config
 
 LOGGED = {"step", "loss", "text_loss", "image_loss", "lr", "grad_norm", "elements_per_sec", "text_targets", "images",
           "tflops_per_device", "mfu", "packing_efficiency"}
@@ -117,3 +122,61 @@ def test_nan_loss_stops_without_saving(tmp_path, data_dir):
   saved = [int(s) for s in os.listdir(tmp_path / "w" / "checkpoints") if s.isdigit()]
   last_logged = read_metrics(str(tmp_path / "w"))[-1]
   assert np.isfinite(last_logged["loss"]) and max(saved) == last_logged["step"]
+
+
+def unet_qk_norm_params(abstract: bool):
+  """The params of a tiny model with QK-norm and the U-Net patch encoder/decoder (widths 8, 16; 1 ResBlock per
+  level), as ShapeDtypeStructs when abstract."""
+  model = make_model(tiny_model_config(patch_encoder="unet", qk_norm=True, unet_channels=(8, 16), unet_res_blocks=1))
+  init = lambda: model.init(jax.random.key(0), *sequence.model_inputs(sequence.dummy_batch(1, LAYOUT)))  # noqa: E731
+  return nn.unbox((jax.eval_shape(init) if abstract else init())["params"])
+
+
+def test_weight_decay_reaches_kernels_and_embeddings_only():
+  """By name: every dense / conv kernel (1x1 convs too) and the token table; no norm scale (the scanned layers'
+  [layers, D] ones included) and no bias."""
+  params = unet_qk_norm_params(abstract=True)
+  mask = optim.decay_mask(params)
+  leaves = {"/".join(k.key for k in path): (leaf.shape, decayed) for (path, leaf), decayed in zip(
+      jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(mask))}
+  decayed = {name for name, (_, d) in leaves.items() if d}
+  qkvo = ("query", "key", "value", "out")
+  assert decayed == {
+      "token_embedding/embedding", "lm_head/kernel",
+      *(f"transformer/layers/attention/{m}/kernel" for m in qkvo),
+      *(f"transformer/layers/mlp/{m}/kernel" for m in ("gate", "up", "down")),
+      *(f"patch_encoder/{m}/kernel" for m in ("conv_in", "down_0_downsample", "proj_out", "timestep_embedding/hidden",
+                                              "timestep_embedding/out", "down_1_res_0/residual")),
+      *(f"patch_encoder/down_{i}_res_0/{m}/kernel" for i in (0, 1) for m in ("conv1", "conv2", "temb_proj")),
+      *(f"patch_encoder/down_1_attn_0/{m}/kernel" for m in qkvo),
+      *(f"patch_decoder/{m}/kernel" for m in ("proj_in", "conv_out", "up_1_upsample", "timestep_embedding/hidden",
+                                              "timestep_embedding/out")),
+      *(f"patch_decoder/up_{i}_res_{j}/{m}/kernel" for i in (0, 1) for j in (0, 1)
+        for m in ("conv1", "conv2", "temb_proj", "residual")),
+      *(f"patch_decoder/up_1_attn_{j}/{m}/kernel" for j in (0, 1) for m in qkvo)}
+  kept = set(leaves) - decayed
+  assert all(name.endswith(("/scale", "/bias")) for name in kept) and len(kept) == 84
+  stacked = {"transformer/layers/attention_norm/scale": (2, 32), "transformer/layers/mlp_norm/scale": (2, 32),
+             "transformer/layers/attention/query_norm/scale": (2, 8),
+             "transformer/layers/attention/key_norm/scale": (2, 8)}
+  assert {name: leaves[name][0] for name in stacked} == stacked and set(stacked) <= kept
+  assert {"transformer/final_norm/scale", "patch_encoder/out_norm/scale", "patch_decoder/up_1_res_0/norm1/scale",
+          "patch_decoder/conv_out/bias"} <= kept
+
+
+def test_one_step_of_decay_alone_shrinks_kernels_and_leaves_norm_scales():
+  """Zero gradients: Adam's update is 0, so a step is p <- p (1 - lr wd) on decayed leaves and nothing elsewhere."""
+  config = config_lib.default_config().optim
+  config.lr, config.warmup_steps, config.weight_decay = 0.01, 0, 0.1
+  tx, schedule = optim.make_optimizer(config, total_steps=10)
+  assert float(schedule(0)) == pytest.approx(0.01)              # no warmup: the peak lr at step 0
+  params = unet_qk_norm_params(abstract=False)
+  updates, _ = tx.update(jax.tree.map(np.zeros_like, params), tx.init(params), params)
+  before, after = (traverse_util.flatten_dict(t, sep="/") for t in (params, optax.apply_updates(params, updates)))
+  for name in ("transformer/layers/attention_norm/scale", "transformer/layers/mlp_norm/scale",
+               "transformer/layers/attention/query_norm/scale", "transformer/final_norm/scale",
+               "patch_encoder/down_0_res_0/norm1/scale", "patch_encoder/conv_in/bias"):
+    np.testing.assert_array_equal(after[name], before[name])
+  for name in ("transformer/layers/mlp/up/kernel", "patch_encoder/conv_in/kernel", "token_embedding/embedding"):
+    assert np.abs(before[name]).max() > 0.01
+    np.testing.assert_allclose(after[name], before[name] * (1 - 0.01 * 0.1), rtol=1e-6)

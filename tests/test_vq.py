@@ -235,3 +235,49 @@ def test_bad_vq_values_name_the_field(field, value, message):
   config[group][name] = value
   with pytest.raises(config_lib.ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
     config_lib.validate_vae(config)
+
+
+def brute_force_codes(z, codebook):
+  """numpy argmin of the squared distances (the first index on a tie): z [..., D], codebook [K, D] -> [...]."""
+  return np.argmin(((z[..., None, :] - codebook) ** 2).sum(-1), axis=-1)
+
+
+@pytest.mark.parametrize("chunk", [7, 16, 50, 4096])
+def test_chunked_nearest_code_search_equals_brute_force(chunk):
+  """50 codes in blocks of 7 (8 blocks, the last of 1 code), 16 (the last of 2), or one block."""
+  rng = np.random.default_rng(1)
+  codebook = rng.standard_normal((50, 4)).astype(np.float32)
+  z = rng.standard_normal((6, 7, 4)).astype(np.float32)
+  codes = jax.jit(quantizer.nearest_codes, static_argnums=2)(jnp.asarray(z), jnp.asarray(codebook), chunk)
+  assert codes.dtype == jnp.int32 and codes.shape == (6, 7)
+  assert np.asarray(codes).tolist() == brute_force_codes(z, codebook).tolist()
+  assert len(set(np.asarray(codes).ravel().tolist())) > 15                    # many codes, from every block
+
+
+def test_chunked_nearest_code_search_breaks_ties_to_the_lowest_index():
+  """Codes and points on a half-integer grid (distances exact in float32): 40 codes from 9 distinct values, so each
+  point is nearest to several copies, in different blocks of 3 codes; the first copy wins."""
+  rng = np.random.default_rng(2)
+  codebook = rng.integers(-1, 2, (40, 2)).astype(np.float32)
+  z = (rng.integers(-3, 4, (64, 2)) / 2).astype(np.float32)
+  brute = brute_force_codes(z, codebook)
+  distances = ((z[:, None] - codebook) ** 2).sum(-1)
+  tied = distances == distances.min(-1, keepdims=True)
+  assert all(np.flatnonzero(row).max() // 3 > b // 3 for row, b in zip(tied, brute))   # a later block ties
+  for chunk in (3, 16, 40):
+    assert np.asarray(quantizer.nearest_codes(jnp.asarray(z), jnp.asarray(codebook), chunk)).tolist() == brute.tolist()
+
+
+def test_chunked_nearest_code_search_passes_no_gradient():
+  """codebook[nearest_codes(z, codebook)] is differentiable in the chosen rows of the codebook only; none to z."""
+  rng = np.random.default_rng(3)
+  codebook, z, w = (jnp.asarray(rng.standard_normal(s).astype(np.float32)) for s in ((10, 2), (5, 2), (5, 2)))
+
+  def loss(z, codebook):
+    return jnp.sum(jnp.take(codebook, quantizer.nearest_codes(z, codebook, 4), axis=0) * w)
+
+  dz, dcodebook = jax.grad(loss, argnums=(0, 1))(z, codebook)
+  expected = np.zeros((10, 2), np.float32)
+  np.add.at(expected, brute_force_codes(np.asarray(z), np.asarray(codebook)), np.asarray(w))
+  np.testing.assert_array_equal(dz, np.zeros((5, 2)))
+  np.testing.assert_array_equal(dcodebook, expected)

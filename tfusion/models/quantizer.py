@@ -17,13 +17,37 @@ import jax
 import jax.numpy as jnp
 
 CODEBOOK_AXES = ("vq_codes", "vq_dim")
+CODE_CHUNK = 4096   # codes searched at a time: nearest_codes holds [positions, CODE_CHUNK] distances, not all K
 
 
-def nearest_codes(z, codebook):
-  """Index of the nearest code (L2; the lowest index on a tie): z [..., D], codebook [K, D] -> int32 [...]."""
-  distances = (jnp.sum(jnp.square(z), -1, keepdims=True) - 2 * jnp.einsum(
-      "...d,kd->...k", z, codebook, precision=jax.lax.Precision.HIGHEST) + jnp.sum(jnp.square(codebook), -1))
-  return jnp.argmin(distances, axis=-1).astype(jnp.int32)
+def nearest_codes(z, codebook, chunk: int = CODE_CHUNK):
+  """Index of the nearest code (L2; the lowest index on a tie): z [..., D], codebook [K, D] -> int32 [...].
+
+  A scan over blocks of `chunk` codes (the last padded, its padding never chosen) keeps the running minimum
+  distance and its index; a later block takes over only when strictly nearer, so ties go to the lowest index as
+  with one argmin over all K. No gradient flows through the search.
+  """
+  z, codebook = jax.lax.stop_gradient(z), jax.lax.stop_gradient(codebook)
+  k, dim = codebook.shape
+  chunk = min(chunk, k)
+  blocks = -(-k // chunk)
+  padded = jnp.pad(codebook, ((0, blocks * chunk - k), (0, 0))).reshape(blocks, chunk, dim)
+  z_sq = jnp.sum(jnp.square(z), -1, keepdims=True)
+
+  def search(best, block):
+    best_distance, best_index = best
+    codes, start = block
+    distances = z_sq - 2 * jnp.einsum("...d,kd->...k", z, codes, precision=jax.lax.Precision.HIGHEST) + jnp.sum(
+        jnp.square(codes), -1)
+    distances = jnp.where(start + jnp.arange(chunk) < k, distances, jnp.inf)
+    nearest, distance = jnp.argmin(distances, axis=-1), jnp.min(distances, axis=-1)
+    nearer = distance < best_distance
+    return (jnp.where(nearer, distance, best_distance), jnp.where(nearer, start + nearest, best_index)), None
+
+  dtype = jnp.result_type(z, codebook)
+  best = jnp.full(z.shape[:-1], jnp.inf, dtype), jnp.zeros(z.shape[:-1], jnp.int32)
+  (_, index), _ = jax.lax.scan(search, best, (padded, jnp.arange(0, blocks * chunk, chunk, dtype=jnp.int32)))
+  return index
 
 
 def straight_through(z_e, z_q):
