@@ -3,18 +3,21 @@ tfusion.prepare, rows of [BOS caption BOI codes EOI EOS] with the codes after th
 with the LM loss alone, and generation / captioning / evaluation through the same APIs as Transfusion."""
 import json
 import os
+import shutil
 
 import jax
-import jax.numpy as jnp
+import ml_collections
 import numpy as np
+from PIL import Image
 import pytest
 
-from tfusion import codecs, config as config_lib, encode_latents, prepare, spec as spec_lib, train_vae
-from tfusion.data import latent_cache, mixture, pipeline, sequence, shapes
+from tfusion import codecs, config as config_lib, encode_latents, export, generate, prepare, train_vae
+from tfusion.data import latent_cache, pipeline, prepared, sequence, shapes
 from tfusion.inference import decoding, sampler as sampler_lib
 from tfusion.metrics import read_metrics
 from tfusion.training import trainer
 from tests.helpers import tiny_run_config
+from tests.test_generate import cli_args
 from tests.test_vq import tiny_vq_config
 
 SPECIAL = sequence.SpecialIds(pad=0, bos=1, eos=2, boi=3, eoi=4)
@@ -123,3 +126,57 @@ def test_chameleon_trains_on_the_lm_loss_alone_and_generates(code_cache, vq_run,
   assert images.shape == (2, 16, 16, 3) and images.dtype == np.uint8
   captions = sampler.caption(images, options, jax.random.key(1))
   assert len(captions) == 2 and all(isinstance(c, str) for c in captions)
+
+  summary = generate.run(cli_args(workdir, str(tmp_path / "generated"), prompt=["a red circle"], image_top_k=3))
+  assert os.path.isfile(tmp_path / "generated" / summary["outputs"][0]["image"])
+  summary = generate.run(cli_args(workdir, str(tmp_path / "captioned"), mode="caption", test_examples=2))
+  assert len(summary["outputs"]) == 2 and all(isinstance(o["caption"], str) for o in summary["outputs"])
+
+  out = export.export(workdir, str(tmp_path / "export"))
+  shutil.rmtree(vq_run + "_moved", ignore_errors=True)
+  os.rename(vq_run, vq_run + "_moved")          # the export needs neither the run nor its VQ-VAE
+  try:
+    exported = sampler_lib.load_export(out)
+    np.testing.assert_array_equal(exported.latents(["a red circle", "two blue squares"], options, jax.random.key(0)),
+                                  codes)
+    np.testing.assert_array_equal(exported.codec.decode(codes), images)
+  finally:
+    os.rename(vq_run + "_moved", vq_run)
+
+
+def test_prepare_with_a_vq_vae_stores_codes_and_a_chameleon_run_trains_on_them(vq_run, tmp_path):
+  from tests.test_prepare import banded_image, prepare_config   # pylint: disable=import-outside-toplevel
+  root = tmp_path / "folder"
+  os.makedirs(root)
+  for i in range(16):
+    Image.fromarray(banded_image(20, 24, 15 * i)).save(root / f"img{i}.png")
+    (root / f"img{i}.txt").write_text(f"a picture with blue {i}")
+  corpus = tmp_path / "corpus.jsonl"
+  corpus.write_text("".join(json.dumps({"text": f"Document {i}: the {i % 5} quick foxes jump {i} times."}) + "\n"
+                            for i in range(40)))
+  pixels = prepare.prepare(prepare_config(path=str(root)), tmp_path / "pixels")
+  manifest = prepare.prepare(prepare_config(path=str(root), vae=vq_run), tmp_path / "codes")
+  prepare.prepare(prepare_config(source="jsonl", path=str(corpus), vocab_size=320), tmp_path / "text")
+  assert manifest["latents"] and manifest["splits"] == {
+      k: dict(v, shards=manifest["splits"][k]["shards"], bytes=manifest["splits"][k]["bytes"])
+      for k, v in pixels["splits"].items()}
+  images = prepared.PreparedSource(tmp_path / "pixels", "train")
+  coded = prepared.PreparedSource(tmp_path / "codes", "train")
+  expected = codecs.vq_codec(vq_run).codes(np.stack([images[i]["image"] for i in range(len(images))]))
+  np.testing.assert_array_equal(np.stack([coded[i]["codes"] for i in range(len(coded))]), expected)
+  metadata = codecs.read_codec_metadata(str(tmp_path / "codes"))
+  assert metadata["codec"] == "vq" and metadata["codes_used"] == len(np.unique(expected))
+
+  config = tiny_run_config(str(tmp_path / "unused_tfds"), total_steps=3, seq_len=128, ckpt_every=3, sample_every=3)
+  config.data.codec, config.data.vae, config.data.codebook_size, config.data.latent_downsample = "vq", vq_run, 16, 4
+  config.model.patch_size, config.data.sample_split = 1, "train"
+  for name in ("text", "codes"):
+    config.data.mixture[name] = ml_collections.ConfigDict(dict(path=str(tmp_path / name), weight=0.5, split="train"))
+  workdir = str(tmp_path / "run")
+  trainer.train_and_evaluate(config, workdir)
+  history = [m for m in read_metrics(workdir) if "loss" in m]
+  assert [m["step"] for m in history] == [1, 2, 3] and all(np.isfinite(m["loss"]) for m in history)
+  assert os.path.isfile(os.path.join(workdir, "samples", "step_3", "images.png"))
+  config.data.codec = "vae"
+  with pytest.raises(ValueError, match="is a VQ-VAE: set config.data.codec = 'vq'"):
+    trainer.train_and_evaluate(config, str(tmp_path / "wrong"))

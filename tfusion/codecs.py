@@ -19,14 +19,17 @@ import dataclasses
 import functools
 import json
 import os
+import shutil
 from typing import Any
 
 from absl import logging
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 import numpy as np
+import safetensors.numpy
 
 from tfusion import config as config_lib, run_dir, sharding
 from tfusion.models import vae as vae_lib
@@ -232,26 +235,49 @@ def frozen_codec(path: str) -> "VaeCodec | VqCodec":
   return vae_codec(path)
 
 
+VQ_WEIGHTS = "vqvae.safetensors"   # an exported VQ-VAE: this file and the train_vae config.json beside it
+
+
 def vq_codec(path: str) -> VqCodec:
-  """The codec of the VQ-VAE run at `path` (a tfusion.train_vae workdir with model.bottleneck = "vq")."""
+  """The codec of the VQ-VAE at `path`: a tfusion.train_vae workdir with model.bottleneck = "vq" (its latest
+  checkpoint), or a directory written by save_vq (an export's)."""
   path = os.path.abspath(os.path.expanduser(path))
   run = run_dir.RunDir(path)
-  if not run.is_run():
+  exported = os.path.isfile(os.path.join(path, VQ_WEIGHTS))
+  if not exported and not run.is_run():
     raise FileNotFoundError(f"config.data.vae = {path!r}: not a tfusion.train_vae workdir (config.json + "
                             f"checkpoints/); the vq codec needs a VQ-VAE run")
   run_config = run.read_config(config_lib.default_vae_config())
   if run_config.model.bottleneck != "vq":
     raise ValueError(f"config.data.vae = {path!r} is a KL-VAE run: the vq codec needs model.bottleneck = 'vq'")
-  if not run.saved_steps():
-    raise FileNotFoundError(f"VQ-VAE run {path} has no checkpoint yet: train it with python -m tfusion.train_vae")
   model = autoencoder_of_run(run_config)
-  f = model.config.downsample
-  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, f, f, model.config.in_channels))))
-  target = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), nn.meta.unbox(shapes["params"]))
-  params, step = run.restore_params(None, target)
+  if exported:
+    flat = safetensors.numpy.load_file(os.path.join(path, VQ_WEIGHTS))
+    params = flax.traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()})
+    with open(os.path.join(path, VQ_WEIGHTS + ".json")) as f:
+      step = json.load(f)["step"]
+  else:
+    if not run.saved_steps():
+      raise FileNotFoundError(f"VQ-VAE run {path} has no checkpoint yet: train it with python -m tfusion.train_vae")
+    f = model.config.downsample
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, f, f, model.config.in_channels))))
+    params, step = run.restore_params(None, jax.tree.map(lambda s: np.zeros(s.shape, s.dtype),
+                                                         nn.meta.unbox(shapes["params"])))
   metadata = dict(codec="vq", vae=path, vae_format="tfusion", vae_step=int(step), codebook_size=model.codebook_size,
-                  downsample=f)
+                  downsample=model.config.downsample)
   return VqCodec(model, jax.device_put(params, _local_shardings()[0]), metadata)
+
+
+def save_vq(directory: str, codec: VqCodec) -> None:
+  """The codec's VQ-VAE as a self-contained directory vq_codec reads: its train_vae config.json, the params in
+  vqvae.safetensors (names joined by "/") and the step they are from."""
+  os.makedirs(directory, exist_ok=True)
+  source = run_dir.RunDir(codec.metadata["vae"])
+  shutil.copyfile(source.config_file, os.path.join(directory, os.path.basename(source.config_file)))
+  flat = flax.traverse_util.flatten_dict(jax.device_get(codec.params), sep="/")
+  safetensors.numpy.save_file({k: np.asarray(v) for k, v in flat.items()}, os.path.join(directory, VQ_WEIGHTS))
+  with open(os.path.join(directory, VQ_WEIGHTS + ".json"), "w") as f:
+    json.dump({"step": codec.metadata["vae_step"]}, f)
 
 
 def vae_codec(path: str, shift=None, scale=None, measured: dict | None = None,

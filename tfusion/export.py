@@ -6,7 +6,8 @@ DIR is self-contained (it can be moved or copied to a bucket):
   params/             orbax checkpoint of the params only (no optimizer state, no data position)
   model.safetensors   the same params, flat names joined by "/" (e.g. transformer/layers/attention/query/kernel)
   config.json         the run's config; tokenizer.model; export.json (source run, step, dtype)
-  codec.json, vae/    latent runs: the codec (shift, scale) and the VAE in the diffusers layout
+  codec.json, vae/    latent runs: the codec (shift, scale) and the VAE in the diffusers layout; vq runs: the codec
+                      and the VQ-VAE (codecs.save_vq)
 
 `tfusion.load(DIR)` (inference.sampler.load_export) returns a Sampler on the given mesh, or on the run's mesh
 when it fits the devices, else data parallel.
@@ -52,9 +53,14 @@ def export(workdir: str, out: str, step: int | None = None, dtype: str = "float3
     safetensors.numpy.save_file(flat_params(params), export_dir.safetensors)
     shutil.copyfile(run_dir.RunDir(workdir).config_file, export_dir.config_file)
     sampler.tokenizer.save(export_dir.tokenizer_file)
-    if isinstance(sampler.codec, codecs.VaeCodec):
-      vae_lib.save_diffusers(export_dir.vae, sampler.codec.vae, jax.device_get(sampler.codec.params))
-      metadata = dict(sampler.codec.metadata, vae=os.path.basename(export_dir.vae), vae_format="diffusers",
+    if isinstance(sampler.codec, (codecs.VaeCodec, codecs.VqCodec)):
+      if isinstance(sampler.codec, codecs.VqCodec):
+        codecs.save_vq(export_dir.vae, sampler.codec)
+        vae_format = "tfusion"
+      else:
+        vae_lib.save_diffusers(export_dir.vae, sampler.codec.vae, jax.device_get(sampler.codec.params))
+        vae_format = "diffusers"
+      metadata = dict(sampler.codec.metadata, vae=os.path.basename(export_dir.vae), vae_format=vae_format,
                       exported_from=sampler.codec.metadata["vae"])
       with open(export_dir.codec_file, "w") as f:
         json.dump(metadata, f, indent=2)

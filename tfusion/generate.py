@@ -5,6 +5,9 @@ r"""Generate with a trained Transfusion: text -> image, image -> caption, text c
   python -m tfusion.generate --workdir RUN --mode text --prompt_file prompts.txt --out DIR
   python -m tfusion.generate --workdir RUN --mode interleaved --prompt "..." --max_images 2 --out DIR
 
+A discrete-image run (the Chameleon baseline, data.codec = vq) takes the same commands; its images are VQ code
+tokens sampled with --image_temperature / --image_top_k and guided on their logits by --cfg_scale.
+
 The Python API is tfusion.inference.sampler (`Sampler`, `load(workdir)`); the training loop's periodic
 samples use the same calls.
 """
@@ -63,7 +66,7 @@ def options_from_flags(args) -> decoding.SamplingOptions:
   return decoding.SamplingOptions(
       diffusion_steps=args.diffusion_steps, sampler=args.sampler, ddim_eta=args.ddim_eta, cfg_scale=args.cfg_scale,
       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
-      max_images=args.max_images)
+      max_images=args.max_images, image_temperature=args.image_temperature, image_top_k=args.image_top_k)
 
 
 def run(args) -> dict:
@@ -170,6 +173,10 @@ if __name__ == "__main__":
   flags.DEFINE_float("temperature", defaults.temperature, "Text sampling temperature (0 = greedy).")
   flags.DEFINE_integer("top_k", defaults.top_k, "Sample among the k most likely ids (0 = off).")
   flags.DEFINE_float("top_p", defaults.top_p, "Nucleus sampling mass (1 = off).")
+  flags.DEFINE_float("image_temperature", defaults.image_temperature, "Discrete-image runs (data.codec = vq): "
+                     "temperature of the image tokens (0 = greedy).")
+  flags.DEFINE_integer("image_top_k", defaults.image_top_k, "Discrete-image runs: image tokens among the k most "
+                       "likely codes (0 = all).")
   flags.DEFINE_integer("max_new_tokens", 32, "Text tokens generated per prompt.")
   flags.DEFINE_integer("max_images", 1, "Images per prompt in interleaved mode.")
   app.run(main)
