@@ -8,16 +8,16 @@ import shutil
 import jax
 import ml_collections
 import numpy as np
-from PIL import Image
 import pytest
 
-from tfusion import codecs, config as config_lib, encode_latents, export, generate, prepare, train_vae
+from tfusion import codecs, encode_latents, export, generate, prepare, train_vae
 from tfusion.data import latent_cache, pipeline, prepared, sequence, shapes
 from tfusion.inference import decoding, sampler as sampler_lib
 from tfusion.metrics import read_metrics
 from tfusion.training import trainer
 from tests.helpers import tiny_run_config
 from tests.test_generate import cli_args
+from tests.test_prepare import prepare_config, prepared_mixture  # noqa: F401 (a fixture)
 from tests.test_vq import tiny_vq_config
 
 SPECIAL = sequence.SpecialIds(pad=0, bos=1, eos=2, boi=3, eoi=4)
@@ -144,23 +144,14 @@ def test_chameleon_trains_on_the_lm_loss_alone_and_generates(code_cache, vq_run,
     os.rename(vq_run + "_moved", vq_run)
 
 
-def test_prepare_with_a_vq_vae_stores_codes_and_a_chameleon_run_trains_on_them(vq_run, tmp_path):
-  from tests.test_prepare import banded_image, prepare_config   # pylint: disable=import-outside-toplevel
-  root = tmp_path / "folder"
-  os.makedirs(root)
-  for i in range(16):
-    Image.fromarray(banded_image(20, 24, 15 * i)).save(root / f"img{i}.png")
-    (root / f"img{i}.txt").write_text(f"a picture with blue {i}")
-  corpus = tmp_path / "corpus.jsonl"
-  corpus.write_text("".join(json.dumps({"text": f"Document {i}: the {i % 5} quick foxes jump {i} times."}) + "\n"
-                            for i in range(40)))
-  pixels = prepare.prepare(prepare_config(path=str(root)), tmp_path / "pixels")
-  manifest = prepare.prepare(prepare_config(path=str(root), vae=vq_run), tmp_path / "codes")
-  prepare.prepare(prepare_config(source="jsonl", path=str(corpus), vocab_size=320), tmp_path / "text")
+def test_prepare_with_a_vq_vae_stores_codes_and_a_chameleon_run_trains_on_them(vq_run, prepared_mixture,
+                                                                               tmp_path):  # noqa: F811
+  pixels = prepared.read_manifest(str(prepared_mixture / "images"))
+  manifest = prepare.prepare(prepare_config(path=str(prepared_mixture / "folder"), vae=vq_run), tmp_path / "codes")
   assert manifest["latents"] and manifest["splits"] == {
       k: dict(v, shards=manifest["splits"][k]["shards"], bytes=manifest["splits"][k]["bytes"])
       for k, v in pixels["splits"].items()}
-  images = prepared.PreparedSource(tmp_path / "pixels", "train")
+  images = prepared.PreparedSource(prepared_mixture / "images", "train")
   coded = prepared.PreparedSource(tmp_path / "codes", "train")
   expected = codecs.vq_codec(vq_run).codes(np.stack([images[i]["image"] for i in range(len(images))]))
   np.testing.assert_array_equal(np.stack([coded[i]["codes"] for i in range(len(coded))]), expected)
@@ -170,8 +161,8 @@ def test_prepare_with_a_vq_vae_stores_codes_and_a_chameleon_run_trains_on_them(v
   config = tiny_run_config(str(tmp_path / "unused_tfds"), total_steps=3, seq_len=128, ckpt_every=3, sample_every=3)
   config.data.codec, config.data.vae, config.data.codebook_size, config.data.latent_downsample = "vq", vq_run, 16, 4
   config.model.patch_size, config.data.sample_split = 1, "train"
-  for name in ("text", "codes"):
-    config.data.mixture[name] = ml_collections.ConfigDict(dict(path=str(tmp_path / name), weight=0.5, split="train"))
+  for name, path in (("text", prepared_mixture / "text"), ("codes", tmp_path / "codes")):
+    config.data.mixture[name] = ml_collections.ConfigDict(dict(path=str(path), weight=0.5, split="train"))
   workdir = str(tmp_path / "run")
   trainer.train_and_evaluate(config, workdir)
   history = [m for m in read_metrics(workdir) if "loss" in m]
