@@ -35,6 +35,7 @@ METRICS = {
     "text_perplexity": Metric("eval/text/perplexity", False, "Text perplexity ↓"),
     "caption_cider": Metric("eval/image_to_text/cider", True, "Captioning CIDEr ↑"),
     "caption_exact_match": Metric("eval/image_to_text/shapes_exact", True, "Caption exact match ↑"),
+    "t2i_checker_objects": Metric("eval/text_to_image/shapes_objects", True, "Text-to-image checker, objects ↑"),
     "t2i_checker_all": Metric("eval/text_to_image/shapes_all", True, "Text-to-image checker, all ↑"),
     "clip_score": Metric("eval/text_to_image/clip_score", True, "CLIP score ↑"),
 }
