@@ -166,6 +166,7 @@ def test_ablation_with_methods_collects_the_scaling_report(tmp_path, monkeypatch
       f.write(json.dumps({"step": steps, "loss": 1.0, "text_loss": 0.5, "image_loss": 0.5}) + "\n")
   table = ablate.collect(ablation, workdir)
   assert table["ch_l"]["numbers"]["flops_6nd"]["mean"] == pytest.approx(4 * f_small, rel=1e-12)
+  assert not any("paired" in t for t in table.values())     # a scaling study's variants are no paired arms
   with open(f"{workdir}/scaling.json") as f:
     report = json.load(f)
   assert report["metrics"]["text_perplexity"]["parity"]["ratio"] == pytest.approx(0.5, rel=1e-9)
@@ -181,5 +182,5 @@ def test_ablation_with_methods_collects_the_scaling_report(tmp_path, monkeypatch
     ablate.collect(ablation, workdir)
   del ablation.methods
   os.remove(f"{workdir}/scaling.json")
-  ablate.collect(ablation, workdir)
-  assert not os.path.exists(f"{workdir}/scaling.json")
+  table = ablate.collect(ablation, workdir)
+  assert not os.path.exists(f"{workdir}/scaling.json") and any("paired" in t for t in table.values())

@@ -134,7 +134,8 @@ def collect(ablation, workdir: str) -> dict:
   """results.json and results.md: per variant and number, mean, std (ddof 1) and the seeds it covers; for every
   variant after the first (the baseline), the per-seed differences to the baseline over the seeds both have:
   seeds move both arms alike (same data order, held-out split and noise), so paired differences are far less
-  noisy than the two means. With config.methods also scaling.json, table3.md and scaling.png."""
+  noisy than the two means. With config.methods (a scaling study, whose variants are no arms of one comparison)
+  no paired differences, and scaling.json, table3.md and scaling.png."""
   methods = scaling_methods(ablation)
   table, cells = {}, {}
   for variant in ablation.variants:
@@ -145,7 +146,7 @@ def collect(ablation, workdir: str) -> dict:
     table[variant] = {"seeds": sorted(done), "missing_seeds": sorted(set(numbers) - set(done)), "numbers": {
         key: _summary([done[s][key] for s in sorted(done) if key in done[s]]) for key in keys}}
   baseline, *others = list(ablation.variants)
-  for variant in others:
+  for variant in [] if methods else others:
     seeds = sorted(set(cells[variant]) & set(cells[baseline]))
     keys = sorted(set().union(*[cells[variant][s].keys() & cells[baseline][s].keys() for s in seeds])) if seeds else []
     table[variant]["paired"] = {"baseline": baseline, "seeds": seeds, "differences": {
