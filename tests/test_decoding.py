@@ -1,5 +1,7 @@
 """Mixed-modal decoding: the KV cache against full recomputation, samplers against their formulas,
 guidance, causality of image blocks, sharding, and compilation counts."""
+import collections
+import contextlib
 import dataclasses
 
 import flax.linen as nn
@@ -8,9 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tfusion import diffusion, sharding
+from tfusion import diffusion, sharding, spec as spec_lib
 from tfusion.data import sequence
-from tfusion.inference import decoding
+from tfusion.inference import decoding, sampler as sampler_lib
 from tfusion.models import transformer, transfusion
 from tests.helpers import LATENT, SPECIAL, VOCAB, make_model, tiny_model_config
 
@@ -298,6 +300,65 @@ def test_sharded_decoding_equals_one_device(model_and_params):
   one = decode(model_and_params, prompts, decoding.INTERLEAVED, options)
   on_mesh = decoding.decode(model, sharded, prompts, decoding.INTERLEAVED, SPECIAL, AB, options, jax.random.key(0))
   assert_same(one, on_mesh)
+
+
+def test_generation_mesh_of_a_tensor_parallelism():
+  config = tiny_model_config()                 # 4 heads; the run's mesh is data parallel over all devices
+  assert dict(sampler_lib.generation_mesh(config).shape) == {"data": 8, "fsdp": 1, "tensor": 1}
+  assert dict(sampler_lib.generation_mesh(config, 4).shape) == {"data": 2, "fsdp": 1, "tensor": 4}
+  for bad in (0, 3, 8):
+    with pytest.raises(ValueError, match=f"tensor_parallelism = {bad} must divide the 8 devices and the model's 4 "):
+      sampler_lib.generation_mesh(config, bad)
+
+
+@contextlib.contextmanager
+def counting_compilations():
+  """Yields a Counter of the XLA compilations (persistent-cache hits included) by name, e.g. "jit(text_phase)"."""
+  counts = collections.Counter()
+
+  def listener(event, duration, fun_name="", **kwargs):
+    counts[fun_name] += event == "/jax/core/compile/backend_compile_duration"
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    yield counts
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+
+
+@pytest.mark.parametrize("data, tensor", [(2, 4), (1, 2)])
+def test_tensor_parallel_decoding_equals_one_device(model_and_params, monkeypatch, data, tensor):
+  """Params laid out as a checkpoint restores them on a data x tensor mesh: kernels and the KV cache split by heads,
+  the same greedy text and guided images as on one device, and one compilation of the text phase."""
+  model, params = model_and_params
+  config = tiny_model_config()
+  mesh = sampler_lib.generation_mesh(config, tensor) if data * tensor == jax.device_count() else sharding.make_mesh(
+      dict(ici_data_parallelism=data, ici_fsdp_parallelism=1, ici_tensor_parallelism=tensor, dcn_data_parallelism=1,
+           dcn_fsdp_parallelism=1, dcn_tensor_parallelism=1), jax.devices()[:data * tensor])
+  targets = sampler_lib.abstract_params(spec_lib.resolve(config), VOCAB, mesh)
+  sharded = jax.device_put(params, jax.tree.map(lambda a: a.sharding, targets))
+  layers = sharded["transformer"]["layers"]
+  assert layers["attention"]["query"]["kernel"].sharding.spec == jax.P(None, "fsdp", "tensor", None)
+  assert layers["attention"]["out"]["kernel"].sharding.spec == jax.P(None, "tensor", None, "fsdp")
+  assert layers["mlp"]["down"]["kernel"].sharding.spec == jax.P(None, "tensor", "fsdp")
+  assert layers["attention"]["key"]["kernel"].addressable_shards[0].data.shape == (2, 32, 4 // tensor, 8)
+
+  text_phase, cache_shards = decoding._jit_text_phase, []
+
+  def recording(model, params, state, *args):
+    cache_shards.append(state.memory.cache.keys.sharding.shard_shape(state.memory.cache.keys.shape))
+    return text_phase(model, params, state, *args)
+  monkeypatch.setattr(decoding, "_jit_text_phase", recording)
+  options = dataclasses.replace(OPTS, cfg_scale=3.0)           # greedy text, guided images
+  prompts = [text_prompt(10, 11), text_prompt(20, boi=True), text_prompt(30), text_prompt(31)]
+  with counting_compilations() as compiled:
+    on_mesh = decoding.decode(model, sharded, prompts, decoding.INTERLEAVED, SPECIAL, AB, options, jax.random.key(0))
+  # Three text phases and two image phases, each compiled once: every call gets the state in the same layout.
+  assert compiled["jit(text_phase)"] == compiled["jit(image_phase)"] == 1
+  # [layers, B, L, H, Dh]: the 2 x 4 rows (with the guidance partners) over data, the 4 heads over tensor.
+  assert len(cache_shards) == 3 and set(cache_shards) == {(2, 8 // data, 61, 4 // tensor, 8)}
+  one = decode(model_and_params, prompts, decoding.INTERLEAVED, options)
+  assert [g.image_positions for g in one] == [[0, 0], [0, 0], [2, 2], [3, 3]]
+  assert_same(one, on_mesh, atol=3e-5)
 
 
 def test_one_compilation_per_shape_not_per_token_or_step(model_and_params):

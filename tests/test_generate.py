@@ -28,9 +28,9 @@ def run_dir(tmp_path_factory, data_dir):  # noqa: F811
 
 def cli_args(workdir, out, **overrides):
   values = dict(workdir=workdir, step=None, weights="ema", mode="image", prompt=None, prompt_file=None, image=None, test_examples=0,
-                out=out, batch_size=8, seed=0, diffusion_steps=3, sampler="ddpm", ddim_eta=0.0, cfg_scale=3.0,
-                temperature=0.0, top_k=0, top_p=1.0, max_new_tokens=6, max_images=1, image_temperature=1.0,
-                image_top_k=0)
+                out=out, batch_size=8, tensor_parallelism=0, seed=0, diffusion_steps=3, sampler="ddpm", ddim_eta=0.0,
+                cfg_scale=3.0, temperature=0.0, top_k=0, top_p=1.0, max_new_tokens=6, max_images=1,
+                image_temperature=1.0, image_top_k=0)
   values.update(overrides)
   return types.SimpleNamespace(**values)
 
@@ -43,6 +43,24 @@ def test_image_mode_writes_pngs_grid_and_summary(run_dir, tmp_path):
   assert Image.open(os.path.join(out, "grid.png")).size == (4 * 128, 128 + 40)
   saved = json.load(open(os.path.join(out, "generations.json")))
   assert saved["options"]["cfg_scale"] == 3.0 and saved["outputs"][0]["prompt"] == "a red circle"
+
+
+def test_tensor_parallelism_splits_the_model_and_draws_the_same_images(run_dir, tmp_path, monkeypatch):
+  meshes, load = [], sampler_lib.load
+
+  def recording(workdir, step, mesh, **kwargs):
+    meshes.append(mesh)
+    return load(workdir, step, mesh, **kwargs)
+  monkeypatch.setattr(sampler_lib, "load", recording)
+  prompts = ["a red circle", "two blue squares"]
+  generate.run(cli_args(run_dir, str(tmp_path / "default"), prompt=prompts))
+  generate.run(cli_args(run_dir, str(tmp_path / "split"), prompt=prompts, tensor_parallelism=2))
+  assert meshes[0] is None and dict(meshes[1].shape) == {"data": 4, "fsdp": 1, "tensor": 2}
+  for name in ("image_000.png", "image_001.png"):      # float rounding may move a pixel by one level
+    default, split = (np.asarray(Image.open(tmp_path / d / name), np.int16) for d in ("default", "split"))
+    assert np.abs(default - split).max() <= 1
+  with pytest.raises(ValueError, match="tensor_parallelism = 4 must divide the 8 devices and the model's 2 attention"):
+    generate.run(cli_args(run_dir, str(tmp_path / "bad"), prompt=prompts, tensor_parallelism=4))
 
 
 def test_caption_mode_from_png_files_and_test_examples(run_dir, tmp_path):

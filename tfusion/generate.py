@@ -8,6 +8,8 @@ r"""Generate with a trained Transfusion: text -> image, image -> caption, text c
 A discrete-image run (the Chameleon baseline, data.codec = vq) takes the same commands; its images are VQ code
 tokens sampled with --image_temperature / --image_top_k and guided on their logits by --cfg_scale.
 
+--tensor_parallelism K splits each model (heads, MLP units, KV cache) over K devices, whatever the training mesh.
+
 The Python API is tfusion.inference.sampler (`Sampler`, `load(workdir)`); the training loop's periodic
 samples use the same calls.
 """
@@ -20,7 +22,7 @@ import jax
 import numpy as np
 from PIL import Image
 
-from tfusion import diffusion, sharding, visualize
+from tfusion import diffusion, run_dir, sharding, visualize
 from tfusion.data import pipeline, shapes
 from tfusion.inference import decoding, sampler as sampler_lib
 
@@ -84,7 +86,10 @@ def run(args) -> dict:
     raise ValueError(f"--mode={args.mode}: prompts must not be empty")
   options = options_from_flags(args)
   options.validate(num_timesteps=10**9)   # before the (slow) load; the step count is checked against T later
-  sampler = sampler_lib.load(args.workdir, args.step, weights=args.weights)
+  mesh = None
+  if args.tensor_parallelism:
+    mesh = sampler_lib.generation_mesh(run_dir.RunDir(args.workdir).read_config(), args.tensor_parallelism)
+  sampler = sampler_lib.load(args.workdir, args.step, mesh, weights=args.weights)
   options.validate(sampler.config.diffusion.num_timesteps)
   key = jax.random.key(args.seed)
   summary = {"workdir": args.workdir, "mode": args.mode, "options": dataclasses.asdict(options), "outputs": []}
@@ -164,6 +169,9 @@ if __name__ == "__main__":
   flags.DEFINE_integer("test_examples", 0, "Caption the first N images of the run's test split.")
   flags.DEFINE_string("out", None, "Output directory (PNGs, grid.png / captioned.png, generations.json).")
   flags.DEFINE_integer("batch_size", 8, "Prompts decoded together.")
+  flags.DEFINE_integer("tensor_parallelism", 0, "Decode on a data x tensor mesh of this machine's devices, attention "
+                       "heads and MLP units split over groups of this many (large models); 0: the run's mesh, or "
+                       "data parallel if it does not fit.")
   flags.DEFINE_integer("seed", 0, "PRNG seed.")
   defaults = decoding.SamplingOptions()
   flags.DEFINE_integer("diffusion_steps", defaults.diffusion_steps, "Denoising steps, respaced from T.")

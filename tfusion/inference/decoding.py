@@ -136,9 +136,10 @@ class FullMemory(Elements):
   @classmethod
   def empty(cls, batch, length, max_images, latent_shape, pad_id):
     ids = jnp.zeros((batch, length), jnp.int32)
-    return cls(tokens=jnp.full((batch, length), pad_id, jnp.int32), segment_ids=ids, positions=ids, image_ids=ids,
-               latents=jnp.zeros((batch, max_images, *latent_shape), jnp.float32),
-               timesteps=jnp.zeros((batch, max_images), jnp.int32))
+    arrays = dict(tokens=jnp.full((batch, length), pad_id, jnp.int32), segment_ids=ids, positions=ids, image_ids=ids,
+                  latents=jnp.zeros((batch, max_images, *latent_shape), jnp.float32),
+                  timesteps=jnp.zeros((batch, max_images), jnp.int32))
+    return cls(**jax.tree.map(_split_rows, arrays))
 
   @property
   def length(self) -> int:
@@ -168,7 +169,8 @@ class CachedMemory:
 
   @classmethod
   def empty(cls, model, batch, length):
-    return cls(transformer.KVCache.empty(model.cfg.transformer, batch, length))
+    cache = transformer.KVCache.empty(model.cfg.transformer, batch, length)
+    return cls(cache.replace(segment_ids=_split_rows(cache.segment_ids), image_ids=_split_rows(cache.image_ids)))
 
   @property
   def length(self) -> int:
@@ -526,10 +528,16 @@ def _init_state(model, *, cached, batch, total, image_capacity, pad, length, las
     memory_images = 0 if cfg.image_codes else image_capacity     # discrete images live in the tokens
     memory = FullMemory.empty(batch, total, memory_images, cfg.latent_shape, pad)
   zeros = jnp.zeros(batch, jnp.int32)
-  return DecodeState(memory=memory, length=length, last=last, done=partner, text=jnp.full((batch, text_budget), pad),
-                     num_text=zeros, images=jnp.zeros((batch, image_capacity, *cfg.latent_shape), jnp.float32),
-                     num_images=prompt_images, image_positions=jnp.zeros((batch, image_capacity), jnp.int32),
-                     keys=keys)
+  rows = dict(length=length, last=last, done=partner, text=jnp.full((batch, text_budget), pad), num_text=zeros,
+              images=jnp.zeros((batch, image_capacity, *cfg.latent_shape), jnp.float32), num_images=prompt_images,
+              image_positions=jnp.zeros((batch, image_capacity), jnp.int32), keys=keys)
+  return DecodeState(memory=memory, **jax.tree.map(_split_rows, rows))
+
+
+def _split_rows(a):
+  """a [B, ...] split by rows over the data shards, as every phase leaves it (else the first call of a phase gets
+  other input shardings than the next ones, and compiles twice)."""
+  return nn.with_logical_constraint(a, ("batch",) + (None,) * (a.ndim - 1))
 
 
 _jit_prefill = jax.jit(prefill, static_argnames=("model",), donate_argnames=("state",))

@@ -159,12 +159,25 @@ def abstract_params(spec: spec_lib.RunSpec, vocab_size: int, mesh):
   return abstract
 
 
-def generation_mesh(config):
-  """The run's mesh layout over this machine's devices, or plain data parallelism if it does not fit."""
-  try:
-    return sharding.make_mesh(config.mesh)
-  except ValueError as e:
-    logging.warning("the run's mesh does not fit these %d devices (%s); sampling data-parallel",
-                    jax.device_count(), e)
-    return sharding.make_mesh({f"{k}_{a}_parallelism": 1 for k in ("ici", "dcn") for a in sharding.MESH_AXES}
-                              | {"ici_data_parallelism": -1})
+def generation_mesh(config, tensor_parallelism: int | None = None):
+  """The mesh to decode on, over this machine's devices. tensor_parallelism None: the run's mesh layout, or plain
+  data parallelism if it does not fit; k: data x tensor, attention heads and MLP units split over groups of k
+  devices (the KV cache too), rows over the groups."""
+  if tensor_parallelism is None:
+    try:
+      return sharding.make_mesh(config.mesh)
+    except ValueError as e:
+      logging.warning("the run's mesh does not fit these %d devices (%s); sampling data-parallel",
+                      jax.device_count(), e)
+      return sharding.make_mesh(_mesh_config(tensor=1))
+  devices, heads = jax.device_count(), config.model.num_heads
+  if tensor_parallelism < 1 or devices % tensor_parallelism or heads % tensor_parallelism:
+    raise ValueError(f"tensor_parallelism = {tensor_parallelism} must divide the {devices} devices and the model's "
+                     f"{heads} attention heads")
+  return sharding.make_mesh(_mesh_config(tensor=tensor_parallelism))
+
+
+def _mesh_config(tensor: int) -> dict:
+  """A one-slice mesh config: `tensor` devices per tensor group, the rest data parallel."""
+  return ({f"{k}_{a}_parallelism": 1 for k in ("ici", "dcn") for a in sharding.MESH_AXES}
+          | {"ici_data_parallelism": -1, "ici_tensor_parallelism": tensor})
