@@ -2,7 +2,7 @@ r"""Sampling speed with and without the KV cache: image generation after prefixe
 tokens, and text tokens per second.
 
   python benchmarks/sampling.py [--size 160m|demo] [--prefixes 64,512,2048] [--steps 2,6]
-      [--text_tokens 16] [--rows 1] [--out FILE]
+      [--text_tokens 16] [--rows 1] [--cfg_scale 1] [--out FILE]
 
 Random weights (speed does not depend on training). The image is the paper's: 32x32x8 latents in 2x2
 patches, 256 elements (--size demo: the shapes demo model and its 64-patch images). "uncached" reruns
@@ -10,7 +10,10 @@ the model over the whole sequence at every diffusion step and token (tfusion.inf
 "cached" computes only the new block against the KV cache. Each is timed at a few step counts (after a
 compiling warm-up) and a line fitted: fixed cost (prefill, start-up) + per-step cost, which gives the
 time of a 250-step image. At prefix P and n patches a step's FLOPs differ by at most (P + n + 2) / n
-(the flop_bound column of the JSON). Prints a table and writes benchmarks/results/sampling.json.
+(the flop_bound column of the JSON). With --cfg_scale w != 1 the images are guided (each row with its
+unconditional partner), and the text is timed in the text phases of a guided interleaved decode (the
+INTERLEAVED task with max_images = 0: the partners exist, no image is drawn). Prints a table and writes
+benchmarks/results/sampling.json.
 """
 import argparse
 import json
@@ -70,6 +73,7 @@ def main():
   parser.add_argument("--text_tokens", type=int, default=16)
   parser.add_argument("--text_prefix", type=int, default=512)
   parser.add_argument("--rows", type=int, default=1)
+  parser.add_argument("--cfg_scale", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
   parser.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "sampling.json"))
   args = parser.parse_args()
 
@@ -84,9 +88,10 @@ def main():
     return [sequence.TextPiece(np.array(ids, np.int32))]
 
   results = {"size": args.size, "patches_per_image": model.cfg.patches_per_image, "rows": args.rows,
-             "device": jax.devices()[0].device_kind, "image": [], "text": {}}
-  print(f"{args.size}: {model.cfg.patches_per_image} patches per image, {args.rows} row(s), "
-        f"{jax.devices()[0].device_kind}; times of {args.steps} diffusion steps fitted to fixed + per-step cost")
+             "cfg_scale": args.cfg_scale, "device": jax.devices()[0].device_kind, "image": [], "text": {}}
+  print(f"{args.size}: {model.cfg.patches_per_image} patches per image, {args.rows} row(s), CFG scale "
+        f"{args.cfg_scale}, {jax.devices()[0].device_kind}; times of {args.steps} diffusion steps fitted to fixed + "
+        "per-step cost")
   print(f"{'prefix':>7} {'uncached s/step':>16} {'cached s/step':>14} {'uncached 250-step s':>20} "
         f"{'cached 250-step s':>18} {'speedup':>8}")
   step_counts = [int(k) for k in args.steps.split(",")]
@@ -96,7 +101,8 @@ def main():
     for cached in (False, True):
       seconds = [timed(lambda: decoding.decode(
           model, params, prompts, decoding.IMAGE, SPECIAL, alpha_bar,
-          decoding.SamplingOptions(diffusion_steps=k, cfg_scale=1.0, clip_x0=1.0), jax.random.key(0), cached=cached))
+          decoding.SamplingOptions(diffusion_steps=k, cfg_scale=args.cfg_scale, clip_x0=1.0), jax.random.key(0),
+          cached=cached))
           for k in step_counts]
       per_step, fixed = np.polyfit(step_counts, seconds, 1)
       name = "cached" if cached else "uncached"
@@ -108,13 +114,16 @@ def main():
     print(f"{prefix:>7} {row['uncached_s_per_step']:>16.3f} {row['cached_s_per_step']:>14.3f} "
           f"{row['uncached_250_step_s']:>20.1f} {row['cached_250_step_s']:>18.1f} {row['speedup_250_steps']:>7.1f}x")
 
-  text_options = decoding.SamplingOptions(max_new_tokens=args.text_tokens, temperature=1.0)
+  text_options = decoding.SamplingOptions(max_new_tokens=args.text_tokens, temperature=1.0, cfg_scale=args.cfg_scale,
+                                          max_images=0)
+  text_task, text_name = ((decoding.TEXT, "text") if args.cfg_scale == 1 else
+                           (decoding.INTERLEAVED, "guided interleaved text"))
   prompts = [prompt(args.text_prefix, boi=False) for _ in range(args.rows)]
   for cached in (False, True):
     generated = []
 
     def run():
-      generated[:] = decoding.decode(model, params, prompts, decoding.TEXT, SPECIAL, alpha_bar, text_options,
+      generated[:] = decoding.decode(model, params, prompts, text_task, SPECIAL, alpha_bar, text_options,
                                      jax.random.key(0), cached=cached)
     seconds = timed(run)
     tokens = sum(len(g.tokens) for g in generated)
@@ -122,8 +131,8 @@ def main():
                                                            "tokens_per_s": tokens / seconds}
   text = results["text"]
   text["speedup"] = text["cached"]["tokens_per_s"] / text["uncached"]["tokens_per_s"]
-  print(f"text after a {args.text_prefix}-token prefix: {text['uncached']['tokens_per_s']:.1f} tokens/s uncached, "
-        f"{text['cached']['tokens_per_s']:.1f} cached ({text['speedup']:.1f}x; prefill included)")
+  print(f"{text_name} after a {args.text_prefix}-token prefix: {text['uncached']['tokens_per_s']:.1f} tokens/s "
+        f"uncached, {text['cached']['tokens_per_s']:.1f} cached ({text['speedup']:.1f}x; prefill included)")
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
   with open(args.out, "w") as f:
     json.dump(results, f, indent=2)

@@ -69,6 +69,21 @@ def unet_model_and_params():
   return model, params
 
 
+@pytest.fixture(scope="module")
+def discrete_model_and_params():
+  """The tiny model with discrete images (the Chameleon baseline): 4x4 grids of 16 codes after the 64 text ids, BOI
+  made a frequent draw."""
+  config = tiny_model_config()
+  config.data.codec, config.data.codebook_size, config.data.latent_downsample, config.model.patch_size = "vq", 16, 2, 1
+  model = spec_lib.resolve(config).transfusion(VOCAB)
+  rows = np.zeros((1, 24), np.int32)
+  params = nn.meta.unbox(model.init(jax.random.key(0), rows, rows, rows, rows, np.zeros((1, 0, 4, 4, 1), np.float32),
+                                    np.zeros((1, 0), np.int32))["params"])
+  kernel = params["lm_head"]["kernel"]
+  params["lm_head"]["kernel"] = kernel.at[:, SPECIAL.boi].set(4 * kernel[:, SPECIAL.boi])
+  return model, params
+
+
 def text_prompt(*ids, boi=False):
   return [sequence.TextPiece(np.array([SPECIAL.bos, *ids] + ([SPECIAL.boi] if boi else []), np.int32))]
 
@@ -127,6 +142,17 @@ def test_interleaved_cached_equals_uncached(request, models):
   assert cached[1].image_positions[0] == 0
   assert any(0 < p < len(g.tokens) for g in cached for p in g.image_positions)
   assert all(len(g.images) <= 2 and len(g.images) == len(g.image_positions) for g in cached)
+
+
+def test_discrete_images_cached_equals_uncached_with_guidance(discrete_model_and_params):
+  options = dataclasses.replace(OPTS, temperature=1.0, cfg_scale=2.0, image_top_k=5, max_new_tokens=12)
+  prompts = [text_prompt(10, 11), text_prompt(20, 21, 22, boi=True), text_prompt(30), text_prompt(31)]
+  cached = decode(discrete_model_and_params, prompts, decoding.INTERLEAVED, options)
+  assert_same(cached, decode(discrete_model_and_params, prompts, decoding.INTERLEAVED, options, cached=False), atol=0)
+  assert cached[1].image_positions[0] == 0 and any(0 < p for g in cached for p in g.image_positions)
+  codes = np.concatenate([g.images for g in cached])
+  assert codes.shape[1:] == (4, 4, 1) and len(np.unique(codes)) > 5 and set(np.unique(codes)) <= set(range(16))
+  assert all(t < VOCAB for g in cached for t in g.tokens)           # text never draws a code
 
 
 def test_causal_image_attention_changes_images_and_captions(model_and_params, causal_model_and_params):
@@ -239,6 +265,33 @@ def test_ddim_eta_0_is_deterministic_and_eta_1_is_not(model_and_params):
   assert np.abs(runs[0.0][0] - ddpm).max() > 1e-2
 
 
+@pytest.mark.parametrize("models, cached, first_images", [
+    ("model_and_params", True, [0, 0, 2, 3]), ("model_and_params", False, [0, 0, 2, 3]),
+    ("discrete_model_and_params", True, [3, 0, None, None]), ("discrete_model_and_params", False, [3, 0, None, None]),
+], ids=["latents-cached", "latents-full", "codes-cached", "codes-full"])
+def test_guidance_scale_0_draws_the_unconditional_image(request, models, cached, first_images):
+  """At w = 0 the guided prediction is the partner's alone: a row's first image is the one an unguided [BOS BOI] row
+  draws with the same noise, whatever the caption or text before it. So the partner sees [BOS BOI image] and nothing
+  of its row's text, in every phase."""
+  model_and_params = request.getfixturevalue(models)
+  options = dataclasses.replace(OPTS, temperature=1.0, max_new_tokens=12)
+  unconditional = decode(model_and_params, [text_prompt(boi=True)] * 4, decoding.IMAGE, options, cached=cached)
+  captions = [text_prompt(10, 11, 12, boi=True), text_prompt(boi=True), text_prompt(40, 41, boi=True),
+              text_prompt(50, boi=True)]
+  conditional = decode(model_and_params, captions, decoding.IMAGE, options, cached=cached)
+  assert np.abs(conditional[0].images - unconditional[0].images).max() > 0.5      # the caption matters at w = 1
+  guided = dict(cached=cached, options=dataclasses.replace(options, cfg_scale=0.0))
+  images = decode(model_and_params, captions, decoding.IMAGE, **guided)
+  interleaved = decode(model_and_params, [text_prompt(10, 11), text_prompt(20, 21, 22, boi=True), text_prompt(30),
+                                          text_prompt(31)], decoding.INTERLEAVED, **guided)
+  # Where each row's first image comes (None: no image) after the text it draws first.
+  assert [g.image_positions[0] if g.image_positions else None for g in interleaved] == first_images
+  for generations in (images, interleaved):
+    for g, u in zip(generations, unconditional):
+      if len(g.images):
+        np.testing.assert_allclose(g.images[0], u.images[0], atol=1e-5)
+
+
 def test_guidance_scale_1_equals_the_conditional_pass(model_and_params):
   prompts = [text_prompt(10, 11, boi=True), text_prompt(12, boi=True)]
   options = dataclasses.replace(OPTS, cfg_scale=1.0)
@@ -345,7 +398,8 @@ def test_tensor_parallel_decoding_equals_one_device(model_and_params, monkeypatc
   text_phase, cache_shards = decoding._jit_text_phase, []
 
   def recording(model, params, state, *args):
-    cache_shards.append(state.memory.cache.keys.sharding.shard_shape(state.memory.cache.keys.shape))
+    cache_shards.append(tuple(c.keys.sharding.shard_shape(c.keys.shape) for c in (state.memory.cache,
+                                                                                  state.partner.cache)))
     return text_phase(model, params, state, *args)
   monkeypatch.setattr(decoding, "_jit_text_phase", recording)
   options = dataclasses.replace(OPTS, cfg_scale=3.0)           # greedy text, guided images
@@ -354,8 +408,9 @@ def test_tensor_parallel_decoding_equals_one_device(model_and_params, monkeypatc
     on_mesh = decoding.decode(model, sharded, prompts, decoding.INTERLEAVED, SPECIAL, AB, options, jax.random.key(0))
   # Three text phases and two image phases, each compiled once: every call gets the state in the same layout.
   assert compiled["jit(text_phase)"] == compiled["jit(image_phase)"] == 1
-  # [layers, B, L, H, Dh]: the 2 x 4 rows (with the guidance partners) over data, the 4 heads over tensor.
-  assert len(cache_shards) == 3 and set(cache_shards) == {(2, 8 // data, 61, 4 // tensor, 8)}
+  # [layers, B, L, H, Dh]: the 4 rows over data, the 4 heads over tensor; the partners' memory holds 16 + 2 slots.
+  assert len(cache_shards) == 3 and set(cache_shards) == {((2, 4 // data, 61, 4 // tensor, 8),
+                                                           (2, 4 // data, 18, 4 // tensor, 8))}
   one = decode(model_and_params, prompts, decoding.INTERLEAVED, options)
   assert [g.image_positions for g in one] == [[0, 0], [0, 0], [2, 2], [3, 3]]
   assert_same(one, on_mesh, atol=3e-5)

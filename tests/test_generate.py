@@ -28,9 +28,9 @@ def run_dir(tmp_path_factory, data_dir):  # noqa: F811
 
 def cli_args(workdir, out, **overrides):
   values = dict(workdir=workdir, step=None, weights="ema", mode="image", prompt=None, prompt_file=None, image=None, test_examples=0,
-                out=out, batch_size=8, tensor_parallelism=0, seed=0, diffusion_steps=3, sampler="ddpm", ddim_eta=0.0, cfg_scale=3.0,
-                temperature=0.0, top_k=0, top_p=1.0, max_new_tokens=6, max_images=1, image_temperature=1.0,
-                image_top_k=0)
+                out=out, batch_size=8, tensor_parallelism=0, seed=0, diffusion_steps=3, sampler="ddpm", ddim_eta=0.0,
+                cfg_scale=3.0, temperature=0.0, top_k=0, top_p=1.0, max_new_tokens=6, max_images=1,
+                image_temperature=1.0, image_top_k=0)
   values.update(overrides)
   return types.SimpleNamespace(**values)
 

@@ -16,12 +16,14 @@ Two memories run the same driver and give the same results:
 Shapes are static: one compilation per (batch, prompt length, options), none per token or step. Rows
 run in lockstep phases: the text phase runs until every row has finished or is waiting to draw an
 image, then the image phase draws all waiting rows' images at once. With classifier-free guidance
-(cfg_scale != 1) each row has an unconditional partner row that sees [BOS BOI image] only (the
-empty caption of training's caption dropout); both predict eps and share the guided update.
+(cfg_scale != 1) each row has an unconditional partner that sees [BOS BOI image] only (the empty
+caption of training's caption dropout); both predict eps and share the guided update. The partners
+live in a memory of their own, n + 2 slots long: BOS is written once, and each image phase writes
+BOI and the image over the previous ones. Text phases run the rows alone.
 
 A model with discrete images (model.cfg.image_codes > 0, the Chameleon baseline) draws an image as n code
 tokens instead (image_token_phase): sampled one by one with image_temperature and image_top_k from the code
-logits alone, guided as l_u + w (l_c - l_u) by the same partner rows. Its images are code grids [h, w, 1]
+logits alone, guided as l_u + w (l_c - l_u) by the same partners. Its images are code grids [h, w, 1]
 (float32 holding the indices, as codecs.VqCodec reads them); text never draws a code.
 """
 import dataclasses
@@ -188,10 +190,12 @@ class CachedMemory:
 # ----------------------------------------------------------------------------------------------
 @flax.struct.dataclass
 class DecodeState:
-  """memory; length [B]: elements written; last [B]: the next token, drawn but not yet written;
-  done [B]; text [B, T] and num_text [B]: generated text ids; images [B, I, h, w, c], num_images [B]
-  (prompt images included), image_positions [B, I]: num_text when each image was drawn; keys [B]."""
+  """memory; partner: with guidance the unconditional partners' memory [B, n + 2] ([BOS BOI image]), else None;
+  length [B]: elements written; last [B]: the next token, drawn but not yet written; done [B]; text [B, T] and
+  num_text [B]: generated text ids; images [B, I, h, w, c], num_images [B] (prompt images included),
+  image_positions [B, I]: num_text when each image was drawn; keys [B]."""
   memory: Any
+  partner: Any
   length: jax.Array
   last: jax.Array
   done: jax.Array
@@ -248,14 +252,26 @@ def _banned(vocab, special, task: Task, may_draw_image, first_token, image_codes
   return banned
 
 
-def _token_block(state: DecodeState, write, latent_shape) -> Block:
-  """Each row's pending token at its next slot, written where write [B] is set."""
-  batch = state.length.shape[0]
+def _token_block(tokens, slots, write, memory_length: int, latent_shape) -> Block:
+  """tokens [B] at slots [B] (their positions), written where write [B] is set, in a memory of memory_length
+  slots."""
+  batch = tokens.shape[0]
   no_images = jnp.zeros((batch, 0), jnp.int32)
-  return Block(tokens=state.last[:, None], segment_ids=write[:, None].astype(jnp.int32),
-               positions=state.length[:, None], image_ids=jnp.zeros((batch, 1), jnp.int32),
-               latents=jnp.zeros((batch, 0, *latent_shape), jnp.float32), timesteps=no_images,
-               slots=jnp.where(write, state.length, state.memory.length)[:, None], image_slots=no_images)
+  return Block(tokens=tokens[:, None], segment_ids=write[:, None].astype(jnp.int32), positions=slots[:, None],
+               image_ids=jnp.zeros((batch, 1), jnp.int32), latents=jnp.zeros((batch, 0, *latent_shape), jnp.float32),
+               timesteps=no_images, slots=jnp.where(write, slots, memory_length)[:, None], image_slots=no_images)
+
+
+def _image_block(cfg, x, t, write, start, image_id, image_slot, memory_length: int, pad_id) -> Block:
+  """Images x [B, h, w, c] at timestep t: their n patches at slots start [B] + [0, n), image ids image_id [B],
+  image slots image_slot [B]; written where write [B] is set, in a memory of memory_length slots."""
+  batch, n = write.shape[0], cfg.patches_per_image
+  slots = start[:, None] + jnp.arange(n)
+  return Block(tokens=jnp.full((batch, n), pad_id, jnp.int32),
+               segment_ids=jnp.broadcast_to(write[:, None], (batch, n)).astype(jnp.int32), positions=slots,
+               image_ids=jnp.broadcast_to(image_id[:, None], (batch, n)), latents=x[:, None],
+               timesteps=jnp.full((batch, 1), t), slots=jnp.where(write[:, None], slots, memory_length),
+               image_slots=jnp.where(write, image_slot, memory_length)[:, None])
 
 
 def text_phase(model, params, state: DecodeState, opts: TextOptions, special, task: Task, image_budget):
@@ -269,7 +285,8 @@ def text_phase(model, params, state: DecodeState, opts: TextOptions, special, ta
 
   def step(s):
     act = active(s)
-    logits, _, memory = s.memory.feed(model, params, _token_block(s, act, model.cfg.latent_shape), with_logits=True)
+    block = _token_block(s.last, s.length, act, slots, model.cfg.latent_shape)
+    logits, _, memory = s.memory.feed(model, params, block, with_logits=True)
     room = s.length + 1 + model.cfg.patches_per_image + 2 <= slots
     banned = _banned(logits.shape[-1], special, task, (s.num_images < image_budget) & room, s.num_text == 0,
                      model.cfg.image_codes)
@@ -287,52 +304,48 @@ def text_phase(model, params, state: DecodeState, opts: TextOptions, special, ta
 
 
 def image_phase(model, params, state: DecodeState, *, special, task: Task, alpha_bar, timesteps, sampler: str,
-                ddim_eta, cfg_scale, guided: bool, clip_x0):
-  """Draws an image for every row waiting at BOI (see the module docstring); others are untouched.
-
-  With guided=True rows [B, 2B) are the unconditional partners of rows [0, B).
-  """
+                ddim_eta, cfg_scale, clip_x0):
+  """Draws an image for every row waiting at BOI (see the module docstring), guided when state.partner is set;
+  others are untouched."""
   cfg = model.cfg
-  n, batch, slots = cfg.patches_per_image, state.length.shape[0], state.memory.length
+  batch, slots, partner = state.length.shape[0], state.memory.length, state.partner
   waiting = ~state.done & (state.last == special.boi)
-  if guided:
-    half = batch // 2
-    state, waiting, partner = _restart_partners(state, waiting, special)
-  _, _, memory = state.memory.feed(model, params, _token_block(state, waiting, cfg.latent_shape), with_logits=False)
+  # A partner is [BOS BOI image] (BOS written by prefill): BOI at slot 1, then its image 1 (image slot 0).
+  one, zero = jnp.ones(batch, jnp.int32), jnp.zeros(batch, jnp.int32)
+  _, _, memory = state.memory.feed(model, params, _token_block(state.last, state.length, waiting, slots,
+                                                               cfg.latent_shape), with_logits=False)
+  if partner is not None:
+    _, _, partner = partner.feed(model, params, _token_block(state.last, one, waiting, partner.length,
+                                                             cfg.latent_shape), with_logits=False)
 
   start = state.length + 1
-  image_id = state.num_images + 1
-  block_slots = start[:, None] + jnp.arange(n)
 
   def image_block(x, t):
-    return Block(tokens=jnp.full((batch, n), special.pad, jnp.int32),
-                 segment_ids=jnp.broadcast_to(waiting[:, None], (batch, n)).astype(jnp.int32), positions=block_slots,
-                 image_ids=jnp.broadcast_to(image_id[:, None], (batch, n)), latents=x[:, None],
-                 timesteps=jnp.full((batch, 1), t), slots=jnp.where(waiting[:, None], block_slots, slots),
-                 image_slots=jnp.where(waiting, state.num_images, slots)[:, None])
+    return _image_block(cfg, x, t, waiting, start, state.num_images + 1, state.num_images, slots, special.pad)
+
+  def partner_block(x, t):
+    return _image_block(cfg, x, t, waiting, one + 1, one, zero, partner.length, special.pad)
 
   image_keys = jax.vmap(jax.random.fold_in)(state.keys, 1_000_000 + state.num_images)
-  if guided:
-    image_keys = jnp.concatenate([image_keys[:half], image_keys[:half]])
   x = jax.vmap(lambda k: jax.random.normal(k, cfg.latent_shape))(image_keys)
 
   def denoise(i, carry):
-    x, memory = carry
+    x, memory, partner = carry
     t, t_prev = timesteps[i], timesteps[i + 1]
     _, output, memory = memory.feed(model, params, image_block(x, t), with_logits=False)
     output = output[:, 0]
-    if guided:
-      output = diffusion.guide(output[:half], output[half:], cfg_scale)
-      output = jnp.concatenate([output, output])
+    if partner is not None:
+      _, unconditional, partner = partner.feed(model, params, partner_block(x, t), with_logits=False)
+      output = diffusion.guide(output, unconditional[:, 0], cfg_scale)
     x0 = diffusion.x0_from_prediction(cfg.prediction, output, x, alpha_bar[t], clip_x0)
     noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i), cfg.latent_shape))(image_keys)
     if sampler == "ddim":
       x_prev = diffusion.ddim_step(x, x0, alpha_bar[t], alpha_bar[t_prev], noise, ddim_eta)
     else:
       x_prev = diffusion.ddpm_step(x, x0, alpha_bar[t], alpha_bar[t_prev], noise)
-    return x_prev, memory
+    return x_prev, memory, partner
 
-  x, memory = jax.lax.fori_loop(0, timesteps.shape[0] - 1, denoise, (x, memory))
+  x, memory, partner = jax.lax.fori_loop(0, timesteps.shape[0] - 1, denoise, (x, memory, partner))
   if not task.stop_after_image:   # the finished image is context for what follows
     _, _, memory = memory.feed(model, params, image_block(x, sequence.CONTEXT_TIMESTEP), with_logits=False)
 
@@ -340,70 +353,61 @@ def image_phase(model, params, state: DecodeState, *, special, task: Task, alpha
                                    jnp.where(waiting, state.num_images, state.images.shape[1])[:, None])
   positions = transformer.write_slots(state.image_positions, state.num_text[:, None],
                                       jnp.where(waiting, state.num_images, state.images.shape[1])[:, None])
-  done = state.done | (waiting & task.stop_after_image)
-  if guided:
-    done = done | partner
-  return state.replace(memory=memory, length=jnp.where(waiting, start + n, state.length),
-                       last=jnp.where(waiting, special.eoi, state.last), done=done, images=images,
+  length = jnp.where(waiting, start + cfg.patches_per_image, state.length)
+  return state.replace(memory=memory, partner=partner, length=length, last=jnp.where(waiting, special.eoi, state.last),
+                       done=state.done | (waiting & task.stop_after_image), images=images,
                        num_images=state.num_images + waiting, image_positions=positions)
 
 
-def _restart_partners(state: DecodeState, waiting, special):
-  """With guidance: rows [B/2, B) wait with their partners [0, B/2) and restart from [BOS] before the image, the
-  unconditional context (their cache beyond it is overwritten as they go). -> (state, waiting, partner)."""
-  half = state.length.shape[0] // 2
-  waiting = jnp.concatenate([waiting[:half], waiting[:half]])
-  partner = jnp.arange(2 * half) >= half
-  state = state.replace(length=jnp.where(partner & waiting, 1, state.length),
-                        last=jnp.where(partner & waiting, special.boi, state.last),
-                        num_images=jnp.where(partner, 0, state.num_images))
-  return state, waiting, partner
-
-
-def image_token_phase(model, params, state: DecodeState, opts: TextOptions, *, special, task: Task, cfg_scale,
-                      guided: bool):
+def image_token_phase(model, params, state: DecodeState, opts: TextOptions, *, special, task: Task, cfg_scale):
   """Draws a discrete image for every row waiting at BOI: BOI and n code tokens, each sampled (opts: the image
-  temperature and top-k) from the code logits, guided as l_u + cfg_scale (l_c - l_u) with guided=True (rows
-  [B, 2B) the partners of rows [0, B)); EOI is the next token. Others are untouched."""
+  temperature and top-k) from the code logits, guided as l_u + cfg_scale (l_c - l_u) when state.partner is set
+  (the partners write BOI and the codes after their BOS, at slots 1, 2, ...); EOI is the next token. Others are
+  untouched."""
   cfg = model.cfg
   n, batch, offset = cfg.patches_per_image, state.length.shape[0], cfg.image_token_offset
   waiting = ~state.done & (state.last == special.boi)
-  if guided:
-    state, waiting, partner = _restart_partners(state, waiting, special)
-  half = batch // 2
 
   def draw(i, carry):
     s, codes = carry
-    logits, _, memory = s.memory.feed(model, params, _token_block(s, waiting, cfg.latent_shape), with_logits=True)
-    logits = logits[:, 0, offset:]
+    block = _token_block(s.last, s.length, waiting, s.memory.length, cfg.latent_shape)
+    logits, _, memory = s.memory.feed(model, params, block, with_logits=True)
+    logits, partner = logits[:, 0, offset:], s.partner
+    if partner is not None:   # the partner's pending token is its row's: BOI, then the codes drawn
+      block = _token_block(s.last, jnp.full(batch, 1 + i), waiting, partner.length, cfg.latent_shape)
+      unconditional, _, partner = partner.feed(model, params, block, with_logits=True)
+      unconditional = unconditional[:, 0, offset:]
+      logits = unconditional + cfg_scale * (logits - unconditional)
     keys = jax.vmap(jax.random.fold_in)(s.keys, 2_000_000 + s.num_images * n + i)
-    if guided:
-      guided_logits = logits[half:] + cfg_scale * (logits[:half] - logits[half:])
-      code = sample_tokens(guided_logits, keys[:half], opts)
-      code = jnp.concatenate([code, code])
-    else:
-      code = sample_tokens(logits, keys, opts)
+    code = sample_tokens(logits, keys, opts)
     codes = codes.at[:, i].set(code)
-    return s.replace(memory=memory, length=s.length + waiting, last=jnp.where(waiting, code + offset, s.last)), codes
+    return s.replace(memory=memory, partner=partner, length=s.length + waiting,
+                     last=jnp.where(waiting, code + offset, s.last)), codes
 
   state, codes = jax.lax.fori_loop(0, n, draw, (state, jnp.zeros((batch, n), jnp.int32)))
   if not task.stop_after_image:   # the last code is context for what follows
-    _, _, memory = state.memory.feed(model, params, _token_block(state, waiting, cfg.latent_shape), with_logits=False)
+    block = _token_block(state.last, state.length, waiting, state.memory.length, cfg.latent_shape)
+    _, _, memory = state.memory.feed(model, params, block, with_logits=False)
     state = state.replace(memory=memory, length=state.length + waiting)
   image = codes.reshape(batch, *cfg.latent_shape).astype(jnp.float32)
   slot = jnp.where(waiting, state.num_images, state.images.shape[1])[:, None]
-  done = state.done | (waiting & task.stop_after_image)
-  if guided:
-    done = done | partner
-  return state.replace(last=jnp.where(waiting, special.eoi, state.last), done=done,
+  return state.replace(last=jnp.where(waiting, special.eoi, state.last),
+                       done=state.done | (waiting & task.stop_after_image),
                        images=transformer.write_slots(state.images, image[:, None], slot),
                        image_positions=transformer.write_slots(state.image_positions, state.num_text[:, None], slot),
                        num_images=state.num_images + waiting)
 
 
-def prefill(model, params, state: DecodeState, block: Block):
+def prefill(model, params, state: DecodeState, block: Block, bos):
+  """Writes the prompts (block) and, with guidance, BOS (the id bos) at slot 0 of every partner."""
   _, _, memory = state.memory.feed(model, params, block, with_logits=False)
-  return state.replace(memory=memory)
+  partner = state.partner
+  if partner is not None:
+    batch = state.length.shape[0]
+    first = _token_block(jnp.full(batch, bos), jnp.zeros(batch, jnp.int32), jnp.ones(batch, bool), partner.length,
+                         model.cfg.latent_shape)
+    _, _, partner = partner.feed(model, params, first, with_logits=False)
+  return state.replace(memory=memory, partner=partner)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -449,8 +453,6 @@ def decode(model, params, prompts: list[list], task: Task, special: sequence.Spe
   shards = sharding.data_shards(mesh)
   num_prompts = len(prompts)
   prompts = sharding.pad_rows(list(prompts), shards, prompts[0])   # whole rows per data shard
-  if guided:
-    prompts = prompts + [[sequence.TextPiece(np.array([special.bos, special.boi], np.int32))]] * len(prompts)
   arrays, lengths = _prompt_rows(prompts, special, cfg)
   batch, prompt_slots = arrays["tokens"].shape
   last = arrays["tokens"][np.arange(batch), lengths - 1]
@@ -460,8 +462,7 @@ def decode(model, params, prompts: list[list], task: Task, special: sequence.Spe
   text_budget = options.max_new_tokens if task.allow_text else 0
   total = prompt_slots + text_budget + max_images * (cfg.patches_per_image + 2) + 1   # static per prompt bucket
   image_capacity = arrays["latents"].shape[1] + max_images
-  conditional_rows = batch // 2 if guided else batch
-  row_keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(batch) % conditional_rows)
+  row_keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(batch))
   in_prompt = (np.arange(prompt_slots)[None, :] < (lengths - 1)[:, None])
   prompt_block = Block(
       tokens=arrays["tokens"], segment_ids=in_prompt.astype(np.int32), positions=arrays["positions"],
@@ -471,17 +472,16 @@ def decode(model, params, prompts: list[list], task: Task, special: sequence.Spe
       image_slots=np.where(arrays["image_valid"], np.arange(arrays["image_valid"].shape[1]), image_capacity
                            ).astype(np.int32))
   image_budget = jnp.asarray(prompt_images + max_images)
-  partner = np.arange(batch) >= conditional_rows
   text_opts = TextOptions(jnp.float32(options.temperature), jnp.int32(options.top_k), jnp.float32(options.top_p))
   image_opts = TextOptions(jnp.float32(options.image_temperature), jnp.int32(options.image_top_k), jnp.float32(1.0))
   schedule = dict(alpha_bar=jnp.asarray(alpha_bar, jnp.float32),
                   timesteps=jnp.asarray(diffusion.respaced_timesteps(num_timesteps, options.diffusion_steps)))
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
-    state = _init_state(model, cached=cached, batch=batch, total=total, image_capacity=image_capacity, pad=special.pad,
-                        length=jnp.asarray(lengths - 1), last=jnp.asarray(last), partner=jnp.asarray(partner),
+    state = _init_state(model, cached=cached, guided=guided, batch=batch, total=total, image_capacity=image_capacity,
+                        pad=special.pad, length=jnp.asarray(lengths - 1), last=jnp.asarray(last),
                         text_budget=text_budget, keys=row_keys, prompt_images=jnp.asarray(prompt_images))
-    state = _jit_prefill(model, params, state, prompt_block)
+    state = _jit_prefill(model, params, state, prompt_block, special.bos)
     while True:  # the text phase leaves every row done or waiting at BOI
       state = _jit_text_phase(model, params, state, text_opts, special, task, image_budget)
       done, last = _host((state.done, state.last))
@@ -489,12 +489,12 @@ def decode(model, params, prompts: list[list], task: Task, special: sequence.Spe
         break
       if cfg.image_codes:
         state = _jit_image_token_phase(model, params, state, image_opts, special=special, task=task,
-                                       cfg_scale=jnp.float32(options.cfg_scale), guided=guided)
+                                       cfg_scale=jnp.float32(options.cfg_scale))
         continue
       state = _jit_image_phase(model, params, state, special=special, task=task, alpha_bar=schedule["alpha_bar"],
                                timesteps=schedule["timesteps"], sampler=options.sampler,
                                ddim_eta=jnp.float32(options.ddim_eta), cfg_scale=jnp.float32(options.cfg_scale),
-                               guided=guided, clip_x0=options.clip_x0)
+                               clip_x0=options.clip_x0)
   text, num_text, images, num_images, positions = _host(
       (state.text, state.num_text, state.images, state.num_images, state.image_positions))
   results = []
@@ -517,21 +517,23 @@ def _host(tree):
   return jax.tree.map(lambda a: np.asarray(multihost_utils.process_allgather(a, tiled=True)), tree)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "cached", "batch", "total", "image_capacity", "pad",
+@functools.partial(jax.jit, static_argnames=("model", "cached", "guided", "batch", "total", "image_capacity", "pad",
                                              "text_budget"))
-def _init_state(model, *, cached, batch, total, image_capacity, pad, length, last, partner, text_budget, keys,
+def _init_state(model, *, cached, guided, batch, total, image_capacity, pad, length, last, text_budget, keys,
                 prompt_images):
   cfg = model.cfg
-  if cached:
-    memory = CachedMemory.empty(model, batch, total)
-  else:
-    memory_images = 0 if cfg.image_codes else image_capacity     # discrete images live in the tokens
-    memory = FullMemory.empty(batch, total, memory_images, cfg.latent_shape, pad)
+
+  def empty(length, images):
+    if cached:
+      return CachedMemory.empty(model, batch, length)
+    return FullMemory.empty(batch, length, 0 if cfg.image_codes else images, cfg.latent_shape, pad)  # codes are tokens
+
+  partner = empty(cfg.patches_per_image + 2, 1) if guided else None     # [BOS BOI image]
   zeros = jnp.zeros(batch, jnp.int32)
-  rows = dict(length=length, last=last, done=partner, text=jnp.full((batch, text_budget), pad), num_text=zeros,
-              images=jnp.zeros((batch, image_capacity, *cfg.latent_shape), jnp.float32), num_images=prompt_images,
-              image_positions=jnp.zeros((batch, image_capacity), jnp.int32), keys=keys)
-  return DecodeState(memory=memory, **jax.tree.map(_split_rows, rows))
+  rows = dict(length=length, last=last, done=jnp.zeros(batch, bool), text=jnp.full((batch, text_budget), pad),
+              num_text=zeros, images=jnp.zeros((batch, image_capacity, *cfg.latent_shape), jnp.float32),
+              num_images=prompt_images, image_positions=jnp.zeros((batch, image_capacity), jnp.int32), keys=keys)
+  return DecodeState(memory=empty(total, image_capacity), partner=partner, **jax.tree.map(_split_rows, rows))
 
 
 def _split_rows(a):
@@ -542,7 +544,7 @@ def _split_rows(a):
 
 _jit_prefill = jax.jit(prefill, static_argnames=("model",), donate_argnames=("state",))
 _jit_text_phase = jax.jit(text_phase, static_argnames=("model", "special", "task"), donate_argnames=("state",))
-_jit_image_token_phase = jax.jit(image_token_phase, static_argnames=("model", "special", "task", "guided"),
+_jit_image_token_phase = jax.jit(image_token_phase, static_argnames=("model", "special", "task"),
                                  donate_argnames=("state",))
-_jit_image_phase = jax.jit(image_phase, static_argnames=("model", "special", "task", "sampler", "guided", "clip_x0"),
+_jit_image_phase = jax.jit(image_phase, static_argnames=("model", "special", "task", "sampler", "clip_x0"),
                            donate_argnames=("state",))
