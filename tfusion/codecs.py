@@ -93,10 +93,8 @@ def _vq_programs(model: vae_lib.VQModel):
 
 def vq_reconstruct(model: vae_lib.VQModel, params, images: np.ndarray) -> np.ndarray:
   """uint8 images [N, S, S, 3] -> their codes int32 [N, S/f, S/f] -> uint8 reconstructions (on this process)."""
-  encode, decode, batch = _vq_programs(model)
-  params = jax.device_put(params, _local_shardings()[0])
-  codes = _in_batches(lambda x: encode(params, pixels_to_unit(x)), np.asarray(images), batch)
-  return unit_to_pixels(_in_batches(lambda c: decode(params, c), codes, batch))
+  codec = VqCodec(model, jax.device_put(params, _local_shardings()[0]), metadata={})
+  return codec.decode(codec.codes(images)[..., None])
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -202,6 +200,13 @@ def autoencoder_of_run(vae_run_config) -> vae_lib.AutoencoderKL | vae_lib.VQMode
   return vae_lib.AutoencoderKL(vae)
 
 
+def _latest_params(run: run_dir.RunDir, model) -> tuple[Any, int]:
+  """(numpy params, step) of a train_vae run's latest checkpoint, for its AutoencoderKL or VQModel."""
+  f, channels = model.config.downsample, model.config.in_channels
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, f, f, channels))))
+  return run.restore_params(None, jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), nn.meta.unbox(shapes["params"])))
+
+
 def load_vae(path: str) -> tuple[vae_lib.VAEConfig, Any, dict]:
   """(architecture, numpy params, provenance) of a VAE: a tfusion.train_vae workdir (latest checkpoint)
   or a diffusers AutoencoderKL directory / .safetensors file."""
@@ -215,10 +220,7 @@ def load_vae(path: str) -> tuple[vae_lib.VAEConfig, Any, dict]:
     vae = vae_config_of_run(run_config)
     if not run.saved_steps():
       raise FileNotFoundError(f"VAE run {path} has no checkpoint yet: train it with python -m tfusion.train_vae")
-    shapes = jax.eval_shape(lambda: vae_lib.AutoencoderKL(vae).init(
-        jax.random.key(0), jnp.zeros((1, vae.downsample, vae.downsample, vae.in_channels))))
-    target = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), nn.meta.unbox(shapes["params"]))
-    params, step = run.restore_params(None, target)
+    params, step = _latest_params(run, vae_lib.AutoencoderKL(vae))
     return vae, params, {"vae": path, "vae_format": "tfusion", "vae_step": int(step)}
   if os.path.isdir(path) or path.endswith(".safetensors"):
     vae, params = vae_lib.load_diffusers(path)
@@ -259,10 +261,7 @@ def vq_codec(path: str) -> VqCodec:
   else:
     if not run.saved_steps():
       raise FileNotFoundError(f"VQ-VAE run {path} has no checkpoint yet: train it with python -m tfusion.train_vae")
-    f = model.config.downsample
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, f, f, model.config.in_channels))))
-    params, step = run.restore_params(None, jax.tree.map(lambda s: np.zeros(s.shape, s.dtype),
-                                                         nn.meta.unbox(shapes["params"])))
+    params, step = _latest_params(run, model)
   metadata = dict(codec="vq", vae=path, vae_format="tfusion", vae_step=int(step), codebook_size=model.codebook_size,
                   downsample=model.config.downsample)
   return VqCodec(model, jax.device_put(params, _local_shardings()[0]), metadata)
