@@ -1,9 +1,11 @@
 """A plain Llama train step: the reference tfusion's TPU estimates are compared with.
 
-Text only, a static causal mask, dense attention, the layers written out one by one (no scan, so
-XLA's cost analysis sees every layer). Everything else is tfusion's, so the comparison isolates what
-Transfusion adds: the same logical axis names and sharding rules, the same AdamW (tfusion's
-optimizer), the same dtypes and per-layer remat, the same batch sharding.
+Text only, a causal mask, the layers written out one by one (no scan, so XLA's cost analysis sees
+every layer). Attention is a dense einsum (`attention="dense"`) or tfusion's Pallas kernel on one
+segment without images (`"flash"`, i.e. plain causal flash attention). Everything else is tfusion's,
+so the comparison isolates what Transfusion adds: the same logical axis names and sharding rules,
+the same AdamW (tfusion's optimizer), the same dtypes and per-layer remat policy, the same batch
+sharding. Unrolled layers keep their remat (`prevent_cse`), as the scanned layers that train do.
 """
 import flax.linen as nn
 import jax
@@ -11,7 +13,8 @@ import jax.numpy as jnp
 import optax
 
 from tfusion import sharding
-from tfusion.models.transformer import RMSNorm, SwiGLU, TransformerConfig, _projection, apply_rope
+from tfusion.models.transformer import (REMAT_POLICIES, RMSNorm, SwiGLU, TransformerConfig, _projection,
+                                       apply_rope, sharded_flash_attention)
 from tfusion.training import state as state_lib
 
 
@@ -26,10 +29,14 @@ class CausalAttention(nn.Module):
     q, k, v = (_projection(cfg, name, "bld,dhk->blhk", shape, axes)(x) for name in ("query", "key", "value"))
     positions = jnp.arange(x.shape[1])[None]
     q, k = apply_rope(q, positions, cfg.rope_theta), apply_rope(k, positions, cfg.rope_theta)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(cfg.head_dim)
-    causal = jnp.tril(jnp.ones((x.shape[1], x.shape[1]), bool))
-    probs = jax.nn.softmax(jnp.where(causal, logits, jnp.finfo(jnp.float32).min), axis=-1).astype(v.dtype)
-    out = jnp.einsum("bhqk,bkhd->bqhd", probs, v, preferred_element_type=jnp.float32).astype(cfg.dtype)
+    if cfg.attention == "flash":            # one segment, no images: the kernel's mask is plain causal
+      ids = jnp.ones(x.shape[:2], jnp.int32)
+      out = sharded_flash_attention(cfg, q, k, v, ids, jnp.zeros_like(ids))
+    else:
+      logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(cfg.head_dim)
+      causal = jnp.tril(jnp.ones((x.shape[1], x.shape[1]), bool))
+      probs = jax.nn.softmax(jnp.where(causal, logits, jnp.finfo(jnp.float32).min), axis=-1).astype(v.dtype)
+      out = jnp.einsum("bhqk,bkhd->bqhd", probs, v, preferred_element_type=jnp.float32).astype(cfg.dtype)
     return _projection(cfg, "out", "blhk,hkd->bld", (cfg.num_heads, cfg.head_dim, cfg.d_model),
                        ("heads", "kv", "embed"), fan_in_axes=(0, 1))(out)
 
@@ -59,7 +66,9 @@ class PlainLlama(nn.Module):
     table = self.param("embedding", nn.with_logical_partitioning(nn.initializers.normal(1.0), ("vocab", "embed")),
                        (self.vocab_size, cfg.d_model), cfg.param_dtype)
     x = jnp.take(nn.with_logical_constraint(table.astype(cfg.dtype), ("vocab", None)), tokens, axis=0)
-    layer = Layer if cfg.remat_policy == "none" else nn.remat(Layer, prevent_cse=False)
+    # Unrolled, prevent_cse keeps XLA from merging the recomputed forward into the first one (no remat at all).
+    layer = Layer if cfg.remat_policy == "none" else nn.remat(Layer, policy=REMAT_POLICIES[cfg.remat_policy],
+                                                               prevent_cse=not self.scan_layers)
     if self.scan_layers:
       scan = nn.scan(lambda module, x, _: (module(x), None), variable_axes={"params": 0}, split_rngs={"params": True},
                      length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})

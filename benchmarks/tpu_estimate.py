@@ -6,8 +6,10 @@ r"""Estimated TPU step time and MFU of tfusion's train step next to a plain Llam
 Every figure here is an ESTIMATE of XLA's TPU cost model (`compiled.cost_analysis()["optimal_seconds"]`,
 per device), not a measurement: use it to compare variants compiled in one run. For each plan (a paper
 size on a TPU topology, the paper's batch of 512 rows of 4096) it compiles, for every attention
-implementation asked for, tfusion's full train step (forward, backward, AdamW) and a plain Llama step
-of the same size, batch and sequence (`benchmarks/plain_llama.py`: text only, causal, dense attention).
+implementation asked for, tfusion's full train step (forward, backward, AdamW), and for every attention
+of --llama_attention a plain Llama step of the same size, batch and sequence (`benchmarks/plain_llama.py`:
+text only, causal; dense einsum attention, as the issue's reference, and the same flash kernel, so one
+ratio compares like with like). Both use the config's remat policy (`--remat` overrides it).
 
 The cost model prices a loop body once, so the layers are unrolled; to keep compile time down each
 model is compiled with 1 and 2 layers and the compiler FLOPs and seconds are extrapolated linearly to
@@ -58,7 +60,7 @@ def tfusion_step(config, devices, layers: int) -> dict:
 
 
 def llama_step(config, devices, layers: int) -> dict:
-  """Figures of the plain Llama's step, as tfusion_step."""
+  """Figures of the plain Llama's step (config.model.attention: dense or flash), as tfusion_step."""
   tcfg = spec_lib.resolve(config).model.transformer
   tcfg = dataclasses.replace(tcfg, num_layers=layers or tcfg.num_layers)
   tx, _ = optim.make_optimizer(config.optim, config.total_steps)
@@ -95,25 +97,36 @@ def estimate(label: str, compile_step, config, devices, memory: bool = True) -> 
           "one_layer": one, "two_layers": two, "scanned": full, "compile_seconds": time.time() - start}
 
 
+def with_attention(config, attention: str):
+  """A copy of config with attention "name" or "name:block" (model.attention, model.attention_chunk)."""
+  variant = config.copy_and_resolve_references()
+  variant.model.attention, _, block = attention.partition(":")
+  variant.model.attention_chunk = int(block or variant.model.attention_chunk)
+  spec_lib.resolve(variant)                          # the config's and the model's checks, before any compile
+  return variant
+
+
+def attention_label(config) -> str:
+  chunk = "" if config.model.attention == "dense" else f" {config.model.attention_chunk}"
+  return f"{config.model.attention} attention{chunk}, remat {config.model.remat_policy}"
+
+
 def run_plan(plan: str, attentions: list[str], out: str, batch_size: int = 0, seq_len: int = 0,
-             llama: bool = True, memory: bool = True) -> list[dict]:
+             llama_attentions: tuple[str, ...] = ("dense",), memory: bool = True, remat: str = "") -> list[dict]:
   """The rows of one plan, each printed and saved to `out` as soon as it is compiled."""
   size, topology = plan.split("@")
   config = config_lib.load_experiment(os.path.join(REPO, "experiments", f"transfusion_paper.py:size={size}"))
   config.batch_size = batch_size or config.batch_size
   config.seq_len = seq_len or config.seq_len
+  config.model.remat_policy = remat or config.model.remat_policy
   devices = aot.topology_devices(topology)
-  variants = [(f"plain Llama {size}, dense causal", llama_step, config)] if llama else []
-  for attention in attentions:                       # name or name:block (model.attention, model.attention_chunk)
-    variant = config.copy_and_resolve_references()
-    variant.model.attention, _, block = attention.partition(":")
-    variant.model.attention_chunk = int(block or variant.model.attention_chunk)
-    spec_lib.resolve(variant)                        # the config's and the model's checks, before any compile
-    label = f"tfusion {size}, {variant.model.attention} attention {variant.model.attention_chunk}"
-    variants.append((label, tfusion_step, variant))
+  variants = [("plain Llama", llama_step, with_attention(config, a)) for a in llama_attentions]
+  variants += [("tfusion", tfusion_step, with_attention(config, a)) for a in attentions]
   rows = []
-  for label, compile_step, variant in variants:
-    row = dict(estimate(label, compile_step, variant, devices, memory), plan=plan, topology=topology)
+  for model, compile_step, variant in variants:
+    label = f"{model} {size}, {attention_label(variant)}"
+    row = dict(estimate(label, compile_step, variant, devices, memory), plan=plan, topology=topology, model=model,
+               attention=variant.model.attention, remat=variant.model.remat_policy)
     rows = save(out, row)
     print(format_row(row, rows), flush=True)
   return rows
@@ -129,20 +142,23 @@ def save(out: str, row: dict) -> list[dict]:
   return rows
 
 
-def ratio_to_llama(row: dict, rows: list[dict]) -> float:
-  """The row's estimated MFU over the plain Llama's of the same plan (nan if that is not compiled yet)."""
-  llama = [r for r in rows if r["plan"] == row["plan"] and r["label"].startswith("plain Llama")]
+def ratio_to_llama(row: dict, rows: list[dict], attention: str) -> float:
+  """The row's estimated MFU over that of the plain Llama of the same plan and remat policy whose attention
+  is `attention` ("dense", or "same": the row's own); nan if that Llama is not compiled yet."""
+  wanted = row.get("attention") if attention == "same" else attention
+  llama = [r for r in rows if r.get("model") == "plain Llama" and r.get("attention") == wanted
+           and (r["plan"], r.get("remat")) == (row["plan"], row.get("remat"))]
   return row["estimated_mfu"] / llama[0]["estimated_mfu"] if llama else float("nan")
 
 
-HEADER = (f"{'plan':<16}{'model':<34}{'model TFLOP':>12}{'XLA TFLOP':>10}{'est. s':>8}{'est. MFU':>9}"
-          f"{'x Llama':>8}{'peak GiB':>9}{'compile s':>10}")
+HEADER = (f"{'plan':<14}{'model':<56}{'model TFLOP':>12}{'XLA TFLOP':>10}{'est. s':>8}{'est. MFU':>9}"
+          f"{'x Llama same attn':>18}{'x Llama dense':>14}{'peak GiB':>9}{'compile s':>10}")
 
 
 def format_row(row: dict, rows: list[dict]) -> str:
-  return (f"{row['plan']:<16}{row['label']:<34}{row['model_flops'] / 1e12:>12.1f}{row['compiler_flops'] / 1e12:>10.1f}"
-          f"{row['seconds']:>8.3f}{row['estimated_mfu']:>9.1%}{ratio_to_llama(row, rows):>8.2f}"
-          f"{row['peak_bytes'] / 2**30:>9.1f}{row['compile_seconds']:>10.0f}")
+  return (f"{row['plan']:<14}{row['label']:<56}{row['model_flops'] / 1e12:>12.1f}{row['compiler_flops'] / 1e12:>10.1f}"
+          f"{row['seconds']:>8.3f}{row['estimated_mfu']:>9.1%}{ratio_to_llama(row, rows, 'same'):>18.2f}"
+          f"{ratio_to_llama(row, rows, 'dense'):>14.2f}{row['peak_bytes'] / 2**30:>9.1f}{row['compile_seconds']:>10.0f}")
 
 
 def main():
@@ -153,14 +169,16 @@ def main():
   parser.add_argument("--batch_size", type=int, default=0, help="rows per step (default: the paper's 512)")
   parser.add_argument("--seq_len", type=int, default=0, help="row length (default: the paper's 4096)")
   parser.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "tpu_estimate.json"))
-  parser.add_argument("--no_llama", action="store_true", help="tfusion rows only (the Llama's kept from --out)")
+  parser.add_argument("--llama_attention", nargs="*", default=["dense", "flash:512"],
+                      help="the plain Llama's attentions (dense, flash[:block]); none: tfusion rows only")
+  parser.add_argument("--remat", default="", help="model.remat_policy of every row (default: the config's, full)")
   parser.add_argument("--no_memory", action="store_true", help="skip the full-depth compile that gives peak memory")
   args = parser.parse_args()
   print("XLA cost-model ESTIMATES per device (not measurements); layers extrapolated from 1 and 2 unrolled")
   print(HEADER, flush=True)
   for plan in args.plans:
-    run_plan(plan, args.attention, args.out, args.batch_size, args.seq_len, llama=not args.no_llama,
-             memory=not args.no_memory)
+    run_plan(plan, args.attention, args.out, args.batch_size, args.seq_len, tuple(args.llama_attention),
+             memory=not args.no_memory, remat=args.remat)
 
 
 if __name__ == "__main__":

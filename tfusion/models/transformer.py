@@ -398,7 +398,8 @@ class Transformer(nn.Module):
     if cache is None:
       block = Block
       if cfg.remat_policy != "none":
-        block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
+        # Unrolled, prevent_cse keeps XLA from merging a layer's recomputation into its forward pass.
+        block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=cfg.unroll_layers)
       layers = scan(block, in_axes=(nn.broadcast,) * 3)
       x, _ = layers(cfg, name="layers")(x, segment_ids, image_ids, positions)
     else:
