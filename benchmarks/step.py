@@ -3,15 +3,16 @@ against the same run's measured matmul peak, with a profile of where the step's 
 
   python benchmarks/step.py [--seq_len 1024] [--rows 2] [--steps 3] [--dtypes float32,bfloat16]
       [--attention chunked|dense|dot_product] [--remat dots_saveable|none|full]
-  python benchmarks/step.py --experiment experiments/shapes_latent.py [--steps 3]
+  python benchmarks/step.py --experiment experiments/shapes_latent.py [--steps 3] [--set model.unet_skip_empty_slots=False]
 
 Runs on one device (XLA uses every core); prints a table and writes benchmarks/results/step.json. With
 --experiment (a path as --config takes it, "experiments/x.py" or "experiments/x.py:arg") it times that config's
 train step (model, batch_size, seq_len, image slots per row, EMA, losses) on synthetic rows of its layout
 (random latents: a VAE codec needs no trained VAE) and writes benchmarks/results/step_<x>.json; --seq_len,
---rows, --dtypes, --attention and --remat, when given, override its fields.
+--rows, --dtypes, --attention and --remat, when given, override its fields; --set FIELD=VALUE overrides any field.
 """
 import argparse
+import ast
 import collections
 import glob
 import json
@@ -34,13 +35,26 @@ SHAPE_DEFAULTS = dict(seq_len=1024, rows=2, dtypes="float32,bfloat16", attention
 SPECIAL = sequence.SpecialIds(pad=0, bos=2, eos=3, boi=4, eoi=5)
 
 
-def benchmark_config(experiment, seq_len=None, rows=None, attention=None, remat=None):
-  """The config of `experiment` (a load_experiment path) on one device, with the fields given overridden."""
+def benchmark_config(experiment, seq_len=None, rows=None, attention=None, remat=None, overrides=()):
+  """The config of `experiment` (a load_experiment path) on one device, with the fields given overridden;
+  overrides: "dotted.field=value" strings (value a Python literal, or a string)."""
   c = config_lib.load_experiment(experiment)
   for node, field, value in ((c, "seq_len", seq_len), (c, "batch_size", rows), (c.model, "attention", attention),
                              (c.model, "remat_policy", remat)):
     if value is not None:
       node[field] = value
+  for override in overrides:
+    dotted, _, text = override.partition("=")
+    *path, field = dotted.split(".")
+    node = c
+    for name in path:
+      node = node[name]
+    if field not in node:
+      raise ValueError(f"--set {override}: the config has no field {dotted!r}")
+    try:
+      node[field] = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      node[field] = text
   c.mesh.ici_data_parallelism, c.mesh.ici_fsdp_parallelism = 1, 1
   spec_lib.resolve(c)
   return c
@@ -138,14 +152,17 @@ def main():
   parser.add_argument("--dtypes", help="default float32,bfloat16 (0.16B shape)")
   parser.add_argument("--attention", choices=("dense", "chunked", "dot_product"), help="default chunked (0.16B shape)")
   parser.add_argument("--remat", choices=("none", "full", "dots_saveable"), help="default dots_saveable (0.16B shape)")
+  parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                      help="override a config field, e.g. --set model.unet_skip_empty_slots=False")
   parser.add_argument("--out", help="default benchmarks/results/step.json (0.16B shape) or step_<experiment>.json")
   args = parser.parse_args()
   if not args.experiment:
     vars(args).update({k: v for k, v in SHAPE_DEFAULTS.items() if getattr(args, k) is None})
 
   name = os.path.splitext(os.path.basename(args.experiment.partition(":")[0]))[0] if args.experiment else ""
-  base = benchmark_config(args.experiment or PAPER_160M, args.seq_len, args.rows, args.attention, args.remat)
+  base = benchmark_config(args.experiment or PAPER_160M, args.seq_len, args.rows, args.attention, args.remat, args.set)
   results = {"device": jax.devices()[0].device_kind, "cpu_count": os.cpu_count(), "experiment": args.experiment,
+             "overrides": args.set,
              "seq_len": base.seq_len, "rows": base.batch_size,
              "image_slots_per_row": spec_lib.resolve(base).layout.max_images, "attention": base.model.attention,
              "remat": base.model.remat_policy, "runs": {}}

@@ -3,7 +3,9 @@
 Model FLOPs are what the forward pass computes, counted by XLA on the lowered (not compiled)
 program, times 3 for forward + backward. XLA counts a scanned body once, so the layer stack is
 counted as the whole model (with one layer) plus (num_layers - 1) separately lowered layers.
-Attention is counted as computed: all L x L scores, masked entries included.
+Attention is counted as computed: all L x L scores, masked entries included. A U-Net patch encoder and
+decoder are counted on every image slot (unet_skip_empty_slots off), an upper bound: they run on the
+images present only.
 """
 import dataclasses
 import functools
@@ -40,7 +42,7 @@ def _lowered_flops(fn, *args) -> float:
 def forward_flops(model, params, inputs) -> float:
   """FLOPs of one forward pass of the Transfusion `model` on `inputs` (abstract values are fine)."""
   tcfg = dataclasses.replace(model.cfg.transformer, attention="dense", remat_policy="none")
-  model = model.clone(cfg=dataclasses.replace(model.cfg, transformer=tcfg))
+  model = model.clone(cfg=dataclasses.replace(model.cfg, transformer=tcfg, unet_skip_empty_slots=False))
   whole = _lowered_flops(lambda p, *x: model.apply({"params": p}, *x), params, *inputs)
   tokens = inputs[0]
   batch, length = tokens.shape

@@ -90,6 +90,7 @@ def resolve(config) -> RunSpec:
           norm_placement=m.norm_placement),
       vocab_size=config.data.vocab_size, latent_shape=latent_shape(config.data), patch_size=m.patch_size,
       patch_encoder=m.patch_encoder, unet_channels=tuple(m.unet_channels), unet_res_blocks=m.unet_res_blocks,
+      unet_skip_empty_slots=m.unet_skip_empty_slots,
       prediction=config.diffusion.prediction, decoder_input=m.decoder_input, decoder_head=m.decoder_head,
       decoder_skip=m.decoder_skip, image_codes=config.data.codebook_size if config.data.codec == "vq" else 0)
   s = config.sample

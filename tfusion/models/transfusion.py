@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from tfusion.models import patching, unet
+from tfusion.models import patching, present_images, unet
 from tfusion.models.transformer import KVCache, Projection, Transformer, TransformerConfig
 
 
@@ -28,6 +28,7 @@ class TransfusionConfig:
   patch_encoder: str = "linear"                 # linear | unet
   unet_channels: tuple[int, ...] = (256, 512)
   unet_res_blocks: int = 2
+  unet_skip_empty_slots: bool = True            # the U-Net runs on present images only (present_images)
   prediction: str = "eps"                       # what the patch decoder outputs: eps | v (diffusion.PREDICTIONS)
   decoder_input: str = "final_norm"             # final_norm (the LM head's input) | pre_norm (the residual stream)
   decoder_head: str = "linear"                  # linear decoder: linear | adaln_zero (patching.DECODER_HEADS)
@@ -103,8 +104,9 @@ class Transfusion(nn.Module):
     dtypes = dict(dtype=tcfg.dtype, param_dtype=tcfg.param_dtype)
     if num_images:
       if cfg.patch_encoder == "unet":
-        x_patch, skips = unet.UNetPatchEncoder(tcfg.d_model, cfg.patch_size, cfg.unet_channels, cfg.unet_res_blocks,
-                                               name="patch_encoder", **dtypes)(noisy_latents, timesteps)
+        encoder = unet.UNetPatchEncoder(tcfg.d_model, cfg.patch_size, cfg.unet_channels, cfg.unet_res_blocks,
+                                        name="patch_encoder", **dtypes)
+        x_patch, skips = self.per_image(encoder, image_ids, noisy_latents, timesteps)
       else:
         patches = patching.patchify(noisy_latents, cfg.patch_size)                # [B, M, n, p]
         x_patch = patching.LinearPatchEncoder(tcfg.d_model, name="patch_encoder", **dtypes)(patches, timesteps)
@@ -134,11 +136,21 @@ class Transfusion(nn.Module):
       h_patch = jnp.take_along_axis(stream, patch_slot_positions(image_ids, num_slots)[..., None], axis=1)
       h_patch = h_patch.reshape(batch, num_images, cfg.patches_per_image, tcfg.d_model)
       if cfg.patch_encoder == "unet":
-        out = unet.UNetPatchDecoder(cfg.patch_size, cfg.latent_shape[2], cfg.unet_channels, cfg.unet_res_blocks,
-                                    name="patch_decoder", **dtypes)(h_patch, timesteps, skips)
+        decoder = unet.UNetPatchDecoder(cfg.patch_size, cfg.latent_shape[2], cfg.unet_channels, cfg.unet_res_blocks,
+                                        name="patch_decoder", **dtypes)
+        out = self.per_image(decoder, image_ids, h_patch, timesteps, skips)
       else:
         out = patching.LinearPatchDecoder(cfg.patch_dim, cfg.decoder_head, cfg.decoder_skip, name="patch_decoder",
                                           **dtypes)(h_patch, timesteps, patching.patchify(noisy_latents, cfg.patch_size))
         out = patching.unpatchify(out, cfg.patch_size, *cfg.latent_shape[:2])
     out = out.astype(jnp.float32)
     return (logits, out) if cache is None else (logits, out, cache)
+
+  def per_image(self, module, image_ids, *arrays):
+    """module(*arrays) for a per-image network (arrays [B, M, ...]): with unet_skip_empty_slots on the images
+    the rows hold only, one row's worth of slots (M) at a time, zeros at the empty slots."""
+    if not self.cfg.unet_skip_empty_slots:
+      return module(*arrays)
+    slots = arrays[0].shape[1]
+    present = present_images.present_slots(image_ids, slots, self.cfg.patches_per_image)
+    return present_images.apply_present(module, present, *arrays, chunk=slots)
