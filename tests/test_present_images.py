@@ -114,3 +114,20 @@ def test_unet_model_equals_running_every_slot():
   for a, b in zip(history, history_all):
     for key in ("loss", "image_loss", "grad_norm"):
       np.testing.assert_allclose(a[key], b[key], rtol=2e-5)
+
+
+def test_unet_skipping_empty_slots_sharded_equals_one_device():
+  """4 rows on data 2 x fsdp 2: each device orders and skips its own slots; a step equals one device's."""
+  batch4 = {k: np.concatenate([v] * 2) for k, v in tiny_batch().items()}
+  config = tiny_model_config(patch_encoder="unet", unet_channels=(8, 16), unet_res_blocks=1,
+                             unet_skip_empty_slots=True)
+  single = sharding.make_mesh(config.mesh, jax.devices()[:1])
+  _, state, step = init_state(config, single)
+  _, h1 = run_steps(single, state, step, batch4, 1)
+  config.mesh.ici_data_parallelism, config.mesh.ici_fsdp_parallelism = 2, 2
+  mesh = sharding.make_mesh(config.mesh, jax.devices()[:4])
+  _, state, step = init_state(config, mesh)
+  _, h4 = run_steps(mesh, state, step, batch4, 1)
+  for a, b in zip(h1, h4):
+    np.testing.assert_allclose(b["loss"], a["loss"], rtol=2e-5)
+    np.testing.assert_allclose(b["grad_norm"], a["grad_norm"], rtol=2e-5)

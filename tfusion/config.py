@@ -64,8 +64,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.patch_encoder = "linear"  # linear | unet
   c.model.unet_channels = (256, 512)  # U-Net width per resolution level (log2(patch_size) + 1 levels)
   c.model.unet_res_blocks = 2
-  c.model.unet_skip_empty_slots = True  # run the U-Net on the images rows hold, a row's slots at a time, skipping
-  #                                       empty slots (same outputs); False: one batched pass over every slot
+  c.model.unet_skip_empty_slots = False  # True: run the U-Net on the images rows hold, a row's slots at a time,
+  #                                        skipping empty slots (same outputs). Off by default: on XLA:CPU a weight
+  #                                        gradient under control flow is 20x slower (docs/results.md)
   c.model.decoder_input = "final_norm"  # the patch decoder reads the final RMSNorm's output (as the LM head) |
   #                                       pre_norm: the residual stream before it
   c.model.decoder_head = "linear"       # linear patch decoder: linear | adaln_zero (DiT's timestep-modulated final layer)

@@ -7,7 +7,10 @@ ones first, and the network runs on them `chunk` slots at a time in a `lax.scan`
 every chunk that holds no present slot (on TPU, GPU and CPU alike: a cond in a loop is control flow).
 So a shard pays for its present images rounded up to the chunk, plus the sort and the gathers.
 
-XLA's TPU cost model cannot see a cond's predicate, so `optimal_seconds` still prices every chunk.
+XLA's TPU cost model cannot see a cond's predicate, so `optimal_seconds` still prices every chunk. On
+XLA:CPU a convolution's weight gradient under control flow (a cond, or a scan's backward pass) misses the
+fast kernels and runs about 20x slower, so there this costs more than the empty slots it skips
+(`model.unet_skip_empty_slots`, off by default; docs/results.md).
 """
 import math
 

@@ -28,7 +28,7 @@ class TransfusionConfig:
   patch_encoder: str = "linear"                 # linear | unet
   unet_channels: tuple[int, ...] = (256, 512)
   unet_res_blocks: int = 2
-  unet_skip_empty_slots: bool = True            # the U-Net runs on present images only (present_images)
+  unet_skip_empty_slots: bool = False           # the U-Net runs on present images only (present_images)
   prediction: str = "eps"                       # what the patch decoder outputs: eps | v (diffusion.PREDICTIONS)
   decoder_input: str = "final_norm"             # final_norm (the LM head's input) | pre_norm (the residual stream)
   decoder_head: str = "linear"                  # linear decoder: linear | adaln_zero (patching.DECODER_HEADS)
