@@ -87,6 +87,10 @@ def estimate(label: str, compile_step, config, devices, memory: bool = True) -> 
                     if layers or memory else {"peak_bytes": float("nan")} for layers in (1, 2, 0))
   n = config.model.num_layers
   row = {key: extrapolate(one[key], two[key], n) for key in ("compiler_flops", "seconds")}
+  if min(one["seconds"], two["seconds"]) < 0:      # an op the cost model cannot price (docs/scaling.md)
+    print(f"  {label}: XLA's cost model returned a negative optimal_seconds (an op it cannot price; on v6e "
+          "every Pallas call): no time or MFU for this row", file=sys.stderr, flush=True)
+    row["seconds"] = float("nan")
   kind = devices[0].device_kind
   peak = flops.PEAK_TFLOPS[kind] * 1e12
   model = model_flops_per_device(config, len(devices))

@@ -3,6 +3,8 @@ import os
 import sys
 
 import dataclasses
+import math
+import types
 
 import jax
 import jax.numpy as jnp
@@ -64,3 +66,17 @@ def test_model_flops_count_6nd_plus_causal_attention():
   tokens = 8 * config.seq_len / 4
   want = 6 * (4 * layer + 64 * 1000) * tokens + 6 * 4 * 64 * config.seq_len * tokens
   assert tpu_estimate.model_flops_per_device(config, 4) == pytest.approx(want)
+
+
+def test_a_negative_cost_model_time_gives_no_estimate():
+  """On v6e the cost model prices a Pallas call at -1 s: such a row must carry no seconds or MFU."""
+  config = tiny_model_config(num_layers=4, d_model=64, mlp_dim=256)
+  devices = [types.SimpleNamespace(device_kind="TPU v5")] * 4
+  def fake_step(seconds):
+    return lambda config, devices, layers: {"compiler_flops": 1e12 * layers, "seconds": seconds(layers),
+                                            "peak_bytes": 1.0}
+  good = tpu_estimate.estimate("good", fake_step(lambda n: 0.1 + 0.2 * n), config, devices, memory=False)
+  assert good["seconds"] == pytest.approx(0.3 + 3 * 0.2) and good["compiler_flops"] == pytest.approx(4e12)
+  assert good["estimated_mfu"] == pytest.approx(good["model_flops"] / (good["seconds"] * 459e12))
+  bad = tpu_estimate.estimate("bad", fake_step(lambda n: -1.0 + 0.01 * n), config, devices, memory=False)
+  assert math.isnan(bad["seconds"]) and math.isnan(bad["estimated_mfu"])
