@@ -18,6 +18,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from tfusion.models import transformer
+
 
 def images_in_rows(image_ids, patches_per_image: int):
   """image_ids [B, L] (0: not a patch) -> [B] int, the images whose patches the rows hold."""
@@ -36,10 +38,8 @@ def batch_shards(batch: int) -> int:
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return 1
-  axes = nn.logical_to_mesh_axes(("batch",))[0]
-  names = (axes,) if isinstance(axes, str) else (axes or ())
-  shards = math.prod(mesh.shape[a] for a in names)
-  return shards if batch % shards == 0 else 1
+  axes = transformer.even_spec((batch,), nn.logical_to_mesh_axes(("batch",)), mesh.shape)[0]
+  return math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else (axes or ())))
 
 
 def map_present(fn, present, *arrays, chunk: int):
