@@ -2,14 +2,14 @@ r"""Train-step throughput and MFU of a 0.16B-shaped Transfusion (or an experimen
 against the same run's measured matmul peak, with a profile of where the step's time goes.
 
   python benchmarks/step.py [--seq_len 1024] [--rows 2] [--steps 3] [--dtypes float32,bfloat16]
-      [--attention chunked|dense|dot_product] [--remat dots_saveable|none|full]
+      [--attention chunked|dense|dot_product] [--attention_chunk 256] [--remat dots_saveable|none|full]
   python benchmarks/step.py --experiment experiments/shapes_latent.py [--steps 3] [--set model.unet_skip_empty_slots=False]
 
 Runs on one device (XLA uses every core); prints a table and writes benchmarks/results/step.json. With
 --experiment (a path as --config takes it, "experiments/x.py" or "experiments/x.py:arg") it times that config's
 train step (model, batch_size, seq_len, image slots per row, EMA, losses) on synthetic rows of its layout
 (random latents: a VAE codec needs no trained VAE) and writes benchmarks/results/step_<x>.json; --seq_len,
---rows, --dtypes, --attention and --remat, when given, override its fields; --set FIELD=VALUE overrides any field.
+--rows, --dtypes, --attention, --attention_chunk and --remat, when given, override its fields; --set FIELD=VALUE overrides any field.
 """
 import argparse
 import ast
@@ -31,16 +31,17 @@ from tfusion.training import optim, state as state_lib, step as step_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAPER_160M = os.path.join(REPO, "experiments", "transfusion_paper.py:size=160m")
-SHAPE_DEFAULTS = dict(seq_len=1024, rows=2, dtypes="float32,bfloat16", attention="chunked", remat="dots_saveable")
+SHAPE_DEFAULTS = dict(seq_len=1024, rows=2, dtypes="float32,bfloat16", attention="chunked", attention_chunk=256,
+                      remat="dots_saveable")
 SPECIAL = sequence.SpecialIds(pad=0, bos=2, eos=3, boi=4, eoi=5)
 
 
-def benchmark_config(experiment, seq_len=None, rows=None, attention=None, remat=None, overrides=()):
+def benchmark_config(experiment, seq_len=None, rows=None, attention=None, remat=None, overrides=(), attention_chunk=None):
   """The config of `experiment` (a load_experiment path) on one device, with the fields given overridden;
   overrides: "dotted.field=value" strings (value a Python literal, or a string)."""
   c = config_lib.load_experiment(experiment)
   for node, field, value in ((c, "seq_len", seq_len), (c, "batch_size", rows), (c.model, "attention", attention),
-                             (c.model, "remat_policy", remat)):
+                             (c.model, "attention_chunk", attention_chunk), (c.model, "remat_policy", remat)):
     if value is not None:
       node[field] = value
   for override in overrides:
@@ -151,6 +152,8 @@ def main():
   parser.add_argument("--steps", type=int, default=3)
   parser.add_argument("--dtypes", help="default float32,bfloat16 (0.16B shape)")
   parser.add_argument("--attention", choices=("dense", "chunked", "dot_product"), help="default chunked (0.16B shape)")
+  parser.add_argument("--attention_chunk", type=int, help="block length of chunked attention: the blocks the mask "
+                                                           "hides are skipped (default 256, 0.16B shape)")
   parser.add_argument("--remat", choices=("none", "full", "dots_saveable"), help="default dots_saveable (0.16B shape)")
   parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                       help="override a config field, e.g. --set model.unet_skip_empty_slots=False")
@@ -160,11 +163,13 @@ def main():
     vars(args).update({k: v for k, v in SHAPE_DEFAULTS.items() if getattr(args, k) is None})
 
   name = os.path.splitext(os.path.basename(args.experiment.partition(":")[0]))[0] if args.experiment else ""
-  base = benchmark_config(args.experiment or PAPER_160M, args.seq_len, args.rows, args.attention, args.remat, args.set)
+  base = benchmark_config(args.experiment or PAPER_160M, args.seq_len, args.rows, args.attention, args.remat, args.set,
+                          args.attention_chunk)
   results = {"device": jax.devices()[0].device_kind, "cpu_count": os.cpu_count(), "experiment": args.experiment,
              "overrides": args.set,
              "seq_len": base.seq_len, "rows": base.batch_size,
              "image_slots_per_row": spec_lib.resolve(base).layout.max_images, "attention": base.model.attention,
+             "attention_chunk": base.model.attention_chunk,
              "remat": base.model.remat_policy, "runs": {}}
   peak = lambda dtype: flops.measured_matmul_tflops.__wrapped__(dtype, size=4096, repeats=5)  # noqa: E731
   for dtype in (args.dtypes or base.model.dtype).split(","):
@@ -182,7 +187,8 @@ def main():
     results["runs"][dtype] = r
 
   print(f"{args.experiment or '0.16B-shaped Transfusion'}, seq {base.seq_len} x {base.batch_size} rows, "
-        f"{results['image_slots_per_row']} image slots per row, attention {base.model.attention}, remat "
+        f"{results['image_slots_per_row']} image slots per row, attention {base.model.attention} "
+        f"(chunk {base.model.attention_chunk}), remat "
         f"{base.model.remat_policy}, 1 {results['device']} device, {results['cpu_count']} cores")
   print(f"{'dtype':<10}{'s/step':>9}{'elem/s':>9}{'GFLOP/step':>11}{'TFLOP/s':>9}{'peak':>8}{'MFU':>7}")
   for dtype, r in results["runs"].items():

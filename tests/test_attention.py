@@ -64,6 +64,17 @@ def test_block_skipping_attention_computes_the_visible_blocks_only():
   assert jaxpr.count("cond[") == 16                                    # one branch per block pair
 
 
+def test_block_skipping_attention_gradient_recomputes_only_the_logits():
+  """The backward pass is FlashAttention's: per block pair 2 matmuls forward (logits, probs x values) and 5
+  backward (the logits again from the saved log-sum-exp, then dv, dp, dq, dk), each under its block's
+  visibility cond. Differentiating the forward pass instead would rematerialise it whole: 2 + 2 + 4 = 8."""
+  segment_ids, image_ids = packed_batch()
+  loss = lambda *a: jnp.sum(transformer.block_skipping_attention(*a, segment_ids, image_ids, 16) ** 2)  # noqa: E731
+  jaxpr = str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(*qkv()))
+  assert jaxpr.count("cond[") == 2 * 16
+  assert jaxpr.count("dot_general[") == (2 + 5) * 16
+
+
 def long_packed_batch():
   """Two rows of 512 (16 patches per image): documents with images packed in the first, padding in the second."""
   layout = sequence.RowLayout(seq_len=512, latent_shape=(8, 8, 3), patch_size=2)

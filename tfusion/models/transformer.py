@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from tfusion import masks
-from tfusion.models import flash_attention
+from tfusion.models import contraction, flash_attention
 
 
 ATTENTIONS = ("dense", "chunked", "dot_product", "flash")
@@ -77,8 +77,7 @@ class Projection(nn.Module):
     init = nn.initializers.lecun_normal(in_axis=self.fan_in_axes, out_axis=fan_out)
     kernel = self.param("kernel", nn.with_logical_partitioning(init, self.axes), self.shape, self.param_dtype)
     # Accumulate in float32 whatever the compute dtype (free on TPU/GPU; 2x faster bf16 on CPU).
-    y = jnp.einsum(self.spec, x.astype(self.dtype), kernel.astype(self.dtype), preferred_element_type=jnp.float32)
-    return y.astype(self.dtype)
+    return contraction.project(self.spec, x.astype(self.dtype), kernel.astype(self.dtype)).astype(self.dtype)
 
 
 def _projection(cfg, name, spec, shape, axes, fan_in_axes=(0,)):
@@ -165,13 +164,17 @@ def chunked_attention(q, q_ids, parts, chunk, bidirectional_images=True):
 def block_skipping_attention(q, k, v, segment_ids, image_ids, chunk, bidirectional_images=True):
   """Self-attention of a row's L elements (training), `chunk` queries at a time against `chunk` keys at a
   time with an online softmax, computing only the key blocks masks.key_block_ranges marks visible to some
-  row of the batch: the others (later text, other documents) cost nothing, forward or backward. Each
-  query block is rematerialised in the backward pass. Same values and gradients as dense_attention.
+  row of the batch: the others (later text, other documents) cost nothing, forward or backward. Same values
+  and gradients as dense_attention.
+
+  The gradient is FlashAttention's: the forward pass keeps each query's log-sum-exp, and the backward pass
+  recomputes each visible block's probabilities from it, so no [L, L] array is stored or rematerialised
+  whole, and the softmax gradient is one elementwise step (p * (dp - rowsum(dout * out))).
 
   q, k, v: [B, L, H, Dh]; segment_ids, image_ids: [B, L] int -> [B, L, H, Dh]. A length that is not a
   multiple of chunk is padded with padding elements (segment 0), whose outputs are dropped.
   """
-  batch, length, heads, head_dim = q.shape
+  length = q.shape[1]
   n = -(-length // chunk)
   if n * chunk != length:
     pad = lambda a: jnp.pad(a, [(0, 0), (0, n * chunk - length)] + [(0, 0)] * (a.ndim - 2))  # noqa: E731
@@ -179,35 +182,92 @@ def block_skipping_attention(q, k, v, segment_ids, image_ids, chunk, bidirection
     return out[:, :length]
   lo, hi = masks.key_block_ranges(segment_ids, masks.mask_positions(image_ids, bidirectional_images), chunk)
   visible = jnp.any(masks.visible_blocks(lo, hi), axis=0)     # [n, n]: visible to some row
-  index = jnp.arange(length)
-  ids = lambda i: tuple(a[..., i * chunk:(i + 1) * chunk] for a in (segment_ids, image_ids, index))  # noqa: E731
-  scale = 1.0 / jnp.sqrt(jnp.float32(head_dim))
+  heads_first = lambda a: jnp.moveaxis(a, 2, 1)               # noqa: E731  [B, H, L, Dh]: one matmul per head
+  out = _block_attention(heads_first(q), heads_first(k), heads_first(v), segment_ids, image_ids, visible, chunk,
+                         bidirectional_images)
+  return jnp.moveaxis(out, 1, 2)
 
-  def key_block(i, j, q_i, k_j, v_j, carry):
-    """The online-softmax update of query block i's (max, sum, out) [B, H, chunk(, Dh)] with key block j."""
-    m, l, out = carry
-    mask = masks.mask_block(*ids(i), *ids(j), bidirectional_images)[:, None]
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q_i, k_j, preferred_element_type=jnp.float32) * scale
-    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    m_new = jnp.maximum(m, logits.max(axis=-1))
-    p = jnp.exp(logits - m_new[..., None])
-    correction = jnp.exp(m - m_new)
-    pv = jnp.einsum("bhqk,bkhd->bhqd", p.astype(v_j.dtype), v_j, preferred_element_type=jnp.float32)
-    return m_new, l * correction + p.sum(axis=-1), out * correction[..., None] + pv
 
-  # Blocks are separate arrays (not slices taken inside the loop), so each gradient is accumulated per block.
-  qs, ks, vs = (jnp.split(a, n, axis=1) for a in (q, k, v))
+def _blocks(a, chunk):
+  """[B, H, L, ...] -> the L / chunk blocks [B, H, chunk, ...] along L (separate arrays, so that a gradient
+  accumulates per block)."""
+  return jnp.split(a, a.shape[2] // chunk, axis=2)
 
-  @functools.partial(jax.checkpoint, static_argnums=(0,))
-  def query_block(i, q_i, ks, vs):
-    carry = (jnp.full((batch, heads, chunk), -jnp.inf), jnp.zeros((batch, heads, chunk)),
-             jnp.zeros((batch, heads, chunk, head_dim)))
-    for j in range(n):
-      carry = jax.lax.cond(visible[i, j], functools.partial(key_block, i, j, q_i, ks[j], vs[j]), lambda c: c, carry)
-    _, l, out = carry
-    return jnp.moveaxis(out / l[..., None], 1, 2).astype(v.dtype)        # [B, chunk, H, Dh]
 
-  return jnp.concatenate([query_block(i, qs[i], ks, vs) for i in range(n)], axis=1)
+def _block_logits(q_i, k_j, ids_i, ids_j, bidirectional_images):
+  """Scaled, masked logits of a query block against a key block: [B, H, chunk, chunk] float32."""
+  mask = masks.mask_block(*ids_i, *ids_j, bidirectional_images)[:, None]
+  logits = jnp.einsum("bhqd,bhkd->bhqk", q_i, k_j, preferred_element_type=jnp.float32)
+  return jnp.where(mask, logits / jnp.sqrt(jnp.float32(q_i.shape[-1])), jnp.finfo(jnp.float32).min)
+
+
+def _id_blocks(segment_ids, image_ids, chunk):
+  index = jnp.arange(segment_ids.shape[1])
+  return [tuple(a[..., i:i + chunk] for a in (segment_ids, image_ids, index))
+          for i in range(0, segment_ids.shape[1], chunk)]
+
+
+def _block_attention_forward(q, k, v, segment_ids, image_ids, visible, chunk, bidirectional_images):
+  """(out [B, H, L, Dh] in v's dtype, log-sum-exp [B, H, L] float32) over the visible blocks; q, k, v: [B, H, L, Dh]."""
+  ids, ks, vs = _id_blocks(segment_ids, image_ids, chunk), _blocks(k, chunk), _blocks(v, chunk)
+  outs, lses = [], []
+  for i, q_i in enumerate(_blocks(q, chunk)):
+    def key_block(j, carry, q_i=q_i, i=i):
+      m, l, acc = carry
+      logits = _block_logits(q_i, ks[j], ids[i], ids[j], bidirectional_images)
+      m_new = jnp.maximum(m, logits.max(axis=-1))
+      p = jnp.exp(logits - m_new[..., None])
+      correction = jnp.exp(m - m_new)
+      pv = jnp.einsum("bhqk,bhkd->bhqd", p.astype(v.dtype), vs[j], preferred_element_type=jnp.float32)
+      return m_new, l * correction + p.sum(axis=-1), acc * correction[..., None] + pv
+
+    shape = q_i.shape[:-1]
+    carry = (jnp.full(shape, -jnp.inf), jnp.zeros(shape), jnp.zeros((*shape, v.shape[-1])))
+    for j in range(len(ks)):
+      carry = jax.lax.cond(visible[i, j], functools.partial(key_block, j), lambda c: c, carry)
+    m, l, acc = carry
+    outs.append((acc / l[..., None]).astype(v.dtype))
+    lses.append(m + jnp.log(l))
+  return jnp.concatenate(outs, axis=2), jnp.concatenate(lses, axis=2)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _block_attention(q, k, v, segment_ids, image_ids, visible, chunk, bidirectional_images):
+  """block_skipping_attention on [B, H, L, Dh] blocks of `chunk`; visible: [n, n] bool (query, key block)."""
+  return _block_attention_forward(q, k, v, segment_ids, image_ids, visible, chunk, bidirectional_images)[0]
+
+
+def _block_attention_fwd(q, k, v, segment_ids, image_ids, visible, chunk, bidirectional_images):
+  out, lse = _block_attention_forward(q, k, v, segment_ids, image_ids, visible, chunk, bidirectional_images)
+  return out, (q, k, v, segment_ids, image_ids, visible, out, lse)
+
+
+def _block_attention_bwd(chunk, bidirectional_images, residuals, dout):
+  q, k, v, segment_ids, image_ids, visible, out, lse = residuals
+  ids = _id_blocks(segment_ids, image_ids, chunk)
+  qs, ks, vs, douts, lses = (_blocks(a, chunk) for a in (q, k, v, dout.astype(v.dtype), lse))
+  deltas = _blocks(jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1), chunk)  # [B, H, L]
+  scale = 1.0 / jnp.sqrt(jnp.float32(q.shape[-1]))
+  zeros = lambda a: jnp.zeros(a.shape, jnp.float32)  # noqa: E731
+  dqs, dks, dvs = [zeros(a) for a in qs], [zeros(a) for a in ks], [zeros(a) for a in vs]
+  for i in range(len(qs)):
+    for j in range(len(ks)):
+      def block_grads(carry, i=i, j=j):
+        dq, dk, dv = carry
+        p = jnp.exp(_block_logits(qs[i], ks[j], ids[i], ids[j], bidirectional_images) - lses[i][..., None])
+        dv = dv + jnp.einsum("bhqk,bhqd->bhkd", p.astype(v.dtype), douts[i], preferred_element_type=jnp.float32)
+        dp = jnp.einsum("bhqd,bhkd->bhqk", douts[i], vs[j], preferred_element_type=jnp.float32)
+        ds = (p * (dp - deltas[i][..., None]) * scale).astype(q.dtype)
+        dq = dq + jnp.einsum("bhqk,bhkd->bhqd", ds, ks[j], preferred_element_type=jnp.float32)
+        dk = dk + jnp.einsum("bhqk,bhqd->bhkd", ds, qs[i], preferred_element_type=jnp.float32)
+        return dq, dk, dv
+
+      dqs[i], dks[j], dvs[j] = jax.lax.cond(visible[i, j], block_grads, lambda c: c, (dqs[i], dks[j], dvs[j]))
+  grads = [jnp.concatenate(blocks, axis=2).astype(a.dtype) for blocks, a in ((dqs, q), (dks, k), (dvs, v))]
+  return (*grads, None, None, None)
+
+
+_block_attention.defvjp(_block_attention_fwd, _block_attention_bwd)
 
 
 def dot_product_attention(q, k, v, q_ids, k_ids, bidirectional_images=True):
@@ -375,7 +435,10 @@ class Block(nn.Module):
 
 REMAT_POLICIES = {
     "full": None,  # save nothing: recompute the whole block in the backward pass
-    "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # save the linear layers' outputs (and any other matmul without batch dims); recompute the rest
+    "dots_saveable": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        jax.checkpoint_policies.save_only_these_names(contraction.OUTPUT_NAME)),
 }
 
 
