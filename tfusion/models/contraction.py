@@ -5,10 +5,11 @@ laid out for XLA:CPU.
 contracted axes then its output axes. The forward pass and the input gradient are plain einsums. The
 kernel gradient contracts x and the output gradient over every batch axis; left to itself, XLA:CPU
 feeds that contraction by writing the output gradient transposed from inside an elementwise fusion (e.g.
-SwiGLU's backward), a strided write that cost 5-6% of the 0.16B CPU step. On CPU, x is transposed
+SwiGLU's backward), a strided write that cost 5-6% of the 0.16B CPU step. On CPU in float32, x is transposed
 instead (contracted axes first), as a separate copy the compiler may not fold back into the dot: the
 smaller array, a cache-friendly transpose, and one per layer input for every kernel fed by it. On
-other platforms (TPU, GPU), whose matmul units take either layout, it is the plain einsum.
+other platforms (TPU, GPU), whose matmul units take either layout, and for bfloat16 on CPU (measured
+slower with the transpose), it is the plain einsum.
 """
 import functools
 
@@ -65,5 +66,10 @@ OUTPUT_NAME = "contraction"
 
 
 def project(spec: str, x, kernel):
-  """contract(spec, x, kernel), its output named OUTPUT_NAME for remat policies."""
-  return ad_checkpoint.checkpoint_name(contract(spec, x, kernel), OUTPUT_NAME)
+  """contract(spec, x, kernel) in float32, the plain einsum otherwise (bfloat16 measured slower on CPU with
+  the transpose), accumulated in float32; the output named OUTPUT_NAME for remat policies."""
+  if x.dtype == jnp.float32:
+    y = contract(spec, x, kernel)
+  else:
+    y = jnp.einsum(spec, x, kernel, preferred_element_type=jnp.float32)
+  return ad_checkpoint.checkpoint_name(y, OUTPUT_NAME)
