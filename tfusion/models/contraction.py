@@ -49,12 +49,11 @@ def _contract_bwd(spec, residuals, dy):
   def kernel_grad(x_like, axes):
     return jnp.einsum(f"{axes},{y_axes}->{kernel_axes}", x_like, dy, preferred_element_type=jnp.float32)
 
-  def on_cpu(x, dy):
-    del dy
+  def on_cpu(x):
     transposed = jnp.transpose(x, [x_axes.index(a) for a in transposed_axes])
     return kernel_grad(jax.lax.optimization_barrier(transposed), transposed_axes)
 
-  dkernel = jax.lax.platform_dependent(x, dy, cpu=on_cpu, default=lambda x, dy: kernel_grad(x, x_axes))
+  dkernel = jax.lax.platform_dependent(x, cpu=on_cpu, default=lambda x: kernel_grad(x, x_axes))
   return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
 
 
