@@ -10,6 +10,13 @@ Runs on one device (XLA uses every core); prints a table and writes benchmarks/r
 train step (model, batch_size, seq_len, image slots per row, EMA, losses) on synthetic rows of its layout
 (random latents: a VAE codec needs no trained VAE) and writes benchmarks/results/step_<x>.json; --seq_len,
 --rows, --dtypes, --attention, --attention_chunk and --remat, when given, override its fields; --set FIELD=VALUE overrides any field.
+
+  python benchmarks/step.py --variant chunk256 model.attention_chunk=256 --variant chunk512 model.attention_chunk=512
+
+A/B comparison: each --variant (a label, then FIELD=VALUE overrides on top of the shape and --set) is built in this
+one process, and their steps alternate, each divided by the matmul peak (in the variant's dtype: float32 for the
+0.16B shape, the experiment's with --experiment, unless it sets model.dtype) timed just before it. The shared machine's speed drifts by minutes, so per-step pairs are steadier
+than one process per variant. Prints the medians and writes benchmarks/results/step_compare.json.
 """
 import argparse
 import ast
@@ -44,6 +51,15 @@ def benchmark_config(experiment, seq_len=None, rows=None, attention=None, remat=
                              (c.model, "attention_chunk", attention_chunk), (c.model, "remat_policy", remat)):
     if value is not None:
       node[field] = value
+  c = with_overrides(c, overrides)
+  c.mesh.ici_data_parallelism, c.mesh.ici_fsdp_parallelism = 1, 1
+  spec_lib.resolve(c)
+  return c
+
+
+def with_overrides(config, overrides):
+  """A copy of config with "dotted.field=value" strings applied (value a Python literal, or a string)."""
+  c = config.copy_and_resolve_references()
   for override in overrides:
     dotted, _, text = override.partition("=")
     *path, field = dotted.split(".")
@@ -51,13 +67,11 @@ def benchmark_config(experiment, seq_len=None, rows=None, attention=None, remat=
     for name in path:
       node = node[name]
     if field not in node:
-      raise ValueError(f"--set {override}: the config has no field {dotted!r}")
+      raise ValueError(f"{override}: the config has no field {dotted!r}")
     try:
       node[field] = ast.literal_eval(text)
     except (ValueError, SyntaxError):
       node[field] = text
-  c.mesh.ici_data_parallelism, c.mesh.ici_fsdp_parallelism = 1, 1
-  spec_lib.resolve(c)
   return c
 
 
@@ -110,7 +124,9 @@ def profile_step(run, state, batch):
   return state, dict(totals), by_op.most_common(15)
 
 
-def time_steps(config, steps):
+def compiled_step(config):
+  """(run, state, batch, mesh, model FLOPs per step, loss) of config's train step on one device, after one
+  step (which compiles it)."""
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
   spec = spec_lib.resolve(config)
   model, layout = spec.transfusion(config.data.vocab_size), spec.layout
@@ -125,22 +141,72 @@ def time_steps(config, steps):
   batch = jax.device_put(packed_batch(layout, config.batch_size, config.data.vocab_size),
                          sharding.batch_sharding(mesh))
   step_flops = flops.train_flops(model, state.params, sequence.model_inputs(batch))
+  state, seconds, loss = timed_step(run, state, batch, mesh)
+  return run, state, batch, mesh, step_flops, seconds, loss
+
+
+def timed_step(run, state, batch, mesh):
+  """(state, seconds, loss) of one step."""
   with jax.set_mesh(mesh):
     start = time.perf_counter()
     state, metrics = run(state, batch)
     jax.block_until_ready(metrics)
-    compile_and_first = time.perf_counter() - start
-    times = []
-    for _ in range(steps):
-      start = time.perf_counter()
-      state, metrics = run(state, batch)
-      jax.block_until_ready(metrics)
-      times.append(time.perf_counter() - start)
+  return state, time.perf_counter() - start, float(metrics["loss"])
+
+
+def time_steps(config, steps):
+  run, state, batch, mesh, step_flops, compile_and_first, loss = compiled_step(config)
+  times = []
+  for _ in range(steps):
+    state, seconds, loss = timed_step(run, state, batch, mesh)
+    times.append(seconds)
+  with jax.set_mesh(mesh):
     state, profile, top_ops = profile_step(run, state, batch)
   elements = int((batch["segment_ids"] > 0).sum())
   return dict(step_seconds=statistics.median(times), step_seconds_all=times, first_step_seconds=compile_and_first,
               model_tflops_per_step=step_flops / 1e12, elements_per_step=elements,
-              loss=float(metrics["loss"]), profile_seconds=profile, top_ops=top_ops)
+              loss=loss, profile_seconds=profile, top_ops=top_ops)
+
+
+def matmul_peak(dtype, repeats=5):
+  """This machine's TFLOP/s on a 4096^2 matmul now (not cached)."""
+  return flops.measured_matmul_tflops.__wrapped__(dtype, size=4096, repeats=repeats)
+
+
+def compare(base, variants, steps):
+  """{label: figures} of interleaved steps: round by round, each variant's step is timed right after a matmul peak
+  in its dtype, and its ratio is model FLOPs / seconds / that peak. variants: [(label, overrides)]."""
+  built = {}
+  for label, overrides in variants:
+    config = with_overrides(base, overrides)
+    spec_lib.resolve(config)
+    run, state, batch, mesh, step_flops, first, loss = compiled_step(config)
+    built[label] = dict(run=run, state=state, batch=batch, mesh=mesh, dtype=config.model.dtype, overrides=overrides,
+                        model_tflops_per_step=step_flops / 1e12, first_step_seconds=first, loss=loss, pairs=[])
+  for _ in range(steps):
+    for b in built.values():
+      peak = matmul_peak(b["dtype"], repeats=3)
+      b["state"], seconds, _ = timed_step(b["run"], b["state"], b["batch"], b["mesh"])
+      b["pairs"].append((seconds, peak))
+  results = {}
+  for label, b in built.items():
+    seconds, peaks = zip(*b["pairs"])
+    results[label] = dict(overrides=b["overrides"], dtype=b["dtype"], model_tflops_per_step=b["model_tflops_per_step"],
+                          first_step_seconds=b["first_step_seconds"], first_loss=b["loss"],
+                          step_seconds_all=list(seconds), matmul_peak_tflops_all=list(peaks),
+                          step_seconds=statistics.median(seconds), matmul_peak_tflops=statistics.median(peaks),
+                          mfu=statistics.median(b["model_tflops_per_step"] / s / p for s, p in b["pairs"]))
+  return results
+
+
+def print_comparison(base, results):
+  print(f"interleaved steps, 1 {jax.devices()[0].device_kind} device, {os.cpu_count()} cores, "
+        f"seq {base.seq_len} x {base.batch_size} rows; ratio: median of (model FLOP/s / the peak timed just before)")
+  print(f"{'variant':<24}{'dtype':<10}{'s/step':>8}{'peak':>8}{'ratio':>8}{'1st loss':>10}  steps (s)")
+  for label, r in results.items():
+    steps = " ".join(f"{s:.2f}" for s in r["step_seconds_all"])
+    print(f"{label:<24}{r['dtype']:<10}{r['step_seconds']:>8.2f}{r['matmul_peak_tflops']:>8.3f}{r['mfu']:>8.1%}"
+          f"{r['first_loss']:>10.4f}  {steps}")
 
 
 def main():
@@ -157,29 +223,42 @@ def main():
   parser.add_argument("--remat", choices=("none", "full", "dots_saveable"), help="default dots_saveable (0.16B shape)")
   parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                       help="override a config field, e.g. --set model.unet_skip_empty_slots=False")
-  parser.add_argument("--out", help="default benchmarks/results/step.json (0.16B shape) or step_<experiment>.json")
+  parser.add_argument("--variant", action="append", nargs="+", metavar="LABEL [FIELD=VALUE ...]",
+                      help="compare variants, steps interleaved in one process (see above); give it twice or more")
+  parser.add_argument("--out", help="default benchmarks/results/step.json (0.16B shape) or step_<experiment>.json; "
+                                    "with --variant, step_compare.json")
   args = parser.parse_args()
+  if args.variant and args.dtypes:
+    parser.error("--variant: set model.dtype=... in a variant instead of --dtypes")
   if not args.experiment:
-    vars(args).update({k: v for k, v in SHAPE_DEFAULTS.items() if getattr(args, k) is None})
+    vars(args).update({k: v for k, v in SHAPE_DEFAULTS.items() if getattr(args, k) is None and not
+                       (k == "dtypes" and args.variant)})
 
   name = os.path.splitext(os.path.basename(args.experiment.partition(":")[0]))[0] if args.experiment else ""
   base = benchmark_config(args.experiment or PAPER_160M, args.seq_len, args.rows, args.attention, args.remat, args.set,
                           args.attention_chunk)
+  if args.variant:
+    base.model.dtype = base.model.dtype if args.experiment else "float32"
+    results = {"device": jax.devices()[0].device_kind, "cpu_count": os.cpu_count(), "experiment": args.experiment,
+               "overrides": args.set, "seq_len": base.seq_len, "rows": base.batch_size, "steps": args.steps,
+               "variants": compare(base, [(label, overrides) for label, *overrides in args.variant], args.steps)}
+    print_comparison(base, results["variants"])
+    write_json(results, args.out or os.path.join(REPO, "benchmarks", "results", "step_compare.json"))
+    return
   results = {"device": jax.devices()[0].device_kind, "cpu_count": os.cpu_count(), "experiment": args.experiment,
              "overrides": args.set,
              "seq_len": base.seq_len, "rows": base.batch_size,
              "image_slots_per_row": spec_lib.resolve(base).layout.max_images, "attention": base.model.attention,
              "attention_chunk": base.model.attention_chunk,
              "remat": base.model.remat_policy, "runs": {}}
-  peak = lambda dtype: flops.measured_matmul_tflops.__wrapped__(dtype, size=4096, repeats=5)  # noqa: E731
   for dtype in (args.dtypes or base.model.dtype).split(","):
     config = base.copy_and_resolve_references()
     config.model.dtype = dtype
     # The machine is shared and its speed drifts: time the matmul peak right before and after the
     # steps and divide by their mean.
-    before = peak(dtype)
+    before = matmul_peak(dtype)
     r = time_steps(config, args.steps)
-    r["matmul_peak_tflops_before_after"] = [before, peak(dtype)]
+    r["matmul_peak_tflops_before_after"] = [before, matmul_peak(dtype)]
     r["matmul_peak_tflops"] = statistics.mean(r["matmul_peak_tflops_before_after"])
     r["achieved_tflops"] = r["model_tflops_per_step"] / r["step_seconds"]
     r["mfu"] = r["achieved_tflops"] / r["matmul_peak_tflops"]
@@ -201,7 +280,10 @@ def main():
   for dtype, r in results["runs"].items():
     print(f"matmul peak {dtype} before / after the steps: "
           + " / ".join(f"{p:.3f}" for p in r["matmul_peak_tflops_before_after"]) + " TFLOP/s")
-  out = args.out or os.path.join(REPO, "benchmarks", "results", f"step_{name}.json" if name else "step.json")
+  write_json(results, args.out or os.path.join(REPO, "benchmarks", "results", f"step_{name}.json" if name else "step.json"))
+
+
+def write_json(results, out):
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   with open(out, "w") as f:
     json.dump(results, f, indent=2)
