@@ -1,4 +1,7 @@
 """Attention that skips the blocks the Transfusion mask hides: values and gradients equal the dense path's."""
+import functools
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -75,6 +78,35 @@ def test_block_skipping_attention_gradient_recomputes_only_the_logits():
   assert jaxpr.count("dot_general[") == (2 + 5) * 16
 
 
+@pytest.mark.parametrize("policy, attention_dots, saved", [("dots_saveable", 7, 2), ("full", 2 + 7, 0)])
+def test_dots_saveable_keeps_the_attention_output_instead_of_recomputing_it(policy, attention_dots, saved, capsys):
+  """A custom_vjp is opaque to the dots policy: without the name, a remat'd block reran the whole blockwise
+  forward pass (2 more matmuls per block pair) for the residuals the backward pass needs. dots_saveable keeps
+  the output and log-sum-exp; `full` keeps nothing and reruns it, as it should."""
+  cfg = transformer.TransformerConfig(num_layers=1, d_model=16, num_heads=2, mlp_dim=32, attention="chunked",
+                                      attention_chunk=8)
+  block = nn.remat(transformer.Block, policy=transformer.REMAT_POLICIES[policy])(cfg)
+  x, ids = jnp.ones((2, 16, 16)), jnp.ones((2, 16), jnp.int32)
+  params = block.init(jax.random.key(0), x, ids, ids * 0, ids)
+  loss = lambda p, x: block.apply(p, x, ids, ids * 0, ids)[0].sum()  # noqa: E731
+  jax.ad_checkpoint.print_saved_residuals(loss, params, x)
+  assert capsys.readouterr().out.count(f"named '{transformer.ATTENTION_NAME}'") == saved
+  jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(params, x)
+  assert attention_block_dots(jaxpr.jaxpr) == attention_dots * 4      # 2 x 2 block pairs of 8
+
+
+def attention_block_dots(jaxpr) -> int:
+  """dot_generals of a (nested) jaxpr whose output is a [B=2, H=2, 8, ...] attention block."""
+  count = 0
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      count += eqn.outvars[0].aval.shape[:3] == (2, 2, 8)
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (tuple, list)) else [param]:
+        count += attention_block_dots(getattr(sub, "jaxpr", sub)) if hasattr(sub, "eqns") or hasattr(sub, "jaxpr") else 0
+  return count
+
+
 def long_packed_batch():
   """Two rows of 512 (16 patches per image): documents with images packed in the first, padding in the second."""
   layout = sequence.RowLayout(seq_len=512, latent_shape=(8, 8, 3), patch_size=2)
@@ -94,3 +126,21 @@ def test_flash_attention_kernel_equals_dense_in_interpret_mode(bidirectional):
   attention = lambda q, k, v: flash_attention.flash_attention(  # noqa: E731
       q, k, v, segment_ids, image_ids, 128, bidirectional, interpret=True)
   assert_same_values_and_grads(jax.jit(attention), q, k, v, segment_ids, image_ids, bidirectional, atol=2e-5)
+
+
+@pytest.mark.parametrize("policy, saved, kernels", [("dots_saveable", 2, 3), ("full", 0, 4)])
+def test_dots_saveable_keeps_the_flash_kernels_output(policy, saved, kernels, capsys):
+  """The same for the Pallas kernel: under dots_saveable its output and log-sum-exp are kept, and the program
+  lowered for TPU runs 3 kernels (forward, dk/dv, dq), not the forward again in the backward pass."""
+  segment_ids, image_ids = long_packed_batch()
+  q, k, v = (jax.random.normal(jax.random.key(i), (2, 512, 1, 128)) for i in range(3))
+
+  def loss(q, k, v, interpret):
+    attention = lambda q, k, v: flash_attention.flash_attention(  # noqa: E731
+        q, k, v, segment_ids, image_ids, 128, interpret=interpret)
+    return jnp.sum(jax.checkpoint(attention, policy=transformer.REMAT_POLICIES[policy])(q, k, v) ** 2)
+
+  jax.ad_checkpoint.print_saved_residuals(functools.partial(loss, interpret=True), q, k, v)
+  assert capsys.readouterr().out.count(f"named '{flash_attention.OUTPUT_NAME}'") == saved
+  grad = jax.jit(jax.grad(functools.partial(loss, interpret=False), argnums=(0, 1, 2)))
+  assert jax.export.export(grad, platforms=["tpu"])(q, k, v).mlir_module().count("tpu_custom_call") == kernels

@@ -44,3 +44,29 @@ def test_compare_alternates_variants_and_divides_each_step_by_its_own_peak(monke
   # Chunked and dense attention compute the same step: same FLOPs counted, same first loss.
   assert chunked["model_tflops_per_step"] == dense["model_tflops_per_step"] > 0
   assert chunked["first_loss"] == pytest.approx(dense["first_loss"], rel=1e-5)
+
+
+def test_step_dots_counts_scans_the_cpu_branch_and_visible_block_pairs():
+  import jax
+  import jax.numpy as jnp
+  import step_dots
+
+  def layer(x, w):
+    y = jax.lax.platform_dependent(x, cpu=lambda x: x @ w, default=lambda x: (x @ w) @ w)   # the CPU branch: 1
+    blocks = y.reshape(2, 3, 4, 4)
+    attention = jax.lax.cond(y.sum() > 0, lambda b: jnp.einsum("bhqd,bhkd->bhqk", b, b), jnp.zeros_like, blocks)
+    return y + attention.sum(), None
+
+  def f(x, w):
+    return jax.lax.scan(layer, x, jnp.stack([w] * 5))[0] @ w                                 # 5 layers, then 1
+
+  counts = step_dots.step_dots(jax.make_jaxpr(f)(jnp.ones((8, 12)), jnp.ones((12, 12))), visible_fraction=0.25)
+  by_kind = {dot.attention: times for dot, times in counts.items() if dot.lhs == (2, 3, 4, 4)}
+  assert by_kind == {True: 5 * 0.25}
+  assert counts[step_dots.Dot((8, 12), (12, 12), ("float32", "float32"), (((1,), (0,)), ((), ())), False)] == 5 + 1
+  assert sum(counts.values()) == 5 + 1 + 5 * 0.25
+  assert step_dots.dot_flops(step_dots.Dot((2, 3, 4, 4), (2, 3, 4, 4), None, (((3,), (3,)), ((0, 1), (0, 1))), True)) \
+      == 2 * 2 * 3 * 4 * 4 * 4
+  other_cond = lambda x: jax.lax.cond(x.sum() > 0, lambda x: x @ x, jnp.zeros_like, x)  # noqa: E731
+  with pytest.raises(ValueError, match="not an attention block"):
+    step_dots.step_dots(jax.make_jaxpr(other_cond)(jnp.ones((4, 4))), visible_fraction=1.0)

@@ -21,6 +21,7 @@ import dataclasses
 import functools
 
 import jax
+from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 import jax.numpy as jnp
@@ -31,6 +32,7 @@ LANES, SUBLANES = 128, 8
 MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)   # finite: exp(MASKED - m) is 0 and never NaN
 NT = (((1,), (1,)), ((), ()))                        # a @ b.T
 VMEM_LIMIT = 64 * 2**20                              # 512 x 512 blocks need ~32 MiB of scoped VMEM
+OUTPUT_NAME = "attention"                            # the output and log-sum-exp, for remat policies
 
 
 def _allowed(q_seg_ref, q_pos_ref, k_seg_ref, k_pos_ref, shape):
@@ -267,7 +269,7 @@ def _attention(q, k, v, layout, interpret):
 
 
 def _attention_fwd(q, k, v, layout, interpret):
-  o, lse = _forward(q, k, v, layout, interpret)
+  o, lse = (checkpoint_name(a, OUTPUT_NAME) for a in _forward(q, k, v, layout, interpret))
   return o, (q, k, v, o, lse, layout)
 
 

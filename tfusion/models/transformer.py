@@ -19,6 +19,7 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from tfusion import masks
 from tfusion.models import contraction, flash_attention
@@ -161,6 +162,11 @@ def chunked_attention(q, q_ids, parts, chunk, bidirectional_images=True):
   return jnp.moveaxis(out, 0, 1).reshape(batch, blocks * chunk, heads, head_dim)[:, :length]
 
 
+# The output and log-sum-exp of the blockwise attentions (chunked, flash), for remat policies: their custom
+# gradients are opaque to the dots policy, which would otherwise rerun the whole forward pass.
+ATTENTION_NAME = flash_attention.OUTPUT_NAME
+
+
 def block_skipping_attention(q, k, v, segment_ids, image_ids, chunk, bidirectional_images=True):
   """Self-attention of a row's L elements (training), `chunk` queries at a time against `chunk` keys at a
   time with an online softmax, computing only the key blocks masks.key_block_ranges marks visible to some
@@ -239,6 +245,7 @@ def _block_attention(q, k, v, segment_ids, image_ids, visible, chunk, bidirectio
 
 def _block_attention_fwd(q, k, v, segment_ids, image_ids, visible, chunk, bidirectional_images):
   out, lse = _block_attention_forward(q, k, v, segment_ids, image_ids, visible, chunk, bidirectional_images)
+  out, lse = (checkpoint_name(a, ATTENTION_NAME) for a in (out, lse))
   return out, (q, k, v, segment_ids, image_ids, visible, out, lse)
 
 
@@ -438,7 +445,7 @@ REMAT_POLICIES = {
     # save the linear layers' outputs (and any other matmul without batch dims); recompute the rest
     "dots_saveable": jax.checkpoint_policies.save_from_both_policies(
         jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-        jax.checkpoint_policies.save_only_these_names(contraction.OUTPUT_NAME)),
+        jax.checkpoint_policies.save_only_these_names(contraction.OUTPUT_NAME, ATTENTION_NAME)),
 }
 
 
