@@ -28,7 +28,11 @@ import os
 import sys
 import time
 
+import jax
+import jax.numpy as jnp
+
 from tfusion import aot, config as config_lib, flops, sharding, spec as spec_lib
+from tfusion.models import transformer
 from tfusion.training import optim
 
 import plain_llama
@@ -159,6 +163,29 @@ HEADER = (f"{'plan':<14}{'model':<56}{'model TFLOP':>12}{'XLA TFLOP':>10}{'est. 
           f"{'x Llama same attn':>18}{'x Llama dense':>14}{'peak GiB':>9}{'compile s':>10}")
 
 
+def attention_alone(attention: str, size: str, topology: str, rows: int, seq_len: int) -> dict:
+  """Estimated seconds, compiler FLOPs and peak memory of one layer's self-attention, forward and backward,
+  compiled alone for one chip of `topology`: `rows` rows of seq_len, the size's heads, bf16, every row one
+  causal document."""
+  config = with_attention(config_lib.load_experiment(
+      os.path.join(REPO, "experiments", f"transfusion_paper.py:size={size}")), attention)
+  cfg = spec_lib.resolve(config).model.transformer
+  q = jax.ShapeDtypeStruct((rows, seq_len, cfg.num_heads, cfg.d_model // cfg.num_heads), jnp.bfloat16)
+  ids = jax.ShapeDtypeStruct((rows, seq_len), jnp.int32)
+
+  def forward_and_backward(q, k, v, segment_ids, image_ids, dout):   # dout: a cotangent XLA cannot simplify away
+    attention = lambda q, k, v: transformer.self_attention(cfg, q, k, v, segment_ids, image_ids)  # noqa: E731
+    out, pullback = jax.vjp(attention, q, k, v)
+    return out, pullback(dout)
+
+  single = jax.sharding.SingleDeviceSharding(aot.topology_devices(topology)[0])
+  compiled = jax.jit(forward_and_backward, in_shardings=single).lower(q, q, q, ids, ids, q).compile()
+  cost = compiled.cost_analysis()
+  return {"attention": attention_label(config), "compiler_tflops": float(cost["flops"]) / 1e12,
+          "seconds": float(cost.get("optimal_seconds", float("nan"))),
+          "peak_gib": compiled.memory_analysis().peak_memory_in_bytes / 2**30}
+
+
 def format_row(row: dict, rows: list[dict]) -> str:
   return (f"{row['plan']:<14}{row['label']:<56}{row['model_flops'] / 1e12:>12.1f}{row['compiler_flops'] / 1e12:>10.1f}"
           f"{row['seconds']:>8.3f}{row['estimated_mfu']:>9.1%}{ratio_to_llama(row, rows, 'same'):>18.2f}"
@@ -177,7 +204,19 @@ def main():
                       help="the plain Llama's attentions (dense, flash[:block]); none: tfusion rows only")
   parser.add_argument("--remat", default="", help="model.remat_policy of every row (default: the config's, full)")
   parser.add_argument("--no_memory", action="store_true", help="skip the full-depth compile that gives peak memory")
+  parser.add_argument("--attention_alone", action="store_true",
+                      help="instead: one layer's attention (forward and backward) of each --attention, compiled for "
+                           "one chip of each plan's topology, 8 rows of --seq_len (default 4096)")
   args = parser.parse_args()
+  if args.attention_alone:
+    print("XLA cost-model ESTIMATES for one chip (not measurements): one layer's attention, forward and backward")
+    for plan in args.plans:
+      size, topology = plan.split("@")
+      for attention in args.attention:
+        row = attention_alone(attention, size, topology, 8, args.seq_len or 4096)
+        print(f"{plan:<14}{row['attention']:<40}{row['compiler_tflops']:>8.2f} TFLOP{row['seconds']:>9.4f} s"
+              f"{row['peak_gib']:>7.1f} GiB", flush=True)
+    return
   print("XLA cost-model ESTIMATES per device (not measurements); layers extrapolated from 1 and 2 unrolled")
   print(HEADER, flush=True)
   for plan in args.plans:

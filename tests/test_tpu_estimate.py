@@ -81,3 +81,14 @@ def test_a_negative_cost_model_time_gives_no_estimate():
   assert good["estimated_mfu"] == pytest.approx(good["model_flops"] / (good["seconds"] * 459e12))
   bad = tpu_estimate.estimate("bad", fake_step(lambda n: -1.0 + 0.01 * n), config, devices, memory=False)
   assert math.isnan(bad["seconds"]) and math.isnan(bad["estimated_mfu"])
+
+
+def test_attention_alone_compiles_one_layers_attention_for_one_device():
+  """--attention_alone on the CPU 'topology': dense attention's gradient is 6 matmuls of B H L^2 Dh (2 forward,
+  4 backward), and the figures are those of one device."""
+  row = tpu_estimate.attention_alone("dense", "160m", "cpu:1", rows=1, seq_len=256)
+  heads, head_dim = 12, 64                                               # the 0.16B config: 768 wide
+  matmuls = 6 * 2 * heads * 256 * 256 * head_dim / 1e12
+  assert row["attention"] == "dense attention, remat full"
+  assert matmuls <= row["compiler_tflops"] < 1.1 * matmuls
+  assert row["peak_gib"] > 0
