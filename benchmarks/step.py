@@ -15,7 +15,7 @@ train step (model, batch_size, seq_len, image slots per row, EMA, losses) on syn
 
 A/B comparison: each --variant (a label, then FIELD=VALUE overrides on top of the shape and --set) is built in this
 one process, and their steps alternate, each divided by the matmul peak (in the variant's dtype: float32 for the
-0.16B shape, the experiment's with --experiment, unless it sets model.dtype) timed just before it. The shared machine's speed drifts by minutes, so per-step pairs are steadier
+0.16B shape, the experiment's with --experiment, unless --set or the variant sets model.dtype) timed just before it. The shared machine's speed drifts by minutes, so per-step pairs are steadier
 than one process per variant. Prints the medians and writes benchmarks/results/step_compare.json.
 """
 import argparse
@@ -125,8 +125,8 @@ def profile_step(run, state, batch):
 
 
 def compiled_step(config):
-  """(run, state, batch, mesh, model FLOPs per step, loss) of config's train step on one device, after one
-  step (which compiles it)."""
+  """(run, state, batch, mesh, model FLOPs per step, seconds of the first step, its loss) of config's train step on
+  one device, after that first step (which compiles it)."""
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
   spec = spec_lib.resolve(config)
   model, layout = spec.transfusion(config.data.vocab_size), spec.layout
@@ -173,9 +173,25 @@ def matmul_peak(dtype, repeats=5):
   return flops.measured_matmul_tflops.__wrapped__(dtype, size=4096, repeats=repeats)
 
 
+def step_after_peak(run, state, batch, mesh, dtype):
+  """(state, seconds, peak): one step, timed right after a matmul peak in `dtype`."""
+  peak = matmul_peak(dtype, repeats=3)
+  state, seconds, _ = timed_step(run, state, batch, mesh)
+  return state, seconds, peak
+
+
+def median_ratio(model_tflops, pairs):
+  """The median over steps of model TFLOP/s over the peak timed just before; pairs: [(seconds, peak)]."""
+  return statistics.median(model_tflops / seconds / peak for seconds, peak in pairs)
+
+
 def compare(base, variants, steps):
   """{label: figures} of interleaved steps: round by round, each variant's step is timed right after a matmul peak
   in its dtype, and its ratio is model FLOPs / seconds / that peak. variants: [(label, overrides)]."""
+  labels = [label for label, _ in variants]
+  if steps < 1 or len(set(labels)) != len(labels) or any("=" in label for label in labels):
+    raise ValueError(f"--variant: give distinct labels (without '='), each followed by FIELD=VALUE overrides, "
+                     f"and --steps >= 1; got labels {labels}, steps {steps}")
   built = {}
   for label, overrides in variants:
     config = with_overrides(base, overrides)
@@ -185,8 +201,7 @@ def compare(base, variants, steps):
                         model_tflops_per_step=step_flops / 1e12, first_step_seconds=first, loss=loss, pairs=[])
   for _ in range(steps):
     for b in built.values():
-      peak = matmul_peak(b["dtype"], repeats=3)
-      b["state"], seconds, _ = timed_step(b["run"], b["state"], b["batch"], b["mesh"])
+      b["state"], seconds, peak = step_after_peak(b["run"], b["state"], b["batch"], b["mesh"], b["dtype"])
       b["pairs"].append((seconds, peak))
   results = {}
   for label, b in built.items():
@@ -195,13 +210,14 @@ def compare(base, variants, steps):
                           first_step_seconds=b["first_step_seconds"], first_loss=b["loss"],
                           step_seconds_all=list(seconds), matmul_peak_tflops_all=list(peaks),
                           step_seconds=statistics.median(seconds), matmul_peak_tflops=statistics.median(peaks),
-                          mfu=statistics.median(b["model_tflops_per_step"] / s / p for s, p in b["pairs"]))
+                          mfu=median_ratio(b["model_tflops_per_step"], b["pairs"]))
   return results
 
 
 def print_comparison(base, results):
   print(f"interleaved steps, 1 {jax.devices()[0].device_kind} device, {os.cpu_count()} cores, "
-        f"seq {base.seq_len} x {base.batch_size} rows; ratio: median of (model FLOP/s / the peak timed just before)")
+        f"seq {base.seq_len} x {base.batch_size} rows (unless a variant sets them); ratio: the median over steps of "
+        f"model FLOP/s / the peak timed just before (not s/step and peak's medians)")
   print(f"{'variant':<24}{'dtype':<10}{'s/step':>8}{'peak':>8}{'ratio':>8}{'1st loss':>10}  steps (s)")
   for label, r in results.items():
     steps = " ".join(f"{s:.2f}" for s in r["step_seconds_all"])
@@ -238,7 +254,8 @@ def main():
   base = benchmark_config(args.experiment or PAPER_160M, args.seq_len, args.rows, args.attention, args.remat, args.set,
                           args.attention_chunk)
   if args.variant:
-    base.model.dtype = base.model.dtype if args.experiment else "float32"
+    if not args.experiment and not any(o.startswith("model.dtype=") for o in args.set):
+      base.model.dtype = "float32"
     results = {"device": jax.devices()[0].device_kind, "cpu_count": os.cpu_count(), "experiment": args.experiment,
                "overrides": args.set, "seq_len": base.seq_len, "rows": base.batch_size, "steps": args.steps,
                "variants": compare(base, [(label, overrides) for label, *overrides in args.variant], args.steps)}

@@ -6,25 +6,24 @@ shapes run far below the 4096^2 matmul peak that benchmarks/step.py divides by.
 
 The step is benchmarks/step.py's (0.16B shape, chunked attention, remat dots_saveable). Its jaxpr is walked
 for every dot_general, counted as many times as it runs: times the length of each enclosing scan; of a
-platform-dependent cond, the CPU branch only; of chunked attention's per-block-pair conds, the computing
-branch times the fraction of block pairs the batch leaves visible (other conds holding matmuls are refused).
+platform-dependent cond, the branch of this backend; of chunked attention's per-block-pair conds, the
+computing branch times the fraction of block pairs the batch leaves visible. A matmul under any other cond
+or in a while loop is refused (its count is unknown); convolutions (a U-Net encoder) are not counted.
 Each distinct matmul is jitted alone and timed (best of 5; single shapes still vary by 10-40% between runs
-here, so read the sums). Then the step itself is timed, each step right
-after a matmul peak. Prints the table and writes benchmarks/results/step_dots.json.
+here, so read the sums). Then the step itself is timed, each step right after a matmul peak, and its ratio
+is the median of the per-step ratios. Prints the table and writes benchmarks/results/step_dots.json.
 """
 import argparse
 import collections
-import json
 import os
 import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import step as step_benchmark
-from tfusion import masks
+from tfusion import flops, masks
 
 Dot = collections.namedtuple("Dot", "lhs rhs dtypes dimension_numbers attention")
 
@@ -42,11 +41,14 @@ def step_dots(jaxpr, visible_fraction: float) -> collections.Counter:
           raise ValueError(f"a matmul under a cond that is not an attention block: {lhs.shape} x {rhs.shape}")
         counts[Dot(lhs.shape, rhs.shape, (str(lhs.dtype), str(rhs.dtype)), eqn.params["dimension_numbers"],
                    in_attention)] += times
+      if eqn.primitive.name == "while" and "dot_general" in str(eqn.params["body_jaxpr"]):
+        raise ValueError("a matmul in a while loop: its trip count is unknown")
       if eqn.primitive.name == "cond":
         platforms = eqn.params.get("branches_platforms")
         if platforms:
-          cpu = [b for b, p in zip(eqn.params["branches"], platforms) if p and "cpu" in p]
-          walk(cpu[0].jaxpr, times, in_attention)
+          ours = [b for b, p in zip(eqn.params["branches"], platforms) if p and jax.default_backend() in p]
+          default = [b for b, p in zip(eqn.params["branches"], platforms) if p is None]
+          walk((ours or default)[0].jaxpr, times, in_attention)
         else:
           for branch in eqn.params["branches"]:
             walk(branch.jaxpr, times * visible_fraction, True)
@@ -73,14 +75,8 @@ def dot_flops(dot: Dot) -> float:
 def time_dot(dot: Dot) -> float:
   """Best of 5 seconds of the matmul alone, float32 accumulation as in the model."""
   a, b = (jnp.ones(shape, dtype) for shape, dtype in zip((dot.lhs, dot.rhs), dot.dtypes))
-  f = jax.jit(lambda a, b: jax.lax.dot_general(a, b, dot.dimension_numbers, preferred_element_type=jnp.float32))
-  f(a, b).block_until_ready()
-  best = float("inf")
-  for _ in range(5):
-    start = time.perf_counter()
-    f(a, b).block_until_ready()
-    best = min(best, time.perf_counter() - start)
-  return best
+  return flops.best_seconds(
+      lambda a, b: jax.lax.dot_general(a, b, dot.dimension_numbers, preferred_element_type=jnp.float32), a, b)
 
 
 def main():
@@ -97,9 +93,9 @@ def main():
                                            "dots_saveable", args.set + [f"model.dtype={args.dtype}"],
                                            args.attention_chunk)
   run, state, batch, mesh, model_flops, _, _ = step_benchmark.compiled_step(config)
-  mpos = masks.mask_positions(batch["image_ids"], config.model.image_attention == "bidirectional")
-  lo, hi = masks.key_block_ranges(batch["segment_ids"], mpos, config.model.attention_chunk)
-  visible = np.asarray(jnp.any(masks.visible_blocks(lo, hi), axis=0))
+  visible = np.asarray(masks.visible_block_pairs(batch["segment_ids"], batch["image_ids"],
+                                                 config.model.attention_chunk,
+                                                 config.model.image_attention == "bidirectional"))
   with jax.set_mesh(mesh):
     counts = step_dots(jax.make_jaxpr(run)(state, batch), visible.mean())
 
@@ -109,12 +105,13 @@ def main():
     rows.append(dict(lhs=dot.lhs, rhs=dot.rhs, dimension_numbers=str(dot.dimension_numbers),
                      attention_block=dot.attention, times=times, seconds_each=seconds, seconds=times * seconds,
                      tflops=dot_flops(dot) / seconds / 1e12))
-  peaks, steps = [], []
+  pairs = []
   for _ in range(args.steps):
-    peaks.append(step_benchmark.matmul_peak(args.dtype, repeats=3))
-    state, seconds, _ = step_benchmark.timed_step(run, state, batch, mesh)
-    steps.append(seconds)
+    state, seconds, peak = step_benchmark.step_after_peak(run, state, batch, mesh, args.dtype)
+    pairs.append((seconds, peak))
+  steps, peaks = zip(*pairs)
   peak, step_seconds = statistics.median(peaks), statistics.median(steps)
+  ratio = step_benchmark.median_ratio(model_flops / 1e12, pairs)
   for row in rows:
     row["of_peak"] = row["tflops"] / peak
   rows.sort(key=lambda r: -r["seconds"])
@@ -122,7 +119,7 @@ def main():
   other = sum(r["seconds"] for r in rows if not r["attention_block"])
   result = dict(seq_len=config.seq_len, rows=config.batch_size, attention_chunk=config.model.attention_chunk,
                 dtype=args.dtype, visible_block_pairs=f"{int(visible.sum())} of {visible.size}",
-                matmul_peak_tflops=peak, step_seconds=step_seconds, step_seconds_all=steps,
+                matmul_peak_tflops=peak, step_seconds=step_seconds, step_seconds_all=steps, ratio=ratio,
                 model_tflops_per_step=model_flops / 1e12, dots_seconds=attention + other,
                 attention_block_dots_seconds=attention, other_dots_seconds=other, dots=rows)
 
@@ -135,10 +132,9 @@ def main():
           f"{r['tflops']:>9.3f}{r['of_peak']:>9.0%}  {'yes' if r['attention_block'] else ''}")
   print(f"matmuls alone: {attention + other:.2f} s (attention blocks {attention:.2f} s, the rest {other:.2f} s); the step: "
         f"{step_seconds:.2f} s, of which matmuls at their standalone speed {(attention + other) / step_seconds:.0%}")
-  print(f"model FLOPs / step time / peak: {model_flops / 1e12 / step_seconds / peak:.1%}; "
+  print(f"model FLOPs / step time / peak (median over steps): {ratio:.1%}; "
         f"if everything but the matmuls were free: {model_flops / 1e12 / (attention + other) / peak:.1%}")
-  with open(args.out, "w") as f:
-    json.dump(result, f, indent=2)
+  step_benchmark.write_json(result, args.out)
 
 
 if __name__ == "__main__":

@@ -70,7 +70,11 @@ def llama_step(config, devices, layers: int) -> dict:
   tx, _ = optim.make_optimizer(config.optim, config.total_steps)
   mesh = sharding.make_mesh(config.mesh, devices)
   model = plain_llama.PlainLlama(tcfg, config.data.vocab_size, scan_layers=layers == 0)
-  compiled = plain_llama.compile_train_step(model, tx, config.batch_size, config.seq_len, mesh)
+  return compiled_figures(plain_llama.compile_train_step(model, tx, config.batch_size, config.seq_len, mesh))
+
+
+def compiled_figures(compiled) -> dict:
+  """Compiler FLOPs, the cost model's seconds (nan if it gives none) and peak bytes of a compiled program."""
   cost = compiled.cost_analysis()
   return {"compiler_flops": float(cost["flops"]), "seconds": float(cost.get("optimal_seconds", float("nan"))),
           "peak_bytes": float(compiled.memory_analysis().peak_memory_in_bytes)}
@@ -140,10 +144,10 @@ def run_plan(plan: str, attentions: list[str], out: str, batch_size: int = 0, se
   return rows
 
 
-def save(out: str, row: dict) -> list[dict]:
-  """Adds (or replaces) `row` in the JSON list at `out`; returns the list."""
+def save(out: str, row: dict, key=("plan", "label")) -> list[dict]:
+  """Adds `row` to the JSON list at `out`, replacing the row with the same `key` fields; returns the list."""
   rows = json.load(open(out)) if os.path.exists(out) else []
-  rows = [r for r in rows if (r["plan"], r["label"]) != (row["plan"], row["label"])] + [row]
+  rows = [r for r in rows if [r.get(k) for k in key] != [row[k] for k in key]] + [row]
   os.makedirs(os.path.dirname(out), exist_ok=True)
   with open(out, "w") as f:
     json.dump(rows, f, indent=2)
@@ -164,9 +168,10 @@ HEADER = (f"{'plan':<14}{'model':<56}{'model TFLOP':>12}{'XLA TFLOP':>10}{'est. 
 
 
 def attention_alone(attention: str, size: str, topology: str, rows: int, seq_len: int) -> dict:
-  """Estimated seconds, compiler FLOPs and peak memory of one layer's self-attention, forward and backward,
-  compiled alone for one chip of `topology`: `rows` rows of seq_len, the size's heads, bf16, every row one
-  causal document."""
+  """Compiler FLOPs, estimated seconds and peak bytes of one layer's self-attention, forward and backward (no
+  remat), compiled alone for one chip of `topology`: `rows` rows of seq_len, the size's heads, bf16. The ids
+  are abstract, so the figures hold for any document layout: the cost model cannot see which blocks a row
+  skips (a cond's predicate), and prices the flash kernel from the causal fraction it declares."""
   config = with_attention(config_lib.load_experiment(
       os.path.join(REPO, "experiments", f"transfusion_paper.py:size={size}")), attention)
   cfg = spec_lib.resolve(config).model.transformer
@@ -180,10 +185,9 @@ def attention_alone(attention: str, size: str, topology: str, rows: int, seq_len
 
   single = jax.sharding.SingleDeviceSharding(aot.topology_devices(topology)[0])
   compiled = jax.jit(forward_and_backward, in_shardings=single).lower(q, q, q, ids, ids, q).compile()
-  cost = compiled.cost_analysis()
-  return {"attention": attention_label(config), "compiler_tflops": float(cost["flops"]) / 1e12,
-          "seconds": float(cost.get("optimal_seconds", float("nan"))),
-          "peak_gib": compiled.memory_analysis().peak_memory_in_bytes / 2**30}
+  label = config.model.attention + ("" if config.model.attention == "dense" else f" {config.model.attention_chunk}")
+  return {"plan": f"{size}@{topology}", "attention": label, "rows": rows, "seq_len": seq_len,
+          **compiled_figures(compiled)}
 
 
 def format_row(row: dict, rows: list[dict]) -> str:
@@ -199,28 +203,32 @@ def main():
                       help="tfusion's model.attention values, each optionally :block (model.attention_chunk)")
   parser.add_argument("--batch_size", type=int, default=0, help="rows per step (default: the paper's 512)")
   parser.add_argument("--seq_len", type=int, default=0, help="row length (default: the paper's 4096)")
-  parser.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "tpu_estimate.json"))
+  parser.add_argument("--out", help="default benchmarks/results/tpu_estimate.json, or with --attention_alone "
+                                    "tpu_attention_alone.json")
   parser.add_argument("--llama_attention", nargs="*", default=["dense", "flash:512"],
                       help="the plain Llama's attentions (dense, flash[:block]); none: tfusion rows only")
   parser.add_argument("--remat", default="", help="model.remat_policy of every row (default: the config's, full)")
   parser.add_argument("--no_memory", action="store_true", help="skip the full-depth compile that gives peak memory")
   parser.add_argument("--attention_alone", action="store_true",
-                      help="instead: one layer's attention (forward and backward) of each --attention, compiled for "
-                           "one chip of each plan's topology, 8 rows of --seq_len (default 4096)")
+                      help="instead: one layer's attention (forward and backward, no remat) of each --attention, "
+                           "compiled for one chip of each plan's topology with that chip's rows of the batch")
   args = parser.parse_args()
+  results = os.path.join(REPO, "benchmarks", "results")
   if args.attention_alone:
     print("XLA cost-model ESTIMATES for one chip (not measurements): one layer's attention, forward and backward")
     for plan in args.plans:
       size, topology = plan.split("@")
+      rows = (args.batch_size or 512) // len(aot.topology_devices(topology))     # the paper's 512 rows
       for attention in args.attention:
-        row = attention_alone(attention, size, topology, 8, args.seq_len or 4096)
-        print(f"{plan:<14}{row['attention']:<40}{row['compiler_tflops']:>8.2f} TFLOP{row['seconds']:>9.4f} s"
-              f"{row['peak_gib']:>7.1f} GiB", flush=True)
+        row = attention_alone(attention, size, topology, rows, args.seq_len or 4096)
+        save(args.out or os.path.join(results, "tpu_attention_alone.json"), row, key=("plan", "attention", "rows"))
+        print(f"{plan:<14}{row['attention']:<12}{rows:>3} rows of {row['seq_len']}{row['compiler_flops'] / 1e12:>8.2f} "
+              f"TFLOP{row['seconds']:>9.4f} s{row['peak_bytes'] / 2**30:>7.1f} GiB", flush=True)
     return
   print("XLA cost-model ESTIMATES per device (not measurements); layers extrapolated from 1 and 2 unrolled")
   print(HEADER, flush=True)
   for plan in args.plans:
-    run_plan(plan, args.attention, args.out, args.batch_size, args.seq_len, tuple(args.llama_attention),
+    run_plan(plan, args.attention, args.out or os.path.join(results, "tpu_estimate.json"), args.batch_size, args.seq_len, tuple(args.llama_attention),
              memory=not args.no_memory, remat=args.remat)
 
 

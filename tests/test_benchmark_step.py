@@ -12,9 +12,10 @@ TINY = os.path.join(step_benchmark.REPO, "experiments", "shapes_tiny.py")
 
 def test_overrides_are_parsed_and_a_bad_field_is_named():
   base = step_benchmark.benchmark_config(TINY, seq_len=128, rows=2)
+  before = base.to_dict()
   c = step_benchmark.with_overrides(base, ["model.attention=dense", "model.attention_chunk=32", "optim.lr=0.5"])
   assert (c.model.attention, c.model.attention_chunk, c.optim.lr) == ("dense", 32, 0.5)
-  assert base.model.attention != "dense" or base.model.attention_chunk != 32      # the base is left alone
+  assert base.to_dict() == before                                            # the base is left alone
   with pytest.raises(ValueError, match="model.no_such_field"):
     step_benchmark.with_overrides(base, ["model.no_such_field=1"])
 
@@ -44,6 +45,9 @@ def test_compare_alternates_variants_and_divides_each_step_by_its_own_peak(monke
   # Chunked and dense attention compute the same step: same FLOPs counted, same first loss.
   assert chunked["model_tflops_per_step"] == dense["model_tflops_per_step"] > 0
   assert chunked["first_loss"] == pytest.approx(dense["first_loss"], rel=1e-5)
+  for variants, steps in (([("a", []), ("a", [])], 1), ([("a=1", [])], 1), ([("a", [])], 0)):
+    with pytest.raises(ValueError, match="distinct labels"):
+      step_benchmark.compare(base, variants, steps)
 
 
 def test_step_dots_counts_scans_the_cpu_branch_and_visible_block_pairs():
@@ -70,3 +74,6 @@ def test_step_dots_counts_scans_the_cpu_branch_and_visible_block_pairs():
   other_cond = lambda x: jax.lax.cond(x.sum() > 0, lambda x: x @ x, jnp.zeros_like, x)  # noqa: E731
   with pytest.raises(ValueError, match="not an attention block"):
     step_dots.step_dots(jax.make_jaxpr(other_cond)(jnp.ones((4, 4))), visible_fraction=1.0)
+  in_a_loop = lambda x: jax.lax.while_loop(lambda c: c[1].sum() < 9, lambda c: (c[0], c[0] @ c[1]), (x, x))  # noqa: E731
+  with pytest.raises(ValueError, match="while loop"):
+    step_dots.step_dots(jax.make_jaxpr(in_a_loop)(jnp.ones((4, 4))), visible_fraction=1.0)

@@ -67,14 +67,20 @@ def measured_matmul_tflops(dtype: str, size: int = 2048, repeats: int = 5) -> fl
   bfloat16 multiplies accumulate in float32, as the model's einsums do on CPU/GPU.
   """
   a = jnp.ones((size, size), dtype)
-  f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
-  f(a, a).block_until_ready()
+  return 2 * size**3 / best_seconds(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32), a, a,
+                                    repeats=repeats) / 1e12
+
+
+def best_seconds(f, *args, repeats: int = 5) -> float:
+  """The fastest of `repeats` runs of jax.jit(f)(*args), after one that compiles it."""
+  f = jax.jit(f)
+  f(*args).block_until_ready()
   best = float("inf")
   for _ in range(repeats):
     start = time.perf_counter()
-    f(a, a).block_until_ready()
+    f(*args).block_until_ready()
     best = min(best, time.perf_counter() - start)
-  return 2 * size**3 / best / 1e12
+  return best
 
 
 def peak_tflops_per_device(configured: float, compute_dtype: str) -> tuple[float, str]:

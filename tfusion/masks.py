@@ -77,3 +77,10 @@ def visible_blocks(lo, hi):
   """The [B, n, n] bool (query block, key block) table of key_block_ranges' (lo, hi) [B, n]."""
   blocks = jnp.arange(lo.shape[-1])
   return (lo[..., None] <= blocks) & (blocks <= hi[..., None])
+
+
+def visible_block_pairs(segment_ids, image_ids, block: int, bidirectional_images: bool = True):
+  """The [n, n] bool (query block, key block) pairs of `block` elements that some row of the batch needs:
+  what block-skipping attention computes.  segment_ids, image_ids: [B, L], L a multiple of block."""
+  lo, hi = key_block_ranges(segment_ids, mask_positions(image_ids, bidirectional_images), block)
+  return jnp.any(visible_blocks(lo, hi), axis=0)

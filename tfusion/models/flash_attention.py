@@ -32,7 +32,7 @@ LANES, SUBLANES = 128, 8
 MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)   # finite: exp(MASKED - m) is 0 and never NaN
 NT = (((1,), (1,)), ((), ()))                        # a @ b.T
 VMEM_LIMIT = 64 * 2**20                              # 512 x 512 blocks need ~32 MiB of scoped VMEM
-OUTPUT_NAME = "attention"                            # the output and log-sum-exp, for remat policies
+OUTPUT_NAME = "attention_output"                     # the output and log-sum-exp, for remat policies
 
 
 def _allowed(q_seg_ref, q_pos_ref, k_seg_ref, k_pos_ref, shape):
@@ -269,12 +269,15 @@ def _attention(q, k, v, layout, interpret):
 
 
 def _attention_fwd(q, k, v, layout, interpret):
-  o, lse = (checkpoint_name(a, OUTPUT_NAME) for a in _forward(q, k, v, layout, interpret))
+  o, lse = _forward(q, k, v, layout, interpret)
+  # The kernels keep lse on all 128 lanes; the residual is one lane: [B, H, L], 128 times smaller.
+  o, lse = (checkpoint_name(a, OUTPUT_NAME) for a in (o, lse[..., 0]))
   return o, (q, k, v, o, lse, layout)
 
 
 def _attention_bwd(interpret, residuals, do):
   q, k, v, o, lse, layout = residuals
+  lse = jnp.broadcast_to(lse[..., None], (*lse.shape, LANES))
   dq, dk, dv = _backward(q, k, v, o, lse, do, layout, interpret)
   return dq, dk, dv, None
 

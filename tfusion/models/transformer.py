@@ -186,8 +186,7 @@ def block_skipping_attention(q, k, v, segment_ids, image_ids, chunk, bidirection
     pad = lambda a: jnp.pad(a, [(0, 0), (0, n * chunk - length)] + [(0, 0)] * (a.ndim - 2))  # noqa: E731
     out = block_skipping_attention(*map(pad, (q, k, v, segment_ids, image_ids)), chunk, bidirectional_images)
     return out[:, :length]
-  lo, hi = masks.key_block_ranges(segment_ids, masks.mask_positions(image_ids, bidirectional_images), chunk)
-  visible = jnp.any(masks.visible_blocks(lo, hi), axis=0)     # [n, n]: visible to some row
+  visible = masks.visible_block_pairs(segment_ids, image_ids, chunk, bidirectional_images)   # [n, n]
   heads_first = lambda a: jnp.moveaxis(a, 2, 1)               # noqa: E731  [B, H, L, Dh]: one matmul per head
   out = _block_attention(heads_first(q), heads_first(k), heads_first(v), segment_ids, image_ids, visible, chunk,
                          bidirectional_images)
