@@ -15,8 +15,9 @@ train step (model, batch_size, seq_len, image slots per row, EMA, losses) on syn
 
 A/B comparison: each --variant (a label, then FIELD=VALUE overrides on top of the shape and --set) is built in this
 one process, and their steps alternate, each divided by the matmul peak (in the variant's dtype: float32 for the
-0.16B shape, the experiment's with --experiment, unless --set or the variant sets model.dtype) timed just before it. The shared machine's speed drifts by minutes, so per-step pairs are steadier
-than one process per variant. Prints the medians and writes benchmarks/results/step_compare.json.
+0.16B shape, the experiment's with --experiment, unless --set or the variant sets model.dtype) timed just before
+it. The shared machine's speed drifts by minutes, so per-step pairs are steadier than one process per variant.
+Prints the medians and writes benchmarks/results/step_compare.json.
 """
 import argparse
 import ast
@@ -192,10 +193,11 @@ def compare(base, variants, steps):
   if steps < 1 or len(set(labels)) != len(labels) or any("=" in label for label in labels):
     raise ValueError(f"--variant: give distinct labels (without '='), each followed by FIELD=VALUE overrides, "
                      f"and --steps >= 1; got labels {labels}, steps {steps}")
-  built = {}
-  for label, overrides in variants:
-    config = with_overrides(base, overrides)
+  configs = [with_overrides(base, overrides) for _, overrides in variants]
+  for config in configs:               # every variant's config is checked before any is compiled
     spec_lib.resolve(config)
+  built = {}
+  for (label, overrides), config in zip(variants, configs):
     run, state, batch, mesh, step_flops, first, loss = compiled_step(config)
     built[label] = dict(run=run, state=state, batch=batch, mesh=mesh, dtype=config.model.dtype, overrides=overrides,
                         model_tflops_per_step=step_flops / 1e12, first_step_seconds=first, loss=loss, pairs=[])
@@ -253,18 +255,18 @@ def main():
   name = os.path.splitext(os.path.basename(args.experiment.partition(":")[0]))[0] if args.experiment else ""
   base = benchmark_config(args.experiment or PAPER_160M, args.seq_len, args.rows, args.attention, args.remat, args.set,
                           args.attention_chunk)
+  machine_and_shape = {"device": jax.devices()[0].device_kind, "cpu_count": os.cpu_count(),
+                       "experiment": args.experiment, "overrides": args.set, "seq_len": base.seq_len,
+                       "rows": base.batch_size}
   if args.variant:
     if not args.experiment and not any(o.startswith("model.dtype=") for o in args.set):
       base.model.dtype = "float32"
-    results = {"device": jax.devices()[0].device_kind, "cpu_count": os.cpu_count(), "experiment": args.experiment,
-               "overrides": args.set, "seq_len": base.seq_len, "rows": base.batch_size, "steps": args.steps,
+    results = {**machine_and_shape, "steps": args.steps,
                "variants": compare(base, [(label, overrides) for label, *overrides in args.variant], args.steps)}
     print_comparison(base, results["variants"])
     write_json(results, args.out or os.path.join(REPO, "benchmarks", "results", "step_compare.json"))
     return
-  results = {"device": jax.devices()[0].device_kind, "cpu_count": os.cpu_count(), "experiment": args.experiment,
-             "overrides": args.set,
-             "seq_len": base.seq_len, "rows": base.batch_size,
+  results = {**machine_and_shape,
              "image_slots_per_row": spec_lib.resolve(base).layout.max_images, "attention": base.model.attention,
              "attention_chunk": base.model.attention_chunk,
              "remat": base.model.remat_policy, "runs": {}}

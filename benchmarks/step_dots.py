@@ -66,8 +66,7 @@ def step_dots(jaxpr, visible_fraction: float) -> collections.Counter:
 
 
 def dot_flops(dot: Dot) -> float:
-  (lhs_contract, _), (lhs_batch, rhs_batch) = dot.dimension_numbers
-  rhs_contract = dot.dimension_numbers[0][1]
+  (_, rhs_contract), (_, rhs_batch) = dot.dimension_numbers
   rhs_free = [d for i, d in enumerate(dot.rhs) if i not in rhs_contract and i not in rhs_batch]
   return 2.0 * np.prod(dot.lhs) * np.prod(rhs_free)
 

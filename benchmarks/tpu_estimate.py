@@ -228,8 +228,8 @@ def main():
   print("XLA cost-model ESTIMATES per device (not measurements); layers extrapolated from 1 and 2 unrolled")
   print(HEADER, flush=True)
   for plan in args.plans:
-    run_plan(plan, args.attention, args.out or os.path.join(results, "tpu_estimate.json"), args.batch_size, args.seq_len, tuple(args.llama_attention),
-             memory=not args.no_memory, remat=args.remat)
+    run_plan(plan, args.attention, args.out or os.path.join(results, "tpu_estimate.json"), args.batch_size,
+             args.seq_len, tuple(args.llama_attention), memory=not args.no_memory, remat=args.remat)
 
 
 if __name__ == "__main__":

@@ -441,7 +441,8 @@ class Block(nn.Module):
 
 REMAT_POLICIES = {
     "full": None,  # save nothing: recompute the whole block in the backward pass
-    # save the linear layers' outputs (and any other matmul without batch dims); recompute the rest
+    # save the linear layers' outputs (and any other matmul without batch dims) and the blockwise attentions'
+    # output and log-sum-exp; recompute the rest
     "dots_saveable": jax.checkpoint_policies.save_from_both_policies(
         jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
         jax.checkpoint_policies.save_only_these_names(contraction.OUTPUT_NAME, ATTENTION_NAME)),
