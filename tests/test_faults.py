@@ -151,11 +151,16 @@ def test_signals_second_launch_and_kill_resume_bit_exactly(tmp_path, data_dir, r
   code, out = finish(launch(workdir, long_run, f"{logs}/2.log"), f"{logs}/2.log")
   assert code != 0 and f"is in use by pid {first.pid} on host {socket.gethostname()}, started " in out
 
-  # Ctrl-C and a SIGTERM to the whole process group (a terminal, a scheduler), workers included: the run
-  # handles them in signal-number order, so SIGINT stops it and the SIGTERM that comes while it stops is
-  # ignored. The workers ignore both, deliver the batch, and the run saves (exit 130, no traceback).
-  for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGCONT):
-    os.killpg(first.pid, signum)
+  # Ctrl-C, then a SIGTERM, to the whole process group (a terminal, a scheduler), workers included: SIGINT
+  # stops the run and the SIGTERM that comes while it stops is ignored. Each is sent once the run has logged
+  # the one before: sent back to back, two signals may reach two threads of the run in either order. The
+  # workers ignore both, deliver the batch, and the run saves (exit 130, no traceback).
+  log_text = lambda: open(f"{logs}/1.log").read()
+  os.killpg(first.pid, signal.SIGINT)
+  wait_until(lambda: "SIGINT received: the run saves" in log_text(), first, f"{logs}/1.log")
+  os.killpg(first.pid, signal.SIGTERM)
+  wait_until(lambda: "SIGTERM received while stopping" in log_text(), first, f"{logs}/1.log")
+  os.killpg(first.pid, signal.SIGCONT)
   code, out = finish(first, f"{logs}/1.log")
   s1 = logged_steps(workdir)[-1]
   assert code == 130 and f"stopped by SIGINT: saved step {s1}" in out, out[-3000:]
