@@ -32,7 +32,8 @@ def test_values_and_gradients_on_present_slots_zero_elsewhere(pattern, chunk):
   x, t = inputs()
   out = jax.jit(lambda x, t: present_images.map_present(per_slot, present, x, t, chunk=chunk))(x, t)
   every = per_slot(x.reshape(12, 5), t.reshape(12))
-  np.testing.assert_allclose(out["y"], np.where(present[..., None], every["y"].reshape(3, 4, 5), 0), atol=1e-6)
+  np.testing.assert_allclose(out["y"], np.where(present[..., None], every["y"].reshape(3, 4, 5), 0), rtol=1e-5,
+                             atol=1e-6)
   np.testing.assert_allclose(out["s"], np.where(present, every["s"].reshape(3, 4), 0), rtol=1e-6)
 
   def loss(fn):
@@ -43,7 +44,7 @@ def test_values_and_gradients_on_present_slots_zero_elsewhere(pattern, chunk):
   got = jax.grad(loss(lambda x, t: present_images.map_present(per_slot, present, x, t, chunk=chunk)), (0, 1))(x, t)
   want = jax.grad(loss(dense), (0, 1))(x, t)
   for g, w in zip(got, want):
-    np.testing.assert_allclose(g, w, atol=1e-6)
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
 
 
 def test_chunks_without_present_slots_are_not_computed():
@@ -107,9 +108,10 @@ def test_unet_model_equals_running_every_slot():
   (logits, eps), (logits_all, eps_all) = outputs
   history, history_all = histories
 
-  np.testing.assert_allclose(logits, logits_all, atol=1e-5)
+  # The U-Net's convolutions on 3 slots and on 4 may sum in another order: f32 rounding, relative.
+  np.testing.assert_allclose(logits, logits_all, rtol=1e-5, atol=1e-5)
   present = np.array([[True, False], [True, True]])
-  np.testing.assert_allclose(eps[:, :2][present], eps_all[:, :2][present], atol=1e-5)
+  np.testing.assert_allclose(eps[:, :2][present], eps_all[:, :2][present], rtol=1e-5, atol=1e-5)
   assert np.abs(eps_all[0, 1]).max() > 0 and np.all(eps[0, 1:] == 0) and np.all(eps[1, 2:] == 0)
   for a, b in zip(history, history_all):
     for key in ("loss", "image_loss", "grad_norm"):

@@ -129,7 +129,7 @@ def unet_qk_norm_params(abstract: bool):
   level), as ShapeDtypeStructs when abstract."""
   model = make_model(tiny_model_config(patch_encoder="unet", qk_norm=True, unet_channels=(8, 16), unet_res_blocks=1))
   init = lambda: model.init(jax.random.key(0), *sequence.model_inputs(sequence.dummy_batch(1, LAYOUT)))  # noqa: E731
-  return nn.unbox((jax.eval_shape(init) if abstract else init())["params"])
+  return nn.unbox((jax.eval_shape(init) if abstract else jax.jit(init)())["params"])
 
 
 def test_weight_decay_reaches_kernels_and_embeddings_only():
@@ -171,7 +171,7 @@ def test_one_step_of_decay_alone_shrinks_kernels_and_leaves_norm_scales():
   tx, schedule = optim.make_optimizer(config, total_steps=10)
   assert float(schedule(0)) == pytest.approx(0.01)              # no warmup: the peak lr at step 0
   params = unet_qk_norm_params(abstract=False)
-  updates, _ = tx.update(jax.tree.map(np.zeros_like, params), tx.init(params), params)
+  updates, _ = jax.jit(tx.update)(jax.tree.map(np.zeros_like, params), tx.init(params), params)
   before, after = (traverse_util.flatten_dict(t, sep="/") for t in (params, optax.apply_updates(params, updates)))
   for name in ("transformer/layers/attention_norm/scale", "transformer/layers/mlp_norm/scale",
                "transformer/layers/attention/query_norm/scale", "transformer/final_norm/scale",
