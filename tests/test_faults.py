@@ -109,6 +109,12 @@ def logged_steps(workdir) -> list[int]:
     return [json.loads(line)["step"] for line in f if line.endswith("\n")]
 
 
+def says(log, text) -> bool:
+  """Whether the log file holds `text` yet."""
+  with open(log) as f:
+    return text in f.read()
+
+
 def wait_until(predicate, process, log, timeout=240, poll=0.02):
   deadline = time.time() + timeout
   while not predicate():
@@ -155,11 +161,10 @@ def test_signals_second_launch_and_kill_resume_bit_exactly(tmp_path, data_dir, r
   # stops the run and the SIGTERM that comes while it stops is ignored. Each is sent once the run has logged
   # the one before: sent back to back, two signals may reach two threads of the run in either order. The
   # workers ignore both, deliver the batch, and the run saves (exit 130, no traceback).
-  log_text = lambda: open(f"{logs}/1.log").read()
   os.killpg(first.pid, signal.SIGINT)
-  wait_until(lambda: "SIGINT received: the run saves" in log_text(), first, f"{logs}/1.log")
+  wait_until(lambda: says(f"{logs}/1.log", "SIGINT received: the run saves"), first, f"{logs}/1.log")
   os.killpg(first.pid, signal.SIGTERM)
-  wait_until(lambda: "SIGTERM received while stopping" in log_text(), first, f"{logs}/1.log")
+  wait_until(lambda: says(f"{logs}/1.log", "SIGTERM received while stopping"), first, f"{logs}/1.log")
   os.killpg(first.pid, signal.SIGCONT)
   code, out = finish(first, f"{logs}/1.log")
   s1 = logged_steps(workdir)[-1]
