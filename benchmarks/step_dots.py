@@ -19,6 +19,7 @@ import os
 import statistics
 
 import jax
+from jax.extend import core as jax_core
 import jax.numpy as jnp
 import numpy as np
 
@@ -54,12 +55,8 @@ def step_dots(jaxpr, visible_fraction: float) -> collections.Counter:
             walk(branch.jaxpr, times * visible_fraction, True)
         continue
       inner = times * eqn.params["length"] if eqn.primitive.name == "scan" else times
-      for param in eqn.params.values():
-        for sub in param if isinstance(param, (tuple, list)) else [param]:
-          if hasattr(sub, "eqns"):
-            walk(sub, inner, in_attention)
-          elif hasattr(sub, "jaxpr") and hasattr(sub.jaxpr, "eqns"):
-            walk(sub.jaxpr, inner, in_attention)
+      for sub in jax_core.jaxprs_in_params(eqn.params):
+        walk(sub, inner, in_attention)
 
   walk(jaxpr.jaxpr, 1.0, False)
   return counts

@@ -3,6 +3,7 @@ import functools
 
 import flax.linen as nn
 import jax
+from jax.extend import core as jax_core
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -101,9 +102,7 @@ def attention_block_dots(jaxpr) -> int:
   for eqn in jaxpr.eqns:
     if eqn.primitive.name == "dot_general":
       count += eqn.outvars[0].aval.shape[:3] == (2, 2, 8)
-    for param in eqn.params.values():
-      for sub in param if isinstance(param, (tuple, list)) else [param]:
-        count += attention_block_dots(getattr(sub, "jaxpr", sub)) if hasattr(sub, "eqns") or hasattr(sub, "jaxpr") else 0
+    count += sum(attention_block_dots(sub) for sub in jax_core.jaxprs_in_params(eqn.params))
   return count
 
 
